@@ -1,0 +1,393 @@
+"""The topology: shards, their nodes, the bucket map, monitor and routing settings, profiles.
+
+Loaded from a TOML file (format in ``docs/config.md``) with a few environment overrides.
+Every problem is a :class:`~propstore.errors.ConfigError` that names the key at fault.
+Reachability is *not* checked here: a store starts with unreachable nodes marked down.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import psycopg.conninfo
+
+from propstore._durations import parse_duration
+from propstore.errors import ConfigError
+from propstore.freshness import Freshness
+from propstore.sharding import DEFAULT_BUCKET_COUNT, BucketMap, BucketRange, bucket_of
+
+OnStale = Literal["error", "serve"]
+_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN with any password removed (safe for logs, errors and output)."""
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "<unparsable dsn>"
+    params.pop("password", None)
+    return psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in params.items()})
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """One PostgreSQL server: its name, connection string and the role the file expects."""
+
+    name: str
+    dsn: str = field(repr=False)
+    role: Literal["primary", "replica"]
+
+    @property
+    def address(self) -> str:
+        """``host:port`` for display."""
+        params = psycopg.conninfo.conninfo_to_dict(self.dsn)
+        return f"{params.get('host') or 'localhost'}:{params.get('port') or 5432}"
+
+    @property
+    def safe_dsn(self) -> str:
+        """The DSN without its password."""
+        return redact_dsn(self.dsn)
+
+
+@dataclass(frozen=True, slots=True)
+class ShardConfig:
+    """A shard: the buckets it owns, its primary and its replicas (as configured)."""
+
+    name: str
+    buckets: tuple[BucketRange, ...]
+    primary: NodeConfig
+    replicas: tuple[NodeConfig, ...]
+
+    @property
+    def nodes(self) -> tuple[NodeConfig, ...]:
+        """Primary first, then replicas."""
+        return (self.primary, *self.replicas)
+
+    @property
+    def bucket_total(self) -> int:
+        """How many buckets this shard owns."""
+        return sum(len(r) for r in self.buckets)
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """A named reader profile: its freshness budget and what to do past the fallback cap."""
+
+    name: str
+    max_staleness: float
+    on_stale: OnStale | None = None
+
+    @property
+    def freshness(self) -> Freshness:
+        """The profile's budget as a :class:`Freshness`."""
+        return Freshness(max_staleness=self.max_staleness, label=self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class MonitorSettings:
+    """How the lag monitor polls (seconds)."""
+
+    interval: float = 0.1
+    poll_timeout: float = 1.0
+    history_size: int = 256
+    #: A node is marked down after this many failed polls in a row.
+    failures_before_down: int = 2
+    #: Longest pause between rechecks of a down node (exponential backoff up to this).
+    max_backoff: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingSettings:
+    """How reads and writes are routed (seconds unless stated)."""
+
+    replica_deadline: float = 0.05
+    primary_deadline: float = 2.0
+    #: Fallback reads per second allowed per shard primary; 0 means no cap.
+    primary_fallback_rate: float = 1000.0
+    on_stale: OnStale = "error"
+    connect_timeout: float = 2.0
+    pool_min_size: int = 1
+    pool_max_size: int = 8
+    #: Total time a write may spend retrying while a shard's primary is unreachable.
+    write_retry_time: float = 5.0
+    #: Replica timeouts in a row that mark a node down until the monitor sees it again.
+    timeouts_before_down: int = 2
+
+
+_TOP_KEYS = {"bucket_count", "default_profile", "monitor", "routing", "profiles", "shards"}
+_SHARD_KEYS = {"name", "buckets", "primary", "replicas"}
+_NODE_KEYS = {"name", "dsn"}
+_PROFILE_KEYS = {"max_staleness", "on_stale"}
+_MONITOR_DURATIONS = {"interval", "poll_timeout", "max_backoff"}
+_MONITOR_INTS = {"history_size", "failures_before_down"}
+_ROUTING_DURATIONS = {
+    "replica_deadline", "primary_deadline", "connect_timeout", "write_retry_time",
+}
+_ROUTING_INTS = {"pool_min_size", "pool_max_size", "timeouts_before_down"}
+
+
+@dataclass(frozen=True)
+class Topology:
+    """The whole configuration. Build with :meth:`load`, :meth:`from_toml` or :meth:`from_dict`."""
+
+    shards: tuple[ShardConfig, ...]
+    bucket_count: int = DEFAULT_BUCKET_COUNT
+    profiles: Mapping[str, Profile] = field(default_factory=dict)
+    default_profile: str | None = None
+    monitor: MonitorSettings = MonitorSettings()
+    routing: RoutingSettings = RoutingSettings()
+    source: str = field(default="<memory>", compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.shards:
+            raise ConfigError(f"{self.source}: no shards configured")
+        names = [s.name for s in self.shards]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{self.source}: duplicate shard names in {names}")
+        seen: dict[str, str] = {}
+        for shard in self.shards:
+            for node in shard.nodes:
+                for key in (f"name {node.name}", f"address {node.address}"):
+                    if key in seen:
+                        raise ConfigError(
+                            f"{self.source}: node {key} appears twice "
+                            f"({seen[key]} and shard {shard.name})"
+                        )
+                    seen[key] = f"shard {shard.name}"
+        if self.default_profile is not None and self.default_profile not in self.profiles:
+            raise ConfigError(
+                f"{self.source}: default_profile {self.default_profile!r} is not a profile "
+                f"(have {sorted(self.profiles)})"
+            )
+        try:
+            self.bucket_map  # noqa: B018 - validates the ranges now, not at first read
+        except ValueError as exc:
+            raise ConfigError(f"{self.source}: {exc}") from None
+
+    @cached_property
+    def bucket_map(self) -> BucketMap:
+        """Bucket to shard index."""
+        return BucketMap(self.bucket_count, [s.buckets for s in self.shards])
+
+    def shard(self, name: str) -> ShardConfig:
+        """The shard called ``name``; raises ``KeyError``."""
+        for shard in self.shards:
+            if shard.name == name:
+                return shard
+        raise KeyError(name)
+
+    def bucket_of(self, tenant: str, user_id: str) -> int:
+        """The user's virtual bucket."""
+        return bucket_of(tenant, user_id, self.bucket_count)
+
+    def shard_index_of(self, tenant: str, user_id: str) -> int:
+        """Index in :attr:`shards` of the shard holding the user."""
+        return self.bucket_map.shard_index(bucket_of(tenant, user_id, self.bucket_count))
+
+    def shard_of(self, tenant: str, user_id: str) -> ShardConfig:
+        """The shard holding the user."""
+        return self.shards[self.shard_index_of(tenant, user_id)]
+
+    # ---------------------------------------------------------------- loading
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None
+             ) -> Topology:
+        """Read a TOML topology file, then apply environment overrides."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+        return cls.from_toml(text, source=str(path), environ=environ)
+
+    @classmethod
+    def from_toml(cls, text: str, *, source: str = "<string>",
+                  environ: Mapping[str, str] | None = None) -> Topology:
+        """Parse TOML text (see :meth:`from_dict`)."""
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+        return cls.from_dict(data, source=source, environ=environ)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "<dict>",
+                  environ: Mapping[str, str] | None = None) -> Topology:
+        """Validate a parsed document; ``environ`` defaults to ``os.environ``."""
+        env = os.environ if environ is None else environ
+        _no_unknown(data, _TOP_KEYS, source, "")
+        bucket_count = data.get("bucket_count", DEFAULT_BUCKET_COUNT)
+        if isinstance(bucket_count, bool) or not isinstance(bucket_count, int) or not (
+            1 <= bucket_count <= 1 << 20
+        ):
+            raise ConfigError(f"{source}: bucket_count must be an integer in 1..1048576")
+        password = env.get("PROPSTORE_PASSWORD")
+        raw_shards = data.get("shards")
+        if not isinstance(raw_shards, list) or not raw_shards:
+            raise ConfigError(f"{source}: [[shards]] must list at least one shard")
+        shards = tuple(
+            _shard(raw, i, source, password) for i, raw in enumerate(raw_shards)
+        )
+        profiles = _profiles(data.get("profiles", {}), source)
+        monitor = _settings(
+            MonitorSettings(), data.get("monitor", {}), "monitor",
+            _MONITOR_DURATIONS, _MONITOR_INTS, source,
+        )
+        routing = _settings(
+            RoutingSettings(), data.get("routing", {}), "routing",
+            _ROUTING_DURATIONS, _ROUTING_INTS, source,
+        )
+        if "PROPSTORE_MONITOR_INTERVAL" in env:
+            monitor = replace(monitor, interval=_duration(
+                env["PROPSTORE_MONITOR_INTERVAL"], "PROPSTORE_MONITOR_INTERVAL", source))
+        if "PROPSTORE_REPLICA_DEADLINE" in env:
+            routing = replace(routing, replica_deadline=_duration(
+                env["PROPSTORE_REPLICA_DEADLINE"], "PROPSTORE_REPLICA_DEADLINE", source))
+        if monitor.interval <= 0 or monitor.poll_timeout <= 0 or routing.replica_deadline <= 0:
+            raise ConfigError(f"{source}: intervals, timeouts and deadlines must be > 0")
+        if monitor.history_size < 2 or routing.pool_max_size < 1 or (
+            routing.pool_min_size > routing.pool_max_size
+        ):
+            raise ConfigError(
+                f"{source}: need history_size >= 2 and 1 <= pool_max_size >= pool_min_size"
+            )
+        default_profile = env.get("PROPSTORE_DEFAULT_PROFILE", data.get("default_profile"))
+        if default_profile is not None and not isinstance(default_profile, str):
+            raise ConfigError(f"{source}: default_profile must be a profile name")
+        return cls(
+            shards=shards, bucket_count=bucket_count, profiles=profiles,
+            default_profile=default_profile, monitor=monitor, routing=routing, source=source,
+        )
+
+
+def _no_unknown(table: Any, allowed: set[str], source: str, where: str) -> None:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{source}: {where or 'document'} must be a table")
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        place = f"[{where}]" if where else "top level"
+        raise ConfigError(
+            f"{source}: unknown key(s) {', '.join(unknown)} in {place} "
+            f"(allowed: {', '.join(sorted(allowed))})"
+        )
+
+
+def _duration(value: object, key: str, source: str) -> float:
+    try:
+        return parse_duration(value, key)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _node(raw: Any, default_name: str, role: Literal["primary", "replica"], where: str,
+          source: str, password: str | None) -> NodeConfig:
+    if isinstance(raw, str):
+        name, dsn = default_name, raw
+    else:
+        _no_unknown(raw, _NODE_KEYS, source, where)
+        name, dsn = raw.get("name", default_name), raw.get("dsn")
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ConfigError(f"{source}: {where}: node name {name!r} must match {_NAME_RE.pattern}")
+    if not isinstance(dsn, str) or not dsn.strip():
+        raise ConfigError(f"{source}: {where}: node {name} needs a dsn")
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        raise ConfigError(f"{source}: {where}: node {name} has an unparsable dsn") from None
+    if password and "password" not in params:
+        dsn = psycopg.conninfo.make_conninfo(dsn, password=password)
+    return NodeConfig(name=name, dsn=dsn, role=role)
+
+
+def _shard(raw: Any, index: int, source: str, password: str | None) -> ShardConfig:
+    where = f"shards[{index}]"
+    _no_unknown(raw, _SHARD_KEYS, source, where)
+    name = raw.get("name")
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ConfigError(f"{source}: {where}: name {name!r} must match {_NAME_RE.pattern}")
+    where = f"shard {name}"
+    buckets = raw.get("buckets")
+    if isinstance(buckets, str):
+        buckets = [buckets]
+    if not isinstance(buckets, list) or not buckets:
+        raise ConfigError(f"{source}: {where}: buckets must list ranges such as '0-2047'")
+    try:
+        ranges = tuple(BucketRange.parse(str(b)) for b in buckets)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {where}: {exc}") from None
+    if "primary" not in raw:
+        raise ConfigError(f"{source}: {where}: no primary")
+    primary = _node(raw["primary"], f"{name}-primary", "primary", where, source, password)
+    raw_replicas = raw.get("replicas", [])
+    if not isinstance(raw_replicas, list):
+        raise ConfigError(f"{source}: {where}: replicas must be a list")
+    replicas = tuple(
+        _node(r, f"{name}-replica{i + 1}", "replica", where, source, password)
+        for i, r in enumerate(raw_replicas)
+    )
+    return ShardConfig(name=name, buckets=ranges, primary=primary, replicas=replicas)
+
+
+def _profiles(raw: Any, source: str) -> dict[str, Profile]:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: [profiles] must be a table of tables")
+    profiles: dict[str, Profile] = {}
+    for name, table in raw.items():
+        where = f"profiles.{name}"
+        _no_unknown(table, _PROFILE_KEYS, source, where)
+        if "max_staleness" not in table:
+            raise ConfigError(f"{source}: [{where}] needs max_staleness")
+        on_stale = table.get("on_stale")
+        if on_stale not in (None, "error", "serve"):
+            raise ConfigError(f"{source}: [{where}] on_stale must be 'error' or 'serve'")
+        profiles[name] = Profile(
+            name=name,
+            max_staleness=_duration(table["max_staleness"], f"{where}.max_staleness", source),
+            on_stale=on_stale,
+        )
+    return profiles
+
+
+def _settings(defaults: Any, raw: Any, where: str, durations: set[str], ints: set[str],
+              source: str) -> Any:
+    floats = {"primary_fallback_rate"} if where == "routing" else set()
+    allowed = durations | ints | floats | ({"on_stale"} if where == "routing" else set())
+    _no_unknown(raw, allowed, source, where)
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in durations:
+            values[key] = _duration(value, f"{where}.{key}", source)
+        elif key in ints:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{source}: {where}.{key} must be a non-negative integer")
+            values[key] = value
+        elif key in floats:
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ConfigError(f"{source}: {where}.{key} must be a non-negative number")
+            values[key] = float(value)
+        elif key == "on_stale":
+            if value not in ("error", "serve"):
+                raise ConfigError(f"{source}: {where}.on_stale must be 'error' or 'serve'")
+            values[key] = value
+    return replace(defaults, **values)
+
+
+__all__ = [
+    "MonitorSettings",
+    "NodeConfig",
+    "OnStale",
+    "Profile",
+    "RoutingSettings",
+    "ShardConfig",
+    "Topology",
+    "redact_dsn",
+]

@@ -1,0 +1,78 @@
+"""Exceptions raised by propstore.
+
+Every error a caller may want to catch derives from :class:`PropStoreError`::
+
+    PropStoreError
+    ├── ConfigError             the topology file or an option is invalid
+    ├── InvalidInputError       a tenant, user id, property document or key was refused
+    │   └── InvalidTokenError   a token string is malformed or names an unknown shard
+    ├── StaleReadError          no node could serve the read within its freshness budget
+    ├── ShardUnavailableError   the shard's primary cannot be reached (writes, strong reads)
+    └── MigrationError          a rolling migration stopped (pre-flight, failure, catch-up)
+
+Messages name the shard, node or input at fault. Passwords never appear in them.
+"""
+
+from __future__ import annotations
+
+
+class PropStoreError(Exception):
+    """Base class of every error propstore raises on purpose."""
+
+
+class ConfigError(PropStoreError):
+    """The topology configuration is invalid (file, keys, values, bucket map)."""
+
+
+class InvalidInputError(PropStoreError, ValueError):
+    """An argument was refused before anything was sent to a database.
+
+    Attributes:
+        field: which argument was refused (``"tenant"``, ``"user_id"``, ``"props"``, ...).
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"invalid {field}: {message}")
+        self.field = field
+
+
+class InvalidTokenError(InvalidInputError):
+    """A token string could not be parsed, or it names a shard the topology lacks."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("token", message)
+
+
+class StaleReadError(PropStoreError):
+    """No replica was provably within the budget and the primary fallback was refused.
+
+    Raised only for reads whose policy is ``on_stale="error"``, when the shard's cap on
+    primary fallback reads per second is exhausted.
+    """
+
+    def __init__(self, shard: str, message: str) -> None:
+        super().__init__(f"shard {shard}: {message}")
+        self.shard = shard
+
+
+class ShardUnavailableError(PropStoreError):
+    """The shard's primary could not be reached (after bounded retries)."""
+
+    def __init__(self, shard: str, message: str) -> None:
+        super().__init__(f"shard {shard}: {message}")
+        self.shard = shard
+
+
+class MigrationError(PropStoreError):
+    """A rolling migration or lag-guarded batch job stopped before completing."""
+
+
+__all__ = [
+    "ConfigError",
+    "InvalidInputError",
+    "InvalidTokenError",
+    "MigrationError",
+    "PropStoreError",
+    "ShardUnavailableError",
+    "StaleReadError",
+]

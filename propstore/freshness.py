@@ -1,0 +1,199 @@
+"""Freshness budgets and read-your-writes tokens: what a read requires of a replica.
+
+A read states how fresh it must be with a :class:`Freshness` value:
+
+* a staleness bound (``max_staleness`` seconds): the answer must include every write
+  acknowledged more than that long before the read;
+* a :class:`Token` (``after``): the answer must include the writes that produced the token;
+* ``strong``: the shard's primary answers.
+
+The bounds and LSNs compared against a budget are *proven* figures (see ``monitor``), so a
+replica that satisfies :meth:`Freshness.admits` is fresh enough by construction.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from propstore._durations import format_duration, parse_duration
+from propstore.errors import InvalidInputError, InvalidTokenError
+from propstore.lsn import LSN
+
+_TOKEN_PREFIX = "pst1"
+_SHARD_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
+_HEX_RE = re.compile(r"^[0-9a-f]{1,16}$")
+#: Longest token string accepted by :meth:`Token.parse` (a token names each shard once).
+MAX_TOKEN_LENGTH = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """The primary WAL positions a caller's writes reached, one LSN per shard.
+
+    Returned by every write; pass it as ``after=`` to read your own writes. Tokens from
+    several writes merge with ``|`` (the maximum per shard). ``str(token)`` is a compact,
+    URL- and cookie-safe form that :meth:`parse` reads back.
+    """
+
+    positions: tuple[tuple[str, LSN], ...] = ()
+
+    @classmethod
+    def of(cls, positions: Mapping[str, int]) -> Token:
+        """Build a token from ``{shard: lsn}``."""
+        return cls(tuple(sorted((shard, LSN(lsn)) for shard, lsn in positions.items())))
+
+    def lsn_for(self, shard: str) -> LSN | None:
+        """The position required on ``shard``, or None when the token says nothing of it."""
+        for name, lsn in self.positions:
+            if name == shard:
+                return lsn
+        return None
+
+    @property
+    def shards(self) -> tuple[str, ...]:
+        """The shards this token constrains."""
+        return tuple(name for name, _ in self.positions)
+
+    def merge(self, *others: Token) -> Token:
+        """The token that requires everything this one and ``others`` require."""
+        merged: dict[str, LSN] = dict(self.positions)
+        for other in others:
+            for shard, lsn in other.positions:
+                if lsn > merged.get(shard, -1):
+                    merged[shard] = lsn
+        return Token.of(merged)
+
+    __or__ = merge
+
+    def __bool__(self) -> bool:
+        return bool(self.positions)
+
+    def __str__(self) -> str:
+        parts = [_TOKEN_PREFIX]
+        for shard, lsn in self.positions:
+            parts += [shard, format(int(lsn), "x")]
+        return ".".join(parts)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{shard}={lsn}" for shard, lsn in self.positions)
+        return f"Token({inner})"
+
+    @classmethod
+    def parse(cls, text: str, known_shards: Iterable[str] | None = None) -> Token:
+        """Read the form ``str(token)`` produces.
+
+        Raises :class:`InvalidTokenError` when the text is malformed, or names a shard that
+        is not in ``known_shards`` (when given).
+        """
+        if not isinstance(text, str):
+            raise InvalidTokenError(f"expected a string, got {type(text).__name__}")
+        if len(text) > MAX_TOKEN_LENGTH:
+            raise InvalidTokenError(f"longer than {MAX_TOKEN_LENGTH} characters")
+        parts = text.strip().split(".")
+        if parts[0] != _TOKEN_PREFIX or len(parts) % 2 != 1:
+            raise InvalidTokenError(f"not a propstore token: {text[:80]!r}")
+        known = set(known_shards) if known_shards is not None else None
+        positions: dict[str, LSN] = {}
+        for shard, hex_lsn in zip(parts[1::2], parts[2::2], strict=True):
+            if not _SHARD_NAME_RE.match(shard) or not _HEX_RE.match(hex_lsn):
+                raise InvalidTokenError(f"malformed entry {shard!r}.{hex_lsn!r}")
+            if shard in positions:
+                raise InvalidTokenError(f"shard {shard!r} appears twice")
+            if known is not None and shard not in known:
+                raise InvalidTokenError(f"unknown shard {shard!r}")
+            positions[shard] = LSN(int(hex_lsn, 16))
+        return cls.of(positions)
+
+
+def coerce_token(value: Token | str | None, known_shards: Iterable[str]) -> Token | None:
+    """Accept a :class:`Token` or its string form; check that it names only known shards."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return Token.parse(value, known_shards)
+    if not isinstance(value, Token):
+        raise InvalidTokenError(f"expected a Token or its string, got {type(value).__name__}")
+    unknown = set(value.shards) - set(known_shards)
+    if unknown:
+        raise InvalidTokenError(f"unknown shard(s) {', '.join(sorted(unknown))}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Freshness:
+    """What a read requires: a staleness bound, a token, both, or the primary (``strong``).
+
+    Build one with :meth:`bounded`, :meth:`after_token` or :data:`STRONG`; combine with ``&``.
+    """
+
+    max_staleness: float | None = None
+    after: Token | None = None
+    strong: bool = False
+    label: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.max_staleness is not None and (
+            not math.isfinite(self.max_staleness) or self.max_staleness < 0
+        ):
+            raise InvalidInputError("max_staleness", "must be a finite, non-negative duration")
+
+    @classmethod
+    def bounded(cls, max_staleness: float | timedelta | str, label: str = "") -> Freshness:
+        """At most ``max_staleness`` (seconds, ``timedelta`` or ``"500ms"``) behind."""
+        try:
+            seconds = parse_duration(max_staleness, "max_staleness")
+        except ValueError as exc:
+            raise InvalidInputError("max_staleness", str(exc)) from None
+        return cls(max_staleness=seconds, label=label)
+
+    @classmethod
+    def after_token(cls, token: Token) -> Freshness:
+        """Includes the writes that returned ``token`` (read-your-writes)."""
+        return cls(after=token)
+
+    def __and__(self, other: Freshness) -> Freshness:
+        bounds = [b for b in (self.max_staleness, other.max_staleness) if b is not None]
+        after = self.after.merge(other.after) if self.after and other.after else (
+            self.after or other.after
+        )
+        return Freshness(
+            max_staleness=min(bounds) if bounds else None,
+            after=after,
+            strong=self.strong or other.strong,
+            label=self.label or other.label,
+        )
+
+    def required_lsn(self, shard: str) -> LSN | None:
+        """The replay position a replica of ``shard`` must have reached, if any."""
+        return self.after.lsn_for(shard) if self.after is not None else None
+
+    def admits(self, shard: str, replay_lsn: LSN | None, staleness_bound: float) -> bool:
+        """Whether a replica with this proven replay LSN and staleness bound may serve."""
+        if self.strong or replay_lsn is None:
+            return False
+        if self.max_staleness is not None and not staleness_bound <= self.max_staleness:
+            return False
+        required = self.required_lsn(shard)
+        return required is None or replay_lsn >= required
+
+    def __str__(self) -> str:
+        if self.strong:
+            return "strong"
+        parts = []
+        if self.label:
+            parts.append(f"profile {self.label}")
+        if self.max_staleness is not None:
+            parts.append(f"≤ {format_duration(self.max_staleness)} stale")
+        if self.after:
+            parts.append(f"after {self.after!r}")
+        return ", ".join(parts) or "any replica"
+
+
+#: Read from the primary: always the latest committed data.
+STRONG = Freshness(strong=True, label="strong")
+
+__all__ = ["STRONG", "Freshness", "Token", "coerce_token"]

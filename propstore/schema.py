@@ -1,0 +1,47 @@
+"""The database schema, as SQLAlchemy Core metadata: the single source the migrations follow.
+
+One table per shard, ``user_properties``: a JSON document per ``(tenant_id, user_id)``. The
+``bucket`` column stores the user's virtual bucket so that moving buckets between shards
+(and checking a shard holds none of a bucket's users) is an indexed query.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+#: Longest tenant or user id accepted (characters).
+MAX_ID_LENGTH = 255
+
+metadata = MetaData()
+
+user_properties = Table(
+    "user_properties",
+    metadata,
+    Column("tenant_id", Text, primary_key=True),
+    Column("user_id", Text, primary_key=True),
+    Column("bucket", Integer, nullable=False),
+    Column("props", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("version", BigInteger, nullable=False, server_default=text("1")),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint(
+        f"char_length(tenant_id) BETWEEN 1 AND {MAX_ID_LENGTH}", name="tenant_id_length"
+    ),
+    CheckConstraint(f"char_length(user_id) BETWEEN 1 AND {MAX_ID_LENGTH}", name="user_id_length"),
+    CheckConstraint("jsonb_typeof(props) = 'object'", name="props_is_object"),
+    Index("user_properties_bucket", "bucket"),
+)
+
+__all__ = ["MAX_ID_LENGTH", "metadata", "user_properties"]

@@ -1,0 +1,114 @@
+"""Which shard holds a user: a stable hash into virtual buckets, and a bucket-to-shard map.
+
+``bucket_of`` must give the same answer in every process, Python version and machine for
+as long as the data lives, so it is a keyed-nothing BLAKE2b over the UTF-8 bytes of
+``tenant \\0 user_id`` (identifiers cannot contain NUL, so the encoding is unambiguous),
+never Python's randomised ``hash()``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+DEFAULT_BUCKET_COUNT = 4096
+
+
+def bucket_of(tenant: str, user_id: str, bucket_count: int = DEFAULT_BUCKET_COUNT) -> int:
+    """The virtual bucket (``0 <= b < bucket_count``) of a user; stable forever."""
+    digest = hashlib.blake2b(
+        tenant.encode() + b"\0" + user_id.encode(), digest_size=8
+    ).digest()
+    return int.from_bytes(digest, "big") % bucket_count
+
+
+@dataclass(frozen=True, slots=True)
+class BucketRange:
+    """An inclusive range of buckets, ``first..last``."""
+
+    first: int
+    last: int
+
+    @classmethod
+    def parse(cls, text: str) -> BucketRange:
+        """Read ``"0-2047"`` or a single bucket ``"17"``; raises ``ValueError``."""
+        first, sep, last = text.strip().partition("-")
+        try:
+            lo = int(first)
+            hi = int(last) if sep else lo
+        except ValueError:
+            raise ValueError(f"bucket range {text!r} is not 'first-last'") from None
+        if lo < 0 or hi < lo:
+            raise ValueError(f"bucket range {text!r} is empty or negative")
+        return cls(lo, hi)
+
+    def __len__(self) -> int:
+        return self.last - self.first + 1
+
+    def __str__(self) -> str:
+        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+
+
+class BucketMap:
+    """Maps every bucket to exactly one shard (index into the topology's shard list)."""
+
+    __slots__ = ("_owner", "bucket_count")
+
+    def __init__(self, bucket_count: int, ranges: Sequence[Sequence[BucketRange]]) -> None:
+        """Build from each shard's ranges; raises ``ValueError`` on overlap or gap."""
+        owner = [-1] * bucket_count
+        for shard_index, shard_ranges in enumerate(ranges):
+            for rng in shard_ranges:
+                if rng.last >= bucket_count:
+                    raise ValueError(f"bucket range {rng} exceeds bucket_count {bucket_count}")
+                for bucket in range(rng.first, rng.last + 1):
+                    if owner[bucket] != -1:
+                        raise ValueError(
+                            f"bucket {bucket} is assigned twice (shards #{owner[bucket]} "
+                            f"and #{shard_index})"
+                        )
+                    owner[bucket] = shard_index
+        missing = [b for b, o in enumerate(owner) if o == -1]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} bucket(s) have no shard, first {_compress(missing[:50])}"
+            )
+        self._owner = bytes(owner) if len(ranges) < 256 else tuple(owner)
+        self.bucket_count = bucket_count
+
+    def shard_index(self, bucket: int) -> int:
+        """Index of the shard owning ``bucket``."""
+        return self._owner[bucket]
+
+    def buckets_of(self, shard_index: int) -> list[int]:
+        """Every bucket owned by a shard."""
+        return [b for b, o in enumerate(self._owner) if o == shard_index]
+
+
+def _compress(buckets: Sequence[int]) -> str:
+    """``[1,2,3,7]`` -> ``"1-3, 7"``, for error messages."""
+    out: list[str] = []
+    start = prev = buckets[0]
+    for bucket in [*buckets[1:], None]:
+        if bucket is not None and bucket == prev + 1:
+            prev = bucket
+            continue
+        out.append(str(BucketRange(start, prev)))
+        if bucket is not None:
+            start = prev = bucket
+    return ", ".join(out)
+
+
+def ranges_of(buckets: Sequence[int]) -> list[BucketRange]:
+    """Contiguous ranges covering ``buckets`` (sorted)."""
+    result: list[BucketRange] = []
+    for bucket in sorted(buckets):
+        if result and result[-1].last == bucket - 1:
+            result[-1] = BucketRange(result[-1].first, bucket)
+        else:
+            result.append(BucketRange(bucket, bucket))
+    return result
+
+
+__all__ = ["DEFAULT_BUCKET_COUNT", "BucketMap", "BucketRange", "bucket_of", "ranges_of"]
