@@ -96,7 +96,7 @@ class MonitorSettings:
     """How the lag monitor polls (seconds)."""
 
     interval: float = 0.1
-    poll_timeout: float = 1.0
+    poll_timeout: float = 0.25
     history_size: int = 256
     #: A node is marked down after this many failed polls in a row.
     failures_before_down: int = 2
@@ -117,9 +117,7 @@ class RoutingSettings:
     pool_min_size: int = 1
     pool_max_size: int = 8
     #: Total time a write may spend retrying while a shard's primary is unreachable.
-    write_retry_time: float = 5.0
-    #: Replica timeouts in a row that mark a node down until the monitor sees it again.
-    timeouts_before_down: int = 2
+    write_retry_time: float = 3.0
 
 
 _TOP_KEYS = {"bucket_count", "default_profile", "monitor", "routing", "profiles", "shards"}
@@ -131,7 +129,7 @@ _MONITOR_INTS = {"history_size", "failures_before_down"}
 _ROUTING_DURATIONS = {
     "replica_deadline", "primary_deadline", "connect_timeout", "write_retry_time",
 }
-_ROUTING_INTS = {"pool_min_size", "pool_max_size", "timeouts_before_down"}
+_ROUTING_INTS = {"pool_min_size", "pool_max_size"}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,88 @@
+"""Every SQL statement propstore sends, prepared once per pooled connection.
+
+All values travel as bind parameters (``$n``); nothing is ever formatted into SQL text. The
+statements are prepared on each new connection (``PREPARE``), so a read costs one Bind and
+Execute on the wire and no parse or plan on the server.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# Statement names, as bytes for libpq's send_query_prepared.
+REPLAY_LSN: Final = b"propstore_replay_lsn"
+FLUSH_LSN: Final = b"propstore_flush_lsn"
+IS_PRIMARY: Final = b"propstore_is_primary"
+GET: Final = b"propstore_get"
+GET_MANY: Final = b"propstore_get_many"
+MERGE: Final = b"propstore_merge"
+REPLACE: Final = b"propstore_replace"
+UNSET: Final = b"propstore_unset"
+DELETE: Final = b"propstore_delete"
+POLL: Final = b"propstore_poll"
+
+STATEMENTS: Final[dict[bytes, str]] = {
+    REPLAY_LSN: "SELECT pg_last_wal_replay_lsn()",
+    FLUSH_LSN: "SELECT pg_current_wal_flush_lsn()",
+    IS_PRIMARY: "SELECT NOT pg_is_in_recovery()",
+    GET: (
+        "SELECT props, version FROM user_properties WHERE tenant_id = $1 AND user_id = $2"
+    ),
+    GET_MANY: (
+        "SELECT user_id, props, version FROM user_properties"
+        " WHERE tenant_id = $1 AND user_id = ANY($2::text[])"
+    ),
+    # One statement, so concurrent merges on the same user lose no key: the row lock taken
+    # by ON CONFLICT serialises them and each merges into the latest committed document.
+    MERGE: (
+        "INSERT INTO user_properties AS u (tenant_id, user_id, bucket, props)"
+        " VALUES ($1, $2, $3::int, $4::jsonb)"
+        " ON CONFLICT (tenant_id, user_id) DO UPDATE SET props = u.props || EXCLUDED.props,"
+        " version = u.version + 1, updated_at = now()"
+        " WHERE octet_length((u.props || EXCLUDED.props)::text) <= $5::int"
+        " RETURNING version"
+    ),
+    REPLACE: (
+        "INSERT INTO user_properties AS u (tenant_id, user_id, bucket, props)"
+        " VALUES ($1, $2, $3::int, $4::jsonb)"
+        " ON CONFLICT (tenant_id, user_id) DO UPDATE SET props = EXCLUDED.props,"
+        " version = u.version + 1, updated_at = now()"
+        " WHERE octet_length(EXCLUDED.props::text) <= $5::int"
+        " RETURNING version"
+    ),
+    UNSET: (
+        "UPDATE user_properties AS u SET props = u.props - $3::text[],"
+        " version = u.version + 1, updated_at = now()"
+        " WHERE tenant_id = $1 AND user_id = $2 RETURNING version"
+    ),
+    DELETE: "DELETE FROM user_properties WHERE tenant_id = $1 AND user_id = $2",
+    # The monitor's poll: role, the LSN that matters for the role, receive position, replay
+    # pause and whether a WAL receiver is streaming (a disconnected receiver is not lag 0).
+    POLL: (
+        "SELECT pg_is_in_recovery(),"
+        " CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
+        " ELSE pg_current_wal_flush_lsn() END,"
+        " pg_last_wal_receive_lsn(),"
+        " CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() ELSE false END,"
+        " EXISTS (SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming'),"
+        " (SELECT system_identifier FROM pg_control_system())"
+    ),
+}
+
+#: Statements a pooled read/write connection needs (the monitor prepares only POLL).
+DATA_STATEMENTS: Final = (
+    REPLAY_LSN, FLUSH_LSN, IS_PRIMARY, GET, GET_MANY, MERGE, REPLACE, UNSET, DELETE,
+)
+
+
+def prepare_sql(name: bytes) -> str:
+    """The ``PREPARE`` command for a statement."""
+    return f"PREPARE {name.decode()} AS {STATEMENTS[name]}"
+
+
+def text_array(values: list[str]) -> bytes:
+    """A ``text[]`` literal for a bind parameter (quoted and escaped per element)."""
+    quoted = (
+        '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"' for value in values
+    )
+    return ("{" + ",".join(quoted) + "}").encode()

@@ -1,0 +1,226 @@
+"""Statements sent on a libpq connection with a hard deadline, for sync and async callers.
+
+Why this exists instead of ``cursor.execute``: psycopg has no client-side deadline that
+*abandons* a query. On a frozen server (SIGSTOP, a hung VM) a sync query waits forever and an
+async ``wait_for`` waits for the cancel request, which a frozen server never answers (~11 s
+measured). A replica read must cost at most its deadline, so the I/O is driven here, on
+psycopg's public libpq wrapper (``conn.pgconn``): the protocol logic is one generator that
+yields what it waits for (psycopg's own design), and two thin drivers wait on the socket with
+a deadline — ``select.poll`` for sync code, the event loop for async code. At the deadline
+the connection is closed, never cancelled.
+
+Also needed for soundness: pipeline mode sends ``SELECT pg_last_wal_replay_lsn()`` and the
+data query in one round trip, the LSN statement first, so the LSN is read before the data
+query takes its snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import select
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+
+import psycopg
+import psycopg.errors
+from psycopg import pq
+
+_READ = 1
+_WRITE = 2
+_ExecStatus = pq.ExecStatus
+_ERROR_STATUSES = frozenset({_ExecStatus.FATAL_ERROR, _ExecStatus.PIPELINE_ABORTED})
+
+Params = Sequence[bytes | None]
+
+
+class DeadlineExceeded(Exception):
+    """The server did not answer before the deadline; the connection was closed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    """A statement prepared on every pooled connection (by name) and its text parameters."""
+
+    name: bytes
+    params: Params = ()
+
+
+def _exchange(
+    pgconn: pq.abc.PGconn, statements: Sequence[Statement], commit_each: bool
+) -> Generator[int, int, list[pq.abc.PGresult]]:
+    """Send ``statements`` in one round trip; return one result per statement.
+
+    With ``commit_each`` a Sync follows every statement, so on an autocommit connection each
+    statement commits before the server even parses the next: a statement after a write
+    observes the write's commit (how a token's LSN is read after the commit, for free).
+    """
+    single = len(statements) == 1
+    if single:
+        pgconn.send_query_prepared(statements[0].name, statements[0].params)
+    else:
+        pgconn.enter_pipeline_mode()
+        for statement in statements:
+            pgconn.send_query_prepared(statement.name, statement.params)
+            if commit_each:
+                pgconn.pipeline_sync()
+        if not commit_each:
+            pgconn.pipeline_sync()
+    while pgconn.flush():
+        if (yield _READ | _WRITE) & _READ:
+            pgconn.consume_input()
+    syncs_expected = 0 if single else (len(statements) if commit_each else 1)
+    syncs = 0
+    results: list[pq.abc.PGresult] = []
+    done = False
+    while not done:
+        yield _READ
+        pgconn.consume_input()
+        while not pgconn.is_busy():
+            result = pgconn.get_result()
+            if result is None:
+                if single:
+                    done = True
+                    break
+                if syncs == syncs_expected:
+                    done = True
+                    break
+                continue  # end of one statement's results
+            if result.status == _ExecStatus.PIPELINE_SYNC:
+                syncs += 1
+                if syncs == syncs_expected:
+                    done = True
+                    break
+            else:
+                results.append(result)
+    if not single:
+        pgconn.exit_pipeline_mode()
+    return results
+
+
+def _checked(results: list[pq.abc.PGresult]) -> list[pq.abc.PGresult]:
+    """Raise the first statement error; the connection itself is idle and reusable."""
+    for result in results:
+        if result.status in _ERROR_STATUSES:
+            raise _error(result)
+    return results
+
+
+def _error(result: pq.abc.PGresult) -> psycopg.Error:
+    """The psycopg exception class matching the result's SQLSTATE."""
+    if result.status == _ExecStatus.PIPELINE_ABORTED:
+        return psycopg.errors.PipelineAborted("pipeline aborted")
+    sqlstate = (result.error_field(pq.DiagnosticField.SQLSTATE) or b"").decode()
+    message = (result.error_message or b"server error").decode("utf-8", "replace").strip()
+    try:
+        cls = psycopg.errors.lookup(sqlstate)
+    except KeyError:
+        cls = psycopg.errors.DatabaseError
+    return cls(message)
+
+
+def _abandon(conn: psycopg.Connection[object] | psycopg.AsyncConnection[object]) -> None:
+    """Close without cancelling: a frozen server would never answer the cancel."""
+    conn.pgconn.finish()
+
+
+def execute(
+    conn: psycopg.Connection[object],
+    statements: Sequence[Statement],
+    deadline: float,
+    *,
+    commit_each: bool = False,
+) -> list[pq.abc.PGresult]:
+    """Run ``statements`` on a sync connection; ``deadline`` is a ``time.monotonic()`` time.
+
+    Raises :class:`DeadlineExceeded` (after closing the connection) or a ``psycopg.Error``.
+    """
+    pgconn = conn.pgconn
+    fd = pgconn.socket
+    gen = _exchange(pgconn, statements, commit_each)
+    poller = select.poll()
+    try:
+        wait = next(gen)
+        registered = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceeded
+            mask = (select.POLLIN if wait & _READ else 0) | (
+                select.POLLOUT if wait & _WRITE else 0
+            )
+            if mask != registered:
+                poller.register(fd, mask)
+                registered = mask
+            events = poller.poll(remaining * 1000.0)
+            if not events:
+                continue
+            ready = 0
+            for _, event in events:
+                if event & (select.POLLIN | select.POLLERR | select.POLLHUP):
+                    ready |= _READ
+                if event & select.POLLOUT:
+                    ready |= _WRITE
+            wait = gen.send(ready)
+    except StopIteration as stop:
+        return _checked(stop.value)
+    except DeadlineExceeded:
+        _abandon(conn)
+        raise
+    except (OSError, psycopg.Error) as exc:
+        # Mid-exchange the protocol state is unknown: never hand this connection out again.
+        _abandon(conn)
+        if isinstance(exc, psycopg.OperationalError):
+            raise
+        raise psycopg.OperationalError(str(exc)) from exc
+
+
+async def execute_async(
+    conn: psycopg.AsyncConnection[object],
+    statements: Sequence[Statement],
+    deadline: float,
+    *,
+    commit_each: bool = False,
+) -> list[pq.abc.PGresult]:
+    """:func:`execute` for asyncio: waits on the event loop, never blocks it."""
+    pgconn = conn.pgconn
+    fd = pgconn.socket
+    loop = asyncio.get_running_loop()
+    gen = _exchange(pgconn, statements, commit_each)
+    try:
+        wait = next(gen)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceeded
+            ready_fut: asyncio.Future[int] = loop.create_future()
+
+            def _wake(flag: int, fut: asyncio.Future[int] = ready_fut) -> None:
+                if not fut.done():
+                    fut.set_result(flag)
+
+            if wait & _READ:
+                loop.add_reader(fd, _wake, _READ)
+            if wait & _WRITE:
+                loop.add_writer(fd, _wake, _WRITE)
+            try:
+                async with asyncio.timeout(remaining):
+                    ready = await ready_fut
+            except TimeoutError:
+                raise DeadlineExceeded from None
+            finally:
+                if wait & _READ:
+                    loop.remove_reader(fd)
+                if wait & _WRITE:
+                    loop.remove_writer(fd)
+            wait = gen.send(ready)
+    except StopIteration as stop:
+        return _checked(stop.value)
+    except DeadlineExceeded:
+        _abandon(conn)
+        raise
+    except (OSError, psycopg.Error) as exc:
+        _abandon(conn)
+        if isinstance(exc, psycopg.OperationalError):
+            raise
+        raise psycopg.OperationalError(str(exc)) from exc

@@ -1,0 +1,297 @@
+"""The lag monitor: polls every node on a short interval and keeps the shard views current.
+
+One coroutine per node, all on one event loop: in the caller's loop for
+:class:`~propstore.AsyncPropertyStore`, or in a background thread for the sync store, so both
+share this code. Each poll is one prepared statement with a hard deadline (``_wire``); an
+unreachable node is reconnected by tenacity with jittered exponential backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import cast
+
+import psycopg
+import structlog
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
+from tenacity.wait import wait_exponential_jitter
+
+from propstore import _sql
+from propstore._wire import DeadlineExceeded, Statement, execute_async
+from propstore.config import Profile, Topology
+from propstore.lsn import LSN
+from propstore.monitor._state import (
+    NodeView,
+    Observation,
+    ShardView,
+    apply_failure,
+    apply_observation,
+    initial_views,
+)
+
+log = structlog.get_logger("propstore.monitor")
+
+Clock = Callable[[], float]
+
+
+class MonitorState:
+    """The current :class:`ShardView` of every shard; written by the monitor (and by reads
+    that time out), read lock-free by the router."""
+
+    def __init__(self, topology: Topology, clock: Clock = time.monotonic) -> None:
+        self.topology = topology
+        self.clock = clock
+        self._views = initial_views(topology.shards, clock())
+        self._lock = threading.Lock()
+        self._eligible: set[tuple[str, str]] = set()
+        self.polls = 0
+
+    @property
+    def views(self) -> tuple[ShardView, ...]:
+        """Every shard's current view (an immutable snapshot)."""
+        return self._views
+
+    def view(self, shard_index: int) -> ShardView:
+        """One shard's current view."""
+        return self._views[shard_index]
+
+    def observe(self, shard_index: int, node_index: int, obs: Observation) -> None:
+        """Record a successful poll."""
+        with self._lock:
+            self.polls += 1
+            old = self._views[shard_index]
+            new = apply_observation(old, node_index, obs, self.topology.monitor.history_size)
+            self._publish(old, new)
+
+    def fail(self, shard_index: int, node_index: int, error: str) -> None:
+        """Record a failed poll or a read that timed out on a node."""
+        with self._lock:
+            old = self._views[shard_index]
+            threshold = self.topology.monitor.failures_before_down
+            new = apply_failure(old, node_index, self.clock(), error, threshold)
+            self._publish(old, new)
+
+    def _publish(self, old: ShardView, new: ShardView) -> None:
+        views = list(self._views)
+        views[new.index] = new
+        self._views = tuple(views)
+        self._log_transitions(old, new)
+
+    def _log_transitions(self, old: ShardView, new: ShardView) -> None:
+        if old.primary_index != new.primary_index:
+            log.warning(
+                "primary_changed", shard=new.name,
+                old=old.nodes[old.primary_index].name if old.primary_index is not None else None,
+                new=new.nodes[new.primary_index].name if new.primary_index is not None else None,
+            )
+        now = self.clock()
+        for before, after in zip(old.nodes, new.nodes, strict=True):
+            if before.state != after.state:
+                event = log.warning if after.state in ("down", "wrong role", "foreign") else (
+                    log.info
+                )
+                event(
+                    "node_state_changed", shard=new.name, node=after.name,
+                    address=after.config.address, old=before.state, new=after.state,
+                    role=after.role, error=after.last_error,
+                )
+            self._log_eligibility(new, after, now)
+
+    def _log_eligibility(self, view: ShardView, node: NodeView, now: float) -> None:
+        if node.config.role != "replica" and node.role != "replica":
+            return
+        bound = view.staleness_bound(node, now)
+        for profile in self.topology.profiles.values():
+            key = (node.name, profile.name)
+            eligible = bound <= profile.max_staleness
+            if eligible != (key in self._eligible):
+                (self._eligible.add if eligible else self._eligible.discard)(key)
+                log.info(
+                    "replica_eligibility_changed", shard=view.name, node=node.name,
+                    profile=profile.name, eligible=eligible,
+                    staleness_bound=None if bound == float("inf") else round(bound, 4),
+                    max_staleness=profile.max_staleness,
+                )
+
+    def eligible_for(self, profile: Profile, shard_index: int) -> list[NodeView]:
+        """Replicas of a shard whose proven bound is within the profile's budget now."""
+        view = self._views[shard_index]
+        now = self.clock()
+        return [
+            n for n in view.nodes
+            if n.serves_replica_reads and view.staleness_bound(n, now) <= profile.max_staleness
+        ]
+
+
+def _lsn(value: bytes | None) -> LSN | None:
+    return LSN.parse(value) if value else None
+
+
+class LagMonitor:
+    """Polls every node of a topology; start with :meth:`run` (async) or :meth:`start`."""
+
+    def __init__(self, topology: Topology, state: MonitorState | None = None) -> None:
+        self.topology = topology
+        self.state = state or MonitorState(topology)
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._first_round: asyncio.Event | None = None
+
+    # ------------------------------------------------------------------ async
+
+    async def run(self) -> None:
+        """Poll until cancelled."""
+        settings = self.topology.monitor
+        self._first_round = asyncio.Event()
+        pending = {
+            (s, n) for s, shard in enumerate(self.topology.shards)
+            for n in range(len(shard.nodes))
+        }
+
+        def polled(key: tuple[int, int]) -> None:
+            pending.discard(key)
+            if not pending and self._first_round is not None:
+                self._first_round.set()
+
+        tasks = [
+            asyncio.create_task(self._watch(s, n, polled), name=f"propstore-poll-{s}-{n}")
+            for s, n in sorted(pending)
+        ]
+        log.debug("monitor_started", nodes=len(tasks), interval=settings.interval)
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def wait_first_round(self, timeout: float) -> bool:
+        """Wait (bounded) until every node was polled or failed once."""
+        deadline = time.monotonic() + timeout
+        while self._first_round is None:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.005)
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                await self._first_round.wait()
+            return True
+        except TimeoutError:
+            return False
+
+    async def _connect(self, shard_index: int, node_index: int) -> psycopg.AsyncConnection[object]:
+        node = self.topology.shards[shard_index].nodes[node_index]
+        conn = await psycopg.AsyncConnection.connect(
+            node.dsn, autocommit=True,
+            connect_timeout=max(2, round(self.topology.routing.connect_timeout)),
+            application_name="propstore-monitor",
+        )
+        await conn.execute(_sql.prepare_sql(_sql.POLL))
+        return conn
+
+    async def _watch(
+        self, shard_index: int, node_index: int, polled: Callable[[tuple[int, int]], None]
+    ) -> None:
+        settings = self.topology.monitor
+        clock = self.state.clock
+        key = (shard_index, node_index)
+
+        def failed_attempt(retry_state: RetryCallState) -> None:
+            exc = retry_state.outcome.exception() if retry_state.outcome else None
+            self.state.fail(shard_index, node_index, _describe(exc))
+            polled(key)
+
+        reconnect = AsyncRetrying(
+            retry=retry_if_exception_type((psycopg.Error, OSError)),
+            wait=wait_exponential_jitter(initial=settings.interval, max=settings.max_backoff),
+            before_sleep=failed_attempt,
+            reraise=True,
+        )
+        conn: psycopg.AsyncConnection[object] | None = None
+        poll = [Statement(_sql.POLL)]
+        try:
+            while True:
+                if conn is None or conn.closed:
+                    conn = cast(
+                        psycopg.AsyncConnection[object],
+                        await reconnect(self._connect, shard_index, node_index),
+                    )
+                active = conn
+                sent_at = clock()
+                try:
+                    (result,) = await execute_async(
+                        active, poll, time.monotonic() + settings.poll_timeout
+                    )
+                except (DeadlineExceeded, psycopg.Error) as exc:
+                    self.state.fail(shard_index, node_index, _describe(exc))
+                    await active.close()
+                    conn = None
+                else:
+                    row = [result.get_value(0, c) for c in range(6)]
+                    self.state.observe(shard_index, node_index, Observation(
+                        sent_at=sent_at,
+                        in_recovery=row[0] == b"t",
+                        lsn=_lsn(row[1]),
+                        receive_lsn=_lsn(row[2]),
+                        replay_paused=row[3] == b"t",
+                        receiver_streaming=row[4] == b"t",
+                        system_id=int(row[5]) if row[5] else None,
+                    ))
+                polled(key)
+                # Jitter so that many processes do not poll a node in step.
+                await asyncio.sleep(settings.interval * random.uniform(0.9, 1.1))
+        finally:
+            if conn is not None:
+                await conn.close()
+
+    # ------------------------------------------------------------------ sync
+
+    def start(self, wait_first_round: float = 2.0) -> None:
+        """Run the monitor in a daemon thread (for sync callers); returns once every node was
+        polled once or ``wait_first_round`` seconds passed."""
+        if self._thread is not None:
+            return
+        ready: Future[None] = Future()
+
+        def main() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            self._task = loop.create_task(self.run())
+            ready.set_result(None)
+            try:
+                loop.run_until_complete(self._task)
+            except asyncio.CancelledError:
+                pass
+            finally:
+                loop.close()
+
+        self._thread = threading.Thread(target=main, name="propstore-monitor", daemon=True)
+        self._thread.start()
+        ready.result()
+        assert self._loop is not None
+        asyncio.run_coroutine_threadsafe(
+            self.wait_first_round(wait_first_round), self._loop
+        ).result()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the monitor thread started by :meth:`start` (its connections are closed)."""
+        if self._thread is None or self._loop is None or self._task is None:
+            return
+        self._loop.call_soon_threadsafe(self._task.cancel)
+        self._thread.join(timeout)
+        self._thread = None
+
+
+def _describe(exc: BaseException | None) -> str:
+    if exc is None:
+        return "unknown error"
+    if isinstance(exc, DeadlineExceeded):
+        return "poll timed out"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]

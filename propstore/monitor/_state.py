@@ -1,0 +1,264 @@
+"""What the monitor knows about every node, and the sound staleness arithmetic. No I/O.
+
+The state is a tuple of immutable :class:`ShardView` values. The poller (one writer, under a
+lock) replaces a shard's view after each poll; readers take the current view without
+locking, so a read never waits on the monitor and always sees a consistent shard.
+
+Staleness is bounded, not estimated. Each poll of a primary records ``(t_sent, P)``: the
+clock *before* the poll was sent and the primary's flushed WAL position it returned. With
+``synchronous_commit=on`` every write acknowledged before ``t_sent`` is at or below ``P``,
+so a replica that has replayed ``R >= P`` holds all of them, and data read from it at time
+``now`` is at most ``now - t_sent`` stale, for the latest such sample. An idle primary keeps
+producing samples with the same ``P`` (bound stays small); a replica whose receiver is cut
+stops at ``R`` while new samples pass it (the bound grows with the clock, never reads 0).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from propstore.config import NodeConfig, ShardConfig
+from propstore.lsn import LSN
+
+NodeRole = Literal["primary", "replica"]
+#: Node states shown by ``propstore lag`` and logged on change.
+NodeStateName = Literal[
+    "unknown", "up", "down", "paused", "receiver disconnected", "wrong role", "foreign"
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One successful poll of a node."""
+
+    sent_at: float
+    in_recovery: bool
+    #: The primary's flushed LSN, or the replica's replay LSN.
+    lsn: LSN | None
+    receive_lsn: LSN | None
+    replay_paused: bool
+    receiver_streaming: bool
+    system_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LagHistory:
+    """Recent ``(t_sent, primary LSN)`` samples of one shard's primary, oldest first.
+
+    Bounded (``maxlen``); a sample with the same LSN as the newest replaces it, since a later
+    time with the same LSN is a strictly better bound. Both tuples are non-decreasing.
+    """
+
+    times: tuple[float, ...] = ()
+    lsns: tuple[LSN, ...] = ()
+
+    def record(self, sent_at: float, lsn: LSN, maxlen: int) -> LagHistory:
+        """The history with a new sample appended (oldest dropped past ``maxlen``)."""
+        if self.lsns and lsn < self.lsns[-1]:
+            # LSNs never go back on one primary; a smaller one means a different server.
+            return LagHistory((sent_at,), (lsn,))
+        if self.lsns and lsn == self.lsns[-1]:
+            return LagHistory((*self.times[:-1], sent_at), self.lsns)
+        start = max(0, len(self.lsns) + 1 - maxlen)
+        return LagHistory((*self.times[start:], sent_at), (*self.lsns[start:], lsn))
+
+    def covered_since(self, replay_lsn: LSN) -> float | None:
+        """Latest ``t_sent`` whose sample LSN is <= ``replay_lsn``: every write acknowledged
+        before that time is replayed. None when no sample is covered (unprovable)."""
+        lsns = self.lsns
+        if not lsns:
+            return None
+        if replay_lsn >= lsns[-1]:
+            return self.times[-1]
+        i = bisect.bisect_right(lsns, replay_lsn) - 1
+        return self.times[i] if i >= 0 else None
+
+    def bound(self, replay_lsn: LSN | None, at: float) -> float:
+        """Proven staleness (seconds) of data at ``replay_lsn`` read at time ``at``."""
+        if replay_lsn is None:
+            return math.inf
+        since = self.covered_since(replay_lsn)
+        return math.inf if since is None else max(0.0, at - since)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeView:
+    """The monitor's latest knowledge of one node."""
+
+    config: NodeConfig
+    state: NodeStateName = "unknown"
+    state_since: float = 0.0
+    role: NodeRole | None = None
+    lsn: LSN | None = None
+    #: When the poll that observed :attr:`lsn` was sent (the observation holds for any
+    #: connection opened before this time that is still alive: a restart ends them all).
+    observed_at: float | None = None
+    receive_lsn: LSN | None = None
+    replay_paused: bool = False
+    receiver_streaming: bool = False
+    system_id: int | None = None
+    failures: int = 0
+    last_error: str | None = None
+    last_poll_at: float | None = None
+
+    @property
+    def name(self) -> str:
+        """The node's configured name."""
+        return self.config.name
+
+    @property
+    def up(self) -> bool:
+        """Reachable at the last poll and not marked down since."""
+        return self.state not in ("unknown", "down")
+
+    @property
+    def serves_replica_reads(self) -> bool:
+        """An up replica of this shard's primary (paused or disconnected ones still count:
+        their bound grows and the budget decides)."""
+        return self.up and self.role == "replica" and self.state != "foreign"
+
+
+@dataclass(frozen=True, slots=True)
+class ShardView:
+    """One shard as the monitor sees it: nodes, the observed primary, its LSN history."""
+
+    index: int
+    config: ShardConfig
+    nodes: tuple[NodeView, ...]
+    history: LagHistory = LagHistory()
+    #: Index into :attr:`nodes` of the observed primary, or None.
+    primary_index: int | None = None
+
+    @property
+    def name(self) -> str:
+        """The shard's name."""
+        return self.config.name
+
+    @property
+    def primary(self) -> NodeView | None:
+        """The observed, reachable primary (None when there is none)."""
+        if self.primary_index is None:
+            return None
+        node = self.nodes[self.primary_index]
+        return node if node.up and node.role == "primary" else None
+
+    @property
+    def primary_lsn(self) -> LSN | None:
+        """The primary's newest sampled LSN."""
+        return self.history.lsns[-1] if self.history.lsns else None
+
+    def staleness_bound(self, node: NodeView, at: float) -> float:
+        """Proven staleness of ``node``'s last observed data at time ``at`` (0 for the
+        primary, ``inf`` when nothing can be proven)."""
+        if node.role == "primary" and self.primary is node:
+            return 0.0
+        if not node.serves_replica_reads:
+            return math.inf
+        return self.history.bound(node.lsn, at)
+
+    def bytes_behind(self, node: NodeView) -> int | None:
+        """Primary's newest sampled LSN minus the node's replay LSN (None if unknown)."""
+        primary_lsn = self.primary_lsn
+        if primary_lsn is None or node.lsn is None:
+            return None
+        return max(0, primary_lsn - node.lsn)
+
+
+def initial_views(shards: tuple[ShardConfig, ...], now: float) -> tuple[ShardView, ...]:
+    """Views before the first poll: every node unknown, configured primary assumed."""
+    return tuple(
+        ShardView(
+            index=i,
+            config=shard,
+            nodes=tuple(NodeView(config=node, state_since=now) for node in shard.nodes),
+            primary_index=0,
+        )
+        for i, shard in enumerate(shards)
+    )
+
+
+def apply_observation(
+    view: ShardView, node_index: int, obs: Observation, history_size: int
+) -> ShardView:
+    """The shard after a successful poll of one node."""
+    old = view.nodes[node_index]
+    role: NodeRole = "replica" if obs.in_recovery else "primary"
+    node = replace(
+        old,
+        role=role,
+        lsn=obs.lsn,
+        observed_at=obs.sent_at,
+        receive_lsn=obs.receive_lsn,
+        replay_paused=obs.replay_paused,
+        receiver_streaming=obs.receiver_streaming,
+        system_id=obs.system_id,
+        failures=0,
+        last_error=None,
+        last_poll_at=obs.sent_at,
+    )
+    nodes = list(view.nodes)
+    nodes[node_index] = node
+    primary_index = _choose_primary(view, nodes, node_index)
+    history = view.history
+    if primary_index != view.primary_index:
+        history = LagHistory()  # another server's LSNs: old samples prove nothing here
+    if primary_index == node_index and obs.lsn is not None:
+        history = history.record(obs.sent_at, obs.lsn, history_size)
+    primary = nodes[primary_index] if primary_index is not None else None
+    for i, candidate in enumerate(nodes):
+        state = _state_of(candidate, primary)
+        if state != candidate.state:
+            nodes[i] = replace(candidate, state=state, state_since=obs.sent_at)
+    return replace(view, nodes=tuple(nodes), history=history, primary_index=primary_index)
+
+
+def apply_failure(
+    view: ShardView, node_index: int, at: float, error: str, failures_before_down: int
+) -> ShardView:
+    """The shard after a failed poll (or a read timeout) of one node."""
+    old = view.nodes[node_index]
+    failures = old.failures + 1
+    node = replace(old, failures=failures, last_error=error, last_poll_at=at)
+    if failures >= failures_before_down and old.state != "down":
+        node = replace(node, state="down", state_since=at)
+    nodes = list(view.nodes)
+    nodes[node_index] = node
+    return replace(view, nodes=tuple(nodes))
+
+
+def _choose_primary(view: ShardView, nodes: list[NodeView], polled: int) -> int | None:
+    """The shard's primary: sticky while it stays a reachable primary, else the first
+    reachable node that says it is one."""
+    current = view.primary_index
+    polled_node = nodes[polled]
+    if current is not None and current != polled and nodes[current].role == "primary" and (
+        nodes[current].state != "down"
+    ):
+        return current
+    if polled_node.role == "primary":
+        return polled
+    if current == polled:  # the primary we knew is in recovery now (demoted or re-cloned)
+        for i, node in enumerate(nodes):
+            if node.role == "primary" and node.up:
+                return i
+        return None
+    return current
+
+
+def _state_of(node: NodeView, primary: NodeView | None) -> NodeStateName:
+    if (node.state == "down" and node.failures > 0) or node.role is None:
+        return node.state
+    if node.role == "primary":
+        return "up" if primary is node else "wrong role"
+    if primary is not None and None not in (primary.system_id, node.system_id) and (
+        primary.system_id != node.system_id
+    ):
+        return "foreign"  # a replica of some other cluster: its LSNs mean nothing here
+    if node.replay_paused:
+        return "paused"
+    if not node.receiver_streaming:
+        return "receiver disconnected"
+    return "up"

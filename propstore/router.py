@@ -1,0 +1,159 @@
+"""Choosing who serves a read: replicas the monitor can prove fresh enough, else the primary.
+
+Pure decisions over a :class:`~propstore.monitor.ShardView` snapshot; no I/O. The store then
+*proves* the choice on the connection it uses (``store``), so a decision made on an
+out-of-date view can cost a fallback, never a stale answer.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import Literal
+
+from propstore._durations import format_duration
+from propstore.freshness import Freshness
+from propstore.monitor import NodeView, ShardView
+
+FallbackReason = Literal[
+    "replica_stale", "replica_down", "replica_timeout", "no_replica", "strong"
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A replica the monitor's latest observation admits for the budget."""
+
+    index: int
+    node: NodeView
+    staleness_bound: float
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A replica left out, and why."""
+
+    node: NodeView
+    reason: FallbackReason
+    staleness_bound: float
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDecision:
+    """Replicas to try (best first) and, if none serves, why the primary does."""
+
+    shard: ShardView
+    freshness: Freshness
+    at: float
+    candidates: tuple[Candidate, ...]
+    rejected: tuple[Rejection, ...]
+    fallback_reason: FallbackReason | None
+
+    @property
+    def freshest(self) -> Candidate | None:
+        """The up replica with the smallest bound, admitted or not (for ``on_stale="serve"``)."""
+        pool = [*self.candidates] + [
+            Candidate(-1, r.node, r.staleness_bound) for r in self.rejected
+            if r.reason == "replica_stale"
+        ]
+        return min(pool, key=lambda c: c.staleness_bound, default=None)
+
+    def explain(self) -> str:
+        """A few lines a person can read: the budget, each replica's figures, the choice."""
+        lines = [f"shard {self.shard.name}, budget: {self.freshness}"]
+        for cand in self.candidates:
+            lines.append(
+                f"  candidate {cand.node.name} ({cand.node.config.address}): replay "
+                f"{cand.node.lsn}, bound {format_duration(cand.staleness_bound)}"
+            )
+        for rej in self.rejected:
+            lines.append(
+                f"  rejected  {rej.node.name} ({rej.node.config.address}): {rej.reason}, "
+                f"state {rej.node.state}, bound {format_duration(rej.staleness_bound)}"
+            )
+        primary = self.shard.primary
+        target = primary.name if primary else "no reachable primary"
+        if self.candidates:
+            lines.append(
+                f"  choice: {self.candidates[0].node.name} (verified on the connection; "
+                f"primary {target} if that fails)"
+            )
+        else:
+            lines.append(f"  choice: primary {target} ({self.fallback_reason})")
+        return "\n".join(lines)
+
+
+def route(view: ShardView, freshness: Freshness, at: float, rotation: int = 0) -> RouteDecision:
+    """Decide which replicas may serve ``freshness`` at time ``at``.
+
+    Replicas whose bound the monitor proves within the budget are candidates; ties rotate
+    (``rotation``) so equally fresh replicas share the load.
+    """
+    if freshness.strong:
+        return RouteDecision(view, freshness, at, (), (), "strong")
+    candidates: list[Candidate] = []
+    rejected: list[Rejection] = []
+    for index, node in enumerate(view.nodes):
+        if index == view.primary_index and node.role != "replica":
+            continue
+        if not node.serves_replica_reads:
+            if node.role == "primary" or (node.role is None and node.config.role == "primary"):
+                continue  # a second primary, or the configured primary not yet polled
+            rejected.append(Rejection(node, "replica_down", math.inf))
+            continue
+        bound = view.staleness_bound(node, at)
+        if freshness.admits(view.name, node.lsn, bound):
+            candidates.append(Candidate(index, node, bound))
+        else:
+            rejected.append(Rejection(node, "replica_stale", bound))
+    if len(candidates) > 1 and rotation:
+        shift = rotation % len(candidates)
+        candidates = candidates[shift:] + candidates[:shift]
+    return RouteDecision(
+        view, freshness, at, tuple(candidates), tuple(rejected),
+        None if candidates else _reason(rejected),
+    )
+
+
+def _reason(rejected: list[Rejection]) -> FallbackReason:
+    if any(r.reason == "replica_stale" for r in rejected):
+        return "replica_stale"
+    return "replica_down" if rejected else "no_replica"
+
+
+class FallbackLimiter:
+    """A token bucket capping reads that fall back to a shard's primary (``rate`` per second,
+    bursts up to one second's worth). ``rate == 0`` disables the cap."""
+
+    __slots__ = ("_clock_last", "_lock", "_tokens", "rate")
+
+    def __init__(self, rate: float, now: float) -> None:
+        self.rate = rate
+        self._tokens = max(rate, 1.0)
+        self._clock_last = now
+        self._lock = threading.Lock()
+
+    def try_acquire(self, now: float) -> bool:
+        """Take one token if available."""
+        if self.rate <= 0:
+            return True
+        with self._lock:
+            self._tokens = min(
+                max(self.rate, 1.0), self._tokens + (now - self._clock_last) * self.rate
+            )
+            self._clock_last = now
+            if self._tokens >= 1.0:
+                self._tokens -= 1.0
+                return True
+            return False
+
+
+__all__ = [
+    "Candidate",
+    "FallbackLimiter",
+    "FallbackReason",
+    "Rejection",
+    "RouteDecision",
+    "route",
+]

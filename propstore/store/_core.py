@@ -1,0 +1,462 @@
+"""What the sync and async stores share: argument checks, and each operation as a program.
+
+A *program* is a generator that yields :class:`Exec` requests ("run these statements on
+that node before this deadline") and receives ``(connection, results)`` or has the error
+thrown into it. All routing, proof and fallback logic lives in the programs; the sync and
+async stores only drive them (check a connection out, run ``_wire``, hand results back), so
+the two can never disagree about what makes a read fresh enough.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Literal, Protocol
+
+import psycopg
+import structlog
+
+from propstore import _sql
+from propstore._validation import (
+    MAX_DOCUMENT_BYTES,
+    check_id,
+    check_keys,
+    check_tenant,
+    check_user_ids,
+    encode_props,
+)
+from propstore._wire import DeadlineExceeded, Statement
+from propstore.config import NodeConfig, OnStale, Topology
+from propstore.errors import (
+    InvalidInputError,
+    PropStoreError,
+    ShardUnavailableError,
+    StaleReadError,
+)
+from propstore.freshness import STRONG, Freshness, Token, coerce_token
+from propstore.lsn import LSN
+from propstore.monitor import MonitorState, NodeView, ShardView
+from propstore.router import FallbackLimiter, FallbackReason, RouteDecision, route
+
+log = structlog.get_logger("propstore.store")
+
+Proof = Literal["primary", "monitor", "connection", "pipeline", "unproven"]
+Props = dict[str, Any]
+
+
+class ConnState(Protocol):
+    """What a pooled connection remembers for the fast path (see ``_pool``)."""
+
+    propstore_opened_at: float
+    propstore_verified_lsn: LSN | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReadResult:
+    """A read's answer and how it was served.
+
+    Attributes:
+        props: the user's properties, or None when the user has none.
+        version: the document's version (increases on every change), None if absent.
+        shard: the shard that holds the user.
+        node: the node that served the read.
+        from_replica: whether a replica served it.
+        replay_lsn: the replica's replay LSN the read was proven against (None on primary).
+        staleness_bound: proven upper bound, in seconds, on how stale the answer is: it
+            includes every write acknowledged more than this long before the read began.
+            0.0 when the primary served it.
+        fallback_reason: why the primary (or a stale replica) served, when a fresh replica
+            did not: ``replica_stale``, ``replica_down``, ``replica_timeout``,
+            ``no_replica`` or ``strong``.
+        proof: how freshness was established: ``pipeline`` (LSN read in the same round trip),
+            ``monitor`` or ``connection`` (an earlier observation that provably still holds),
+            ``primary``, or ``unproven`` (``on_stale="serve"`` past the fallback cap).
+        within_budget: False only for a stale replica served under ``on_stale="serve"``.
+    """
+
+    props: Props | None
+    version: int | None
+    shard: str
+    node: str
+    from_replica: bool
+    replay_lsn: LSN | None
+    staleness_bound: float
+    fallback_reason: FallbackReason | None
+    proof: Proof
+    within_budget: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Exec:
+    """A request from a program: run ``plan(conn)``'s statements on ``node`` by ``deadline``.
+
+    ``plan`` sees the checked-out connection, so the program can pick the fast path when an
+    observation valid for *that* connection already proves the budget.
+    """
+
+    node: NodeConfig
+    deadline: float
+    plan: Callable[[ConnState], tuple[Sequence[Statement], bool]]
+
+
+Response = tuple[Any, list[Any]]
+Program = Generator[Exec, Response, Any]
+
+
+def _fixed(statements: Sequence[Statement], commit_each: bool = False
+           ) -> Callable[[ConnState], tuple[Sequence[Statement], bool]]:
+    return lambda conn: (statements, commit_each)
+
+
+class ReadStats:
+    """Routing counters kept by a store: reads by (shard, served by, reason). Bounded: the
+    key space is shards x {replica, primary} x reasons, whatever the traffic."""
+
+    def __init__(self) -> None:
+        self.reads: Counter[tuple[str, str, str]] = Counter()
+        self.writes: Counter[str] = Counter()
+
+    def record(self, result: ReadResult) -> None:
+        """Count one read."""
+        served = "replica" if result.from_replica else "primary"
+        self.reads[(result.shard, served, result.fallback_reason or "fresh")] += 1
+
+
+class StoreCore:
+    """State shared by a store's operations: topology, monitor state, limiters, counters."""
+
+    def __init__(self, topology: Topology, clock: Callable[[], float] = time.monotonic) -> None:
+        self.topology = topology
+        self.clock = clock
+        self.state = MonitorState(topology, clock)
+        self.routing = topology.routing
+        now = clock()
+        self.limiters = [
+            FallbackLimiter(topology.routing.primary_fallback_rate, now) for _ in topology.shards
+        ]
+        self.shard_names = tuple(s.name for s in topology.shards)
+        self.stats = ReadStats()
+        self._rotation = itertools.count()
+        self.observers: list[Callable[[ReadResult, float], None]] = []
+
+    # ------------------------------------------------------------ arguments
+
+    def freshness(
+        self,
+        max_staleness: float | timedelta | str | None,
+        after: Token | str | None,
+        profile: str | None,
+        consistency: str | None,
+        on_stale: str | None,
+    ) -> tuple[Freshness, OnStale]:
+        """The budget and stale policy a read asked for (see ``PropertyStore.get``)."""
+        if consistency not in (None, "bounded", "strong"):
+            raise InvalidInputError("consistency", "must be 'strong' or 'bounded'")
+        if on_stale not in (None, "error", "serve"):
+            raise InvalidInputError("on_stale", "must be 'error' or 'serve'")
+        policy: OnStale = on_stale or self.routing.on_stale  # type: ignore[assignment]
+        if consistency == "strong":
+            return STRONG, policy
+        parts: list[Freshness] = []
+        if profile is not None:
+            found = self.topology.profiles.get(profile)
+            if found is None:
+                known = sorted(self.topology.profiles)
+                raise InvalidInputError("profile", f"unknown profile {profile!r} (have {known})")
+            parts.append(found.freshness)
+            policy = on_stale or found.on_stale or policy  # type: ignore[assignment]
+        if max_staleness is not None:
+            parts.append(Freshness.bounded(max_staleness))
+        token = coerce_token(after, self.shard_names)
+        if token is not None:
+            parts.append(Freshness.after_token(token))
+        if not parts:
+            default = self.topology.default_profile
+            if default is None:
+                return STRONG, policy  # no budget anywhere: the only safe reading is strong
+            found = self.topology.profiles[default]
+            parts.append(found.freshness)
+            policy = on_stale or found.on_stale or policy  # type: ignore[assignment]
+        budget = parts[0]
+        for part in parts[1:]:
+            budget = budget & part
+        return budget, policy
+
+    def locate(self, tenant: object, user_id: object) -> tuple[str, str, int, int]:
+        """Check the ids; return them with the user's bucket and shard index."""
+        tenant_s = check_tenant(tenant)
+        user_s = check_id("user_id", user_id)
+        bucket = self.topology.bucket_of(tenant_s, user_s)
+        return tenant_s, user_s, bucket, self.topology.bucket_map.shard_index(bucket)
+
+    def group(self, tenant: object, user_ids: object) -> tuple[str, dict[int, list[str]]]:
+        """Check a batch; group user ids by shard index."""
+        tenant_s = check_tenant(tenant)
+        groups: dict[int, list[str]] = {}
+        for user_id in check_user_ids(user_ids):
+            groups.setdefault(self.topology.shard_index_of(tenant_s, user_id), []).append(user_id)
+        return tenant_s, groups
+
+    def decide(self, shard_index: int, freshness: Freshness) -> RouteDecision:
+        """The router's decision for a shard now."""
+        return route(self.state.view(shard_index), freshness, self.clock(), next(self._rotation))
+
+    def record(self, result: ReadResult, started: float) -> ReadResult:
+        """Count a read and tell observers (metrics)."""
+        self.stats.record(result)
+        if result.fallback_reason not in (None, "strong"):
+            log.debug("read_fallback", shard=result.shard, node=result.node,
+                      reason=result.fallback_reason)
+        if self.observers:
+            elapsed = time.monotonic() - started
+            for observer in self.observers:
+                observer(result, elapsed)
+        return result
+
+    # ------------------------------------------------------------ programs
+
+    def read_program(
+        self,
+        shard_index: int,
+        freshness: Freshness,
+        on_stale: OnStale,
+        data: Statement,
+        decode: Callable[[Any], Any],
+    ) -> Generator[Exec, Response, tuple[Any, ReadResult]]:
+        """Serve one query on one shard within ``freshness``; returns (decoded rows, result)."""
+        started = self.clock()
+        shard = self.shard_names[shard_index]
+        decision = self.decide(shard_index, freshness)
+        reason = decision.fallback_reason
+        deadline = time.monotonic() + self.routing.replica_deadline
+        for cand in decision.candidates:
+            if time.monotonic() >= deadline:
+                reason = "replica_timeout"
+                break
+            proven: list[tuple[LSN, Proof]] = []
+
+            def plan(conn: ConnState, node: NodeView = cand.node,
+                     proven: list[tuple[LSN, Proof]] = proven
+                     ) -> tuple[Sequence[Statement], bool]:
+                known = _known_lsn(node, conn)
+                if known is not None:
+                    bound = decision.shard.history.bound(known[0], started)
+                    if freshness.admits(shard, known[0], bound):
+                        proven.append(known)
+                        return (data,), False
+                # The LSN statement runs first, so the data query's snapshot is at least as
+                # new as the LSN it reports (one combined statement would not be).
+                return (Statement(_sql.REPLAY_LSN), data), False
+
+            try:
+                conn, results = yield Exec(cand.node.config, deadline, plan)
+            except (DeadlineExceeded, psycopg.errors.ConnectionTimeout) as exc:
+                reason = "replica_timeout"
+                if isinstance(exc, DeadlineExceeded):
+                    self.state.fail(shard_index, cand.index, "read deadline exceeded")
+                log.info("replica_read_abandoned", shard=shard, node=cand.node.name,
+                         deadline=self.routing.replica_deadline)
+                continue
+            except psycopg.Error as exc:
+                reason = "replica_down"
+                self.state.fail(shard_index, cand.index, f"read failed: {type(exc).__name__}")
+                continue
+            if proven:
+                lsn, proof = proven[0]
+                rows = results[0]
+            else:
+                lsn_value = results[0].get_value(0, 0)
+                if lsn_value is None:  # not in recovery any more (promoted): prove nothing
+                    reason = "replica_stale"
+                    continue
+                lsn, proof, rows = LSN.parse(lsn_value), "pipeline", results[1]
+                bound = self.state.view(shard_index).history.bound(lsn, started)
+                if not freshness.admits(shard, lsn, bound):
+                    reason = "replica_stale"
+                    continue
+                if conn.propstore_verified_lsn is None or lsn > conn.propstore_verified_lsn:
+                    conn.propstore_verified_lsn = lsn
+            bound = self.state.view(shard_index).history.bound(lsn, started)
+            return decode(rows), ReadResult(
+                None, None, shard, cand.node.name, True, lsn, bound, None, proof
+            )
+        assert reason is not None
+        if not freshness.strong and not self.limiters[shard_index].try_acquire(self.clock()):
+            if on_stale == "serve":
+                served = yield from self._serve_stale(shard_index, decision, data, decode, started)
+                if served is not None:
+                    return served
+            raise StaleReadError(
+                shard,
+                f"no replica within budget ({freshness}; {reason}) and the primary fallback "
+                f"cap of {self.routing.primary_fallback_rate:g} reads/s is exhausted",
+            )
+        rows, node = yield from self._primary_read(shard_index, data)
+        return decode(rows), ReadResult(None, None, shard, node, False, None, 0.0, reason,
+                                        "primary")
+
+    def _primary_read(self, shard_index: int, data: Statement
+                      ) -> Generator[Exec, Response, tuple[Any, str]]:
+        view = self.state.view(shard_index)
+        node = _primary_node(view)
+
+        def plan(conn: ConnState) -> tuple[Sequence[Statement], bool]:
+            # A connection opened before a poll that saw this node as primary is still on a
+            # primary (demotion needs a restart, which ends it); otherwise check in-line.
+            if node.role == "primary" and node.observed_at is not None and (
+                conn.propstore_opened_at < node.observed_at
+            ):
+                return (data,), False
+            return (Statement(_sql.IS_PRIMARY), data), False
+
+        try:
+            _conn, results = yield Exec(
+                node.config, time.monotonic() + self.routing.primary_deadline, plan
+            )
+        except (DeadlineExceeded, psycopg.Error) as exc:
+            raise ShardUnavailableError(
+                view.name, f"primary {node.name} ({node.config.address}) did not answer: "
+                f"{_describe(exc)}"
+            ) from None
+        if len(results) == 2:
+            if results[0].get_value(0, 0) != b"t":
+                raise ShardUnavailableError(
+                    view.name, f"{node.name} is no longer a primary (failover in progress)"
+                )
+            return results[1], node.name
+        return results[0], node.name
+
+    def _serve_stale(
+        self, shard_index: int, decision: RouteDecision, data: Statement,
+        decode: Callable[[Any], Any], started: float,
+    ) -> Generator[Exec, Response, tuple[Any, ReadResult] | None]:
+        best = decision.freshest
+        if best is None:
+            return None
+        try:
+            _conn, results = yield Exec(
+                best.node.config, time.monotonic() + self.routing.replica_deadline,
+                _fixed((Statement(_sql.REPLAY_LSN), data)),
+            )
+        except (DeadlineExceeded, psycopg.Error):
+            return None
+        raw = results[0].get_value(0, 0)
+        lsn = LSN.parse(raw) if raw else None
+        bound = self.state.view(shard_index).history.bound(lsn, started)
+        return decode(results[1]), ReadResult(
+            None, None, decision.shard.name, best.node.name, True, lsn, bound,
+            "replica_stale", "unproven" if math.isinf(bound) else "pipeline",
+            within_budget=False,
+        )
+
+    def write_program(self, shard_index: int, statement: Statement
+                      ) -> Generator[Exec, Response, tuple[int | None, LSN]]:
+        """One attempt at a write on the shard's primary: (new version, LSN after commit).
+
+        The write and ``pg_current_wal_flush_lsn()`` are pipelined with a Sync after each,
+        so the LSN is read after the commit was acknowledged (it is >= the commit record) at
+        no extra round trip.
+        """
+        node = _primary_node(self.state.view(shard_index))
+        _conn, results = yield Exec(
+            node.config, time.monotonic() + self.routing.primary_deadline,
+            _fixed((statement, Statement(_sql.FLUSH_LSN)), commit_each=True),
+        )
+        write, lsn = results
+        version = int(write.get_value(0, 0)) if write.ntuples else None
+        return version, LSN.parse(lsn.get_value(0, 0))
+
+    # ------------------------------------------------------------ statements
+
+    def merge_statement(self, tenant: str, user_id: str, bucket: int, props: object,
+                        replace_all: bool) -> Statement:
+        """The upsert for ``set`` (merge) or ``replace``."""
+        return Statement(
+            _sql.REPLACE if replace_all else _sql.MERGE,
+            (tenant.encode(), user_id.encode(), str(bucket).encode(), encode_props(props),
+             str(MAX_DOCUMENT_BYTES).encode()),
+        )
+
+    @staticmethod
+    def unset_statement(tenant: str, user_id: str, keys: object) -> Statement:
+        """Remove keys from a user's document."""
+        return Statement(_sql.UNSET, (tenant.encode(), user_id.encode(),
+                                      _sql.text_array(check_keys(keys))))
+
+    @staticmethod
+    def delete_statement(tenant: str, user_id: str) -> Statement:
+        """Remove a user's document."""
+        return Statement(_sql.DELETE, (tenant.encode(), user_id.encode()))
+
+    def token(self, shard_index: int, lsn: LSN) -> Token:
+        """The token for a write on a shard."""
+        return Token(((self.shard_names[shard_index], lsn),))
+
+    def write_failed(self, shard_index: int, exc: BaseException) -> PropStoreError:
+        """The error a caller sees once write retries are exhausted."""
+        node = _primary_node(self.state.view(shard_index))
+        return ShardUnavailableError(
+            self.shard_names[shard_index],
+            f"write failed on primary {node.name} ({node.config.address}) after retrying for "
+            f"{self.routing.write_retry_time:g}s: {_describe(exc)}",
+        )
+
+
+def _known_lsn(node: NodeView, conn: ConnState) -> tuple[LSN, Proof] | None:
+    """The newest replay LSN provably reached by the server behind ``conn``.
+
+    The monitor's observation counts only if ``conn`` was open before the poll was sent:
+    a crash-restart can reopen a standby *behind* what it showed, but it ends every
+    connection, so a live connection older than the poll is on the same server run.
+    """
+    best: tuple[LSN, Proof] | None = None
+    if conn.propstore_verified_lsn is not None:
+        best = (conn.propstore_verified_lsn, "connection")
+    if node.lsn is not None and node.observed_at is not None and (
+        conn.propstore_opened_at < node.observed_at
+    ) and (best is None or node.lsn > best[0]):
+        best = (node.lsn, "monitor")
+    return best
+
+
+def _primary_node(view: ShardView) -> NodeView:
+    primary = view.primary
+    if primary is not None:
+        return primary
+    index = view.primary_index if view.primary_index is not None else 0
+    return view.nodes[index]
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, DeadlineExceeded):
+        return "deadline exceeded"
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def decode_one(result: Any) -> tuple[Props | None, int | None]:
+    """Rows of ``GET``: the document and its version, or (None, None)."""
+    if not result.ntuples:
+        return None, None
+    return json.loads(result.get_value(0, 0)), int(result.get_value(0, 1))
+
+
+def decode_many(result: Any) -> dict[str, Props]:
+    """Rows of ``GET_MANY``: ``{user_id: props}``."""
+    return {
+        result.get_value(i, 0).decode(): json.loads(result.get_value(i, 1))
+        for i in range(result.ntuples)
+    }
+
+
+def is_retryable_write_error(exc: BaseException) -> bool:
+    """Errors after which a write may be retried on the (possibly new) primary."""
+    return isinstance(exc, DeadlineExceeded | psycopg.OperationalError | (
+        psycopg.errors.ReadOnlySqlTransaction
+    ))
