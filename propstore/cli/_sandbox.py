@@ -1,0 +1,85 @@
+"""``propstore sandbox up|status|down``: parse, call :mod:`propstore.sandbox`, print."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from propstore.sandbox import SandboxError, default_base_dir, down, status, up
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _dir_option(function: F) -> F:
+    decorator = click.option(
+        "--dir", "base_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+        help="Cluster folder [default: per-user state folder, see `sandbox status`].",
+    )
+    return decorator(function)
+
+
+@click.group("sandbox")
+def sandbox() -> None:
+    """A local replicated PostgreSQL cluster to try propstore against."""
+
+
+@sandbox.command("up")
+@click.option("--shards", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--replicas", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Hot standbys per shard.")
+@click.option("--pg-bin", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="PostgreSQL bin folder [default: $PROPSTORE_PG_BIN, system, wheel].")
+@_dir_option
+def up_command(shards: int, replicas: int, pg_bin: Path | None, base_dir: Path | None) -> None:
+    """Start the cluster in the background and write its topology file."""
+    try:
+        cluster = up(base_dir, shards, replicas, pg_bin=pg_bin)
+    except SandboxError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for node in cluster.nodes:
+        click.echo(f"{node.name:<20} {node.role:<8} {node.dsn}")
+    seconds = "" if cluster.startup_seconds is None else f" in {cluster.startup_seconds:.1f}s"
+    click.echo(f"\nPostgreSQL {cluster.pg_version} cluster up{seconds}: {cluster.base_dir}")
+    click.echo(f"Topology file: {cluster.config_path}")
+    click.echo("Point propstore at it with either of:")
+    click.echo(f"  export PROPSTORE_CONFIG={cluster.config_path}")
+    click.echo(f"  propstore --config {cluster.config_path} ...")
+    stop_hint = "" if base_dir is None else f" --dir {cluster.base_dir}"
+    click.echo(f"Stop it with: propstore sandbox down{stop_hint}")
+
+
+@sandbox.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@_dir_option
+def status_command(as_json: bool, base_dir: Path | None) -> None:
+    """Show every node: role, port, pid, whether it runs, its WAL position."""
+    folder = base_dir if base_dir is not None else default_base_dir()
+    try:
+        rows = status(folder)
+    except SandboxError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{folder}")
+    for row in rows:
+        state = "running" if row["running"] else "down"
+        if row["in_recovery"] is not None:
+            state += ", in recovery" if row["in_recovery"] else ", accepting writes"
+        click.echo(f"{row['name']:<20} {row['role']:<8} port {row['port']:<6} "
+                   f"pid {row['pid'] or '-':<8} lsn {row['lsn'] or '-':<12} {state}")
+
+
+@sandbox.command("down")
+@_dir_option
+def down_command(base_dir: Path | None) -> None:
+    """Stop every server of the cluster and delete its files."""
+    try:
+        stopped = down(base_dir)
+    except SandboxError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"stopped {len(stopped)} servers" + (f": {', '.join(stopped)}" if stopped else ""))
