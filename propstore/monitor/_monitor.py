@@ -209,12 +209,13 @@ class LagMonitor:
 
         reconnect = AsyncRetrying(
             retry=retry_if_exception_type((psycopg.Error, OSError)),
-            wait=wait_exponential_jitter(initial=settings.interval, max=settings.max_backoff),
+            wait=wait_exponential_jitter(multiplier=settings.interval, max=settings.max_backoff),
             before_sleep=failed_attempt,
             reraise=True,
         )
         conn: psycopg.AsyncConnection[object] | None = None
         poll = [Statement(_sql.POLL)]
+        jitter = random.Random()  # noqa: S311 - spreading polls, not security
         try:
             while True:
                 if conn is None or conn.closed:

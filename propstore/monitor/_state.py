@@ -49,7 +49,8 @@ class LagHistory:
     """Recent ``(t_sent, primary LSN)`` samples of one shard's primary, oldest first.
 
     Bounded (``maxlen``); a sample with the same LSN as the newest replaces it, since a later
-    time with the same LSN is a strictly better bound. Both tuples are non-decreasing.
+    time with the same LSN is a strictly better bound. Both tuples are increasing. Dropping
+    any sample keeps every bound sound (only looser), so old samples are thinned.
     """
 
     times: tuple[float, ...] = ()
@@ -62,8 +63,14 @@ class LagHistory:
             return LagHistory((sent_at,), (lsn,))
         if self.lsns and lsn == self.lsns[-1]:
             return LagHistory((*self.times[:-1], sent_at), self.lsns)
-        start = max(0, len(self.lsns) + 1 - maxlen)
-        return LagHistory((*self.times[start:], sent_at), (*self.lsns[start:], lsn))
+        times, lsns = (*self.times, sent_at), (*self.lsns, lsn)
+        if len(lsns) > maxlen:
+            # Thin the older half (every other sample) rather than dropping the oldest: the
+            # history then spans exponentially long with coarser old samples, so a replica
+            # far behind still gets a (looser, still sound) bound instead of none.
+            half = len(lsns) // 2
+            times, lsns = times[:half:2] + times[half:], lsns[:half:2] + lsns[half:]
+        return LagHistory(times, lsns)
 
     def covered_since(self, replay_lsn: LSN) -> float | None:
         """Latest ``t_sent`` whose sample LSN is <= ``replay_lsn``: every write acknowledged

@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol
 
 import psycopg
 import structlog
+from psycopg_pool import PoolTimeout
 
 from propstore import _sql
 from propstore._validation import (
@@ -256,10 +257,13 @@ class StoreCore:
 
             try:
                 conn, results = yield Exec(cand.node.config, deadline, plan)
-            except (DeadlineExceeded, psycopg.errors.ConnectionTimeout) as exc:
+            except PoolTimeout:
+                # No free connection in time: busy or reconnecting, not proof the node failed.
                 reason = "replica_timeout"
-                if isinstance(exc, DeadlineExceeded):
-                    self.state.fail(shard_index, cand.index, "read deadline exceeded")
+                continue
+            except DeadlineExceeded:
+                reason = "replica_timeout"
+                self.state.fail(shard_index, cand.index, "read deadline exceeded")
                 log.info("replica_read_abandoned", shard=shard, node=cand.node.name,
                          deadline=self.routing.replica_deadline)
                 continue

@@ -169,7 +169,7 @@ class PropertyStore:
                ) -> Token:
         retrying = Retrying(
             stop=stop_after_delay(self.topology.routing.write_retry_time),
-            wait=wait_exponential_jitter(initial=0.05, max=0.5),
+            wait=wait_exponential_jitter(multiplier=0.05, max=0.5),
             retry=retry_if_exception(is_retryable_write_error),
             reraise=True,
         )

@@ -1,0 +1,69 @@
+"""Tokens and freshness budgets: pure values."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from propstore import LSN, STRONG, Freshness, InvalidInputError, InvalidTokenError, Token
+
+shard_names = st.from_regex(r"[A-Za-z0-9_-]{1,20}", fullmatch=True)
+lsns = st.integers(min_value=0, max_value=2**64 - 1)
+
+
+@given(st.dictionaries(shard_names, lsns, max_size=8))
+def test_token_string_round_trips(positions: dict[str, int]) -> None:
+    token = Token.of(positions)
+    text = str(token)
+    assert Token.parse(text) == token
+    assert all(c.isalnum() or c in "._-" for c in text)  # cookie- and URL-safe
+
+
+@given(st.dictionaries(shard_names, lsns, max_size=5), st.dictionaries(shard_names, lsns,
+                                                                       max_size=5))
+def test_merged_token_requires_the_max_per_shard(a: dict[str, int], b: dict[str, int]) -> None:
+    merged = Token.of(a) | Token.of(b)
+    for shard in set(a) | set(b):
+        assert merged.lsn_for(shard) == max(a.get(shard, -1), b.get(shard, -1))
+
+
+@pytest.mark.parametrize("text", [
+    "", "pst1.", "pst2.s0.10", "pst1.s0", "pst1.s0.xyz", "pst1.s0.10.s0.11", "pst1.a b.10",
+    "pst1.s0." + "f" * 17, "x" * 9000,
+])
+def test_malformed_token_strings_are_refused(text: str) -> None:
+    with pytest.raises(InvalidTokenError):
+        Token.parse(text)
+
+
+def test_token_naming_an_unknown_shard_is_refused() -> None:
+    with pytest.raises(InvalidTokenError, match="unknown shard"):
+        Token.parse(str(Token.of({"nowhere": 5})), known_shards=["shard0"])
+
+
+def test_lsn_prints_and_parses_like_postgresql() -> None:
+    assert str(LSN.parse("16/B374D848")) == "16/B374D848"
+    assert LSN.parse("0/10") - LSN.parse("0/0") == 16
+
+
+def test_budget_admits_only_proven_fresh_replicas() -> None:
+    budget = Freshness.bounded("500ms") & Freshness.after_token(Token.of({"s": 100}))
+    assert budget.admits("s", LSN(100), 0.5)
+    assert not budget.admits("s", LSN(99), 0.0)      # token not reached
+    assert not budget.admits("s", LSN(200), 0.51)    # bound over budget
+    assert not budget.admits("s", None, 0.0)         # nothing proven
+    assert not STRONG.admits("s", LSN(10**9), 0.0)   # strong never uses a replica
+
+
+def test_budget_accepts_seconds_timedelta_and_text() -> None:
+    assert Freshness.bounded(0.25) == Freshness.bounded(timedelta(milliseconds=250))
+    assert Freshness.bounded("250ms").max_staleness == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), "soon", True])
+def test_negative_or_nonsense_budgets_are_refused(bad: object) -> None:
+    with pytest.raises(InvalidInputError):
+        Freshness.bounded(bad)  # type: ignore[arg-type]

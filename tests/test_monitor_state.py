@@ -1,0 +1,104 @@
+"""The staleness arithmetic, driven by explicit times (no servers, no sleeping)."""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from propstore import Topology
+from propstore.lsn import LSN
+from propstore.monitor import LagHistory, Observation
+from propstore.monitor._state import apply_failure, apply_observation, initial_views
+from tests.test_config import BASE
+
+TOPO = Topology.from_toml(BASE, environ={})
+
+
+def primary_poll(at: float, lsn: int) -> Observation:
+    return Observation(at, False, LSN(lsn), None, False, False, 1)
+
+
+def replica_poll(at: float, lsn: int, *, paused: bool = False, streaming: bool = True
+                 ) -> Observation:
+    return Observation(at, True, LSN(lsn), LSN(lsn), paused, streaming, 1)
+
+
+def test_idle_primary_keeps_a_caught_up_replica_fresh() -> None:
+    # The classic now() - pg_last_xact_replay_timestamp() grows forever here.
+    view = initial_views(TOPO.shards, 0.0)[0]
+    for t in range(100):
+        view = apply_observation(view, 0, primary_poll(float(t), 500), 16)
+        view = apply_observation(view, 1, replica_poll(float(t), 500), 16)
+    assert view.staleness_bound(view.nodes[1], 99.05) < 0.1
+
+
+def test_disconnected_receiver_bound_grows_with_the_clock_never_zero() -> None:
+    # "receive == replay means no lag" reads 0 here; the sound bound grows.
+    view = initial_views(TOPO.shards, 0.0)[0]
+    view = apply_observation(view, 0, primary_poll(0.0, 100), 16)
+    view = apply_observation(view, 1, replica_poll(0.0, 100, streaming=False), 16)
+    for t in range(1, 30):
+        view = apply_observation(view, 0, primary_poll(float(t), 100 + t), 16)
+    replica = view.nodes[1]
+    assert replica.state == "receiver disconnected"
+    assert view.staleness_bound(replica, 30.0) == 30.0
+
+
+def test_paused_replica_is_reported_paused_and_ages() -> None:
+    view = initial_views(TOPO.shards, 0.0)[0]
+    view = apply_observation(view, 0, primary_poll(0.0, 100), 16)
+    view = apply_observation(view, 1, replica_poll(0.0, 100, paused=True), 16)
+    view = apply_observation(view, 0, primary_poll(5.0, 200), 16)
+    assert view.nodes[1].state == "paused"
+    assert view.staleness_bound(view.nodes[1], 6.0) == 6.0
+    assert view.bytes_behind(view.nodes[1]) == 100
+
+
+def test_history_stays_bounded_and_still_bounds_a_far_behind_replica() -> None:
+    history = LagHistory()
+    for t in range(10_000):
+        history = history.record(float(t), LSN(100 + t), maxlen=16)
+        assert len(history.lsns) <= 16
+    assert history.bound(LSN(100), 10_000.0) == 10_000.0  # oldest sample is kept
+    assert history.bound(LSN(99), 10_000.0) == math.inf   # older than any sample: unprovable
+    assert history.bound(LSN(10_099), 10_000.0) == 1.0    # newest samples are exact
+
+
+@given(st.lists(st.tuples(st.floats(0, 0.5), st.integers(0, 50)), min_size=1, max_size=60),
+       st.integers(0, 3000), st.floats(0, 100))
+def test_bound_is_the_latest_sample_covered_by_the_replay_lsn(
+    steps: list[tuple[float, int]], replay: int, extra: float
+) -> None:
+    history, t, lsn, samples = LagHistory(), 0.0, 0, []
+    for dt, dl in steps:
+        t, lsn = t + dt, lsn + dl
+        history = history.record(t, LSN(lsn), maxlen=1000)
+        samples.append((t, lsn))
+    now = t + extra
+    covered = [ts for ts, p in samples if p <= replay]
+    expected = max(0.0, now - max(covered)) if covered else math.inf
+    assert history.bound(LSN(replay), now) == expected
+
+
+def test_promotion_is_followed_and_old_history_dropped() -> None:
+    view = initial_views(TOPO.shards, 0.0)[0]
+    view = apply_observation(view, 0, primary_poll(0.0, 100), 16)
+    view = apply_failure(view, 0, 1.0, "refused", 2)
+    view = apply_failure(view, 0, 1.1, "refused", 2)
+    assert view.nodes[0].state == "down" and view.primary is None
+    view = apply_observation(view, 1, primary_poll(2.0, 150), 16)
+    assert view.primary is view.nodes[1]
+    assert view.history.lsns == (LSN(150),)
+
+
+def test_two_failures_mark_a_node_down_and_one_success_brings_it_back() -> None:
+    view = initial_views(TOPO.shards, 0.0)[0]
+    view = apply_observation(view, 1, replica_poll(0.0, 1), 16)
+    view = apply_failure(view, 1, 0.1, "timeout", 2)
+    assert view.nodes[1].up
+    view = apply_failure(view, 1, 0.2, "timeout", 2)
+    assert view.nodes[1].state == "down"
+    view = apply_observation(view, 1, replica_poll(0.3, 1), 16)
+    assert view.nodes[1].up

@@ -1,0 +1,51 @@
+"""Routing decisions over monitor views (pure)."""
+
+from __future__ import annotations
+
+from propstore import STRONG, Freshness, Token
+from propstore.monitor._state import apply_observation, initial_views
+from propstore.router import FallbackLimiter, route
+from tests.test_monitor_state import TOPO, primary_poll, replica_poll
+
+
+def shard_with_replica(replica_lsn: int, primary_lsn: int = 100, **kw: bool):  # type: ignore[no-untyped-def]
+    view = initial_views(TOPO.shards, 0.0)[0]
+    view = apply_observation(view, 0, primary_poll(0.0, 100), 16)
+    view = apply_observation(view, 0, primary_poll(1.0, primary_lsn), 16)
+    return apply_observation(view, 1, replica_poll(1.0, replica_lsn, **kw), 16)
+
+
+def test_fresh_replica_is_the_candidate() -> None:
+    decision = route(shard_with_replica(100), Freshness.bounded(1.0), 1.5)
+    assert [c.node.name for c in decision.candidates] == ["a-replica1"]
+    assert decision.fallback_reason is None
+
+
+def test_stale_replica_sends_the_read_to_the_primary_with_a_reason() -> None:
+    decision = route(shard_with_replica(100, primary_lsn=200), Freshness.bounded(0.2), 1.5)
+    assert decision.candidates == ()
+    assert decision.fallback_reason == "replica_stale"
+    assert "a-primary" in decision.explain()
+
+
+def test_token_beyond_replay_rejects_the_replica() -> None:
+    token = Token.of({"a": 150})
+    assert route(shard_with_replica(149), Freshness.after_token(token), 1.0).candidates == ()
+    assert route(shard_with_replica(150), Freshness.after_token(token), 1.0).candidates
+
+
+def test_strong_reads_never_consider_replicas() -> None:
+    decision = route(shard_with_replica(100), STRONG, 1.0)
+    assert decision.candidates == () and decision.fallback_reason == "strong"
+
+
+def test_shard_without_replicas_says_so() -> None:
+    view = initial_views(TOPO.shards, 0.0)[1]
+    assert route(view, Freshness.bounded(5), 1.0).fallback_reason == "no_replica"
+
+
+def test_fallback_limiter_caps_the_rate() -> None:
+    limiter = FallbackLimiter(10, now=0.0)
+    assert sum(limiter.try_acquire(0.0) for _ in range(50)) == 10
+    assert sum(limiter.try_acquire(0.5) for _ in range(50)) == 5
+    assert FallbackLimiter(0, 0.0).try_acquire(0.0)

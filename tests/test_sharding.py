@@ -1,0 +1,47 @@
+"""Bucket hash and bucket map."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from propstore.sharding import BucketMap, BucketRange, bucket_of, ranges_of
+
+
+def test_bucket_hash_is_identical_across_processes() -> None:
+    # Python's hash() is randomised per process; the bucket hash must not be.
+    code = "from propstore.sharding import bucket_of; print(bucket_of('acme', 'user-42'))"
+    outputs = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       check=True, env={"PYTHONHASHSEED": seed}).stdout.strip()
+        for seed in ("1", "2", "3")
+    }
+    assert outputs == {str(bucket_of("acme", "user-42"))}
+
+
+def test_bucket_hash_is_pinned() -> None:
+    # Changing these values would move every user to another shard: never do it.
+    assert bucket_of("acme", "user-42") == 3423
+    assert bucket_of("acme", "user-42", 16) == 3423 % 16  # 4096 is a multiple of 16
+
+
+@given(st.integers(min_value=1, max_value=100_000), st.text(min_size=1, max_size=20))
+def test_bucket_is_always_in_range(count: int, user: str) -> None:
+    assert 0 <= bucket_of("acme", user, count) < count
+
+
+def test_bucket_map_rejects_overlaps_and_gaps() -> None:
+    with pytest.raises(ValueError, match="assigned twice"):
+        BucketMap(8, [[BucketRange(0, 4)], [BucketRange(4, 7)]])
+    with pytest.raises(ValueError, match="have no shard"):
+        BucketMap(8, [[BucketRange(0, 3)], [BucketRange(5, 7)]])
+    mapping = BucketMap(8, [[BucketRange(0, 3)], [BucketRange(4, 7)]])
+    assert [mapping.shard_index(b) for b in range(8)] == [0] * 4 + [1] * 4
+
+
+def test_ranges_compress_contiguous_buckets() -> None:
+    assert [str(r) for r in ranges_of([5, 1, 2, 3, 9])] == ["1-3", "5", "9"]

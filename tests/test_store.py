@@ -1,0 +1,234 @@
+"""PropertyStore against the real local cluster: freshness, faults, concurrency, input."""
+
+from __future__ import annotations
+
+import threading
+import time
+import tracemalloc
+from typing import Any
+
+import pytest
+
+from propstore import (
+    InvalidInputError,
+    InvalidTokenError,
+    PropertyStore,
+    ShardUnavailableError,
+    Topology,
+)
+from propstore.sandbox import LocalCluster
+from tests.conftest import users_on_shard
+
+
+def wait_for(condition: Any, timeout: float = 30.0, interval: float = 0.02) -> Any:
+    """Poll ``condition`` until it returns something truthy, or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+def test_set_get_round_trip_and_merge_semantics(store: PropertyStore) -> None:
+    store.set("acme", "u1", {"plan": "pro", "city": "Oslo"})
+    token = store.set("acme", "u1", {"city": "Bergen"})
+    assert store.get("acme", "u1", after=token) == {"plan": "pro", "city": "Bergen"}
+    token = store.unset("acme", "u1", ["plan", "absent"])
+    assert store.get("acme", "u1", after=token) == {"city": "Bergen"}
+    token = store.replace("acme", "u1", {"only": 1})
+    result = store.read("acme", "u1", after=token)
+    assert result.props == {"only": 1} and result.version == 4
+    token = store.delete("acme", "u1")
+    assert store.get("acme", "u1", after=token) is None
+
+
+def test_read_your_writes_never_returns_the_old_value_while_replay_is_paused(
+    store: PropertyStore, cluster: LocalCluster, topology: Topology
+) -> None:
+    shard = topology.shards[0].name
+    (user,) = users_on_shard(topology, shard, 1)
+    store.set("acme", user, {"step": 0})
+    cluster.wait_caught_up()
+    for replica in cluster.shards[0].replicas:
+        replica.pause_replay()
+    for step in range(1, 20):
+        token = store.set("acme", user, {"step": step})
+        result = store.read("acme", user, after=token)
+        assert result.props == {"step": step}
+        assert not result.from_replica and result.fallback_reason == "replica_stale"
+    for replica in cluster.shards[0].replicas:
+        replica.resume_replay()
+    # Once replay catches up, the same token is served by a replica, and says so.
+    served = wait_for(lambda: (r := store.read("acme", user, after=token)).from_replica and r)
+    assert served.props == {"step": 19}
+    assert served.replay_lsn is not None and served.replay_lsn >= token.lsn_for(shard)
+
+
+def test_token_string_form_reads_your_writes(store: PropertyStore) -> None:
+    token = store.set("acme", "carried", {"x": 1})
+    assert store.get("acme", "carried", after=str(token)) == {"x": 1}
+    with pytest.raises(InvalidTokenError):
+        store.get("acme", "carried", after="pst1.nowhere.10")
+
+
+def test_bounded_read_reports_a_proven_bound_within_budget(store: PropertyStore) -> None:
+    store.set("acme", "b1", {"v": 1})
+    result = wait_for(lambda: (r := store.read("acme", "b1", max_staleness=2)).from_replica and r)
+    assert 0.0 <= result.staleness_bound <= 2.0
+    assert result.proof in ("monitor", "connection", "pipeline")
+
+
+def test_strong_and_profile_reads(store: PropertyStore) -> None:
+    store.set("acme", "p1", {"v": 1})
+    strong = store.read("acme", "p1", consistency="strong")
+    assert not strong.from_replica and strong.fallback_reason == "strong"
+    assert strong.staleness_bound == 0.0
+    workflow = store.read("acme", "p1", profile="workflow")
+    assert workflow.staleness_bound <= 0.5
+    with pytest.raises(InvalidInputError, match="profile"):
+        store.read("acme", "p1", profile="nope")
+
+
+def test_get_many_spans_shards_and_reports_missing_users(store: PropertyStore,
+                                                         topology: Topology) -> None:
+    users = [f"m{i}" for i in range(200)]
+    tokens = [store.set("acme", u, {"i": i}) for i, u in enumerate(users[:150])]
+    token = tokens[0].merge(*tokens[1:])
+    assert set(token.shards) == {s.name for s in topology.shards}
+    found = store.get_many("acme", users, after=token)
+    assert len(found) == 200
+    assert all(found[u] == {"i": i} for i, u in enumerate(users[:150]))
+    assert all(found[u] is None for u in users[150:])
+
+
+def test_concurrent_merges_into_one_user_lose_no_key(store: PropertyStore) -> None:
+    def writer(thread: int) -> None:
+        for i in range(125):
+            store.set("acme", "hot", {f"t{thread}-{i}": i})
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    result = store.read("acme", "hot", consistency="strong")
+    assert result.props is not None and len(result.props) == 1000
+    assert result.version == 1000
+
+
+@pytest.mark.parametrize(("call", "args"), [
+    ("set", ("acme", "", {"a": 1})),
+    ("set", ("acme", "x" * 256, {"a": 1})),
+    ("set", ("acme", 42, {"a": 1})),
+    ("set", ("ac/me", "victim", {"a": 1})),
+    ("set", ("acme", "victim", {"a": float("nan")})),
+    ("set", ("acme", "victim", {"a": float("inf")})),
+    ("set", ("acme", "victim", {"a": "nul\x00byte"})),
+    ("set", ("acme", "victim", {3: "int key"})),
+    ("set", ("acme", "victim", {"a": b"bytes"})),
+    ("set", ("acme", "victim", {"big": "x" * (1 << 20)})),
+    ("replace", ("acme", "victim", {"a": {1, 2}})),
+    ("unset", ("acme", "victim", "plan")),
+    ("unset", ("acme", "victim", [""])),
+])
+def test_bad_input_raises_and_leaves_the_document_unchanged(
+    store: PropertyStore, call: str, args: tuple[Any, ...]
+) -> None:
+    store.set("acme", "victim", {"plan": "pro"})
+    with pytest.raises(InvalidInputError):
+        getattr(store, call)(*args)
+    assert store.read("acme", "victim", consistency="strong").props == {"plan": "pro"}
+
+
+def test_merge_that_would_exceed_the_size_limit_writes_nothing(store: PropertyStore) -> None:
+    half = "x" * (600 * 1024)
+    store.set("acme", "grow", {"a": half})
+    with pytest.raises(InvalidInputError, match="size limit"):
+        store.set("acme", "grow", {"b": half})
+    result = store.read("acme", "grow", consistency="strong")
+    assert result.props == {"a": half} and result.version == 1
+
+
+@pytest.mark.slow
+def test_frozen_replica_costs_a_read_at_most_the_deadline_plus_a_primary_read(
+    store: PropertyStore, cluster: LocalCluster, topology: Topology
+) -> None:
+    users = users_on_shard(topology, topology.shards[0].name, 20)
+    for user in users:
+        store.set("acme", user, {"v": 1})
+    cluster.wait_caught_up()
+    wait_for(lambda: all(n.up for n in store.shard_views()[0].nodes))
+    frozen = cluster.shards[0].replicas[0]
+    frozen.freeze()
+    worst = 0.0
+    try:
+        for i in range(300):
+            started = time.monotonic()
+            assert store.get("acme", users[i % 20], max_staleness=5) == {"v": 1}
+            worst = max(worst, time.monotonic() - started)
+    finally:
+        frozen.thaw()
+    deadline = topology.routing.replica_deadline
+    print(f"frozen replica: worst read {worst * 1000:.1f} ms (deadline {deadline * 1000:.0f} ms)")
+    assert worst < deadline + 0.5  # generous: a primary read here takes ~1 ms
+
+
+@pytest.mark.slow
+def test_killed_replica_reads_keep_working_and_routing_resumes_after_restart(
+    store: PropertyStore, cluster: LocalCluster, topology: Topology
+) -> None:
+    users = users_on_shard(topology, topology.shards[0].name, 10)
+    for user in users:
+        store.set("acme", user, {"v": 1})
+    victim = cluster.shards[0].replicas[0]
+    victim.kill()
+    for i in range(200):
+        assert store.get("acme", users[i % 10], max_staleness=5) == {"v": 1}
+    victim.start()
+    wait_for(lambda: store.read("acme", users[0], max_staleness=5).node == victim.name,
+             timeout=60)
+
+
+@pytest.mark.slow
+def test_promoted_replica_takes_writes_after_rediscovery(cluster_factory: Any) -> None:
+    from propstore.migrate import upgrade
+
+    private = cluster_factory(shards=1, replicas=1)
+    upgrade(private.shards[0].primary.dsn)
+    private.wait_caught_up()
+    assert private.config_path is not None
+    with PropertyStore(Topology.load(private.config_path)) as store:
+        token = store.set("acme", "f1", {"v": 1})
+        wait_for(lambda: store.read("acme", "f1", after=token).from_replica)
+        private.shards[0].primary.kill()
+        started = time.monotonic()
+        with pytest.raises(ShardUnavailableError, match="shard0"):
+            store.set("acme", "f1", {"v": 2})
+        assert time.monotonic() - started < store.topology.routing.write_retry_time + 5
+        private.shards[0].replicas[0].promote()
+        wait_for(lambda: store.shard_views()[0].primary is not None and
+                 store.shard_views()[0].primary.name == "shard0-replica1", timeout=30)
+        token = store.set("acme", "f1", {"v": 2})
+        assert store.get("acme", "f1", after=token) == {"v": 2}
+
+
+@pytest.mark.slow
+def test_monitor_and_store_memory_stay_flat_across_100k_reads(store: PropertyStore) -> None:
+    store.set("acme", "mem", {"v": 1})
+    for _ in range(5_000):  # warm up: pools, prepared statements, caches
+        store.get("acme", "mem", max_staleness=5)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for _ in range(100_000):
+            store.get("acme", "mem", max_staleness=5)
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    growth = sum(s.size_diff for s in after.compare_to(before, "filename")
+                 if "propstore" in s.traceback[0].filename)
+    print(f"propstore memory growth over 100k reads: {growth} bytes")
+    assert growth < 64 * 1024
