@@ -215,7 +215,7 @@ class LagMonitor:
         )
         conn: psycopg.AsyncConnection[object] | None = None
         poll = [Statement(_sql.POLL)]
-        jitter = random.Random()  # noqa: S311 - spreading polls, not security
+        jitter = random.Random()  # spreads polls; not for security
         try:
             while True:
                 if conn is None or conn.closed:
@@ -246,7 +246,7 @@ class LagMonitor:
                     ))
                 polled(key)
                 # Jitter so that many processes do not poll a node in step.
-                await asyncio.sleep(settings.interval * random.uniform(0.9, 1.1))
+                await asyncio.sleep(settings.interval * jitter.uniform(0.9, 1.1))
         finally:
             if conn is not None:
                 await conn.close()
