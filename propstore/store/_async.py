@@ -160,8 +160,11 @@ class AsyncPropertyStore:
             retry=retry_if_exception(is_retryable_write_error),
             reraise=True,
         )
+        give_up_at = time.monotonic() + self.topology.routing.write_retry_time
+
         async def attempt() -> tuple[int | None, LSN]:
-            return await self._run(self._core.write_program(shard, statement))  # type: ignore[no-any-return]
+            program = self._core.write_program(shard, statement, give_up_at)
+            return await self._run(program)  # type: ignore[no-any-return]
 
         try:
             outcome: tuple[int | None, LSN] = await retrying(attempt)

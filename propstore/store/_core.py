@@ -359,17 +359,19 @@ class StoreCore:
             within_budget=False,
         )
 
-    def write_program(self, shard_index: int, statement: Statement
+    def write_program(self, shard_index: int, statement: Statement, give_up_at: float
                       ) -> Generator[Exec, Response, tuple[int | None, LSN]]:
         """One attempt at a write on the shard's primary: (new version, LSN after commit).
 
         The write and ``pg_current_wal_flush_lsn()`` are pipelined with a Sync after each,
         so the LSN is read after the commit was acknowledged (it is >= the commit record) at
-        no extra round trip.
+        no extra round trip. ``give_up_at`` (monotonic) caps the attempt, so retries never
+        outlast ``write_retry_time``.
         """
         node = _primary_node(self.state.view(shard_index))
+        deadline = min(time.monotonic() + self.routing.primary_deadline, give_up_at)
         _conn, results = yield Exec(
-            node.config, time.monotonic() + self.routing.primary_deadline,
+            node.config, deadline,
             _fixed((statement, Statement(_sql.FLUSH_LSN)), commit_each=True),
         )
         write, lsn = results

@@ -173,8 +173,11 @@ class PropertyStore:
             retry=retry_if_exception(is_retryable_write_error),
             reraise=True,
         )
+        give_up_at = time.monotonic() + self.topology.routing.write_retry_time
         try:
-            version, lsn = retrying(lambda: self._run(self._core.write_program(shard, statement)))
+            version, lsn = retrying(
+                lambda: self._run(self._core.write_program(shard, statement, give_up_at))
+            )
         except (psycopg.Error, _wire.DeadlineExceeded) as exc:
             if is_retryable_write_error(exc):
                 raise self._core.write_failed(shard, exc) from None

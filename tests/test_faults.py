@@ -1,0 +1,223 @@
+"""Faults survived under load, each with a figure (issue: reliability).
+
+Every test runs readers and writers on several threads while the fault happens, and checks
+each read against its budget as it goes (``tests/_workload.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import psycopg
+import pytest
+from structlog.testing import capture_logs
+
+from propstore import LSN, PropertyStore, ShardUnavailableError, Topology
+from propstore.sandbox import LocalCluster
+from tests._workload import Workload
+from tests.conftest import users_on_shard
+from tests.test_store import wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def seeded(store: PropertyStore, topology: Topology, count: int = 20) -> list[str]:
+    users = users_on_shard(topology, topology.shards[0].name, count, prefix="fault")
+    for user in users:
+        store.replace("acme", user, {"seq": 0})
+    return users
+
+
+def propstore_connections(node: Any) -> int:
+    return int(node.scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'propstore:%'"
+    ))
+
+
+def test_replica_killed_and_restarted_fails_no_read(
+    store: PropertyStore, cluster: LocalCluster, topology: Topology
+) -> None:
+    users = seeded(store, topology)
+    victim = cluster.shards[0].replicas[0]
+    with Workload(store, users) as load:
+        load.wait(0.5)
+        victim.kill()
+        load.wait(1.5)
+        victim.start()
+        wait_for(lambda: store.read("acme", users[0], max_staleness=5).node == victim.name,
+                 timeout=60)
+        report = load.stop()
+    print(f"replica kill: {report.reads} reads, {report.writes} writes, "
+          f"{report.error_count} errors, {report.violations} violations")
+    assert report.error_count == 0, report.examples
+    assert report.violations == 0, report.examples
+
+
+def test_replica_frozen_then_thawed_blocks_no_read_and_leaks_no_connection(
+    store: PropertyStore, cluster: LocalCluster, topology: Topology
+) -> None:
+    users = seeded(store, topology)
+    victim = cluster.shards[0].replicas[0]
+    with Workload(store, users) as load:
+        load.wait(0.5)
+        victim.freeze()
+        load.wait(2.0)
+        victim.thaw()
+        wait_for(lambda: store.read("acme", users[0], max_staleness=5).node == victim.name,
+                 timeout=60)
+        report = load.stop()
+    deadline = topology.routing.replica_deadline
+    print(f"replica freeze: worst read {report.worst_read * 1000:.1f} ms, "
+          f"{report.reads} reads, {report.error_count} errors")
+    assert report.error_count == 0 and report.violations == 0, report.examples
+    assert report.worst_read < deadline + 0.5
+    # Abandoned connections die on the server once it runs again; the pool stays bounded.
+    limit = topology.routing.pool_max_size
+    wait_for(lambda: propstore_connections(victim) <= limit, timeout=30)
+
+
+def test_cut_wal_receiver_is_never_zero_lag_and_drops_out_of_eligibility(
+    store: PropertyStore, cluster: LocalCluster, topology: Topology
+) -> None:
+    users = seeded(store, topology, 5)
+    victim = cluster.shards[0].replicas[0]
+    victim.disconnect_receiver()
+
+    def node_view() -> Any:
+        return next(n for n in store.shard_views()[0].nodes if n.name == victim.name)
+
+    wait_for(lambda: node_view().state == "receiver disconnected")
+    bounds = []
+    for i in range(12):
+        store.set("acme", users[i % 5], {"tick": i})  # the primary moves on
+        time.sleep(0.1)  # the bound is a function of the clock: let it pass
+        view = store.shard_views()[0]
+        bounds.append(view.staleness_bound(node_view(), time.monotonic()))
+    print(f"cut receiver: bounds {[round(b, 3) for b in bounds]}")
+    assert all(b > 0 for b in bounds[1:])
+    assert bounds[-1] > bounds[1]
+    decision = store.route("acme", users[0], profile="workflow")
+    assert victim.name not in [c.node.name for c in decision.candidates]
+
+
+def test_primary_killed_writes_fail_fast_reads_continue_and_writes_resume(
+    store: PropertyStore, cluster: LocalCluster, topology: Topology
+) -> None:
+    users = seeded(store, topology, 5)
+    cluster.wait_caught_up()
+    primary = cluster.shards[0].primary
+    primary.kill()
+    started = time.monotonic()
+    with pytest.raises(ShardUnavailableError, match=topology.shards[0].name):
+        store.set("acme", users[0], {"seq": 1})
+    took = time.monotonic() - started
+    print(f"primary down: write failed after {took:.2f}s")
+    assert took < topology.routing.write_retry_time + 3
+    bounds = []
+    for _ in range(5):
+        result = store.read("acme", users[1], max_staleness=30)
+        assert result.from_replica and result.props == {"seq": 0}
+        bounds.append(result.staleness_bound)
+        time.sleep(0.05)  # the bound grows with the clock while no sample can be taken
+    assert bounds == sorted(bounds)
+    primary.start()
+    token = wait_for(lambda: _try_set(store, users[0]), timeout=60)
+    assert store.get("acme", users[0], after=token) == {"seq": 2}
+
+
+def _try_set(store: PropertyStore, user: str) -> Any:
+    try:
+        return store.set("acme", user, {"seq": 2})
+    except ShardUnavailableError:
+        return None
+
+
+def test_primary_crash_after_acknowledged_writes_loses_none(
+    store: PropertyStore, cluster: LocalCluster, topology: Topology
+) -> None:
+    users = users_on_shard(topology, topology.shards[0].name, 50, prefix="crash")
+    tokens = [store.set("acme", user, {"n": i}) for i, user in enumerate(users * 4)]
+    primary = cluster.shards[0].primary
+    primary.kill()
+    primary.start()
+    recovered = LSN.parse(primary.scalar("SELECT pg_current_wal_lsn()::text"))
+    shard = topology.shards[0].name
+    assert all(t.lsn_for(shard) is not None and t.lsn_for(shard) <= recovered for t in tokens)
+    found = wait_for(lambda: _strong_many(store, users), timeout=60)
+    assert found == {user: {"n": 150 + i} for i, user in enumerate(users)}
+    print(f"primary crash: {len(tokens)} acknowledged writes, 0 lost")
+
+
+def _strong_many(store: PropertyStore, users: list[str]) -> Any:
+    try:
+        return store.get_many("acme", users, consistency="strong")
+    except ShardUnavailableError:
+        return None
+
+
+def test_failover_is_followed_and_no_acknowledged_write_is_lost(cluster_factory: Any) -> None:
+    from propstore.migrate import upgrade
+
+    private = cluster_factory(shards=1, replicas=2)
+    upgrade(private.shards[0].primary.dsn)
+    private.wait_caught_up()
+    assert private.config_path is not None
+    topology = Topology.load(private.config_path)
+    users = [f"fo-{i}" for i in range(20)]
+    with PropertyStore(topology) as store:
+        for user in users:
+            store.replace("acme", user, {"seq": 0})
+        with Workload(store, users, expect_write_errors=True) as load:
+            load.wait(0.5)
+            old, new, other = (private.shards[0].primary, *private.shards[0].replicas)
+            old.stop()  # a planned failover: a clean stop sends all WAL to the standbys
+            new.promote()
+            other.repoint(new)
+            wait_for(lambda: (p := store.shard_views()[0].primary) is not None
+                     and p.name == new.name, timeout=30)
+            token = wait_for(lambda: _try_set(store, "fo-outside"), timeout=30)
+            load.wait(1.0)
+            report = load.stop()
+        assert store.get("acme", "fo-outside", after=token) == {"seq": 2}
+        final = store.get_many("acme", users, consistency="strong")
+    # Every write the workload saw acknowledged is on the new primary.
+    for user in users:
+        acked = max((s for _, s in load._acked[user]), default=0)
+        assert final[user] is not None and final[user]["seq"] >= acked
+    print(f"failover: {report.writes} acknowledged writes, 0 lost, "
+          f"{report.violations} violations")
+    assert report.violations == 0 and report.errors["read:StaleReadError"] == 0
+
+
+def test_replica_refusing_connections_falls_back_and_logs(
+    cluster: LocalCluster, topology: Topology
+) -> None:
+    victim = cluster.shards[0].replicas[0]
+    hogs: list[psycopg.Connection[Any]] = []
+    try:
+        while True:  # take every slot, superuser-reserved ones included
+            try:
+                hogs.append(psycopg.connect(victim.dsn, connect_timeout=2))
+            except psycopg.OperationalError as exc:
+                assert "too many" in str(exc) or "reserved" in str(exc)
+                break
+        users = users_on_shard(topology, topology.shards[0].name, 5, prefix="full")
+        with capture_logs() as logs, PropertyStore(topology) as store:
+            for user in users:
+                store.replace("acme", user, {"v": 1})
+            wait_for(lambda: next(n for n in store.shard_views()[0].nodes
+                                  if n.name == victim.name).state == "down")
+            started = time.monotonic()
+            for _ in range(50):
+                for user in users:
+                    assert store.get("acme", user, max_staleness=5) == {"v": 1}
+            took = time.monotonic() - started
+        assert took < 30
+        events = [e for e in logs if e.get("node") == victim.name
+                  and e["event"] == "node_state_changed" and e.get("new") == "down"]
+        assert events and "too many" in (events[0].get("error") or "")
+        print(f"refused connections: 250 reads in {took:.2f}s, event: {events[0]['error']}")
+    finally:
+        for hog in hogs:
+            hog.close()
