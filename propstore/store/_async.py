@@ -169,9 +169,7 @@ class AsyncPropertyStore:
         try:
             outcome: tuple[int | None, LSN] = await retrying(attempt)
         except (psycopg.Error, _wire.DeadlineExceeded) as exc:
-            if is_retryable_write_error(exc):
-                raise self._core.write_failed(shard, exc) from None
-            raise InvalidInputError("props", f"refused by the database: {exc}") from None
+            raise self._core.write_error(shard, exc) from None
         version, lsn = outcome
         self._core.stats.writes[self._core.shard_names[shard]] += 1
         if must_return_row and version is None:

@@ -404,14 +404,19 @@ class StoreCore:
         """The token for a write on a shard."""
         return Token(((self.shard_names[shard_index], lsn),))
 
-    def write_failed(self, shard_index: int, exc: BaseException) -> PropStoreError:
-        """The error a caller sees once write retries are exhausted."""
+    def write_error(self, shard_index: int, exc: BaseException) -> PropStoreError:
+        """The error a caller sees for a write that failed (after any retries)."""
         node = _primary_node(self.state.view(shard_index))
-        return ShardUnavailableError(
-            self.shard_names[shard_index],
-            f"write failed on primary {node.name} ({node.config.address}) after retrying for "
-            f"{self.routing.write_retry_time:g}s: {_describe(exc)}",
-        )
+        shard = self.shard_names[shard_index]
+        if is_retryable_write_error(exc):
+            return ShardUnavailableError(
+                shard, f"write failed on primary {node.name} ({node.config.address}) after "
+                f"retrying for {self.routing.write_retry_time:g}s: {_describe(exc)}",
+            )
+        if isinstance(exc, psycopg.DataError | psycopg.IntegrityError):
+            return InvalidInputError("props", f"refused by the database: {_describe(exc)}")
+        # Permissions, a missing table (not migrated), ...: a deployment problem, not input.
+        return PropStoreError(f"shard {shard}: write refused by {node.name}: {_describe(exc)}")
 
 
 def _known_lsn(node: NodeView, conn: ConnState) -> tuple[LSN, Proof] | None:

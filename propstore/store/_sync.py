@@ -179,9 +179,7 @@ class PropertyStore:
                 lambda: self._run(self._core.write_program(shard, statement, give_up_at))
             )
         except (psycopg.Error, _wire.DeadlineExceeded) as exc:
-            if is_retryable_write_error(exc):
-                raise self._core.write_failed(shard, exc) from None
-            raise InvalidInputError("props", f"refused by the database: {exc}") from None
+            raise self._core.write_error(shard, exc) from None
         self._core.stats.writes[self._core.shard_names[shard]] += 1
         if must_return_row and version is None:
             raise InvalidInputError("props", "the merged document would exceed the size limit")
