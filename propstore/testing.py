@@ -19,8 +19,12 @@ The PostgreSQL binaries are found as described in :mod:`propstore.sandbox`
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING
 
 import pytest
@@ -34,13 +38,33 @@ def _shape_from_env() -> tuple[int, int]:
     return shards, replicas
 
 
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    # `timeout pytest ...` and CI runners stop a run with SIGTERM, whose default action kills
+    # Python without running finalizers, leaving the servers behind. As an interrupt, the
+    # fixtures tear down normally. Only a default handler in the main thread is replaced.
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="session")
 def local_cluster() -> Iterator[LocalCluster]:
     """The session's shared cluster, started once and stopped after the last test."""
     from propstore.sandbox import LocalCluster
 
     shards, replicas = _shape_from_env()
-    with LocalCluster(shards=shards, replicas=replicas) as started:
+    with _sigterm_as_interrupt(), LocalCluster(shards=shards, replicas=replicas) as started:
         yield started
 
 

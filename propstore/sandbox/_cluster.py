@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
-import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -21,8 +21,11 @@ from propstore.sandbox._account import ServerAccount
 from propstore.sandbox._binaries import PgInstall, find_install, usable_install
 from propstore.sandbox._datadir import free_port, template_dir
 from propstore.sandbox._errors import SandboxError
+from propstore.sandbox._lifetime import emergency_stop, reap_orphans
 from propstore.sandbox._locations import cache_dir, scratch_root
 from propstore.sandbox._node import LocalNode
+from propstore.sandbox._processes import ProcessId, identify
+from propstore.sandbox._replication import Role
 from propstore.sandbox._shard import LocalShard
 from propstore.sandbox._topology import bucket_ranges, render_config
 from propstore.sandbox._waiting import wait_for
@@ -80,6 +83,9 @@ class LocalCluster:
         self._owns_base_dir = base_dir is None
         self._owns_socket_dir = False
         self._finalizer: weakref.finalize[Any, Any] | None = None
+        # The process whose exit stops the servers; recorded so that, should it die without
+        # running its finalizer (SIGKILL, SIGTERM), a later start can reap the orphans.
+        self._owner: ProcessId | None = None
 
     # -- public attributes ----------------------------------------------------------------
 
@@ -131,6 +137,9 @@ class LocalCluster:
         if self.shards:
             raise SandboxError(f"{self!r} is already started")
         began = time.monotonic()
+        if self.base_dir is None:
+            reap_orphans(scratch_root(), self._account)
+        self._owner = identify(os.getpid())
         base_dir = self._prepare_base_dir()
         self._install = usable_install(self._install, self._account, cache_dir(self._account))
         template = template_dir(self._install, self._account, cache_dir(self._account))
@@ -139,7 +148,7 @@ class LocalCluster:
         self._save_state()
         # Registered before the first server exists, so a failure half-way still cleans up.
         self._finalizer = weakref.finalize(
-            self, _emergency_stop, list(self.nodes), self._disposable_dirs()
+            self, emergency_stop, list(self.nodes), self._disposable_dirs()
         )
         try:
             _run_parallel([partial(self._start_shard, shard, template, timeout)
@@ -181,6 +190,7 @@ class LocalCluster:
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
+        self._owner = None
         self._save_state()
 
     @classmethod
@@ -205,13 +215,14 @@ class LocalCluster:
             document["socket_dir"])
         config = document.get("config_path")
         cluster.config_path = None if config is None else Path(config)
+        cluster._owner = _state.owner_of(document)
         return cluster
 
     def _save_state(self) -> None:
         if self.base_dir is not None:
             _state.write(self.base_dir, install=self._install, bucket_count=self.bucket_count,
                          socket_dir=self._socket_dir, config_path=self.config_path,
-                         shards=self.shards)
+                         shards=self.shards, owner=self._owner)
 
     # -- topology file --------------------------------------------------------------------
 
@@ -276,9 +287,9 @@ class LocalCluster:
         return names
 
     def _plan_shards(self, base_dir: Path) -> list[LocalShard]:
-        def make(name: str, role: str, upstream: LocalNode | None) -> LocalNode:
+        def make(name: str, role: Role, upstream: LocalNode | None) -> LocalNode:
             return LocalNode(
-                name, "primary" if role == "primary" else "replica", free_port(),
+                name, role, free_port(),
                 base_dir / name, install=self._install, account=self._account,
                 socket_dir=self._socket_dir, upstream=upstream,
             )
@@ -364,20 +375,3 @@ def _run_parallel(tasks: Sequence[Callable[[], object]]) -> None:
         error = future.exception()
         if error is not None:
             raise error
-
-
-_emergency_lock = threading.Lock()
-
-
-def _emergency_stop(nodes: Iterable[LocalNode], folders: Iterable[Path]) -> None:
-    """Finalizer and atexit hook: nothing may outlive the Python process that started it."""
-    with _emergency_lock:
-        for node in nodes:
-            try:
-                node.thaw()
-                if node.is_running():
-                    node.kill()
-            except Exception:
-                log.exception("sandbox.emergency_stop_failed", node=node.name)
-        for folder in folders:
-            shutil.rmtree(folder, ignore_errors=True)

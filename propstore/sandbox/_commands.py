@@ -32,7 +32,8 @@ def up(
 ) -> LocalCluster:
     """Start a daemonised cluster in ``base_dir`` (default :func:`default_base_dir`).
 
-    If a cluster already runs there it is returned as found (its shape is not changed).
+    If a cluster already runs there it is returned as found (its shape is not changed),
+    after restarting any of its servers that are down.
     """
     folder = Path(base_dir).absolute() if base_dir is not None else default_base_dir()
     if (folder / STATE_NAME).exists():
@@ -41,7 +42,12 @@ def up(
         except SandboxError:
             log.warning("sandbox.state_unreadable", base_dir=str(folder))
         else:
-            if all(node.is_running() for node in existing.nodes):
+            running = [node.is_running() for node in existing.nodes]
+            if any(running):
+                # Bring back what crashed or was killed; the data is still there.
+                for node, is_up in zip(existing.nodes, running, strict=True):
+                    if not is_up:
+                        node.start()
                 log.info("sandbox.already_up", base_dir=str(folder))
                 return existing
     cluster = LocalCluster(shards, replicas, base_dir=folder, pg_bin=pg_bin,

@@ -10,7 +10,6 @@ local cluster is faster and supports more faults (kill, promote, repoint).
 from __future__ import annotations
 
 import shlex
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -240,21 +239,18 @@ def _publish_and_start(node: ContainerNode) -> None:
 
 
 def _await_connectable(node: ContainerNode, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-
     def answers() -> bool:
         try:
             node.execute("SELECT 1")
         except psycopg.Error:
-            return time.monotonic() >= deadline and _raise_with_logs(node)
+            return False
         return True
 
-    wait_for(answers, timeout=timeout + 1, what=f"{node.name} to accept connections")
-
-
-def _raise_with_logs(node: ContainerNode) -> bool:
-    logs = node.container.get_wrapped_container().logs(tail=40).decode("utf-8", "replace")
-    raise SandboxError(f"{node.name} did not accept connections; container log:\n{logs}")
+    try:
+        wait_for(answers, timeout=timeout, what=f"{node.name} to accept connections")
+    except SandboxError as exc:
+        logs = node.container.get_wrapped_container().logs(tail=40).decode("utf-8", "replace")
+        raise SandboxError(f"{exc}; container log:\n{logs}") from exc
 
 
 def _streaming(primary: ContainerNode, replicas: Sequence[ContainerNode]) -> bool:

@@ -20,6 +20,7 @@ from propstore.sandbox._account import ServerAccount
 from propstore.sandbox._binaries import PgInstall
 from propstore.sandbox._errors import SandboxError
 from propstore.sandbox._node import LocalNode, running_postmaster
+from propstore.sandbox._processes import ProcessId
 from propstore.sandbox._shard import LocalShard
 
 log = structlog.get_logger(__name__)
@@ -36,10 +37,15 @@ def write(
     socket_dir: Path | None,
     config_path: Path | None,
     shards: Sequence[LocalShard],
+    owner: ProcessId | None,
 ) -> None:
-    """Record the cluster's current shape (written aside, then renamed into place)."""
+    """Record the cluster's current shape (written aside, then renamed into place).
+
+    ``owner`` is the process whose exit must stop the servers (None for a daemon).
+    """
     document = {
         "format": _FORMAT,
+        "owner": None if owner is None else [owner.pid, owner.start_time],
         "pg_bin": str(install.bindir),
         "pg_version": install.version,
         "bucket_count": bucket_count,
@@ -82,6 +88,12 @@ def read(base_dir: Path) -> dict[str, Any]:
     if document.get("format") != _FORMAT:
         raise SandboxError(f"{target} has unknown format {document.get('format')!r}")
     return document
+
+
+def owner_of(document: dict[str, Any]) -> ProcessId | None:
+    """The owning process a state document names, if any."""
+    owner = document.get("owner")
+    return None if not owner else ProcessId(int(owner[0]), int(owner[1]))
 
 
 def install_of(document: dict[str, Any]) -> PgInstall:
