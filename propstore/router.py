@@ -49,6 +49,9 @@ class RouteDecision:
     candidates: tuple[Candidate, ...]
     rejected: tuple[Rejection, ...]
     fallback_reason: FallbackReason | None
+    #: Streaming replicas the monitor saw just short of a token (a write a moment ago): worth
+    #: one verified attempt before the primary, since they replay within milliseconds.
+    tentative: tuple[Candidate, ...] = ()
 
     @property
     def freshest(self) -> Candidate | None:
@@ -79,6 +82,11 @@ class RouteDecision:
                 f"  choice: {self.candidates[0].node.name} (verified on the connection; "
                 f"primary {target} if that fails)"
             )
+        elif self.tentative:
+            lines.append(
+                f"  choice: try {self.tentative[0].node.name} with its replay LSN checked in "
+                f"the same round trip; primary {target} if it has not reached the token"
+            )
         else:
             lines.append(f"  choice: primary {target} ({self.fallback_reason})")
         return "\n".join(lines)
@@ -88,12 +96,15 @@ def route(view: ShardView, freshness: Freshness, at: float, rotation: int = 0) -
     """Decide which replicas may serve ``freshness`` at time ``at``.
 
     Replicas whose bound the monitor proves within the budget are candidates; ties rotate
-    (``rotation``) so equally fresh replicas share the load.
+    (``rotation``) so equally fresh replicas share the load. With none, a streaming replica
+    that only lacks a token's LSN is *tentative*: the store verifies it in the read's round
+    trip (it has usually replayed a write made a moment ago) before falling back.
     """
     if freshness.strong:
         return RouteDecision(view, freshness, at, (), (), "strong")
     candidates: list[Candidate] = []
     rejected: list[Rejection] = []
+    tentative: list[Candidate] = []
     for index, node in enumerate(view.nodes):
         if index == view.primary_index and node.role != "replica":
             continue
@@ -105,14 +116,19 @@ def route(view: ShardView, freshness: Freshness, at: float, rotation: int = 0) -
         bound = view.staleness_bound(node, at)
         if freshness.admits(view.name, node.lsn, bound):
             candidates.append(Candidate(index, node, bound))
-        else:
-            rejected.append(Rejection(node, "replica_stale", bound))
+            continue
+        rejected.append(Rejection(node, "replica_stale", bound))
+        if freshness.after is not None and node.state == "up" and (
+            freshness.max_staleness is None or bound <= freshness.max_staleness
+        ):
+            tentative.append(Candidate(index, node, bound))
     if len(candidates) > 1 and rotation:
         shift = rotation % len(candidates)
         candidates = candidates[shift:] + candidates[:shift]
     return RouteDecision(
         view, freshness, at, tuple(candidates), tuple(rejected),
         None if candidates else _reason(rejected),
+        () if candidates else tuple(tentative[:1]),
     )
 
 

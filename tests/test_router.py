@@ -49,3 +49,13 @@ def test_fallback_limiter_caps_the_rate() -> None:
     assert sum(limiter.try_acquire(0.0) for _ in range(50)) == 10
     assert sum(limiter.try_acquire(0.5) for _ in range(50)) == 5
     assert FallbackLimiter(0, 0.0).try_acquire(0.0)
+
+
+def test_streaming_replica_short_of_a_token_is_tried_tentatively() -> None:
+    token = Token.of({"a": 150})
+    decision = route(shard_with_replica(140), Freshness.after_token(token), 1.0)
+    assert decision.candidates == () and [c.node.name for c in decision.tentative] == [
+        "a-replica1"
+    ]
+    paused = route(shard_with_replica(140, paused=True), Freshness.after_token(token), 1.0)
+    assert paused.tentative == ()  # a paused replica will not catch up: straight to primary

@@ -7,7 +7,6 @@ import ast
 import logging
 import re
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest

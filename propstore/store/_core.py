@@ -236,7 +236,7 @@ class StoreCore:
         decision = self.decide(shard_index, freshness)
         reason = decision.fallback_reason
         deadline = time.monotonic() + self.routing.replica_deadline
-        for cand in decision.candidates:
+        for cand in decision.candidates or decision.tentative:
             if time.monotonic() >= deadline:
                 reason = "replica_timeout"
                 break
