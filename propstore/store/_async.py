@@ -1,5 +1,5 @@
-"""``AsyncPropertyStore``: the asyncio API, the twin of ``_sync``. Same programs, same
-routing and proofs (``_core``); only the waiting differs."""
+"""``AsyncPropertyStore``: the asyncio twin of ``_sync``. Same programs, same routing and
+proofs (``_core``); only the waiting differs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import asyncio
 import os
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
@@ -16,9 +15,7 @@ from psycopg_pool import AsyncConnectionPool
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
 from propstore import _wire
-from propstore._sql import GET, GET_MANY, text_array
 from propstore.config import Topology
-from propstore.errors import InvalidInputError
 from propstore.freshness import Token
 from propstore.lsn import LSN
 from propstore.monitor import LagMonitor, ShardView
@@ -28,13 +25,12 @@ from propstore.store._core import (
     Program,
     Props,
     ReadResult,
+    ReadStats,
     StoreCore,
-    decode_many,
-    decode_one,
     is_retryable_write_error,
 )
 from propstore.store._pool import AsyncNodeConnection, async_pool
-from propstore.store._sync import Budget, _config_path
+from propstore.store._sync import Budget, config_path
 
 
 class AsyncPropertyStore:
@@ -44,7 +40,7 @@ class AsyncPropertyStore:
     task on the caller's event loop."""
 
     def __init__(self, topology: Topology) -> None:
-        """Prepare the store; :meth:`open` (or ``async with``) starts pools and monitor."""
+        """Prepare the store; :meth:`start` (or ``async with``) opens pools and monitor."""
         self.topology = topology
         self._core = StoreCore(topology)
         self._pools: dict[str, AsyncConnectionPool[AsyncNodeConnection]] = {
@@ -56,9 +52,9 @@ class AsyncPropertyStore:
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None) -> AsyncPropertyStore:
-        """A store on a topology file (default ``$PROPSTORE_CONFIG``); open it with
+        """A store on a topology file (default ``$PROPSTORE_CONFIG``); start it with
         ``async with`` or :meth:`start`."""
-        return cls(Topology.load(_config_path(path)))
+        return cls(Topology.load(config_path(path)))
 
     @classmethod
     async def open(cls, topology: Topology) -> AsyncPropertyStore:
@@ -84,83 +80,49 @@ class AsyncPropertyStore:
         consistency: str | None = None, on_stale: str | None = None,
     ) -> ReadResult:
         """See :meth:`propstore.PropertyStore.read`."""
-        started = time.monotonic()
-        tenant, user_id, _bucket, shard = self._core.locate(tenant, user_id)
-        freshness, policy = self._core.freshness(
-            max_staleness, after, profile, consistency, on_stale
-        )
-        (props, version), result = await self._run(self._core.read_program(
-            shard, freshness, policy,
-            _wire.Statement(GET, (tenant.encode(), user_id.encode())), decode_one,
-        ))
-        return self._core.record(replace(result, props=props, version=version), started)
+        options = {"max_staleness": max_staleness, "after": after, "profile": profile,
+                   "consistency": consistency, "on_stale": on_stale}
+        return await self._run(self._core.single_read(tenant, user_id, options))  # type: ignore[no-any-return]
 
     async def get(self, tenant: str, user_id: str, **budget: Any) -> Props | None:
         """See :meth:`propstore.PropertyStore.get`."""
-        return (await self.read(tenant, user_id, **budget)).props
+        return (await self._run(self._core.single_read(tenant, user_id, budget))).props  # type: ignore[no-any-return]
 
     async def get_many(self, tenant: str, user_ids: Iterable[str], **budget: Any
                        ) -> dict[str, Props | None]:
         """See :meth:`propstore.PropertyStore.get_many` (shards queried concurrently)."""
-        tenant, groups = self._core.group(tenant, user_ids)
-        freshness, policy = self._core.freshness(
-            budget.pop("max_staleness", None), budget.pop("after", None),
-            budget.pop("profile", None), budget.pop("consistency", None),
-            budget.pop("on_stale", None),
-        )
-        if budget:
-            raise InvalidInputError("budget", f"unknown keyword(s) {sorted(budget)}")
-
-        async def one(shard: int, ids: list[str]) -> dict[str, Props]:
-            started = time.monotonic()
-            found, result = await self._run(self._core.read_program(
-                shard, freshness, policy,
-                _wire.Statement(GET_MANY, (tenant.encode(), text_array(ids))), decode_many,
-            ))
-            self._core.record(result, started)
-            return found  # type: ignore[no-any-return]
-
-        parts = await asyncio.gather(*(one(s, ids) for s, ids in groups.items()))
-        out: dict[str, Props | None] = {}
-        for ids in groups.values():
-            out.update(dict.fromkeys(ids))
-        for part in parts:
-            out.update(part)
-        return out
+        result, programs = self._core.batch_reads(tenant, user_ids, budget)
+        for part in await asyncio.gather(*(self._run(p) for p in programs)):
+            result.update(part)
+        return result
 
     # ------------------------------------------------------------------ writes
 
     async def set(self, tenant: str, user_id: str, props: Mapping[str, Any]) -> Token:
         """See :meth:`propstore.PropertyStore.set`."""
-        tenant, user_id, bucket, shard = self._core.locate(tenant, user_id)
-        statement = self._core.merge_statement(tenant, user_id, bucket, props, False)
-        return await self._write(shard, statement, must_return_row=True)
+        return await self._write("set", tenant, user_id, props)
 
     async def replace(self, tenant: str, user_id: str, props: Mapping[str, Any]) -> Token:
         """See :meth:`propstore.PropertyStore.replace`."""
-        tenant, user_id, bucket, shard = self._core.locate(tenant, user_id)
-        statement = self._core.merge_statement(tenant, user_id, bucket, props, True)
-        return await self._write(shard, statement, must_return_row=True)
+        return await self._write("replace", tenant, user_id, props)
 
     async def unset(self, tenant: str, user_id: str, keys: Iterable[str]) -> Token:
         """See :meth:`propstore.PropertyStore.unset`."""
-        tenant, user_id, _bucket, shard = self._core.locate(tenant, user_id)
-        return await self._write(shard, self._core.unset_statement(tenant, user_id, keys))
+        return await self._write("unset", tenant, user_id, keys)
 
     async def delete(self, tenant: str, user_id: str) -> Token:
         """See :meth:`propstore.PropertyStore.delete`."""
-        tenant, user_id, _bucket, shard = self._core.locate(tenant, user_id)
-        return await self._write(shard, self._core.delete_statement(tenant, user_id))
+        return await self._write("delete", tenant, user_id, None)
 
-    async def _write(self, shard: int, statement: _wire.Statement,
-                     must_return_row: bool = False) -> Token:
+    async def _write(self, kind: str, tenant: str, user_id: str, argument: object) -> Token:
+        shard, statement = self._core.write_request(kind, tenant, user_id, argument)
+        give_up_at = time.monotonic() + self.topology.routing.write_retry_time
         retrying = AsyncRetrying(
             stop=stop_after_delay(self.topology.routing.write_retry_time),
             wait=wait_exponential_jitter(multiplier=0.05, max=0.5),
             retry=retry_if_exception(is_retryable_write_error),
             reraise=True,
         )
-        give_up_at = time.monotonic() + self.topology.routing.write_retry_time
 
         async def attempt() -> tuple[int | None, LSN]:
             program = self._core.write_program(shard, statement, give_up_at)
@@ -170,35 +132,31 @@ class AsyncPropertyStore:
             outcome: tuple[int | None, LSN] = await retrying(attempt)
         except (psycopg.Error, _wire.DeadlineExceeded) as exc:
             raise self._core.write_error(shard, exc) from None
-        version, lsn = outcome
-        self._core.stats.writes[self._core.shard_names[shard]] += 1
-        if must_return_row and version is None:
-            raise InvalidInputError("props", "the merged document would exceed the size limit")
-        return self._core.token(shard, lsn)
+        return self._core.write_done(shard, statement, outcome)
 
     # ------------------------------------------------------------------ insight
 
     def route(self, tenant: str, user_id: str, **budget: Any) -> RouteDecision:
         """See :meth:`propstore.PropertyStore.route`."""
-        _t, _u, _b, shard = self._core.locate(tenant, user_id)
-        freshness, _policy = self._core.freshness(
-            budget.get("max_staleness"), budget.get("after"), budget.get("profile"),
-            budget.get("consistency"), None,
-        )
-        return self._core.decide(shard, freshness)
+        return self._core.route_for(tenant, user_id, budget)
 
     def shard_views(self) -> tuple[ShardView, ...]:
         """The monitor's current view of every shard."""
         return self._core.state.views
 
     @property
-    def stats(self) -> Any:
+    def stats(self) -> ReadStats:
         """Routing counters (see :class:`~propstore.PropertyStore`)."""
         return self._core.stats
+
+    def add_observer(self, observer: Any) -> None:
+        """Call ``observer(result, seconds)`` after every read (used by metrics)."""
+        self._core.observers.append(observer)
 
     # ------------------------------------------------------------------ driving
 
     async def _run(self, program: Program) -> Any:
+        """Drive a program (see ``PropertyStore._run``) without blocking the loop."""
         try:
             op: Exec = next(program)
         except StopIteration as stop:

@@ -15,7 +15,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any, Literal, Protocol
 
@@ -109,6 +109,9 @@ class Exec:
 Response = tuple[Any, list[Any]]
 Program = Generator[Exec, Response, Any]
 
+_BUDGET_ORDER = ("max_staleness", "after", "profile", "consistency", "on_stale")
+_BUDGET_KEYS = frozenset(_BUDGET_ORDER)
+
 
 def _fixed(statements: Sequence[Statement], commit_each: bool = False
            ) -> Callable[[ConnState], tuple[Sequence[Statement], bool]]:
@@ -189,6 +192,13 @@ class StoreCore:
             budget = budget & part
         return budget, policy
 
+    def budget(self, options: dict[str, Any]) -> tuple[Freshness, OnStale]:
+        """:meth:`freshness` from the keyword arguments of a read; refuses unknown ones."""
+        unknown = sorted(set(options) - _BUDGET_KEYS)
+        if unknown:
+            raise InvalidInputError("budget", f"unknown keyword(s) {unknown}")
+        return self.freshness(*(options.get(key) for key in _BUDGET_ORDER))
+
     def locate(self, tenant: object, user_id: object) -> tuple[str, str, int, int]:
         """Check the ids; return them with the user's bucket and shard index."""
         tenant_s = check_tenant(tenant)
@@ -219,6 +229,71 @@ class StoreCore:
             for observer in self.observers:
                 observer(result, elapsed)
         return result
+
+    # ------------------------------------------------------------ operations
+
+    def single_read(self, tenant: object, user_id: object, options: dict[str, Any]
+                    ) -> Generator[Exec, Response, ReadResult]:
+        """The whole of ``read``: checks, routing, proof, fallback, counters."""
+        started = time.monotonic()
+        tenant_s, user_s, _bucket, shard = self.locate(tenant, user_id)
+        freshness, policy = self.budget(options)
+        data = Statement(_sql.GET, (tenant_s.encode(), user_s.encode()))
+        (props, version), result = yield from self.read_program(
+            shard, freshness, policy, data, decode_one
+        )
+        return self.record(replace(result, props=props, version=version), started)
+
+    def batch_reads(self, tenant: object, user_ids: object, options: dict[str, Any]
+                    ) -> tuple[dict[str, Props | None], list[Program]]:
+        """``get_many``: the result skeleton (every id -> None) and one program per shard,
+        each returning ``{user_id: props}`` for the users it found."""
+        tenant_s, groups = self.group(tenant, user_ids)
+        freshness, policy = self.budget(options)
+
+        def shard_read(shard: int, ids: list[str]) -> Program:
+            started = time.monotonic()
+            data = Statement(_sql.GET_MANY, (tenant_s.encode(), _sql.text_array(ids)))
+            found, result = yield from self.read_program(
+                shard, freshness, policy, data, decode_many
+            )
+            self.record(result, started)
+            return found
+
+        skeleton: dict[str, Props | None] = {}
+        for ids in groups.values():
+            skeleton.update(dict.fromkeys(ids))
+        return skeleton, [shard_read(shard, ids) for shard, ids in groups.items()]
+
+    def write_request(self, kind: str, tenant: object, user_id: object, argument: object
+                      ) -> tuple[int, Statement]:
+        """Check a write and build its statement: (shard index, statement)."""
+        tenant_s, user_s, bucket, shard = self.locate(tenant, user_id)
+        if kind in ("set", "replace"):
+            statement = self.merge_statement(tenant_s, user_s, bucket, argument,
+                                             kind == "replace")
+        elif kind == "unset":
+            statement = self.unset_statement(tenant_s, user_s, argument)
+        else:
+            statement = self.delete_statement(tenant_s, user_s)
+        return shard, statement
+
+    def write_done(self, shard: int, statement: Statement, outcome: tuple[int | None, LSN]
+                   ) -> Token:
+        """The token of a completed write (refusing a merge the size limit stopped)."""
+        version, lsn = outcome
+        if version is None and statement.name in (_sql.MERGE, _sql.REPLACE):
+            # The upsert's WHERE refused the update: nothing was written.
+            raise InvalidInputError("props", "the merged document would exceed the size limit")
+        self.stats.writes[self.shard_names[shard]] += 1
+        return self.token(shard, lsn)
+
+    def route_for(self, tenant: object, user_id: object, options: dict[str, Any]
+                  ) -> RouteDecision:
+        """The decision a read with these options would take now."""
+        _t, _u, _b, shard = self.locate(tenant, user_id)
+        freshness, _policy = self.budget(options)
+        return self.decide(shard, freshness)
 
     # ------------------------------------------------------------ programs
 

@@ -6,7 +6,6 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from datetime import timedelta
 from types import TracebackType
 from typing import Any
@@ -16,10 +15,10 @@ from psycopg_pool import ConnectionPool
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
 from propstore import _wire
-from propstore._sql import GET, GET_MANY, text_array
 from propstore.config import Topology
-from propstore.errors import ConfigError, InvalidInputError
+from propstore.errors import ConfigError
 from propstore.freshness import Token
+from propstore.lsn import LSN
 from propstore.monitor import LagMonitor, ShardView
 from propstore.router import RouteDecision
 from propstore.store._core import (
@@ -27,9 +26,8 @@ from propstore.store._core import (
     Program,
     Props,
     ReadResult,
+    ReadStats,
     StoreCore,
-    decode_many,
-    decode_one,
     is_retryable_write_error,
 )
 from propstore.store._pool import NodeConnection, sync_pool
@@ -44,9 +42,11 @@ class PropertyStore:
     context manager or call :meth:`close`. Thread-safe: share one store per process.
 
     Every read takes a freshness budget — ``max_staleness`` (seconds, ``timedelta`` or
-    ``"500ms"``), ``after`` (a :class:`~propstore.Token` from your writes), a named
-    ``profile``, or ``consistency="strong"`` — and is served by a replica only when that
-    replica is proven within it; otherwise by the primary, at once.
+    ``"500ms"``), ``after`` (a :class:`~propstore.Token` from your writes, or its string),
+    a named ``profile``, or ``consistency="strong"`` — and is served by a replica only when
+    that replica is proven within it; otherwise by the primary, at once. With no budget the
+    topology's ``default_profile`` applies (strong if it has none). ``on_stale`` ("error" or
+    "serve") overrides what happens past the primary fallback cap.
     """
 
     def __init__(self, topology: Topology, *, start_monitor: bool = True) -> None:
@@ -70,7 +70,7 @@ class PropertyStore:
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None) -> PropertyStore:
         """Load a topology file (default: ``$PROPSTORE_CONFIG``) and open a store on it."""
-        return cls(Topology.load(_config_path(path)))
+        return cls(Topology.load(config_path(path)))
 
     # ------------------------------------------------------------------ reads
 
@@ -79,29 +79,20 @@ class PropertyStore:
         after: Token | str | None = None, profile: str | None = None,
         consistency: str | None = None, on_stale: str | None = None,
     ) -> ReadResult:
-        """Read a user's properties with where and how fresh they were served.
+        """Read a user's properties, with where and how fresh they were served.
 
-        With no budget, the topology's ``default_profile`` applies (strong if none).
-        Raises :class:`~propstore.StaleReadError` when no node can serve within the budget
+        Raises :class:`~propstore.StaleReadError` when no node may serve within the budget
         and ``on_stale="error"``; :class:`~propstore.ShardUnavailableError` when the
-        primary is needed and unreachable.
+        primary is needed and unreachable; :class:`~propstore.InvalidInputError` for bad
+        arguments.
         """
-        started = time.monotonic()
-        tenant, user_id, _bucket, shard = self._core.locate(tenant, user_id)
-        freshness, policy = self._core.freshness(
-            max_staleness, after, profile, consistency, on_stale
-        )
-        program = self._core.read_program(
-            shard, freshness, policy, _wire.Statement(
-                GET, (tenant.encode(), user_id.encode())
-            ), decode_one,
-        )
-        (props, version), result = self._run(program)
-        return self._core.record(replace(result, props=props, version=version), started)
+        options = {"max_staleness": max_staleness, "after": after, "profile": profile,
+                   "consistency": consistency, "on_stale": on_stale}
+        return self._run(self._core.single_read(tenant, user_id, options))  # type: ignore[no-any-return]
 
     def get(self, tenant: str, user_id: str, **budget: Any) -> Props | None:
         """A user's properties (None when absent); budget keywords as in :meth:`read`."""
-        return self.read(tenant, user_id, **budget).props
+        return self._run(self._core.single_read(tenant, user_id, budget)).props  # type: ignore[no-any-return]
 
     def get_many(self, tenant: str, user_ids: Iterable[str], **budget: Any
                  ) -> dict[str, Props | None]:
@@ -110,98 +101,61 @@ class PropertyStore:
         Every requested id is a key of the result (None when absent). Each shard's part is
         proven fresh exactly as a single read is.
         """
-        tenant, groups = self._core.group(tenant, user_ids)
-        freshness, policy = self._core.freshness(
-            budget.pop("max_staleness", None), budget.pop("after", None),
-            budget.pop("profile", None), budget.pop("consistency", None),
-            budget.pop("on_stale", None),
-        )
-        if budget:
-            raise InvalidInputError("budget", f"unknown keyword(s) {sorted(budget)}")
-
-        def one(shard: int, ids: list[str]) -> dict[str, Props]:
-            started = time.monotonic()
-            found, result = self._run(self._core.read_program(
-                shard, freshness, policy, _wire.Statement(
-                    GET_MANY, (tenant.encode(), text_array(ids))
-                ), decode_many,
-            ))
-            self._core.record(result, started)
-            return found  # type: ignore[no-any-return]
-
-        out: dict[str, Props | None] = {}
-        if len(groups) == 1:
-            parts = [one(*next(iter(groups.items())))]
-        else:
-            parts = list(self._executor.map(lambda item: one(*item), groups.items()))
-        for ids in groups.values():
-            out.update(dict.fromkeys(ids))
+        result, programs = self._core.batch_reads(tenant, user_ids, budget)
+        parts = ([self._run(programs[0])] if len(programs) == 1
+                 else list(self._executor.map(self._run, programs)))
         for part in parts:
-            out.update(part)
-        return out
+            result.update(part)
+        return result
 
     # ------------------------------------------------------------------ writes
 
     def set(self, tenant: str, user_id: str, props: Mapping[str, Any]) -> Token:
         """Merge ``props`` into the user's properties (atomic; concurrent merges lose no
         key). Returns the token to read this write back (``after=token``)."""
-        tenant, user_id, bucket, shard = self._core.locate(tenant, user_id)
-        statement = self._core.merge_statement(tenant, user_id, bucket, props, False)
-        return self._write(shard, statement, must_return_row=True)
+        return self._write("set", tenant, user_id, props)
 
     def replace(self, tenant: str, user_id: str, props: Mapping[str, Any]) -> Token:
         """Replace the user's whole property document."""
-        tenant, user_id, bucket, shard = self._core.locate(tenant, user_id)
-        statement = self._core.merge_statement(tenant, user_id, bucket, props, True)
-        return self._write(shard, statement, must_return_row=True)
+        return self._write("replace", tenant, user_id, props)
 
     def unset(self, tenant: str, user_id: str, keys: Iterable[str]) -> Token:
         """Remove ``keys`` from the user's properties (absent keys are ignored)."""
-        tenant, user_id, _bucket, shard = self._core.locate(tenant, user_id)
-        return self._write(shard, self._core.unset_statement(tenant, user_id, keys))
+        return self._write("unset", tenant, user_id, keys)
 
     def delete(self, tenant: str, user_id: str) -> Token:
         """Delete the user's properties."""
-        tenant, user_id, _bucket, shard = self._core.locate(tenant, user_id)
-        return self._write(shard, self._core.delete_statement(tenant, user_id))
+        return self._write("delete", tenant, user_id, None)
 
-    def _write(self, shard: int, statement: _wire.Statement, must_return_row: bool = False
-               ) -> Token:
+    def _write(self, kind: str, tenant: str, user_id: str, argument: object) -> Token:
+        shard, statement = self._core.write_request(kind, tenant, user_id, argument)
+        give_up_at = time.monotonic() + self.topology.routing.write_retry_time
         retrying = Retrying(
             stop=stop_after_delay(self.topology.routing.write_retry_time),
             wait=wait_exponential_jitter(multiplier=0.05, max=0.5),
             retry=retry_if_exception(is_retryable_write_error),
             reraise=True,
         )
-        give_up_at = time.monotonic() + self.topology.routing.write_retry_time
         try:
-            version, lsn = retrying(
+            outcome: tuple[int | None, LSN] = retrying(
                 lambda: self._run(self._core.write_program(shard, statement, give_up_at))
             )
         except (psycopg.Error, _wire.DeadlineExceeded) as exc:
             raise self._core.write_error(shard, exc) from None
-        self._core.stats.writes[self._core.shard_names[shard]] += 1
-        if must_return_row and version is None:
-            raise InvalidInputError("props", "the merged document would exceed the size limit")
-        return self._core.token(shard, lsn)
+        return self._core.write_done(shard, statement, outcome)
 
     # ------------------------------------------------------------------ insight
 
     def route(self, tenant: str, user_id: str, **budget: Any) -> RouteDecision:
         """The routing decision a read would take now (``decision.explain()`` prints it)."""
-        _t, _u, _b, shard = self._core.locate(tenant, user_id)
-        freshness, _policy = self._core.freshness(
-            budget.get("max_staleness"), budget.get("after"), budget.get("profile"),
-            budget.get("consistency"), None,
-        )
-        return self._core.decide(shard, freshness)
+        return self._core.route_for(tenant, user_id, budget)
 
     def shard_views(self) -> tuple[ShardView, ...]:
         """The monitor's current view of every shard (lag, states, roles)."""
         return self._core.state.views
 
     @property
-    def stats(self) -> Any:
+    def stats(self) -> ReadStats:
         """Routing counters (reads by shard, served by, reason; writes by shard)."""
         return self._core.stats
 
@@ -212,6 +166,7 @@ class PropertyStore:
     # ------------------------------------------------------------------ driving
 
     def _run(self, program: Program) -> Any:
+        """Drive a program: check out a connection per request, run it, hand back results."""
         try:
             op: Exec = next(program)
         except StopIteration as stop:
@@ -255,7 +210,8 @@ class PropertyStore:
         self.close()
 
 
-def _config_path(path: str | os.PathLike[str] | None) -> str | os.PathLike[str]:
+def config_path(path: str | os.PathLike[str] | None) -> str | os.PathLike[str]:
+    """``path``, or ``$PROPSTORE_CONFIG``; a :class:`ConfigError` when neither is set."""
     if path is not None:
         return path
     env = os.environ.get("PROPSTORE_CONFIG")
