@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psycopg
 import structlog
+from psycopg import sql
 
 from propstore.sandbox._account import ServerAccount
 from propstore.sandbox._binaries import PgInstall
@@ -129,7 +130,7 @@ def _build_template(install: PgInstall, account: ServerAccount, staging: Path) -
     try:
         dsn = f"host=127.0.0.1 port={port} dbname=postgres user={SUPERUSER} connect_timeout=30"
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(f"CREATE DATABASE {DATABASE}")
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
     finally:
         account.run([pg_ctl, "-D", data, "-m", "fast", "-w", "-t", "120", "stop"],
                     cwd=staging, timeout=150)
