@@ -488,3 +488,12 @@ def test_container_cluster_replicates_and_pauses_replay(tmp_path: Path) -> None:
         replica.resume_replay()
         containers.wait_caught_up(TIMEOUT)
         assert replica.execute("SELECT * FROM sandbox_probe") == [("x",)]
+
+
+def test_sandbox_public_api_is_pinned() -> None:
+    import propstore.sandbox
+
+    assert sorted(propstore.sandbox.__all__) == [
+        "ContainerCluster", "LocalCluster", "LocalNode", "LocalShard", "SandboxError",
+        "default_base_dir", "docker_available", "down", "status", "up",
+    ]
