@@ -347,6 +347,18 @@ def _report(stdout: str) -> str:
     return next(line[7:] for line in stdout.splitlines() if line.startswith("REPORT "))
 
 
+def test_failed_start_leaves_no_server_and_no_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: LocalCluster, timeout: float) -> None:
+        raise SandboxError("injected failure after the servers started")
+
+    monkeypatch.setattr(LocalCluster, "_wait_streaming", broken)
+    doomed = LocalCluster(shards=1, replicas=1)
+    with pytest.raises(SandboxError, match="injected"):
+        doomed.start()
+    assert doomed.nodes and not any(node.is_running() for node in doomed.nodes)
+    assert doomed.base_dir is not None and not doomed.base_dir.exists()
+
+
 _ABANDON = textwrap.dedent("""
     import json, sys
     from propstore.sandbox import LocalCluster

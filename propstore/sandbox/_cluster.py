@@ -134,34 +134,37 @@ class LocalCluster:
 
         ``timeout`` (seconds) bounds each server start and the wait for streaming.
         """
-        if self.shards:
+        if any(node.is_running() for node in self.nodes):
             raise SandboxError(f"{self!r} is already started")
         began = time.monotonic()
         if self.base_dir is None:
             reap_orphans(scratch_root(), self._account)
         self._owner = identify(os.getpid())
-        base_dir = self._prepare_base_dir()
-        self._install = usable_install(self._install, self._account, cache_dir(self._account))
-        template = template_dir(self._install, self._account, cache_dir(self._account))
-        self._socket_dir = self._prepare_socket_dir(base_dir)
-        self.shards = self._plan_shards(base_dir)
-        self._save_state()
-        # Registered before the first server exists, so a failure half-way still cleans up.
-        self._finalizer = weakref.finalize(
-            self, emergency_stop, list(self.nodes), self._disposable_dirs()
-        )
+        self.shards = []
         try:
+            base_dir = self._prepare_base_dir()
+            cache = cache_dir(self._account)
+            self._install = usable_install(self._install, self._account, cache)
+            template = template_dir(self._install, self._account, cache)
+            self._socket_dir = self._prepare_socket_dir(base_dir)
+            self.shards = self._plan_shards(base_dir)
+            self._save_state()
+            # Registered before the first server exists, so a failure half-way, or an exit
+            # without stop(), still cleans up.
+            self._finalizer = weakref.finalize(
+                self, emergency_stop, list(self.nodes), self._disposable_dirs()
+            )
             _run_parallel([partial(self._start_shard, shard, template, timeout)
                            for shard in self.shards])
             self._wait_streaming(timeout)
             self.config_path = self.write_config()
             self._save_state()
         except BaseException:
-            log.error("sandbox.start_failed", base_dir=str(base_dir))
+            log.error("sandbox.start_failed", base_dir=str(self.base_dir))
             self.stop()
             raise
         self.startup_seconds = time.monotonic() - began
-        log.info("sandbox.started", base_dir=str(base_dir), shards=self.shard_count,
+        log.info("sandbox.started", base_dir=str(self.base_dir), shards=self.shard_count,
                  replicas=self.replica_count, pg_version=self._install.version,
                  seconds=round(self.startup_seconds, 3))
         return self
