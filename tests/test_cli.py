@@ -110,6 +110,18 @@ def test_lag_check_exits_1_while_a_shards_replicas_are_paused_and_0_after_resume
     assert run(config, "lag", "--profile", "workflow").exit_code == 0
 
 
+def test_lag_watch_json_prints_one_document_per_refresh(config: str) -> None:
+    result = run(config, "lag", "--watch", "--json", "--interval", "0.1s", "--count", "3")
+    documents = [json.loads(line) for line in result.stdout.splitlines()]
+    assert result.exit_code == 0 and len(documents) == 3
+    assert all(len(d["nodes"]) == 6 for d in documents)
+    first, last = (
+        next(n["state_seconds"] for n in d["nodes"] if n["node"] == "shard0-replica1")
+        for d in (documents[0], documents[-1])
+    )
+    assert last >= first + 0.2
+
+
 def test_lag_check_exits_2_with_one_line_when_the_config_is_unreadable(tmp_path: Path) -> None:
     result = run(tmp_path / "missing.toml", "lag", "--max-staleness", "2s")
     assert result.exit_code == 2

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from propstore.cli._context import EXIT_ERROR, CliState, configure_logging
+from propstore.cli._context import EXIT_ERROR, EXIT_INTERRUPTED, CliState, configure_logging
 from propstore.cli._demo_command import demo_command
 from propstore.cli._lag import lag_command
 from propstore.cli._metrics import metrics_command
@@ -54,6 +54,9 @@ class _Main(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.Abort, click.UsageError):
             raise
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
         except click.ClickException as exc:
             raise _Failure(exc.format_message()) from exc
         except Exception as exc:
@@ -81,8 +84,10 @@ def main(ctx: click.Context, config: str | None, debug: bool) -> None:
     \b
     Exit status:
       0  success (for `lag --max-staleness/--profile`: every shard has a replica in budget)
-      1  `lag` check failed: some shard has no replica within the budget
+      1  `lag` check failed (some shard has no replica within the budget), or
+         `demo` saw a budget violation
       2  error: bad usage, unreadable config, unreachable primary, refused input, ...
+      130  interrupted (Ctrl-C) before the command finished
     """
     ctx.obj = CliState(config=config, debug=debug)
     ctx.call_on_close(configure_logging(debug))

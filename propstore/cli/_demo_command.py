@@ -26,7 +26,7 @@ from propstore.cli._context import (
 )
 from propstore.cli._demo import DemoReport, ReaderStats, run_demo
 from propstore.cli._lag import lag_table
-from propstore.sandbox import LocalCluster
+from propstore.sandbox import LocalCluster, SandboxError
 
 _PIPED_EVERY = 2.0  # seconds between progress lines when the output is not a terminal
 
@@ -157,7 +157,15 @@ def demo_command(ctx: click.Context, state: CliState, duration: float, users: in
                                "running one")
     console = output_console()
     if state.config:
-        cluster = LocalCluster.attach(Path(state.config).absolute().parent)
+        folder = Path(state.config).absolute().parent
+        try:
+            cluster = LocalCluster.attach(folder)
+        except SandboxError as exc:
+            raise click.ClickException(
+                f"the demo pauses replay, so it runs only on a sandbox and {state.config} is "
+                f"not a sandbox's topology file ({exc}); without --config/PROPSTORE_CONFIG "
+                f"it starts its own"
+            ) from None
         owned = False
         console.print(f"Using the running sandbox in {cluster.base_dir}")
     else:
@@ -172,9 +180,6 @@ def demo_command(ctx: click.Context, state: CliState, duration: float, users: in
                               f"(PostgreSQL {cluster.pg_version}) in {cluster.base_dir}; "
                               f"loading {users} users ...")
             report = _run(console, cluster, state.config, duration, users, rate, metrics_port)
-    except KeyboardInterrupt:
-        console.print("Interrupted.")
-        raise click.exceptions.Exit(130) from None
     finally:
         if owned:
             cluster.stop()

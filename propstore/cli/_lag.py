@@ -113,7 +113,8 @@ def lag_table(report: LagReport, *, state_time: bool = False, title: str | None 
         rows = report.rows_of(shard)
         for i, row in enumerate(rows):
             cells: list[RenderableType] = [
-                shard if i == 0 else "", row.node, row.address, row.role or "?",
+                shard if i == 0 else "", row.node, row.address,
+                row.role or f"({row.configured_role})",
                 Text(row.state, style=_STATE_STYLES.get(row.state, "")),
             ]
             if state_time:
@@ -132,6 +133,14 @@ def lag_table(report: LagReport, *, state_time: bool = False, title: str | None 
                     cells.append(Text("yes" if ok else "no", style="green" if ok else "red"))
             table.add_row(*cells, end_section=i == len(rows) - 1)
     return table
+
+
+def lag_errors(report: LagReport) -> Text | None:
+    """The last poll error of every node whose last poll failed, one line each."""
+    failed = [row for row in report.rows if row.last_error]
+    if not failed:
+        return None
+    return Text("\n".join(f"{row.node}: {row.last_error}" for row in failed), style="red")
 
 
 def lag_document(report: LagReport, check: LagCheck | None, generated_at: datetime
@@ -217,6 +226,9 @@ def _print_once(report: LagReport, check: LagCheck | None, *, as_json: bool) -> 
         return
     console = output_console()
     emit(console, lag_table(report))
+    errors = lag_errors(report)
+    if errors is not None:
+        emit(console, errors)
     if check is not None:
         console.print(check.describe(), style="green" if check.ok else "bold red")
 
@@ -237,6 +249,9 @@ def _watch(snapshot: Callable[[], tuple[LagReport, LagCheck | None]], *, as_json
             report, state_time=True, title=f"propstore lag, {stamp} (every "
             f"{format_duration(interval)}, Ctrl-C to stop)",
         )]
+        errors = lag_errors(report)
+        if errors is not None:
+            parts.append(errors)
         if check is not None:
             parts.append(Text(check.describe(), style="green" if check.ok else "bold red"))
         return Group(*parts)
