@@ -46,12 +46,18 @@ class CliState:
             raise ConfigError("no topology file: pass --config FILE or set PROPSTORE_CONFIG")
         return Topology.load(self.config)
 
-    def open_store(self, settle: bool = True) -> PropertyStore:
-        """A store on the topology, its monitor past its first round; with ``settle``, also
-        until every streaming replica has a proven bound (see :func:`wait_settled`)."""
-        store = PropertyStore(self.topology())
-        if settle:
-            wait_settled(store)
+    def open_store(self, topology: Topology | None = None, settle: bool = True
+                   ) -> PropertyStore:
+        """A store on ``topology`` (default :meth:`topology`), its monitor past its first
+        round; with ``settle``, also until every streaming replica has a proven bound (see
+        :func:`wait_settled`)."""
+        store = PropertyStore(topology if topology is not None else self.topology())
+        try:
+            if settle:
+                wait_settled(store)
+        except BaseException:
+            store.close()
+            raise
         return store
 
     def show_events(self, level: int = logging.INFO) -> None:

@@ -29,6 +29,7 @@ from propstore.cli._context import (
     pass_state,
     sigterm_as_interrupt,
 )
+from propstore.config import Topology
 from propstore.monitor import LagReport, LagRow, lag_report
 from propstore.store import PropertyStore
 
@@ -155,16 +156,16 @@ def lag_document(report: LagReport, check: LagCheck | None, generated_at: dateti
     }
 
 
-def _budget(store: PropertyStore, max_staleness: float | None,
+def _budget(topology: Topology, max_staleness: float | None,
             profile: str | None) -> tuple[float, str] | None:
     if max_staleness is not None:
         return max_staleness, format_duration(max_staleness)
     if profile is None:
         return None
-    found = store.topology.profiles.get(profile)
+    found = topology.profiles.get(profile)
     if found is None:
         raise click.BadParameter(
-            f"unknown profile {profile!r} (have {', '.join(sorted(store.topology.profiles))})",
+            f"unknown profile {profile!r} (have {', '.join(sorted(topology.profiles))})",
             param_hint="--profile",
         )
     return found.max_staleness, f"{format_duration(found.max_staleness)} (profile {profile})"
@@ -202,8 +203,9 @@ def lag_command(ctx: click.Context, state: CliState, as_json: bool, watch: bool,
         raise click.UsageError("give --max-staleness or --profile, not both")
     if interval <= 0:
         raise click.BadParameter("must be > 0", param_hint="--interval")
-    with state.open_store() as store:
-        budget = _budget(store, max_staleness, profile)
+    topology = state.topology()
+    budget = _budget(topology, max_staleness, profile)
+    with state.open_store(topology) as store:
 
         def snapshot() -> tuple[LagReport, LagCheck | None]:
             report = current_report(store)
