@@ -1,5 +1,62 @@
-"""Schema and config changes rolled out shard by shard, gated on replica lag."""
+"""Schema and config changes rolled out shard by shard, gated on replica lag.
 
-from propstore.migrate._alembic import current_revision, downgrade, head_revision, upgrade
+alembic is the engine; this package points it at one shard primary at a time and decides
+*when* it may run there::
 
-__all__ = ["current_revision", "downgrade", "head_revision", "upgrade"]
+    from propstore.migrate import RollingMigration, shard_status
+    report = RollingMigration(topology, "head", max_lag=1.0, canary=1).run()
+    print(report)                       # per shard: done / already at target / failed / ...
+
+- :func:`shard_status`, :func:`plan` — where each shard stands, what would run (with SQL).
+- :class:`RollingMigration` — pre-flight lag gate, alembic, wait for replicas, next shard.
+- :class:`LagGuard`, :func:`backfill` — batch work inside a revision (or anywhere) that
+  pauses while a replica is more than ``max_lag`` seconds stale.
+- :func:`diff_topologies` — what a topology file change does, and which parts are unsafe.
+- :func:`upgrade`, :func:`downgrade`, :func:`current_revision`, :func:`head_revision` —
+  plain alembic on one primary.
+
+Lag is always a proven time bound (a replica that replayed the primary's LSN sampled at
+``t`` is at most ``now - t`` stale), never a byte count.
+"""
+
+from propstore.migrate._alembic import (
+    PRIMARY_DSN_ATTRIBUTE,
+    REPLICA_DSNS_ATTRIBUTE,
+    SHARD_ATTRIBUTE,
+    PlannedRevision,
+    current_revision,
+    downgrade,
+    head_revision,
+    script_location,
+    upgrade,
+)
+from propstore.migrate._guard import (
+    BackfillProgress,
+    BackfillReport,
+    BatchSizer,
+    GuardCheck,
+    LagGuard,
+    backfill,
+)
+from propstore.migrate._lag import ReplicaLag, ShardLag, ShardProbe
+
+__all__ = [
+    "PRIMARY_DSN_ATTRIBUTE",
+    "REPLICA_DSNS_ATTRIBUTE",
+    "SHARD_ATTRIBUTE",
+    "BackfillProgress",
+    "BackfillReport",
+    "BatchSizer",
+    "GuardCheck",
+    "LagGuard",
+    "PlannedRevision",
+    "ReplicaLag",
+    "ShardLag",
+    "ShardProbe",
+    "backfill",
+    "current_revision",
+    "downgrade",
+    "head_revision",
+    "script_location",
+    "upgrade",
+]
