@@ -39,6 +39,13 @@ from propstore.migrate._guard import (
     backfill,
 )
 from propstore.migrate._lag import ReplicaLag, ShardLag, ShardProbe
+from propstore.migrate._rolling import (
+    MigrationEvent,
+    MigrationReport,
+    RollingMigration,
+    ShardResult,
+)
+from propstore.migrate._status import ShardMigrationStatus, ShardPlan, plan, shard_status
 
 __all__ = [
     "PRIMARY_DSN_ATTRIBUTE",
@@ -49,14 +56,22 @@ __all__ = [
     "BatchSizer",
     "GuardCheck",
     "LagGuard",
+    "MigrationEvent",
+    "MigrationReport",
     "PlannedRevision",
     "ReplicaLag",
+    "RollingMigration",
     "ShardLag",
+    "ShardMigrationStatus",
+    "ShardPlan",
     "ShardProbe",
+    "ShardResult",
     "backfill",
     "current_revision",
     "downgrade",
     "head_revision",
+    "plan",
     "script_location",
+    "shard_status",
     "upgrade",
 ]
