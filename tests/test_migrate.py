@@ -127,7 +127,7 @@ def test_up_brings_every_shard_to_head_and_a_second_up_says_nothing_to_do(
     status = cli(cluster3, scripts, "status")
     assert status.exit_code == 0, status.output
     for shard in ("shard0", "shard1", "shard2"):
-        assert f"{shard}: at 0002 (head)" in status.output
+        assert f"{shard}: at 0002 (head), primary WAL at " in status.output
         assert f"{shard}-replica1 up, staleness ≤" in status.output
 
     second = cli(cluster3, scripts, "up")
@@ -280,6 +280,7 @@ def test_status_reports_revisions_and_a_lagging_replica(
     lag_shard1(cluster3)
     rows = shard_status(topology3, script_location=scripts)
     assert [(r.current, r.head, r.at_head) for r in rows] == [("0001", "0002", False)] * 3
+    assert rows[1].primary_lsn is not None
     lagging = rows[1].replicas[0]
     assert lagging.state == "paused" and (lagging.bytes_behind or 0) > 0
     assert rows[0].replicas[0].up and rows[0].replicas[0].staleness < 1.0
@@ -320,3 +321,18 @@ def test_terminal_display_is_a_live_table_and_piped_output_is_plain_lines() -> N
         lines = out.getvalue().decode().splitlines()
     assert lines == ["shard1 pre-flight: waiting: replica paused [4.20s left]",
                      "shard1: 0001 -> 0002 in 1.00s"]
+
+
+def test_migrate_public_api_is_pinned() -> None:
+    assert set(propstore.migrate.__all__) == {
+        "PRIMARY_DSN_ATTRIBUTE", "REPLICA_DSNS_ATTRIBUTE", "SHARD_ATTRIBUTE",
+        "BackfillProgress", "BackfillReport", "BatchSizer", "BucketMove", "ConfigDiff",
+        "GuardCheck", "LagGuard", "MigrationEvent", "MigrationReport", "NodeChange",
+        "PlannedRevision", "ReplicaLag", "RollingMigration", "SettingChange", "ShardLag",
+        "ShardMigrationStatus", "ShardPlan", "ShardProbe", "ShardResult", "UnsafeChange",
+        "backfill", "current_revision", "diff_topologies", "downgrade", "head_revision",
+        "plan", "script_location", "shard_status", "upgrade",
+    }
+    for name in propstore.migrate.__all__:
+        member = getattr(propstore.migrate, name)
+        assert isinstance(member, str) or member.__doc__, f"{name} has no docstring"

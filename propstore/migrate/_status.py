@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from propstore.config import ShardConfig, Topology
 from propstore.errors import MigrationError
+from propstore.lsn import LSN
 from propstore.migrate._alembic import (
     Direction,
     PlannedRevision,
@@ -36,6 +37,7 @@ class ShardMigrationStatus:
         head: the script directory's head revision.
         error: why the primary could not be read (None when it could).
         replicas: each replica's lag (state, replay LSN, bytes behind, proven staleness).
+        primary_lsn: the primary's flushed WAL position, the replicas' yardstick.
     """
 
     shard: str
@@ -44,6 +46,7 @@ class ShardMigrationStatus:
     head: str | None
     error: str | None
     replicas: tuple[ReplicaLag, ...]
+    primary_lsn: LSN | None = None
 
     @property
     def reachable(self) -> bool:
@@ -60,7 +63,8 @@ class ShardMigrationStatus:
             where = f"primary {self.primary} unreachable: {self.error}"
         else:
             where = f"at {self.current or 'base'}" + (
-                " (head)" if self.at_head else f", head is {self.head or 'base'}")
+                " (head)" if self.at_head else f", head is {self.head or 'base'}") + (
+                f", primary WAL at {self.primary_lsn}" if self.primary_lsn else "")
         return "\n".join([f"{self.shard}: {where}", *(f"  {r}" for r in self.replicas)])
 
 
@@ -113,7 +117,7 @@ def shard_status(
                 error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
         result.append(ShardMigrationStatus(
             shard=shard.name, primary=shard.primary.name, current=current, head=head,
-            error=error, replicas=lag.replicas,
+            error=error, replicas=lag.replicas, primary_lsn=lag.primary_lsn,
         ))
     return result
 
