@@ -223,6 +223,30 @@ def test_revision_failing_on_shard_2_of_3_leaves_shard_3_untouched_and_a_rerun_c
     assert revisions(cluster3) == ["0002"] * 3
 
 
+def test_unreachable_primary_fails_its_pre_flight_and_later_shards_are_not_started(
+    cluster3: LocalCluster, topology3: Topology, scripts: Path
+) -> None:
+    cluster3.shards[1].primary.stop()
+    report = RollingMigration(topology3, wait_timeout=0.5, script_location=scripts).run()
+    assert [r.outcome for r in report.results] == ["done", "failed", "not started"]
+    failed = report.result("shard1")
+    assert failed.step == "pre-flight" and "primary shard1-primary" in (failed.error or "")
+    assert current_revision(cluster3.shards[2].primary.dsn) is None
+
+
+def test_a_database_at_a_revision_the_scripts_do_not_know_fails_without_waiting(
+    cluster3: LocalCluster, topology3: Topology, scripts: Path
+) -> None:
+    upgrade(cluster3.shards[0].primary.dsn, "0001")
+    cluster3.shards[0].primary.execute("UPDATE alembic_version SET version_num = 'f00d'")
+    report = RollingMigration(topology3, wait_timeout=30, script_location=scripts).run()
+    failed = report.result("shard0")
+    assert (failed.outcome, failed.step) == ("failed", "plan")
+    assert "'f00d' is not in the script directory" in (failed.error or "")
+    assert failed.seconds < 5
+    assert revisions(cluster3)[1:] == [None, None]
+
+
 def test_canary_1_migrates_exactly_one_shard_and_the_next_run_the_next(
     cluster3: LocalCluster, scripts: Path
 ) -> None:

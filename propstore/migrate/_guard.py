@@ -131,8 +131,10 @@ class LagGuard:
         attributes = {} if config is None else config.attributes
         if PRIMARY_DSN_ATTRIBUTE not in attributes:
             raise MigrationError(
-                "LagGuard.from_alembic() needs the shard's DSNs in config.attributes; run "
-                "the revision through propstore.migrate (RollingMigration or upgrade(...))"
+                "LagGuard.from_alembic() needs the shard's DSNs in config.attributes: run "
+                "the revision with `propstore migrate up` / RollingMigration, or pass "
+                "attributes={PRIMARY_DSN_ATTRIBUTE: ..., REPLICA_DSNS_ATTRIBUTE: [...]} to "
+                "propstore.migrate.upgrade()"
             )
         return cls(
             attributes[PRIMARY_DSN_ATTRIBUTE], tuple(attributes[REPLICA_DSNS_ATTRIBUTE]),

@@ -236,6 +236,10 @@ class RollingMigration:
             self._emit("already_at_target", shard.name, "plan",
                        f"already at {planned.current or 'base'}")
             return ShardResult(shard.name, "already at target", before=before)
+        if planned.error is not None and planned.reachable:  # e.g. a revision unknown here
+            self._emit("shard_failed", shard.name, "plan", planned.error)
+            return ShardResult(shard.name, "failed", step="plan", error=planned.error,
+                               seconds=self.clock() - began)
         try:
             with ShardProbe(shard, clock=self.clock,
                             connect_timeout=self.topology.routing.connect_timeout) as probe:
@@ -243,7 +247,8 @@ class RollingMigration:
                            "checking primary and replicas")
                 self._preflight(shard, probe)
                 if planned.error is not None:
-                    # The primary was unreachable at planning time; it answers now.
+                    # The primary was unreachable at planning time; the pre-flight saw it
+                    # answer, so read its revision again.
                     planned = self._plan(shard)
                     before = planned.current
                     if planned.error is not None:

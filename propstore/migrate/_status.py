@@ -134,6 +134,7 @@ class ShardPlan:
         direction: ``"up"`` or ``"down"``.
         sql: alembic's offline SQL for the steps, when asked for.
         error: why the shard could not be planned (unreachable, unknown revision).
+        reachable: False when the error is that the primary could not be read.
     """
 
     shard: str
@@ -143,6 +144,7 @@ class ShardPlan:
     direction: Direction = "up"
     sql: str | None = None
     error: str | None = None
+    reachable: bool = True
 
     @property
     def nothing_to_do(self) -> bool:
@@ -171,7 +173,8 @@ def plan_shard(
     except (psycopg.Error, sa.exc.SQLAlchemyError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return ShardPlan(shard.name, None, target, (), direction,
-                         error=f"primary {shard.primary.name}: {type(exc).__name__}: {message}")
+                         error=f"primary {shard.primary.name}: {type(exc).__name__}: {message}",
+                         reachable=False)
     try:
         steps = revisions_between(script, current, target, direction)
     except MigrationError as exc:
