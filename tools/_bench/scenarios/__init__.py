@@ -1,0 +1,36 @@
+"""The scenarios, by name, in the order a full run takes them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from _bench.env import BenchEnv
+from _bench.options import Options
+from _bench.results import ScenarioResult
+from _bench.scenarios.faults import frozen_replica, lagging_replica
+from _bench.scenarios.latency import read_batch, read_fresh, write
+from _bench.scenarios.monitor import monitor_cost
+from _bench.scenarios.soak import soak
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A named scenario; ``optional`` ones run only when asked for (``--soak``)."""
+
+    name: str
+    run: Callable[[BenchEnv, Options], ScenarioResult]
+    optional: bool = False
+
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
+    Scenario("read-fresh", read_fresh),
+    Scenario("read-batch", read_batch),
+    Scenario("write", write),
+    Scenario("lagging-replica", lagging_replica),
+    Scenario("frozen-replica", frozen_replica),
+    Scenario("monitor-cost", monitor_cost),
+    Scenario("soak", soak, optional=True),
+)}
+
+__all__ = ["SCENARIOS", "Scenario"]

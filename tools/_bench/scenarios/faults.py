@@ -1,0 +1,314 @@
+"""Faulty replicas: replay paused for most of the run, or the whole server frozen (SIGSTOP).
+
+``lagging-replica`` runs every contender at once, each in its own threads on its own users
+of shard 0 (a waiting reader would otherwise stall the others), and checks every returned
+document against the acknowledgement times of the writes (:class:`AckLog`).
+``frozen-replica`` interleaves propstore with raw primary reads in one thread.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from propstore import PropertyStore
+
+from _bench.contenders import RawNode, WaitingReader
+from _bench.env import BenchEnv
+from _bench.options import Options
+from _bench.pgpool import Backend
+from _bench.results import Bar, ScenarioResult
+from _bench.scenarios._common import fact_ms, note_errors, pgpool_for_shard0, picker
+from _bench.stats import Series, quantile
+from _bench.timing import Contender, Event, interleave
+from _bench.workload import (
+    BUDGET_OLDER,
+    BUDGET_PAST,
+    BUDGET_READS,
+    BY_PRIMARY,
+    ERRORS,
+    RYW_MISSED,
+    RYW_READS,
+    AckLog,
+    Tally,
+    Workers,
+)
+
+BUDGET = 1.0  # seconds, the readers' max_staleness
+USERS_PER_GROUP = 50
+
+
+def lagging_replica(env: BenchEnv, options: Options) -> ScenarioResult:
+    """Shard 0's replica has replay paused 3/4 of the run (two cycles of healthy, paused x3)."""
+    result = ScenarioResult(
+        "lagging-replica",
+        "shard 0's replica replay paused 75% of the run; 1 s-budget readers and "
+        "read-your-writes writers on shard 0")
+    replica = env.local_node(env.replica_name(0))
+    duration = options.seconds(20.0)
+    store = env.open_store()
+    workers = Workers()
+    tallies: dict[str, Tally] = {"propstore": Tally(), "pgpool": Tally(), "waiting": Tally()}
+    closers: list[Callable[[], None]] = [store.close]
+    groups = iter(range(10))
+    with pgpool_for_shard0(env, options, result) as pgpool:
+        try:
+            _start_propstore(env, store, workers, tallies["propstore"], next(groups))
+            if pgpool is not None:
+                closers += _start_pgpool(env, pgpool.dsn(), workers, tallies["pgpool"],
+                                         next(groups))
+            else:
+                del tallies["pgpool"]
+            closers += _start_waiting(env, workers, tallies["waiting"], next(groups))
+            time.sleep(options.warmup)
+            paused = _run_phases(workers, replica.pause_replay, replica.resume_replay,
+                                 duration)
+        finally:
+            workers.stop()
+            replica.resume_replay()
+            for close in closers:
+                close()
+    result.duration = duration
+    _report_lagging(result, tallies, paused)
+    return result
+
+
+def _start_propstore(env: BenchEnv, store: PropertyStore, workers: Workers, tally: Tally,
+                     group: int) -> None:
+    tenant = env.tenant
+    users = env.shard_users(0, USERS_PER_GROUP, offset=group * USERS_PER_GROUP)
+    log = AckLog(users)
+    seqs = dict.fromkeys(users, 0)
+    pick_w, pick_r = picker(users, 31), picker(users, 32)
+
+    def writer() -> None:
+        user = pick_w()
+        seqs[user] += 1
+        token = store.set(tenant, user, {"seq": seqs[user]})
+        log.acked(user, time.monotonic(), seqs[user])
+        t0 = time.monotonic()
+        result = store.read(tenant, user, after=token)
+        tally.sample("propstore read-your-writes", time.monotonic() - t0, t0 - workers.zero)
+        _ryw(tally, result.props, seqs[user], not result.from_replica, f"{user}: {result}")
+
+    def reader() -> None:
+        user = pick_r()
+        t0 = time.monotonic()
+        result = store.read(tenant, user, max_staleness=BUDGET)
+        tally.sample("propstore read, 1 s budget", time.monotonic() - t0, t0 - workers.zero)
+        # A bound above the budget is a broken promise too, even if the data happens to be
+        # new enough.
+        _budget_read(tally, log, user, t0, result.props, not result.from_replica,
+                     result.staleness_bound > BUDGET, f"{user}: {result}")
+
+    workers.spawn("propstore-writer", writer, tally)
+    workers.spawn("propstore-reader", reader, tally)
+
+
+def _seq(props: dict[str, object] | None) -> int:
+    value = (props or {}).get("seq", 0)
+    return value if isinstance(value, int) else 0
+
+
+def _ryw(tally: Tally, props: dict[str, object] | None, written: int, by_primary: bool,
+         what: str) -> None:
+    names = [RYW_READS] + ([BY_PRIMARY] if by_primary else [])
+    missed = _seq(props) < written
+    if missed:
+        names.append(RYW_MISSED)
+    tally.count(*names, example=f"missed own write: {what}" if missed else None)
+
+
+def _budget_read(tally: Tally, log: AckLog, user: str, started: float,
+                 props: dict[str, object] | None, by_primary: bool, bound_broken: bool,
+                 what: str) -> None:
+    seq = _seq(props)
+    names = [BUDGET_READS] + ([BY_PRIMARY] if by_primary else [])
+    if seq < log.floor(user, started):
+        names.append(BUDGET_OLDER)
+    past = bound_broken or seq < log.floor(user, started - BUDGET)
+    if past:
+        names.append(BUDGET_PAST)
+    tally.count(*names, example=f"older than its budget: {what}" if past else None)
+
+
+def _start_pgpool(env: BenchEnv, dsn: str, workers: Workers, tally: Tally, group: int
+                  ) -> list[Callable[[], None]]:
+    tenant = env.tenant
+    users = env.shard_users(0, USERS_PER_GROUP, offset=group * USERS_PER_GROUP)
+    log = AckLog(users)
+    seqs = dict.fromkeys(users, 0)
+    # The simple protocol: the only one Pgpool 4.3.5 applies delay_threshold to.
+    write_conn, read_conn = RawNode(dsn, simple=True), RawNode(dsn, simple=True)
+    primary_port = Backend.from_dsn(env.primary_dsn(0)).port  # inet_server_port() there
+    pick_w, pick_r = picker(users, 41), picker(users, 42)
+
+    def writer() -> None:
+        user = pick_w()
+        seqs[user] += 1
+        write_conn.merge(tenant, user, env.bucket(user), {"seq": seqs[user]})
+        log.acked(user, time.monotonic(), seqs[user])
+        t0 = time.monotonic()
+        props, port = write_conn.get_served_by(tenant, user)
+        tally.sample("pgpool read-your-writes", time.monotonic() - t0, t0 - workers.zero)
+        _ryw(tally, props, seqs[user], port == primary_port, user)
+
+    def reader() -> None:
+        user = pick_r()
+        t0 = time.monotonic()
+        props, port = read_conn.get_served_by(tenant, user)
+        tally.sample("pgpool read", time.monotonic() - t0, t0 - workers.zero)
+        _budget_read(tally, log, user, t0, props, port == primary_port, False, user)
+
+    workers.spawn("pgpool-writer", writer, tally)
+    workers.spawn("pgpool-reader", reader, tally)
+    return [write_conn.close, read_conn.close]
+
+
+def _start_waiting(env: BenchEnv, workers: Workers, tally: Tally, group: int
+                   ) -> list[Callable[[], None]]:
+    tenant = env.tenant
+    users = env.shard_users(0, USERS_PER_GROUP, offset=group * USERS_PER_GROUP)
+    seqs = dict.fromkeys(users, 0)
+    waiter = WaitingReader(env.primary_dsn(0), env.replica_dsn(0))
+    pick = picker(users, 51)
+
+    def writer() -> None:
+        user = pick()
+        seqs[user] += 1
+        lsn = waiter.write(tenant, user, env.bucket(user), {"seq": seqs[user]})
+        t0 = time.monotonic()
+        props = waiter.read_after(tenant, user, lsn)
+        tally.sample("waiting reader read-your-writes", time.monotonic() - t0,
+                     t0 - workers.zero)
+        _ryw(tally, props, seqs[user], False, user)
+
+    workers.spawn("waiting-writer", writer, tally)
+    return [waiter.close]
+
+
+def _run_phases(workers: Workers, pause: Callable[[], None], resume: Callable[[], None],
+                duration: float) -> list[tuple[float, float]]:
+    """Healthy for 1/4 of each of 2 cycles, paused for the rest; the paused intervals."""
+    cycles = 2
+    phase = duration / (4 * cycles)
+    workers.zero = time.monotonic()
+    paused: list[tuple[float, float]] = []
+    for _ in range(cycles):
+        time.sleep(phase)
+        began = workers.now()
+        pause()
+        time.sleep(3 * phase)
+        resume()
+        paused.append((began, workers.now()))
+    return paused
+
+
+def _in_any(at: float, intervals: list[tuple[float, float]]) -> bool:
+    return any(first <= at < last for first, last in intervals)
+
+
+def _split(series: Series, paused: list[tuple[float, float]]) -> tuple[Series, Series]:
+    healthy, lagging = Series(f"{series.name} (healthy)"), Series(f"{series.name} (lagging)")
+    for value, start in zip(series.values, series.starts, strict=True):
+        if start < 0:
+            continue  # warm-up
+        phase = sum(1 for first, _ in paused if start >= first)
+        (lagging if _in_any(start, paused) else healthy).add(value, phase, start)
+    return healthy, lagging
+
+
+def _report_lagging(result: ScenarioResult, tallies: dict[str, Tally],
+                    paused: list[tuple[float, float]]) -> None:
+    result.facts["paused intervals (s)"] = [(round(a, 2), round(b, 2)) for a, b in paused]
+    for label, tally in tallies.items():
+        for series in tally.series.values():
+            healthy, lagging = _split(series, paused)
+            result.add_series(healthy, lagging)
+            if label == "propstore":
+                h99 = healthy.summary().p99
+                l99 = lagging.summary().p99
+                result.bars.append(Bar(
+                    f"{series.name}: p99 lagging / p99 healthy", l99 / h99, 1.5,
+                    detail=f"p99 {l99 * 1000:.2f} ms lagging vs {h99 * 1000:.2f} ms healthy"))
+        result.facts[label] = tally.facts()
+        result.notes += [f"{label}: {example}" for example in tally.examples]
+    props = tallies["propstore"]
+    reads = props.counts[BUDGET_READS] + props.counts[RYW_READS]
+    result.bars.append(Bar(
+        "propstore budget violations", float(props.violations), 0.0, unit="",
+        detail=f"of {reads} reads (past budget or missing own write), "
+        f"{props.counts[ERRORS]} errors"))
+    result.notes.append(
+        "pgpool: Pgpool-II 4.3.5, delay_threshold=1024 B, sr_check_period=1 s, simple query "
+        "protocol (its lag check ignores extended-protocol SELECTs). Pgpool has no budget: "
+        "each of its reads older than the newest acknowledged write is a stale read")
+
+
+def frozen_replica(env: BenchEnv, options: Options) -> ScenarioResult:
+    """Shard 0's replica SIGSTOPped a quarter into the run, until the end."""
+    result = ScenarioResult(
+        "frozen-replica", "shard 0's replica frozen (SIGSTOP) after 25% of the run; "
+        "1 s-budget reads of shard 0 interleaved with raw primary reads")
+    node = env.local_node(env.replica_name(0))
+    tenant, users = env.tenant, env.shard_users(0, 2000)
+    duration = options.seconds(12.0)
+    store = env.open_store()
+    primary = RawNode(env.primary_dsn(0))
+    pick_s, pick_p = picker(users, 61), picker(users, 62)
+    contenders = [
+        Contender("propstore get, 1 s budget",
+                  lambda: store.get(tenant, pick_s(), max_staleness=BUDGET)),
+        Contender("raw psycopg (primary)", lambda: primary.get(tenant, pick_p())),
+    ]
+    freeze_at = duration / 4
+    # Paced to half the primary fallback cap: past the cap, fallback reads raise
+    # StaleReadError by design (on_stale="error"), which is not what this scenario tests.
+    rate = env.topology.routing.primary_fallback_rate
+    period = 2.0 / rate if rate > 0 else 0.0
+    result.notes.append(f"paced to {1 / period:.0f} reads/s each (half of "
+                        f"routing.primary_fallback_rate = {rate:g}/s)" if period else
+                        "unpaced (no primary fallback cap configured)")
+    try:
+        run = interleave(contenders, duration=duration, warmup=options.warmup,
+                         block_seconds=options.block_seconds,
+                         events=[Event(freeze_at, node.freeze, "freeze")], period=period)
+    finally:
+        node.thaw()
+        store.close()
+        primary.close()
+    result.duration = run.seconds
+    frozen_from = run.event_times.get("freeze", freeze_at)
+    store_frozen = run.series["propstore get, 1 s budget"].between(
+        "propstore get, 1 s budget (frozen)", frozen_from)
+    primary_frozen = run.series["raw psycopg (primary)"].between(
+        "raw psycopg (primary) (frozen)", frozen_from)
+    store_before = run.series["propstore get, 1 s budget"].between(
+        "propstore get, 1 s budget (healthy)", 0.0, frozen_from)
+    result.add_series(store_before, store_frozen, primary_frozen)
+    deadline = env.topology.routing.replica_deadline
+    p99 = primary_frozen.summary().p99
+    limit = deadline + 2 * p99
+    worst = store_frozen.summary().max
+    errors = sum(s.errors for s in run.series.values())
+    result.bars += [
+        Bar("propstore max latency while frozen", worst * 1000, limit * 1000, unit="ms",
+            detail=f"deadline {deadline * 1000:.0f} ms + 2 x primary p99 {p99 * 1000:.2f} ms"),
+        Bar("propstore errors while frozen", float(errors), 0.0, unit=""),
+    ]
+    # Reads that tried the frozen replica wait out the deadline; after the monitor marks
+    # it down, reads go straight to the primary.
+    slow = [(start, value) for start, value in zip(store_frozen.starts, store_frozen.values,
+                                                   strict=True) if value >= deadline * 0.9]
+    result.facts.update({
+        "reads paying the deadline": len(slow),
+        "their latencies (ms)": [fact_ms(v) for _, v in slow[:10]],
+        "last of them, s after the freeze": round(slow[-1][0] - frozen_from, 3) if slow else None,
+        "p99 primary while frozen (ms)": fact_ms(quantile(sorted(primary_frozen.values), 0.99)),
+    })
+    note_errors(result, contenders)
+    env.reset()
+    return result
+
+
+__all__ = ["frozen_replica", "lagging_replica"]
