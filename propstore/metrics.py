@@ -29,7 +29,7 @@ from prometheus_client.registry import Collector
 from propstore.config import Topology
 from propstore.monitor import LagMonitor, LagReport, ShardView, lag_report
 from propstore.monitor._state import NodeStateName
-from propstore.store import ReadResult, ReadStats
+from propstore.store import ReadObserver, ReadResult, ReadStats
 
 #: Every state a node can be in (the ``state`` label of ``propstore_node_state``).
 NODE_STATES: tuple[NodeStateName, ...] = (
@@ -70,7 +70,9 @@ class MetricsSource(Protocol):
 
     def shard_views(self) -> tuple[ShardView, ...]: ...
 
-    def add_observer(self, observer: object) -> None: ...
+    def add_observer(self, observer: ReadObserver) -> None: ...
+
+    def remove_observer(self, observer: ReadObserver) -> None: ...
 
 
 class _MonitorCollector(Collector):
@@ -216,12 +218,10 @@ class StoreMetrics:
             ["shard", "served_by"], buckets=LATENCY_BUCKETS, registry=self.registry,
         )
         self.registry.register(_MonitorCollector(store, clock))
-        self._closed = False
+        self._store = store
         store.add_observer(self._observe)
 
     def _observe(self, result: ReadResult, seconds: float) -> None:
-        if self._closed:
-            return
         served = "replica" if result.from_replica else "primary"
         self.reads.labels(result.shard, served, result.fallback_reason or "fresh").inc()
         self.latency.labels(result.shard, served).observe(seconds)
@@ -234,8 +234,8 @@ class StoreMetrics:
         return MetricsServer(host, server.server_port, server, thread)
 
     def close(self) -> None:
-        """Stop counting reads (the store keeps its observer list; this one turns inert)."""
-        self._closed = True
+        """Stop counting reads."""
+        self._store.remove_observer(self._observe)
 
 
 __all__ = ["LATENCY_BUCKETS", "METRIC_NAMES", "NODE_STATES", "MetricsServer", "StoreMetrics"]

@@ -33,17 +33,23 @@ def sandbox() -> None:
               help="Hot standbys per shard.")
 @click.option("--pg-bin", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="PostgreSQL bin folder [default: $PROPSTORE_PG_BIN, system, wheel].")
+@click.option("--no-migrate", is_flag=True,
+              help="Leave the shards empty instead of migrating them to head.")
 @_dir_option
-def up_command(shards: int, replicas: int, pg_bin: Path | None, base_dir: Path | None) -> None:
-    """Start the cluster in the background and write its topology file."""
+def up_command(shards: int, replicas: int, pg_bin: Path | None, no_migrate: bool,
+               base_dir: Path | None) -> None:
+    """Start the cluster in the background, migrate every shard to head and write its
+    topology file."""
     try:
-        cluster = up(base_dir, shards, replicas, pg_bin=pg_bin)
+        cluster = up(base_dir, shards, replicas, pg_bin=pg_bin, migrate=not no_migrate)
     except SandboxError as exc:
         raise click.ClickException(str(exc)) from exc
     for node in cluster.nodes:
         click.echo(f"{node.name:<20} {node.role:<8} {node.dsn}")
     seconds = "" if cluster.startup_seconds is None else f" in {cluster.startup_seconds:.1f}s"
-    click.echo(f"\nPostgreSQL {cluster.pg_version} cluster up{seconds}: {cluster.base_dir}")
+    schema = "" if no_migrate else ", every shard migrated to head"
+    click.echo(f"\nPostgreSQL {cluster.pg_version} cluster up{seconds}{schema}: "
+               f"{cluster.base_dir}")
     click.echo(f"Topology file: {cluster.config_path}")
     click.echo("Point propstore at it with either of:")
     click.echo(f"  export PROPSTORE_CONFIG={cluster.config_path}")

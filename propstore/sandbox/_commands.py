@@ -29,8 +29,10 @@ def up(
     *,
     pg_bin: str | Path | None = None,
     bucket_count: int = 4096,
+    migrate: bool = True,
 ) -> LocalCluster:
-    """Start a daemonised cluster in ``base_dir`` (default :func:`default_base_dir`).
+    """Start a daemonised cluster in ``base_dir`` (default :func:`default_base_dir`), with
+    every shard migrated to head unless ``migrate`` is false.
 
     If a cluster already runs there it is returned as found (its shape is not changed),
     after restarting any of its servers that are down.
@@ -53,8 +55,23 @@ def up(
     cluster = LocalCluster(shards, replicas, base_dir=folder, pg_bin=pg_bin,
                            bucket_count=bucket_count)
     cluster.start()
+    try:
+        if migrate:
+            migrate_to_head(cluster)
+    except BaseException:
+        cluster.stop()
+        raise
     cluster.detach()
     return cluster
+
+
+def migrate_to_head(cluster: LocalCluster) -> None:
+    """Bring every shard's schema to the newest revision, and let the replicas catch up."""
+    from propstore.migrate import upgrade  # the sandbox is usable without alembic loaded
+
+    for shard in cluster.shards:
+        upgrade(shard.primary.dsn)
+    cluster.wait_caught_up()
 
 
 def status(base_dir: str | Path | None = None) -> list[dict[str, Any]]:

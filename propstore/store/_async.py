@@ -24,6 +24,7 @@ from propstore.store._core import (
     Exec,
     Program,
     Props,
+    ReadObserver,
     ReadResult,
     ReadStats,
     StoreCore,
@@ -149,9 +150,14 @@ class AsyncPropertyStore:
         """Routing counters (see :class:`~propstore.PropertyStore`)."""
         return self._core.stats
 
-    def add_observer(self, observer: Any) -> None:
-        """Call ``observer(result, seconds)`` after every read (used by metrics)."""
+    def add_observer(self, observer: ReadObserver) -> None:
+        """Call ``observer(result, seconds)`` after every read (used by metrics); an
+        observer that raises is logged, never fails the read."""
         self._core.observers.append(observer)
+
+    def remove_observer(self, observer: ReadObserver) -> None:
+        """Stop calling an observer added with :meth:`add_observer`."""
+        self._core.observers.remove(observer)
 
     # ------------------------------------------------------------------ driving
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Generator, Sequence
@@ -107,6 +108,8 @@ class Exec:
 
 
 Response = tuple[Any, list[Any]]
+#: Called after every read with the result and its duration in seconds.
+ReadObserver = Callable[["ReadResult", float], None]
 Program = Generator[Exec, Response, Any]
 
 _BUDGET_ORDER = ("max_staleness", "after", "profile", "consistency", "on_stale")
@@ -125,11 +128,20 @@ class ReadStats:
     def __init__(self) -> None:
         self.reads: Counter[tuple[str, str, str]] = Counter()
         self.writes: Counter[str] = Counter()
+        # ``counter[key] += 1`` is a read then a write: concurrent threads could lose counts.
+        self._lock = threading.Lock()
 
     def record(self, result: ReadResult) -> None:
         """Count one read."""
-        served = "replica" if result.from_replica else "primary"
-        self.reads[(result.shard, served, result.fallback_reason or "fresh")] += 1
+        key = (result.shard, "replica" if result.from_replica else "primary",
+               result.fallback_reason or "fresh")
+        with self._lock:
+            self.reads[key] += 1
+
+    def record_write(self, shard: str) -> None:
+        """Count one write."""
+        with self._lock:
+            self.writes[shard] += 1
 
 
 class StoreCore:
@@ -147,7 +159,7 @@ class StoreCore:
         self.shard_names = tuple(s.name for s in topology.shards)
         self.stats = ReadStats()
         self._rotation = itertools.count()
-        self.observers: list[Callable[[ReadResult, float], None]] = []
+        self.observers: list[ReadObserver] = []
 
     # ------------------------------------------------------------ arguments
 
@@ -227,7 +239,10 @@ class StoreCore:
         if self.observers:
             elapsed = time.monotonic() - started
             for observer in self.observers:
-                observer(result, elapsed)
+                try:
+                    observer(result, elapsed)
+                except Exception:  # a metrics bug must not fail a read that succeeded
+                    log.exception("read_observer_failed", observer=repr(observer))
         return result
 
     # ------------------------------------------------------------ operations
@@ -285,7 +300,7 @@ class StoreCore:
         if version is None and statement.name in (_sql.MERGE, _sql.REPLACE):
             # The upsert's WHERE refused the update: nothing was written.
             raise InvalidInputError("props", "the merged document would exceed the size limit")
-        self.stats.writes[self.shard_names[shard]] += 1
+        self.stats.record_write(self.shard_names[shard])
         return self.token(shard, lsn)
 
     def route_for(self, tenant: object, user_id: object, options: dict[str, Any]
