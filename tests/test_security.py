@@ -17,6 +17,7 @@ from structlog.testing import capture_logs
 import propstore
 from propstore import PropertyStore, PropStoreError, Topology
 from propstore.sandbox import LocalCluster
+from tests.test_store import wait_for
 
 PACKAGE = Path(propstore.__file__).parent
 SQL_WORDS = re.compile(
@@ -190,3 +191,39 @@ def test_readers_and_the_monitor_work_with_a_role_that_cannot_write(
     assert store.get("acme", "ro-user", consistency="strong") == {"plan": "pro"}
 
 
+
+
+def test_passwords_never_appear_in_cli_output_or_metrics(
+    migrated_cluster: LocalCluster, cluster: LocalCluster, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+    from prometheus_client import generate_latest
+
+    from propstore.cli import main
+    from propstore.metrics import StoreMetrics
+
+    assert cluster.config_path is not None
+    text = cluster.config_path.read_text().replace(
+        "user=postgres", f"user=postgres password={SECRET}"
+    )
+    config = tmp_path / "with-password.toml"
+    config.write_text(text)
+    broken = tmp_path / "broken.toml"  # an error path: a node that cannot be reached
+    broken.write_text(text.replace("host=127.0.0.1 port=", "host=127.0.0.1 port=1", 1))
+    outputs: list[str] = []
+    for path, args in [
+        (config, ["lag"]), (config, ["lag", "--json"]), (config, ["shards"]),
+        (config, ["shards", "--json"]), (config, ["route", "acme", "u1"]),
+        (config, ["set", "acme", "u1", "plan=pro"]), (config, ["get", "acme", "u1", "--json"]),
+        (config, ["get", "ac/me", "u1"]), (broken, ["lag"]), (broken, ["set", "acme", "u9", "a=1"]),
+        (config, ["--debug", "get", "acme", ""]),
+    ]:
+        result = CliRunner().invoke(main, ["--config", str(path), *args])
+        outputs += [result.output, repr(result.exception)]
+    with PropertyStore(Topology.load(config)) as store:
+        metrics = StoreMetrics(store)
+        wait_for(lambda: all(n.up for v in store.shard_views() for n in v.nodes))
+        store.get("acme", "u1", max_staleness=5)
+        outputs.append(generate_latest(metrics.registry).decode())
+    assert [o for o in outputs if SECRET in o] == []
+    assert any("shard0" in o for o in outputs)

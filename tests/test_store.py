@@ -232,3 +232,20 @@ def test_monitor_and_store_memory_stay_flat_across_100k_reads(store: PropertySto
                  if "propstore" in s.traceback[0].filename)
     print(f"propstore memory growth over 100k reads: {growth} bytes")
     assert growth < 64 * 1024
+
+
+def test_unmigrated_shard_is_a_clear_error_not_a_timeout(cluster_factory: Any) -> None:
+    from propstore import PropStoreError
+
+    private = cluster_factory(shards=1, replicas=1)
+    assert private.config_path is not None
+    with PropertyStore(Topology.load(private.config_path)) as store:
+        with pytest.raises(PropStoreError, match="migrate"):
+            store.set("acme", "u1", {"a": 1})
+        with pytest.raises(ShardUnavailableError, match="migrate"):
+            store.get("acme", "u1", consistency="strong")
+        from propstore.migrate import upgrade
+
+        upgrade(private.shards[0].primary.dsn)
+        token = store.set("acme", "u1", {"a": 1})
+        assert store.get("acme", "u1", after=token) == {"a": 1}

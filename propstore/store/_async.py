@@ -30,7 +30,7 @@ from propstore.store._core import (
     StoreCore,
     is_retryable_write_error,
 )
-from propstore.store._pool import AsyncNodeConnection, async_pool
+from propstore.store._pool import SCHEMA_MISSING, AsyncNodeConnection, async_pool, prepare_async
 from propstore.store._sync import Budget, config_path
 
 
@@ -172,6 +172,8 @@ class AsyncPropertyStore:
             conn: AsyncNodeConnection | None = None
             try:
                 conn = await pool.getconn(timeout=max(0.001, op.deadline - time.monotonic()))
+                if conn.propstore_schema_missing and not await prepare_async(conn):
+                    raise psycopg.errors.UndefinedTable(SCHEMA_MISSING)
                 statements, commit_each = op.plan(conn)
                 results = await _wire.execute_async(
                     conn, statements, op.deadline, commit_each=commit_each

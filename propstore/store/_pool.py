@@ -14,6 +14,8 @@ from propstore.config import NodeConfig, RoutingSettings
 from propstore.lsn import LSN
 
 _PREPARE = [_sql.prepare_sql(name) for name in _sql.DATA_STATEMENTS]
+_NO_TABLE = [_sql.prepare_sql(name) for name in (_sql.REPLAY_LSN, _sql.FLUSH_LSN,
+                                                  _sql.IS_PRIMARY)]
 
 
 class NodeConnection(psycopg.Connection[Any]):
@@ -23,6 +25,8 @@ class NodeConnection(psycopg.Connection[Any]):
     propstore_opened_at: float = math.inf
     #: Newest replay LSN verified *through this connection*: holds for its whole life.
     propstore_verified_lsn: LSN | None = None
+    #: The database has no ``user_properties`` table (shard not migrated).
+    propstore_schema_missing: bool = False
 
 
 class AsyncNodeConnection(psycopg.AsyncConnection[Any]):
@@ -30,17 +34,61 @@ class AsyncNodeConnection(psycopg.AsyncConnection[Any]):
 
     propstore_opened_at: float = math.inf
     propstore_verified_lsn: LSN | None = None
+    propstore_schema_missing: bool = False
+
+
+SCHEMA_MISSING = (
+    "table user_properties does not exist on this node: migrate the shard first "
+    "(`propstore migrate up`)"
+)
+
+
+def prepare(conn: NodeConnection) -> bool:
+    """Prepare every statement on ``conn``; False (and flagged) when the table is missing.
+
+    A connection is kept even without the table: failing here would only surface as a pool
+    timeout, while a flagged connection lets the store say what is wrong, and re-checks on
+    its next use (after a migration it recovers without a reconnect).
+    """
+    try:
+        if conn.propstore_schema_missing:
+            conn.execute("DEALLOCATE ALL", prepare=False)
+        for command in _PREPARE:
+            conn.execute(command, prepare=False)
+    except psycopg.errors.UndefinedTable:
+        conn.execute("DEALLOCATE ALL", prepare=False)
+        for command in _NO_TABLE:
+            conn.execute(command, prepare=False)
+        conn.propstore_schema_missing = True
+        return False
+    conn.propstore_schema_missing = False
+    return True
+
+
+async def prepare_async(conn: AsyncNodeConnection) -> bool:
+    """The asyncio twin of :func:`prepare`."""
+    try:
+        if conn.propstore_schema_missing:
+            await conn.execute("DEALLOCATE ALL", prepare=False)
+        for command in _PREPARE:
+            await conn.execute(command, prepare=False)
+    except psycopg.errors.UndefinedTable:
+        await conn.execute("DEALLOCATE ALL", prepare=False)
+        for command in _NO_TABLE:
+            await conn.execute(command, prepare=False)
+        conn.propstore_schema_missing = True
+        return False
+    conn.propstore_schema_missing = False
+    return True
 
 
 def _configure(conn: NodeConnection) -> None:
-    for command in _PREPARE:
-        conn.execute(command)
+    prepare(conn)
     conn.propstore_opened_at = time.monotonic()
 
 
 async def _configure_async(conn: AsyncNodeConnection) -> None:
-    for command in _PREPARE:
-        await conn.execute(command)
+    await prepare_async(conn)
     conn.propstore_opened_at = time.monotonic()
 
 

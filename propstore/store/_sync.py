@@ -31,7 +31,7 @@ from propstore.store._core import (
     StoreCore,
     is_retryable_write_error,
 )
-from propstore.store._pool import NodeConnection, sync_pool
+from propstore.store._pool import SCHEMA_MISSING, NodeConnection, prepare, sync_pool
 
 Budget = float | timedelta | str | None
 
@@ -182,6 +182,8 @@ class PropertyStore:
             conn: NodeConnection | None = None
             try:
                 conn = pool.getconn(timeout=max(0.001, op.deadline - time.monotonic()))
+                if conn.propstore_schema_missing and not prepare(conn):
+                    raise psycopg.errors.UndefinedTable(SCHEMA_MISSING)
                 statements, commit_each = op.plan(conn)
                 results = _wire.execute(conn, statements, op.deadline, commit_each=commit_each)
             except (psycopg.Error, _wire.DeadlineExceeded) as exc:
