@@ -52,6 +52,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         "propstore and Pgpool reads then hit the same server)")
     parser.add_argument("--users", type=int, default=20_000, help="users to load")
     parser.add_argument("--no-pgpool", action="store_true", help="leave Pgpool-II out")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="do not pin this process to CPU 0 and the servers it starts to "
+                        "the other CPUs (pinning removes a placement bias; see "
+                        "_bench/affinity.py)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at info level")
     return parser.parse_args(argv)
 
@@ -69,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.soak and "soak" not in names:
         names.append("soak")
     options = Options(duration=args.duration, warmup=args.warmup, pgpool=not args.no_pgpool,
-                      profile_dir=args.profile)
+                      profile_dir=args.profile, pin=not args.no_pin)
     shape = runner.ClusterShape(args.config, args.shards, args.replicas, args.users)
     results, machine = runner.run(names, options, shape)
     command = shlex.join(["python", "tools/bench.py", *(sys.argv[1:] if argv is None

@@ -21,6 +21,8 @@ from propstore import PropertyStore, Topology
 from propstore.migrate import upgrade
 from propstore.sandbox import LocalCluster, LocalNode, SandboxError
 
+from _bench import affinity
+
 log = structlog.get_logger("bench")
 
 TENANT = "bench"
@@ -150,9 +152,13 @@ def load_users(topology: Topology, count: int) -> tuple[list[str], dict[int, lis
 
 
 @contextmanager
-def bench_env(config: Path | None, *, shards: int, replicas: int, users: int
-              ) -> Iterator[BenchEnv]:
-    """A ready cluster: started here (stopped on exit) or reused from ``config``."""
+def bench_env(config: Path | None, *, shards: int, replicas: int, users: int,
+              pin: bool = False) -> Iterator[BenchEnv]:
+    """A ready cluster: started here (stopped on exit) or reused from ``config``.
+
+    With ``pin``, the servers of a cluster started here run on the CPUs the client does not
+    use (``_bench.affinity``); a reused cluster's servers are not ours to move.
+    """
     cluster: LocalCluster | None = None
     owned = config is None
     try:
@@ -160,6 +166,8 @@ def bench_env(config: Path | None, *, shards: int, replicas: int, users: int
             cluster = LocalCluster(shards=shards, replicas=replicas).start()
             assert cluster.config_path is not None
             config = cluster.config_path
+            if pin:
+                pin_cluster(cluster)
         else:
             cluster = _attach(config)
         topology = Topology.load(config)
@@ -178,6 +186,12 @@ def bench_env(config: Path | None, *, shards: int, replicas: int, users: int
             else:
                 # Leave a reused cluster as we found it: no fault of ours stays injected.
                 cluster.reset_faults()
+
+
+def pin_cluster(cluster: LocalCluster) -> None:
+    """Move every server of ``cluster`` (and the backends it will fork) off the client's CPU."""
+    affinity.pin_servers([pid for node in cluster.nodes if (pid := node.pid) is not None],
+                         affinity.server_cpus())
 
 
 def _attach(config: Path) -> LocalCluster | None:

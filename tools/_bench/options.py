@@ -16,6 +16,8 @@ class Options:
         block_seconds: length of the blocks that ratios are paired on.
         pgpool: whether to start Pgpool-II for the scenarios that compare against it.
         profile_dir: where to write pyinstrument profiles of propstore's operations.
+        pin: pin this process to CPU 0 and the servers it starts to the other CPUs
+            (see ``_bench.affinity``).
     """
 
     duration: float | None = None
@@ -23,6 +25,7 @@ class Options:
     block_seconds: float = 1.0
     pgpool: bool = True
     profile_dir: Path | None = None
+    pin: bool = True
 
     def seconds(self, default: float) -> float:
         """The timed duration of a scenario whose default is ``default``."""

@@ -21,6 +21,8 @@ from types import TracebackType
 import psycopg
 import psycopg.conninfo
 
+from _bench import affinity
+
 #: WAL bytes of replica lag past which Pgpool sends reads to the primary. Small on purpose:
 #: a byte threshold is a time threshold that depends on the write rate (see the note).
 DELAY_THRESHOLD_BYTES = 1024
@@ -121,12 +123,16 @@ class PgpoolProcess:
     Args:
         primary, replica: the shard's two servers.
         user, database: the account Pgpool's lag checks log in as (trust auth on loopback).
+        extra: more settings (for experiments).
+        cpus: CPUs to pin Pgpool and its children to (None: leave them be).
     """
 
     def __init__(self, primary: Backend, replica: Backend, *, user: str = "postgres",
-                 database: str = "propstore", extra: dict[str, str | int] | None = None) -> None:
+                 database: str = "propstore", extra: dict[str, str | int] | None = None,
+                 cpus: set[int] | None = None) -> None:
         self.primary, self.replica = primary, replica
         self.extra = dict(extra or {})
+        self.cpus = cpus
         self.user, self.database = user, database
         self.port: int | None = None
         self._dir: Path | None = None
@@ -164,6 +170,10 @@ class PgpoolProcess:
             )
         try:
             self._wait_ready(timeout)
+            if self.cpus is not None and self._proc is not None:
+                # Once it answers, its children exist: pin the whole tree (later forks
+                # inherit from the main process).
+                affinity.pin_servers([self._proc.pid], self.cpus)
         except BaseException:
             self.stop()
             raise

@@ -9,6 +9,7 @@ from typing import Any
 
 import structlog
 
+from _bench import affinity
 from _bench.env import Skip, bench_env
 from _bench.options import Options
 from _bench.report import machine_info
@@ -44,9 +45,17 @@ def run(names: Sequence[str], options: Options, shape: ClusterShape
     if unknown:
         raise ValueError(f"unknown scenario(s) {unknown}; have {list(SCENARIOS)}")
     results: list[ScenarioResult] = []
+    pin = options.pin and affinity.available()
+    if pin:
+        affinity.pin_client()  # before any thread starts, so every thread inherits it
     with bench_env(shape.config, shards=shape.shards, replicas=shape.replicas,
-                   users=shape.users) as env:
+                   users=shape.users, pin=pin) as env:
         machine = machine_info(env.primary_dsn(0))
+        machine["cpu placement"] = (
+            f"client on CPU {affinity.CLIENT_CPU}, servers and Pgpool on CPUs "
+            f"{sorted(affinity.server_cpus())}" if pin and shape.config is None
+            else f"client on CPU {affinity.CLIENT_CPU}, servers not pinned (reused cluster)"
+            if pin else "not pinned")
         machine["cluster"] = (f"{len(env.topology.shards)} shards x "
                               f"{len(env.topology.shards[0].replicas)} replicas, "
                               f"{len(env.users):,} users")

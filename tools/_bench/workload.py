@@ -7,6 +7,7 @@ least as new as every write acknowledged before ``t - b``; anything older is a v
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections import Counter, deque
@@ -19,21 +20,44 @@ PACE = 0.003  # seconds between one thread's operations: load, not saturation
 
 
 class AckLog:
-    """When each write was acknowledged: recent ``(time, seq)`` per user (bounded)."""
+    """When each write was acknowledged: ``(time, seq)`` per user, in bounded memory.
 
-    def __init__(self, users: list[str]) -> None:
-        self._acks: dict[str, deque[tuple[float, int]]] = {u: deque(maxlen=256) for u in users}
+    Acknowledgements older than ``window`` seconds are dropped (the soak measures this
+    process's memory, so the bookkeeping must not grow), keeping the newest dropped one as
+    a floor. Writes to one user are sequential, so times and seqs only increase, and
+    :meth:`floor` is exact for any ``before`` within the window: no budget may exceed it.
+    """
+
+    def __init__(self, users: list[str], window: float = 10.0) -> None:
+        self._acks: dict[str, deque[tuple[float, int]]] = {u: deque() for u in users}
+        self._dropped: dict[str, tuple[float, int]] = {}
+        self._window = window
         self._lock = threading.Lock()
 
     def acked(self, user: str, at: float, seq: int) -> None:
         """Record that the write of ``seq`` to ``user`` was acknowledged at ``at``."""
         with self._lock:
-            self._acks[user].append((at, seq))
+            acks = self._acks[user]
+            acks.append((at, seq))
+            while acks[0][0] < at - self._window:
+                self._dropped[user] = acks.popleft()
 
     def floor(self, user: str, before: float) -> int:
-        """The newest ``seq`` acknowledged before ``before`` (0 if none)."""
+        """The newest ``seq`` acknowledged before ``before`` (0 if none).
+
+        Raises ``ValueError`` when ``before`` is so old that the answer was dropped.
+        """
         with self._lock:
-            return max((seq for at, seq in self._acks[user] if at < before), default=0)
+            best = 0
+            dropped = self._dropped.get(user)
+            if dropped is not None:
+                if before <= dropped[0]:
+                    raise ValueError(f"{before} is older than the {self._window:g} s window")
+                best = dropped[1]
+            for at, seq in self._acks[user]:
+                if at < before:
+                    best = seq
+            return best
 
 
 #: Names of the counts a :class:`Tally` keeps (the keys of the facts in the report).
@@ -61,11 +85,24 @@ class Tally:
     counts: Counter[str] = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Keep at most this many samples per series (a uniform random subset), so that a long
+    #: run's bookkeeping does not grow: the soak measures this process's memory.
+    reservoir: int | None = None
+    _seen: Counter[str] = field(default_factory=Counter)
+    _rng: random.Random = field(default_factory=lambda: random.Random(5))
 
     def sample(self, name: str, seconds: float, at: float) -> None:
         """A latency of kind ``name`` that started ``at`` seconds into the run."""
         with self.lock:
-            self.series.setdefault(name, Series(name)).add(seconds, 0, at)
+            series = self.series.setdefault(name, Series(name))
+            self._seen[name] += 1
+            if self.reservoir is None or len(series.values) < self.reservoir:
+                series.add(seconds, 0, at)
+                return
+            # Reservoir sampling (Algorithm R): every sample is kept with equal chance.
+            slot = self._rng.randrange(self._seen[name])
+            if slot < self.reservoir:
+                series.values[slot], series.starts[slot] = seconds, at
 
     def count(self, *names: str, example: str | None = None) -> None:
         """Add one to each named count (and keep ``example`` among the first few)."""

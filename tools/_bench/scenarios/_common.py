@@ -10,6 +10,7 @@ from typing import Any
 
 from propstore import ReadResult
 
+from _bench import affinity
 from _bench.env import BenchEnv, Skip
 from _bench.options import Options
 from _bench.pgpool import Backend, PgpoolProcess, PgpoolUnavailable
@@ -27,8 +28,10 @@ def pgpool_for_shard0(env: BenchEnv, options: Options, result: ScenarioResult
         yield None
         return
     try:
+        # On the servers' CPUs: Pgpool is a hop on the way to the server, not the client.
+        cpus = affinity.server_cpus() if options.pin and affinity.available() else None
         process = PgpoolProcess(Backend.from_dsn(env.primary_dsn(0)),
-                                Backend.from_dsn(env.replica_dsn(0))).start()
+                                Backend.from_dsn(env.replica_dsn(0)), cpus=cpus).start()
     except (PgpoolUnavailable, Skip) as exc:
         result.notes.append(f"pgpool: skipped ({exc})")
         yield None

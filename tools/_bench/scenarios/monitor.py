@@ -18,7 +18,8 @@ import psycopg
 from propstore import LagMonitor, Topology
 from propstore.sandbox import LocalCluster
 
-from _bench.env import BenchEnv
+from _bench import affinity
+from _bench.env import BenchEnv, pin_cluster
 from _bench.options import Options
 from _bench.results import ScenarioResult
 
@@ -62,7 +63,9 @@ def monitor_cost(env: BenchEnv, options: Options) -> ScenarioResult:
         "monitor-cost", "idle LagMonitor at the default interval on clusters of 2x2, 8x2 "
         "and 16x1 (shards x replicas)")
     seconds = options.seconds(10.0)
-    costs = [_measure(shards, replicas, seconds, options.warmup) for shards, replicas in SHAPES]
+    pin = options.pin and affinity.available()
+    costs = [_measure(shards, replicas, seconds, options.warmup, pin)
+             for shards, replicas in SHAPES]
     for cost in costs:
         result.facts[f"{cost.shards}x{cost.replicas}"] = cost.as_dict()
     result.duration = seconds * len(costs)
@@ -75,9 +78,11 @@ def monitor_cost(env: BenchEnv, options: Options) -> ScenarioResult:
     return result
 
 
-def _measure(shards: int, replicas: int, seconds: float, warmup: float) -> Cost:
+def _measure(shards: int, replicas: int, seconds: float, warmup: float, pin: bool) -> Cost:
     with LocalCluster(shards=shards, replicas=replicas) as cluster:
         assert cluster.config_path is not None
+        if pin:
+            pin_cluster(cluster)
         topology = Topology.load(cluster.config_path)
         before = set(threading.enumerate())
         monitor = LagMonitor(topology)

@@ -45,7 +45,7 @@ def soak(env: BenchEnv, options: Options) -> ScenarioResult:
         replica = None
         result.notes.append(f"no paused replica: {exc}")
     store = env.open_store()
-    tally, log = Tally(), AckLog(users)
+    tally, log = Tally(reservoir=5_000), AckLog(users)
     workers = Workers()
     owned = [users[i::2] for i in range(2)]
     # The newest token per user and the seq its write wrote: a token read must show it.
