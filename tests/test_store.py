@@ -249,3 +249,32 @@ def test_unmigrated_shard_is_a_clear_error_not_a_timeout(cluster_factory: Any) -
         upgrade(private.shards[0].primary.dsn)
         token = store.set("acme", "u1", {"a": 1})
         assert store.get("acme", "u1", after=token) == {"a": 1}
+
+
+def test_fallback_cap_protects_the_primary_and_on_stale_decides_past_it(
+    cluster: LocalCluster, topology: Topology
+) -> None:
+    from dataclasses import replace
+
+    from propstore import StaleReadError
+
+    capped = replace(topology, routing=replace(topology.routing, primary_fallback_rate=5))
+    (user,) = users_on_shard(topology, topology.shards[0].name, 1, prefix="cap")
+    with PropertyStore(capped) as store:
+        store.set("acme", user, {"v": 1})
+        cluster.wait_caught_up()
+        for replica in cluster.shards[0].replicas:
+            replica.pause_replay()
+        store.set("acme", user, {"v": 2})
+        wait_for(lambda: not store.route("acme", user, max_staleness=0.2).candidates)
+        outcomes = []
+        for _ in range(20):
+            try:
+                outcomes.append(store.read("acme", user, max_staleness=0.2).from_replica)
+            except StaleReadError as exc:
+                assert "shard0" in str(exc)
+                outcomes.append(None)
+        assert outcomes.count(False) <= 6 and outcomes.count(None) >= 14
+        served = store.read("acme", user, max_staleness=0.2, on_stale="serve")
+        assert served.from_replica and not served.within_budget
+        assert served.props == {"v": 1} and served.staleness_bound > 0.2
