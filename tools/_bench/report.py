@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from _bench import pgpool
-from _bench.results import Bar, ScenarioResult
+from _bench.results import ScenarioResult
 from _bench.stats import Ratio, Summary
 
 RATIO_NOTE = (
@@ -72,8 +72,23 @@ def _range_ms(lo: float, hi: float) -> str:
     return "n/a" if math.isnan(lo) else f"{lo * 1000:.3f}-{hi * 1000:.3f}"
 
 
-def _verdict(bar: Bar) -> str:
-    return {True: "met", False: "MISSED", None: "not measured"}[bar.met]
+def fact_tables(facts: dict[str, Any]
+                ) -> tuple[list[tuple[list[str], list[list[str]]]], dict[str, Any]]:
+    """Facts whose values are dicts with the same keys, as tables (one row per fact); the
+    other facts as they are."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for key, value in facts.items():
+        if isinstance(value, dict) and value:
+            groups.setdefault(tuple(value), []).append(key)
+    tables = []
+    tabled: set[str] = set()
+    for columns, keys in groups.items():
+        if len(keys) < 2:
+            continue
+        tables.append((["", *columns],
+                       [[key, *(str(facts[key][c]) for c in columns)] for key in keys]))
+        tabled.update(keys)
+    return tables, {k: v for k, v in facts.items() if k not in tabled}
 
 
 def rows(result: ScenarioResult) -> list[list[str]]:
@@ -117,8 +132,14 @@ def print_report(results: Sequence[ScenarioResult], console: Console | None = No
             console.print(f"[bold]{title}[/bold]")
         for bar in result.bars:
             colour = {True: "green", False: "red", None: "yellow"}[bar.met]
-            console.print(f"  [{colour}]{_verdict(bar)}[/{colour}] {escape(str(bar))}")
-        for key, value in result.facts.items():
+            console.print(f"  [{colour}]{bar.verdict}[/{colour}] {escape(str(bar))}")
+        tables, others = fact_tables(result.facts)
+        for columns, table_rows in tables:
+            facts = Table(*columns, show_header=True)
+            for row in table_rows:
+                facts.add_row(*(escape(cell) for cell in row))
+            console.print(facts)
+        for key, value in others.items():
             console.print(escape(f"  {key}: {value}"))
         for note in result.notes:
             console.print(f"  [dim]note: {escape(note)}[/dim]")
@@ -153,17 +174,15 @@ def markdown(results: Sequence[ScenarioResult], machine: dict[str, Any], command
         "",
         "## Bars",
         "",
-        "| scenario | bar | measured | verdict | detail |",
-        "|---|---|---|---|---|",
+        "| scenario | figure | bar | measured | verdict | detail |",
+        "|---|---|---|---|---|---|",
     ]
     for result in results:
         if result.skipped:
-            lines.append(f"| {result.name} | (skipped) | | | {result.skipped} |")
+            lines.append(f"| {result.name} | (skipped) | | | | {_cell(result.skipped)} |")
         for bar in result.bars:
-            sign = ">=" if bar.at_least else "<="
-            measured = str(bar).split(": ", 1)[1].split(" (bar")[0]
-            lines.append(f"| {result.name} | {bar.name} {sign} {bar.limit:g}{bar.unit} | "
-                         f"{measured} | {_verdict(bar)} | {_cell(bar.detail)} |")
+            lines.append(f"| {result.name} | {_cell(bar.name)} | {bar.target} | "
+                         f"{bar.measured} | {bar.verdict} | {_cell(bar.detail)} |")
     for result in results:
         if result.skipped:
             continue
@@ -172,7 +191,13 @@ def markdown(results: Sequence[ScenarioResult], machine: dict[str, Any], command
             lines += ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
             lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows(result)]
             lines.append("")
-        lines += [f"- {key}: {_cell(str(value))}" for key, value in result.facts.items()]
+        tables, others = fact_tables(result.facts)
+        for columns, table_rows in tables:
+            lines += ["| " + " | ".join(_cell(c) for c in columns) + " |",
+                      "|" + "---|" * len(columns)]
+            lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in table_rows]
+            lines.append("")
+        lines += [f"- {key}: {_cell(str(value))}" for key, value in others.items()]
         lines += [f"- note: {_cell(note)}" for note in result.notes]
     return "\n".join(lines) + "\n"
 

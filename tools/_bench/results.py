@@ -31,11 +31,23 @@ class Bar:
             return None
         return self.value >= self.limit if self.at_least else self.value <= self.limit
 
+    @property
+    def measured(self) -> str:
+        """The measured figure with its unit."""
+        return _fmt(self.value, self.unit)
+
+    @property
+    def target(self) -> str:
+        """The bar itself, e.g. ``<= 1.25x``."""
+        return f"{'>=' if self.at_least else '<='} {_fmt(self.limit, self.unit)}"
+
+    @property
+    def verdict(self) -> str:
+        """``met``, ``MISSED`` or ``not measured``."""
+        return {True: "met", False: "MISSED", None: "not measured"}[self.met]
+
     def __str__(self) -> str:
-        sign = ">=" if self.at_least else "<="
-        verdict = {True: "met", False: "MISSED", None: "not measured"}[self.met]
-        text = f"{self.name}: {_fmt(self.value, self.unit)} (bar {sign} "
-        text += f"{_fmt(self.limit, self.unit)}) {verdict}"
+        text = f"{self.name}: {self.measured} (bar {self.target}) {self.verdict}"
         return f"{text}; {self.detail}" if self.detail else text
 
     def as_dict(self) -> dict[str, Any]:

@@ -8,7 +8,9 @@ per-thread clock (``pthread_getcpuclockid``); the servers' CPU for answering the
 
 from __future__ import annotations
 
+import asyncio
 import os
+import random
 import threading
 import time
 from dataclasses import dataclass
@@ -41,6 +43,8 @@ class Cost:
     thread_cpu: float
     process_cpu: float
     server_cpu: float | None
+    #: CPU seconds per second of a bare asyncio loop with one 100 ms sleeper per node.
+    idle_loop_cpu: float
 
     def as_dict(self) -> dict[str, float | int | None]:
         """Per-second and per-poll figures for the report."""
@@ -53,6 +57,8 @@ class Cost:
             "client CPU us/poll": round(self.thread_cpu / max(1, self.polls) * 1e6, 1),
             "server CPU ms/s (all nodes)": None if self.server_cpu is None
             else round(self.server_cpu / per_s * 1000, 2),
+            "bare asyncio loop, same wake-ups without I/O, CPU ms/s":
+                round(self.idle_loop_cpu * 1000, 2),
         }
 
 
@@ -104,7 +110,32 @@ def _measure(shards: int, replicas: int, seconds: float, warmup: float, pin: boo
         finally:
             monitor.stop()
     server = None if server0 is None or server1 is None else server1 - server0
-    return Cost(shards, replicas, len(nodes), elapsed, polls, cpu, proc, server)
+    idle = asyncio.run(_idle_loop_cpu(len(nodes), topology.monitor.interval,
+                                      max(2.0, seconds / 2)))
+    return Cost(shards, replicas, len(nodes), elapsed, polls, cpu, proc, server, idle)
+
+
+async def _idle_loop_cpu(sleepers: int, interval: float, seconds: float) -> float:
+    """CPU seconds per second of an event loop whose only work is ``sleepers`` tasks waking
+    every ``interval`` (jittered like the monitor): the floor any per-node poller pays.
+
+    On a VM an idle CPU halts and each wake-up is expensive; this shows how much of the
+    monitor's CPU is waking up rather than polling.
+    """
+    async def sleeper(seed: int) -> None:
+        jitter = random.Random(seed)
+        while True:
+            await asyncio.sleep(interval * jitter.uniform(0.9, 1.1))
+
+    tasks = [asyncio.create_task(sleeper(i)) for i in range(sleepers)]
+    await asyncio.sleep(interval * 2)
+    started, cpu = time.monotonic(), time.thread_time()
+    await asyncio.sleep(seconds)
+    used = (time.thread_time() - cpu) / (time.monotonic() - started)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return used
 
 
 def _server_cpu(dsns: list[str]) -> float | None:
