@@ -176,6 +176,10 @@ def read_batch(env: BenchEnv, options: Options) -> ScenarioResult:
             Bar("single gets / get_many (speed-up)", speedup.value, 20.0, at_least=True,
                 detail=str(speedup)),
         ]
+        floor_speedup = Ratio.of(run.series[f"propstore {len(ids):,} single gets"],
+                                 run.series["raw psycopg, 1 query per shard"])
+        result.facts["single gets / raw per-shard queries (what the floor itself achieves)"] = (
+            str(floor_speedup))
         result.facts["shards"] = {env.topology.shards[s].name: len(u) for s, u in groups.items()}
         note_errors(result, contenders)
         maybe_profile(options, result, "propstore-get-many", propstore_batch)
