@@ -207,7 +207,11 @@ def _cell(text: str) -> str:
 
 
 def plot(path: Path, results: Sequence[ScenarioResult]) -> None:
-    """Latency distributions (ECDF, log time axis) per contender, one panel per scenario."""
+    """Latency distributions per contender, one panel per scenario.
+
+    Each curve is the fraction of operations slower than x (both axes logarithmic), so the
+    median (0.5) and the tail (p99 at 0.01, p99.9 at 0.001) are read off the same curve.
+    """
     import matplotlib  # the bench extra; only needed with --plot
 
     matplotlib.use("Agg")
@@ -225,14 +229,17 @@ def plot(path: Path, results: Sequence[ScenarioResult]) -> None:
             values = sorted(v * 1000 for v in series.values)
             if not values:
                 continue
-            fraction = [(i + 1) / len(values) for i in range(len(values))]
-            axis.step(values, fraction, where="post", label=f"{name} (n={len(values)})")
+            slower = [1 - i / len(values) for i in range(len(values))]
+            axis.step(values, slower, where="post", label=f"{name} (n={len(values)})")
         axis.set_xscale("log")
-        axis.set_xlabel("latency (ms, log scale)")
-        axis.set_ylabel("fraction of operations")
+        axis.set_yscale("log")
+        axis.axhline(0.5, color="grey", linewidth=0.6, linestyle=":")
+        axis.axhline(0.01, color="grey", linewidth=0.6, linestyle=":")
+        axis.set_xlabel("latency (ms)")
+        axis.set_ylabel("fraction slower (0.5: median, 0.01: p99)")
         axis.set_title(result.name)
         axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=7, loc="lower right")
+        axis.legend(fontsize=6.5, loc="lower left")
     for axis in list(axes.flat)[len(shown):]:
         axis.set_visible(False)
     figure.tight_layout()
