@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
+from tenacity import AsyncRetrying
 
 from propstore import _wire
 from propstore.config import Topology
@@ -118,19 +118,18 @@ class AsyncPropertyStore:
     async def _write(self, kind: str, tenant: str, user_id: str, argument: object) -> Token:
         shard, statement = self._core.write_request(kind, tenant, user_id, argument)
         give_up_at = time.monotonic() + self.topology.routing.write_retry_time
-        retrying = AsyncRetrying(
-            stop=stop_after_delay(self.topology.routing.write_retry_time),
-            wait=wait_exponential_jitter(multiplier=0.05, max=0.5),
-            retry=retry_if_exception(is_retryable_write_error),
-            reraise=True,
-        )
 
         async def attempt() -> tuple[int | None, LSN]:
             program = self._core.write_program(shard, statement, give_up_at)
             return await self._run(program)  # type: ignore[no-any-return]
 
         try:
-            outcome: tuple[int | None, LSN] = await retrying(attempt)
+            try:
+                outcome = await attempt()
+            except (psycopg.Error, _wire.DeadlineExceeded) as exc:
+                if not is_retryable_write_error(exc):
+                    raise
+                outcome = await self._core.write_retrying(AsyncRetrying, give_up_at)(attempt)
         except (psycopg.Error, _wire.DeadlineExceeded) as exc:
             raise self._core.write_error(shard, exc) from None
         return self._core.write_done(shard, statement, outcome)

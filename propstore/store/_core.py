@@ -9,6 +9,7 @@ the two can never disagree about what makes a read fresh enough.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -16,13 +17,20 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import psycopg
 import structlog
 from psycopg_pool import PoolTimeout
+from tenacity import (
+    AsyncRetrying,
+    Retrying,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
 
 from propstore import _sql
 from propstore._validation import (
@@ -112,6 +120,8 @@ Response = tuple[Any, list[Any]]
 ReadObserver = Callable[["ReadResult", float], None]
 Program = Generator[Exec, Response, Any]
 
+RetryingT = TypeVar("RetryingT", Retrying, AsyncRetrying)
+
 _BUDGET_ORDER = ("max_staleness", "after", "profile", "consistency", "on_stale")
 _BUDGET_KEYS = frozenset(_BUDGET_ORDER)
 
@@ -160,6 +170,9 @@ class StoreCore:
         self.stats = ReadStats()
         self._rotation = itertools.count()
         self.observers: list[ReadObserver] = []
+        self._budgets = functools.lru_cache(maxsize=256)(
+            lambda key: self.freshness(*key[0])
+        )
 
     # ------------------------------------------------------------ arguments
 
@@ -205,11 +218,22 @@ class StoreCore:
         return budget, policy
 
     def budget(self, options: dict[str, Any]) -> tuple[Freshness, OnStale]:
-        """:meth:`freshness` from the keyword arguments of a read; refuses unknown ones."""
-        unknown = sorted(set(options) - _BUDGET_KEYS)
-        if unknown:
+        """:meth:`freshness` from the keyword arguments of a read; refuses unknown ones.
+
+        Budgets without a token repeat (a service uses a few), so they are resolved once and
+        kept in a small bounded cache; token budgets differ per write and are not cached.
+        """
+        if not _BUDGET_KEYS.issuperset(options):
+            unknown = sorted(set(options) - _BUDGET_KEYS)
             raise InvalidInputError("budget", f"unknown keyword(s) {unknown}")
-        return self.freshness(*(options.get(key) for key in _BUDGET_ORDER))
+        args = tuple(options.get(key) for key in _BUDGET_ORDER)
+        if args[1] is not None:
+            return self.freshness(*args)
+        try:
+            # Types in the key: lru_cache holds 1 == 1.0 == True, but True is refused.
+            return self._budgets((args, tuple(map(type, args))))
+        except TypeError:  # an unhashable argument: let freshness() refuse it clearly
+            return self.freshness(*args)
 
     def locate(self, tenant: object, user_id: object) -> tuple[str, str, int, int]:
         """Check the ids; return them with the user's bucket and shard index."""
@@ -254,10 +278,14 @@ class StoreCore:
         tenant_s, user_s, _bucket, shard = self.locate(tenant, user_id)
         freshness, policy = self.budget(options)
         data = Statement(_sql.GET, (tenant_s.encode(), user_s.encode()))
-        (props, version), result = yield from self.read_program(
+        (props, version), r = yield from self.read_program(
             shard, freshness, policy, data, decode_one
         )
-        return self.record(replace(result, props=props, version=version), started)
+        # Built field by field: dataclasses.replace costs more than the rest of the routing.
+        return self.record(ReadResult(
+            props, version, r.shard, r.node, r.from_replica, r.replay_lsn, r.staleness_bound,
+            r.fallback_reason, r.proof, r.within_budget,
+        ), started)
 
     def batch_reads(self, tenant: object, user_ids: object, options: dict[str, Any]
                     ) -> tuple[dict[str, Props | None], list[Program]]:
@@ -493,6 +521,16 @@ class StoreCore:
     def token(self, shard_index: int, lsn: LSN) -> Token:
         """The token for a write on a shard."""
         return Token(((self.shard_names[shard_index], lsn),))
+
+    def write_retrying(self, kind: type[RetryingT], give_up_at: float) -> RetryingT:
+        """The retry policy for writes (``Retrying`` or ``AsyncRetrying``): jittered backoff
+        while the error is retryable, never past ``give_up_at`` (monotonic)."""
+        return kind(
+            stop=stop_after_delay(max(0.0, give_up_at - time.monotonic())),
+            wait=wait_exponential_jitter(multiplier=0.05, max=0.5),
+            retry=retry_if_exception(is_retryable_write_error),
+            reraise=True,
+        )
 
     def write_error(self, shard_index: int, exc: BaseException) -> PropStoreError:
         """The error a caller sees for a write that failed (after any retries)."""

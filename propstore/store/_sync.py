@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg
 from psycopg_pool import ConnectionPool
-from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
+from tenacity import Retrying
 
 from propstore import _wire
 from propstore.config import Topology
@@ -131,16 +131,19 @@ class PropertyStore:
     def _write(self, kind: str, tenant: str, user_id: str, argument: object) -> Token:
         shard, statement = self._core.write_request(kind, tenant, user_id, argument)
         give_up_at = time.monotonic() + self.topology.routing.write_retry_time
-        retrying = Retrying(
-            stop=stop_after_delay(self.topology.routing.write_retry_time),
-            wait=wait_exponential_jitter(multiplier=0.05, max=0.5),
-            retry=retry_if_exception(is_retryable_write_error),
-            reraise=True,
-        )
+
+        def attempt() -> tuple[int | None, LSN]:
+            return self._run(self._core.write_program(shard, statement, give_up_at))  # type: ignore[no-any-return]
+
         try:
-            outcome: tuple[int | None, LSN] = retrying(
-                lambda: self._run(self._core.write_program(shard, statement, give_up_at))
-            )
+            try:
+                outcome = attempt()
+            except (psycopg.Error, _wire.DeadlineExceeded) as exc:
+                if not is_retryable_write_error(exc):
+                    raise
+                # Only a failed first attempt pays for tenacity: the primary may be
+                # restarting or a promotion may be under way (the monitor rediscovers it).
+                outcome = self._core.write_retrying(Retrying, give_up_at)(attempt)
         except (psycopg.Error, _wire.DeadlineExceeded) as exc:
             raise self._core.write_error(shard, exc) from None
         return self._core.write_done(shard, statement, outcome)
