@@ -152,7 +152,9 @@ def execute(
             if mask != registered:
                 poller.register(fd, mask)
                 registered = mask
-            events = poller.poll(remaining * 1000.0)
+            # poll() rounds a float timeout *up* to the next millisecond; rounding down
+            # keeps the deadline a deadline (the sub-millisecond rest is a few poll(0)s).
+            events = poller.poll(int(remaining * 1000.0))
             if not events:
                 continue
             ready = 0
