@@ -348,7 +348,31 @@ class StoreCore:
         data: Statement,
         decode: Callable[[Any], Any],
     ) -> Generator[Exec, Response, tuple[Any, ReadResult]]:
-        """Serve one query on one shard within ``freshness``; returns (decoded rows, result)."""
+        """Serve one query on one shard within ``freshness``; returns (decoded rows, result).
+
+        Replica failures are reported to the monitor (and logged) only once the read is
+        answered: that bookkeeping must not add to the latency of the read that hit them.
+        """
+        failures: list[tuple[int, str]] = []
+        try:
+            return (yield from self._read(shard_index, freshness, on_stale, data, decode,
+                                          failures))
+        finally:
+            shard = self.shard_names[shard_index]
+            for index, error in failures:
+                self.state.fail(shard_index, index, error)
+                log.info("replica_read_failed", shard=shard,
+                         node=self.topology.shards[shard_index].nodes[index].name, error=error)
+
+    def _read(
+        self,
+        shard_index: int,
+        freshness: Freshness,
+        on_stale: OnStale,
+        data: Statement,
+        decode: Callable[[Any], Any],
+        failures: list[tuple[int, str]],
+    ) -> Generator[Exec, Response, tuple[Any, ReadResult]]:
         started = self.clock()
         shard = self.shard_names[shard_index]
         decision = self.decide(shard_index, freshness)
@@ -381,13 +405,11 @@ class StoreCore:
                 continue
             except DeadlineExceeded:
                 reason = "replica_timeout"
-                self.state.fail(shard_index, cand.index, "read deadline exceeded")
-                log.info("replica_read_abandoned", shard=shard, node=cand.node.name,
-                         deadline=self.routing.replica_deadline)
+                failures.append((cand.index, "read deadline exceeded"))
                 continue
             except psycopg.Error as exc:
                 reason = "replica_down"
-                self.state.fail(shard_index, cand.index, f"read failed: {type(exc).__name__}")
+                failures.append((cand.index, f"read failed: {type(exc).__name__}"))
                 continue
             if proven:
                 lsn, proof = proven[0]
