@@ -400,8 +400,12 @@ class StoreCore:
             try:
                 conn, results = yield Exec(cand.node.config, deadline, plan)
             except PoolTimeout:
-                # No free connection in time: busy or reconnecting, not proof the node failed.
+                # No free connection in time: busy or reconnecting, not proof the node failed
+                # -- unless it was already failing, then it counts (a frozen replica's pool
+                # blocks on reconnecting, and every read would pay the deadline otherwise).
                 reason = "replica_timeout"
+                if cand.node.failures:
+                    failures.append((cand.index, "no connection before the read deadline"))
                 continue
             except DeadlineExceeded:
                 reason = "replica_timeout"
@@ -609,11 +613,9 @@ def decode_one(result: Any) -> tuple[Props | None, int | None]:
 
 
 def decode_many(result: Any) -> dict[str, Props]:
-    """Rows of ``GET_MANY``: ``{user_id: props}``."""
-    return {
-        result.get_value(i, 0).decode(): json.loads(result.get_value(i, 1))
-        for i in range(result.ntuples)
-    }
+    """The row of ``GET_MANY``: ``{user_id: props}`` (NULL when no user was found)."""
+    value = result.get_value(0, 0) if result.ntuples else None
+    return json.loads(value) if value is not None else {}
 
 
 def is_retryable_write_error(exc: BaseException) -> bool:
