@@ -1,4 +1,4 @@
-"""Parsing of human durations such as ``"500ms"`` or ``"5s"`` (seconds as floats)."""
+"""Human units: durations such as ``"500ms"`` (parsed to seconds) and byte counts (shown)."""
 
 from __future__ import annotations
 
@@ -48,3 +48,15 @@ def format_duration(seconds: float) -> str:
         return f"{minutes}m{rest:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m"
+
+
+def format_bytes(count: int | None) -> str:
+    """``0 B``, ``840 B``, ``12.3 kB``, ``4.1 MB``, ``2.0 GB`` (SI units); ``-`` when unknown."""
+    if count is None:
+        return "-"
+    value = float(count)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")

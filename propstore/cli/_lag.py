@@ -18,7 +18,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from propstore._durations import format_duration
+from propstore._durations import format_bytes, format_duration
 from propstore.cli._context import (
     DURATION,
     EXIT_CHECK_FAILED,
@@ -69,18 +69,6 @@ def current_report(store: PropertyStore) -> LagReport:
     """The lag report of a store's monitor now."""
     return lag_report(store.shard_views(), store.topology.profiles,
                       store.monitor.state.clock())
-
-
-def format_bytes(count: int | None) -> str:
-    """``0 B``, ``840 B``, ``12.3 kB``, ``4.1 MB``, ``2.0 GB``; ``-`` when unknown."""
-    if count is None:
-        return "-"
-    value = float(count)
-    for unit in ("B", "kB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    raise AssertionError("unreachable")
 
 
 def _bound_text(row: LagRow, budgets: list[float]) -> Text:

@@ -22,7 +22,7 @@ from typing import Any, cast
 import psycopg
 
 from propstore import _sql
-from propstore._durations import format_duration
+from propstore._durations import format_bytes, format_duration
 from propstore._wire import DeadlineExceeded, Statement, execute
 from propstore.config import NodeConfig, ShardConfig
 from propstore.lsn import LSN
@@ -32,15 +32,6 @@ from propstore.monitor._state import apply_failure, apply_observation, initial_v
 Clock = Callable[[], float]
 
 
-def _bytes(count: int | None) -> str:
-    if count is None:
-        return "? B"
-    size = float(count)
-    for unit in ("B", "kB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +69,7 @@ class ReplicaLag:
             return f"{self.name} down ({self.error or 'unreachable'})"
         bound = "unproven" if math.isinf(self.staleness) else f"≤ {format_duration(self.staleness)}"
         return (f"{self.name} {self.state}, staleness {bound}, "
-                f"{_bytes(self.bytes_behind)} behind, replay {self.replay_lsn or '-'}")
+                f"{format_bytes(self.bytes_behind)} behind, replay {self.replay_lsn or '-'}")
 
 
 @dataclass(frozen=True, slots=True)
