@@ -12,14 +12,12 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-import math
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 import structlog
@@ -42,93 +40,32 @@ from propstore._validation import (
     encode_props,
 )
 from propstore._wire import DeadlineExceeded, Statement
-from propstore.config import NodeConfig, OnStale, Topology
+from propstore.config import OnStale, Topology
 from propstore.errors import (
     InvalidInputError,
     PropStoreError,
     ShardUnavailableError,
-    StaleReadError,
 )
 from propstore.freshness import STRONG, Freshness, Token, coerce_token
 from propstore.lsn import LSN
 from propstore.monitor import MonitorState, NodeView, ShardView
-from propstore.router import FallbackLimiter, FallbackReason, RouteDecision, route
+from propstore.router import FallbackLimiter, RouteDecision, route
+from propstore.store import _degrade
+
+# Re-exported (``X as X``): the drivers and the package import these from here.
+from propstore.store._program import ConnState, Proof, Response, fixed
+from propstore.store._program import Exec as Exec
+from propstore.store._program import Program as Program
+from propstore.store._program import Props as Props
+from propstore.store._program import ReadObserver as ReadObserver
+from propstore.store._program import ReadResult as ReadResult
 
 log = structlog.get_logger("propstore.store")
-
-Proof = Literal["primary", "monitor", "connection", "pipeline", "unproven"]
-Props = dict[str, Any]
-
-
-class ConnState(Protocol):
-    """What a pooled connection remembers for the fast path (see ``_pool``)."""
-
-    propstore_opened_at: float
-    propstore_verified_lsn: LSN | None
-
-
-@dataclass(frozen=True, slots=True)
-class ReadResult:
-    """A read's answer and how it was served.
-
-    Attributes:
-        props: the user's properties, or None when the user has none.
-        version: the document's version (increases on every change), None if absent.
-        shard: the shard that holds the user.
-        node: the node that served the read.
-        from_replica: whether a replica served it.
-        replay_lsn: the replica's replay LSN the read was proven against (None on primary).
-        staleness_bound: proven upper bound, in seconds, on how stale the answer is: it
-            includes every write acknowledged more than this long before the read began.
-            0.0 when the primary served it.
-        fallback_reason: why the primary (or a stale replica) served, when a fresh replica
-            did not: ``replica_stale``, ``replica_down``, ``replica_timeout``,
-            ``no_replica`` or ``strong``.
-        proof: how freshness was established: ``pipeline`` (LSN read in the same round trip),
-            ``monitor`` or ``connection`` (an earlier observation that provably still holds),
-            ``primary``, or ``unproven`` (``on_stale="serve"`` past the fallback cap).
-        within_budget: False only for a stale replica served under ``on_stale="serve"``.
-    """
-
-    props: Props | None
-    version: int | None
-    shard: str
-    node: str
-    from_replica: bool
-    replay_lsn: LSN | None
-    staleness_bound: float
-    fallback_reason: FallbackReason | None
-    proof: Proof
-    within_budget: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class Exec:
-    """A request from a program: run ``plan(conn)``'s statements on ``node`` by ``deadline``.
-
-    ``plan`` sees the checked-out connection, so the program can pick the fast path when an
-    observation valid for *that* connection already proves the budget.
-    """
-
-    node: NodeConfig
-    deadline: float
-    plan: Callable[[ConnState], tuple[Sequence[Statement], bool]]
-
-
-Response = tuple[Any, list[Any]]
-#: Called after every read with the result and its duration in seconds.
-ReadObserver = Callable[["ReadResult", float], None]
-Program = Generator[Exec, Response, Any]
 
 RetryingT = TypeVar("RetryingT", Retrying, AsyncRetrying)
 
 _BUDGET_ORDER = ("max_staleness", "after", "profile", "consistency", "on_stale")
 _BUDGET_KEYS = frozenset(_BUDGET_ORDER)
-
-
-def _fixed(statements: Sequence[Statement], commit_each: bool = False
-           ) -> Callable[[ConnState], tuple[Sequence[Statement], bool]]:
-    return lambda conn: (statements, commit_each)
 
 
 class ReadStats:
@@ -435,19 +372,8 @@ class StoreCore:
                 None, None, shard, cand.node.name, True, lsn, bound, None, proof
             )
         assert reason is not None
-        if not freshness.strong and not self.limiters[shard_index].try_acquire(self.clock()):
-            if on_stale == "serve":
-                served = yield from self._serve_stale(shard_index, decision, data, decode, started)
-                if served is not None:
-                    return served
-            raise StaleReadError(
-                shard,
-                f"no replica within budget ({freshness}; {reason}) and the primary fallback "
-                f"cap of {self.routing.primary_fallback_rate:g} reads/s is exhausted",
-            )
-        rows, node = yield from self._primary_read(shard_index, data)
-        return decode(rows), ReadResult(None, None, shard, node, False, None, 0.0, reason,
-                                        "primary")
+        return (yield from _degrade.fallback(self, shard_index, decision, reason, on_stale,
+                                             data, decode, started))
 
     def _primary_read(self, shard_index: int, data: Statement
                       ) -> Generator[Exec, Response, tuple[Any, str]]:
@@ -480,29 +406,6 @@ class StoreCore:
             return results[1], node.name
         return results[0], node.name
 
-    def _serve_stale(
-        self, shard_index: int, decision: RouteDecision, data: Statement,
-        decode: Callable[[Any], Any], started: float,
-    ) -> Generator[Exec, Response, tuple[Any, ReadResult] | None]:
-        best = decision.freshest
-        if best is None:
-            return None
-        try:
-            _conn, results = yield Exec(
-                best.node.config, time.monotonic() + self.routing.replica_deadline,
-                _fixed((Statement(_sql.REPLAY_LSN), data)),
-            )
-        except (DeadlineExceeded, psycopg.Error):
-            return None
-        raw = results[0].get_value(0, 0)
-        lsn = LSN.parse(raw) if raw else None
-        bound = self.state.view(shard_index).history.bound(lsn, started)
-        return decode(results[1]), ReadResult(
-            None, None, decision.shard.name, best.node.name, True, lsn, bound,
-            "replica_stale", "unproven" if math.isinf(bound) else "pipeline",
-            within_budget=False,
-        )
-
     def write_program(self, shard_index: int, statement: Statement, give_up_at: float
                       ) -> Generator[Exec, Response, tuple[int | None, LSN]]:
         """One attempt at a write on the shard's primary: (new version, LSN after commit).
@@ -516,7 +419,7 @@ class StoreCore:
         deadline = min(time.monotonic() + self.routing.primary_deadline, give_up_at)
         _conn, results = yield Exec(
             node.config, deadline,
-            _fixed((statement, Statement(_sql.FLUSH_LSN)), commit_each=True),
+            fixed((statement, Statement(_sql.FLUSH_LSN)), commit_each=True),
         )
         write, lsn = results
         version = int(write.get_value(0, 0)) if write.ntuples else None

@@ -1,0 +1,87 @@
+"""The vocabulary programs and drivers share: what a program asks for (:class:`Exec`), what
+it gets back, and what a read returns (:class:`ReadResult`).
+
+Kept apart from ``_core`` so the modules a read's program is built from (``_core`` and
+``_degrade``) import it without importing each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from propstore._wire import Statement
+from propstore.config import NodeConfig
+from propstore.lsn import LSN
+from propstore.router import FallbackReason
+
+Proof = Literal["primary", "monitor", "connection", "pipeline", "unproven"]
+Props = dict[str, Any]
+
+
+class ConnState(Protocol):
+    """What a pooled connection remembers for the fast path (see ``_pool``)."""
+
+    propstore_opened_at: float
+    propstore_verified_lsn: LSN | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReadResult:
+    """A read's answer and how it was served.
+
+    Attributes:
+        props: the user's properties, or None when the user has none.
+        version: the document's version (increases on every change), None if absent.
+        shard: the shard that holds the user.
+        node: the node that served the read.
+        from_replica: whether a replica served it.
+        replay_lsn: the replica's replay LSN the read was proven against (None on primary).
+        staleness_bound: proven upper bound, in seconds, on how stale the answer is: it
+            includes every write acknowledged more than this long before the read began.
+            0.0 when the primary served it.
+        fallback_reason: why the primary (or a stale replica) served, when a fresh replica
+            did not: ``replica_stale``, ``replica_down``, ``replica_timeout``,
+            ``no_replica`` or ``strong``.
+        proof: how freshness was established: ``pipeline`` (LSN read in the same round trip),
+            ``monitor`` or ``connection`` (an earlier observation that provably still holds),
+            ``primary``, or ``unproven`` (``on_stale="serve"`` past the fallback cap).
+        within_budget: False only for a stale replica served under ``on_stale="serve"``.
+    """
+
+    props: Props | None
+    version: int | None
+    shard: str
+    node: str
+    from_replica: bool
+    replay_lsn: LSN | None
+    staleness_bound: float
+    fallback_reason: FallbackReason | None
+    proof: Proof
+    within_budget: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Exec:
+    """A request from a program: run ``plan(conn)``'s statements on ``node`` by ``deadline``.
+
+    ``plan`` sees the checked-out connection, so the program can pick the fast path when an
+    observation valid for *that* connection already proves the budget.
+    """
+
+    node: NodeConfig
+    deadline: float
+    plan: Callable[[ConnState], tuple[Sequence[Statement], bool]]
+
+
+Response = tuple[Any, list[Any]]
+#: Called after every read with the result and its duration in seconds.
+ReadObserver = Callable[["ReadResult", float], None]
+Program = Generator[Exec, Response, Any]
+
+
+def fixed(statements: Sequence[Statement], commit_each: bool = False
+          ) -> Callable[[ConnState], tuple[Sequence[Statement], bool]]:
+    """A plan that runs ``statements`` whatever the connection."""
+    return lambda conn: (statements, commit_each)
