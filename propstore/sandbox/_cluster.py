@@ -24,6 +24,7 @@ from propstore.sandbox._errors import SandboxError
 from propstore.sandbox._lifetime import emergency_stop, reap_orphans
 from propstore.sandbox._locations import cache_dir, scratch_root
 from propstore.sandbox._node import LocalNode
+from propstore.sandbox._poolers import Front, FrontKind, make_front
 from propstore.sandbox._processes import ProcessId, identify
 from propstore.sandbox._replication import Role
 from propstore.sandbox._shard import LocalShard
@@ -76,6 +77,8 @@ class LocalCluster:
         self.base_dir: Path | None = None if base_dir is None else Path(base_dir).absolute()
         self.config_path: Path | None = None
         self.shards: list[LocalShard] = []
+        #: Poolers and proxies started by :meth:`front`, stopped by :meth:`stop`.
+        self.fronts: list[Front] = []
         self.startup_seconds: float | None = None
         self._account = ServerAccount.for_this_process()
         self._install: PgInstall = find_install(pg_bin)
@@ -172,6 +175,9 @@ class LocalCluster:
     def stop(self) -> None:
         """Stop every server (thawing frozen ones first) and remove a temporary base_dir."""
         nodes = self.nodes
+        for front in self.fronts:
+            front.stop()
+        self.fronts = []
         _run_parallel([node.stop for node in nodes])
         if self._finalizer is not None:
             self._finalizer.detach()
@@ -229,14 +235,53 @@ class LocalCluster:
 
     # -- topology file --------------------------------------------------------------------
 
-    def write_config(self, path: str | Path | None = None) -> Path:
-        """Write the topology TOML (docs/config.md format); default ``base_dir/propstore.toml``."""
+    def write_config(self, path: str | Path | None = None,
+                     fronts: Sequence[Front] = ()) -> Path:
+        """Write the topology TOML (docs/config.md format); default ``base_dir/propstore.toml``.
+
+        Each of ``fronts`` replaces the direct entries of the replicas it stands in front of
+        (so reads of that shard reach its replicas through it).
+        """
         if not self.shards or self.base_dir is None:
             raise SandboxError("start the cluster before writing its configuration")
         target = Path(path) if path is not None else self.base_dir / CONFIG_NAME
-        target.write_text(render_config(self.shards, self.bucket_count))
+        replaced: dict[str, list[Any]] = {}
+        for shard in self.shards:
+            covered = {t.name for f in fronts for t in f.targets if t in shard.replicas}
+            mine = [f for f in fronts if any(t in shard.replicas for t in f.targets)]
+            if mine:
+                replaced[shard.name] = [*mine, *(
+                    r for r in shard.replicas if r.name not in covered)]
+        target.write_text(render_config(self.shards, self.bucket_count, replaced))
         self.config_path = target
         return target
+
+    def front(self, kind: FrontKind, shard: int | str = 0,
+              targets: Sequence[LocalNode] | None = None) -> Front:
+        """Start a pooler or proxy in front of a shard's replicas and return it.
+
+        ``kind``: ``pgbouncer-session``, ``pgbouncer-transaction``, ``pgbouncer-hosts`` (a
+        session-mode host list over every target) or ``haproxy`` (TCP round robin over every
+        target). ``targets`` defaults to the shard's replicas (the first one for a
+        single-server PgBouncer entry). It runs on a free loopback port until :meth:`stop`
+        (or its own ``stop``); put ``front.dsn`` in a topology, or use :meth:`write_config`'s
+        ``fronts``.
+        """
+        if self.base_dir is None or not self.shards:
+            raise SandboxError("start the cluster before putting anything in front of it")
+        found = self.shards[shard] if isinstance(shard, int) else next(
+            (s for s in self.shards if s.name == shard), None)
+        if found is None:
+            raise SandboxError(f"no shard {shard!r}")
+        chosen = list(targets) if targets is not None else found.replicas
+        if not chosen:
+            raise SandboxError(f"{found.name} has no replicas to put a {kind} in front of")
+        name = f"{found.name}-via-{kind}-{len(self.fronts) + 1}"
+        front = make_front(kind, name, chosen, self.base_dir / "fronts" / name, self._account)
+        self._account.make_dir(self.base_dir / "fronts", 0o755)
+        front.start()
+        self.fronts.append(front)
+        return front
 
     # -- waiting and faults ---------------------------------------------------------------
 

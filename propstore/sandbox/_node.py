@@ -91,6 +91,11 @@ class LocalNode(SqlNode):
         return f"host=127.0.0.1 port={self.port} dbname={DATABASE} user={SUPERUSER}"
 
     @property
+    def socket_dir(self) -> Path | None:
+        """Folder of the server's Unix socket (``.s.PGSQL.<port>``), if it has one."""
+        return self._socket_dir
+
+    @property
     def data_dir(self) -> Path:
         """The PostgreSQL data directory (PGDATA)."""
         return self.node_dir / "data"

@@ -8,7 +8,7 @@ library defaults apply.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 PROFILES: dict[str, str] = {"personalisation": "5s", "workflow": "500ms"}
@@ -64,8 +64,10 @@ def _node_table(node: NodeView) -> str:
     return f"{{ name = {_quote(node.name)}, dsn = {_quote(node.dsn)} }}"
 
 
-def render_config(shards: Sequence[ShardView], bucket_count: int) -> str:
-    """The topology file's text for these shards."""
+def render_config(shards: Sequence[ShardView], bucket_count: int,
+                  replicas: Mapping[str, Sequence[NodeView]] | None = None) -> str:
+    """The topology file's text for these shards; ``replicas`` replaces a shard's replica
+    entries by name (e.g. a pooler in front of them)."""
     lines = [
         "# Written by propstore.sandbox for a local cluster; see docs/config.md.",
         f"bucket_count = {bucket_count}",
@@ -82,7 +84,8 @@ def render_config(shards: Sequence[ShardView], bucket_count: int) -> str:
             f"buckets = [{_quote(f'{first}-{last}')}]",
             f"primary = {_node_table(shard.primary)}",
             "replicas = [",
-            *(f"  {_node_table(replica)}," for replica in shard.replicas),
+            *(f"  {_node_table(replica)}," for replica in (
+                (replicas or {}).get(shard.name, shard.replicas))),
             "]",
             "",
         ]

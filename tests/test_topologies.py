@@ -1,0 +1,222 @@
+"""Proofs where users put their replicas: PgBouncer, HAProxy, libpq multi-host DSNs.
+
+One private cluster (1 shard, 2 replicas) for the module; each test puts one topology in
+front of the replicas, injects one fault (paused replay, apply delay, a crash-restart
+behind the front, a RELOAD that repoints the entry) and runs a load that checks every read
+on its data: within its budget, no false claim (the data is at least as new as the
+``replay_lsn`` and ``staleness_bound`` the result states), and read-your-writes. Replicas
+must serve some of the reads in every topology.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import psycopg
+import pytest
+
+from propstore import PropertyStore, Topology
+from propstore.sandbox import LocalCluster, LocalNode
+from propstore.sandbox._poolers import Front, front_available, wait_front_serves
+from tests._claims_load import ClaimsLoad, ClaimsReport
+
+pytestmark = pytest.mark.slow
+
+RUN_SECONDS = 3.0
+USERS = [f"topo-user-{i}" for i in range(24)]
+
+
+@pytest.fixture(scope="module")
+def topo_cluster() -> Iterator[LocalCluster]:
+    """A private 1x2 cluster, migrated, for this module."""
+    from propstore.migrate import upgrade
+
+    with LocalCluster(shards=1, replicas=2) as cluster:
+        upgrade(cluster.shards[0].primary.dsn)
+        cluster.wait_caught_up()
+        yield cluster
+
+
+@pytest.fixture
+def fresh(topo_cluster: LocalCluster) -> Iterator[LocalCluster]:
+    """The module cluster with an empty table; fronts and faults undone after the test."""
+    topo_cluster.shards[0].primary.execute("TRUNCATE user_properties")
+    topo_cluster.wait_caught_up()
+    yield topo_cluster
+    for front in topo_cluster.fronts:
+        front.stop()
+    topo_cluster.fronts.clear()
+    topo_cluster.reset_faults()
+
+
+@dataclass
+class Reached:
+    """How the test reaches the replicas: the replica DSN and the server(s) behind it."""
+
+    dsn: str
+    #: Servers a connection may land on; faults go to ``servers[-1]`` (the last target).
+    servers: list[LocalNode]
+    front: Front | None = None
+
+
+def _multihost_dsn(nodes: list[LocalNode]) -> str:
+    hosts = ",".join("127.0.0.1" for _ in nodes)
+    ports = ",".join(str(n.port) for n in nodes)
+    return (f"host={hosts} port={ports} load_balance_hosts=random "
+            "dbname=propstore user=postgres")
+
+
+def _reach(cluster: LocalCluster, kind: str) -> Reached:
+    replicas = cluster.shards[0].replicas
+    if kind == "libpq-multihost":
+        if psycopg.pq.version() < 160000:
+            pytest.skip("libpq < 16 has no load_balance_hosts")
+        return Reached(_multihost_dsn(replicas), list(replicas))
+    reason = front_available(kind)  # type: ignore[arg-type]
+    if reason is not None:
+        pytest.skip(reason)
+    front = cluster.front(kind)  # type: ignore[arg-type]
+    wait_front_serves(front)
+    return Reached(front.dsn, list(front.targets), front)
+
+
+def _topology(cluster: LocalCluster, replica_dsn: str) -> Topology:
+    shard = cluster.shards[0]
+    return Topology.from_dict({
+        "bucket_count": 64,
+        # No fallback cap: StaleReadError past it is the limiter's policy, not a proof.
+        "routing": {"primary_fallback_rate": 0},
+        "shards": [{
+            "name": shard.name, "buckets": ["0-63"],
+            "primary": {"name": "primary", "dsn": shard.primary.dsn},
+            "replicas": [{"name": "replicas", "dsn": replica_dsn}],
+        }],
+    })
+
+
+def _run(cluster: LocalCluster, reached: Reached,
+         fault: Callable[[ClaimsLoad, LocalNode], None]) -> ClaimsReport:
+    with PropertyStore(_topology(cluster, reached.dsn)) as store, \
+            ClaimsLoad(store, USERS) as load:
+        load.wait(0.5)
+        fault(load, _victim(reached))
+        report = load.stop()
+    print(report.summary())
+    return report
+
+
+def _monitor_on(node: LocalNode) -> bool:
+    return bool(node.scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'propstore-monitor'"))
+
+
+def _victim(reached: Reached) -> LocalNode:
+    """The server to hurt: the only one, or one the monitor's connection is *not* on (the
+    case where an observation of the DSN describes another server than the reads use)."""
+    if len(reached.servers) == 1:
+        return reached.servers[0]
+    others = [n for n in reached.servers if not _monitor_on(n)]
+    assert others, "the monitor seems connected to every backend"
+    return others[0]
+
+
+def _assert_sound(report: ClaimsReport, *, some_down: bool = False) -> None:
+    assert report.reads > 0 and report.token_reads > 0 and report.writes > 0, report.summary()
+    assert report.budget_violations == 0, report.examples
+    assert report.false_claims == 0, report.examples
+    assert report.missed_own_writes == 0, report.examples
+    assert report.replica_reads > 0, f"no replica served a read: {report.summary()}"
+    if not some_down:
+        # Nothing was down: a replica_down fallback is a proof or statement broken by the
+        # topology and passed off as an outage.
+        assert not report.reasons["replica_down"], report.summary()
+        assert not report.errors, (dict(report.errors), report.examples)
+
+
+TOPOLOGIES = ["pgbouncer-session", "pgbouncer-transaction", "pgbouncer-hosts", "haproxy",
+              "libpq-multihost"]
+#: Topologies whose replica DSN reaches both replicas (the fault hits one of them).
+MULTI = {"pgbouncer-hosts", "haproxy", "libpq-multihost"}
+
+# Stage 1: the violations of ../shared/notes/topologies.md, reproduced on the current code.
+_FAILS_TODAY = pytest.mark.xfail(
+    strict=True, reason="issue 11: proofs not tied to the server that served the read")
+
+
+_MAY_FAIL_TODAY = pytest.mark.xfail(
+    strict=False, reason="issue 11: SQL PREPARE collides behind transaction pooling")
+
+
+def _param(kind: str, passes_today: tuple[str, ...] = ("pgbouncer-session",),
+           flaky_today: tuple[str, ...] = ()) -> object:
+    if kind in passes_today:
+        return pytest.param(kind, id=kind)
+    return pytest.param(kind, id=kind,
+                        marks=_MAY_FAIL_TODAY if kind in flaky_today else _FAILS_TODAY)
+
+
+@pytest.mark.parametrize("kind", [_param(k) for k in TOPOLOGIES])
+def test_reads_within_budget_and_claims_true_under_paused_replay(
+        fresh: LocalCluster, kind: str) -> None:
+    reached = _reach(fresh, kind)
+
+    def pause(load: ClaimsLoad, victim: LocalNode) -> None:
+        victim.pause_replay()
+        load.wait(RUN_SECONDS)
+
+    _assert_sound(_run(fresh, reached, pause))
+
+
+@pytest.mark.parametrize("kind", [_param(k) for k in TOPOLOGIES])
+def test_reads_within_budget_and_claims_true_under_apply_delay(
+        fresh: LocalCluster, kind: str) -> None:
+    reached = _reach(fresh, kind)
+
+    def delay(load: ClaimsLoad, victim: LocalNode) -> None:
+        victim.set_apply_delay(0.7)
+        load.wait(RUN_SECONDS)
+
+    _assert_sound(_run(fresh, reached, delay))
+
+
+@pytest.mark.parametrize("kind", [_param(k, flaky_today=("pgbouncer-transaction",))
+                                  for k in TOPOLOGIES])
+def test_reads_sound_across_a_replica_crash_restart_behind_the_front(
+        fresh: LocalCluster, kind: str) -> None:
+    reached = _reach(fresh, kind)
+
+    def crash(load: ClaimsLoad, victim: LocalNode) -> None:
+        # Paused first: the restarted server reopens behind what it had shown (at most at
+        # its last restartpoint), which is what a remembered LSN must not survive.
+        victim.pause_replay()
+        load.wait(0.5)
+        victim.kill()
+        victim.start()
+        victim.pause_replay()
+        load.wait(RUN_SECONDS)
+
+    # Reads in flight on the crashed server may fail and fall back; claims may not be false.
+    _assert_sound(_run(fresh, reached, crash), some_down=True)
+
+
+@pytest.mark.parametrize("kind", [
+    _param(k, passes_today=(), flaky_today=("pgbouncer-transaction",))
+    for k in ("pgbouncer-session", "pgbouncer-transaction")])
+def test_token_reads_see_own_writes_after_a_reload_repoints_the_entry(
+        fresh: LocalCluster, kind: str) -> None:
+    reached = _reach(fresh, kind)
+    replica1, replica2 = fresh.shards[0].replicas
+    assert reached.front is not None and reached.servers == [replica1]
+
+    def repoint(load: ClaimsLoad, victim: LocalNode) -> None:
+        load.wait(0.5)  # connections verify (and remember) replica1's LSNs
+        replica2.pause_replay()
+        reached.front.repoint([replica2])  # type: ignore[union-attr]
+        # Recycle the pooled clients' server connections (as server_lifetime would): new
+        # clients land on replica2 while the monitor's connection stays on replica1.
+        replica1.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                         " WHERE application_name LIKE 'propstore:%'")
+        load.wait(RUN_SECONDS)
+
+    _assert_sound(_run(fresh, reached, repoint), some_down=True)
