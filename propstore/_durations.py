@@ -50,6 +50,13 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
+def format_bound(seconds: float) -> str:
+    """A proven staleness bound for people: :func:`format_duration`, or ``unproven`` when
+    nothing is proven (``inf``). Every view of a bound (``lag``, ``route``, ``get``) spells
+    it this way."""
+    return "unproven" if math.isinf(seconds) else format_duration(seconds)
+
+
 def format_bytes(count: int | None) -> str:
     """``0 B``, ``840 B``, ``12.3 kB``, ``4.1 MB``, ``2.0 GB`` (SI units); ``-`` when unknown."""
     if count is None:

@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass
 from typing import Literal
 
-from propstore._durations import format_duration
+from propstore._durations import format_bound
 from propstore.freshness import Freshness
 from propstore.monitor import NodeView, ShardView
 
@@ -68,12 +68,12 @@ class RouteDecision:
         for cand in self.candidates:
             lines.append(
                 f"  candidate {cand.node.name} ({cand.node.config.address}): replay "
-                f"{cand.node.lsn}, bound {format_duration(cand.staleness_bound)}"
+                f"{cand.node.lsn}, bound {format_bound(cand.staleness_bound)}"
             )
         for rej in self.rejected:
             lines.append(
                 f"  rejected  {rej.node.name} ({rej.node.config.address}): {rej.reason}, "
-                f"state {rej.node.state}, bound {format_duration(rej.staleness_bound)}"
+                f"state {rej.node.state}, bound {format_bound(rej.staleness_bound)}"
             )
         primary = self.shard.primary
         target = primary.name if primary else "no reachable primary"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -25,6 +26,8 @@ from propstore.monitor import ShardView
 from propstore.store import PropertyStore
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+_UNWRAPPED = 1000  # columns: wider than any table, so nothing is wrapped or left out
 
 #: Exit statuses (also in ``propstore --help`` and docs/operating.md).
 EXIT_OK = 0
@@ -69,12 +72,25 @@ class CliState:
 
 pass_state = click.make_pass_decorator(CliState)
 
+#: ``--wide`` on every command that prints a table.
+WIDE_HELP = ("Show every column, even wider than the terminal (by default the least "
+             "important columns are left out when it is narrow).")
 
-def output_console() -> Console:
-    """A rich console on stdout: colour on a terminal; plain and never wrapped when piped."""
+
+def output_console(wide: bool = False) -> Console:
+    """A rich console on stdout: colour on a terminal; plain and never wrapped when piped
+    (unless ``COLUMNS`` is set).
+
+    ``wide`` (``--wide``): as wide as the widest table, even on a narrower terminal.
+    """
     console = Console(highlight=False)
     if not console.is_terminal:
-        console = Console(highlight=False, no_color=True, width=1000)
+        # An explicit COLUMNS still applies (``COLUMNS=80 propstore lag > capture.txt``).
+        columns = os.environ.get("COLUMNS", "")
+        width = int(columns) if columns.isdigit() and int(columns) > 0 else _UNWRAPPED
+        console = Console(highlight=False, no_color=True, width=_UNWRAPPED if wide else width)
+    elif wide:
+        console = Console(highlight=False, width=_UNWRAPPED)
     return console
 
 

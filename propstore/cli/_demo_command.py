@@ -7,10 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import click
-from rich import box
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
-from rich.table import Table
 from rich.text import Text
 
 from propstore._durations import format_duration
@@ -26,6 +24,7 @@ from propstore.cli._context import (
 )
 from propstore.cli._demo import DemoReport, ReaderStats, run_demo
 from propstore.cli._lag import lag_table
+from propstore.cli._table import Column, FittedTable
 from propstore.sandbox import LocalCluster, SandboxError
 
 _PIPED_EVERY = 2.0  # seconds between progress lines when the output is not a terminal
@@ -39,23 +38,38 @@ def _percent(part: int, whole: int) -> str:
     return f"{part} ({100 * part / whole:.0f}%)" if whole else "0"
 
 
-def stats_table(readers: tuple[ReaderStats, ...]) -> Table:
+def _errors(reader: ReaderStats) -> Text:
+    errors = sum(reader.errors.values())
+    return Text(str(errors), style="yellow" if errors else "")
+
+
+def _reasons(reader: ReaderStats) -> str:
+    return ", ".join(f"{reason} {count}" for reason, count in reader.reasons.most_common()) or "-"
+
+
+#: Per reader. At 80 terminal columns: reader, budget, reads, replica, primary, p50, p99
+#: and violations; errors and fallback reasons need more (`--wide`).
+STATS_COLUMNS: tuple[Column[ReaderStats], ...] = (
+    Column("reader", lambda r: r.name, shrink="wrap"),
+    Column("budget", lambda r: r.budget, shrink="wrap"),
+    Column("reads", lambda r: str(r.reads), justify="right"),
+    Column("replica", lambda r: _percent(r.replica_reads, r.reads), shrink="wrap",
+           justify="right"),
+    Column("primary", lambda r: _percent(r.primary_reads, r.reads), shrink="wrap",
+           justify="right"),
+    Column("fallback reasons", _reasons, priority=2, shrink="wrap"),
+    Column("p50", lambda r: _ms(r.p50), justify="right"),
+    Column("p99", lambda r: _ms(r.p99), justify="right"),
+    Column("errors", _errors, priority=1, justify="right"),
+    Column("violations", lambda r: Text(str(r.violations), style="bold red" if r.violations
+                                        else "bold green"), justify="right"),
+)
+
+
+def stats_table(readers: tuple[ReaderStats, ...], *, wide: bool = False
+                ) -> FittedTable[ReaderStats]:
     """Per reader: reads by replica vs primary, fallback reasons, latency, violations."""
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    for heading in ("reader", "budget", "reads", "replica", "primary", "fallback reasons",
-                    "p50", "p99", "errors", "violations"):
-        table.add_column(heading, no_wrap=True, justify="left" if heading in (
-            "reader", "budget", "fallback reasons") else "right")
-    for r in readers:
-        reasons = ", ".join(f"{reason} {count}" for reason, count in r.reasons.most_common())
-        errors = sum(r.errors.values())
-        table.add_row(
-            r.name, r.budget, str(r.reads), _percent(r.replica_reads, r.reads),
-            _percent(r.primary_reads, r.reads), reasons or "-", _ms(r.p50), _ms(r.p99),
-            Text(str(errors), style="yellow" if errors else ""),
-            Text(str(r.violations), style="bold red" if r.violations else "bold green"),
-        )
-    return table
+    return FittedTable(STATS_COLUMNS, [readers], wide=wide)
 
 
 def _headline(report: DemoReport) -> str:

@@ -6,29 +6,30 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import click
-from rich import box
 from rich.console import Group, RenderableType
 from rich.live import Live
-from rich.table import Table
 from rich.text import Text
 
-from propstore._durations import format_bytes, format_duration
+from propstore._durations import format_bound, format_bytes, format_duration
 from propstore.cli._context import (
     DURATION,
     EXIT_CHECK_FAILED,
     EXIT_OK,
+    WIDE_HELP,
     CliState,
     emit,
     output_console,
     pass_state,
     sigterm_as_interrupt,
 )
+from propstore.cli._table import Column, FittedTable
 from propstore.config import Topology
 from propstore.monitor import LagReport, LagRow, lag_report
 from propstore.store import PropertyStore
@@ -71,57 +72,77 @@ def current_report(store: PropertyStore) -> LagReport:
                       store.monitor.state.clock())
 
 
-def _bound_text(row: LagRow, budgets: list[float]) -> Text:
+@dataclass(frozen=True, slots=True)
+class LagLine:
+    """One row of the lag table: a node's report row, and whether it opens its shard."""
+
+    row: LagRow
+    first: bool
+    budgets: tuple[float, ...]
+
+
+def _bound_text(line: LagLine) -> Text:
+    row, budgets = line.row, line.budgets
     if row.is_primary:
         return Text("-")
     if math.isinf(row.staleness_bound):
-        return Text("unproven" if row.serves_replica_reads else "-", style="red")
+        return Text(format_bound(row.staleness_bound) if row.serves_replica_reads else "-",
+                    style="red")
     style = "green" if budgets and row.staleness_bound <= min(budgets) else (
         "yellow" if budgets and row.staleness_bound <= max(budgets) else "red"
     )
     return Text(format_duration(row.staleness_bound), style=style)
 
 
-def lag_table(report: LagReport, *, state_time: bool = False, title: str | None = None
-              ) -> Table:
-    """The lag report as a table, a section per shard. Colours are dropped by a console
-    that is not a terminal, so the same table serves both."""
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, title=title, title_justify="left",
-                  pad_edge=False)
-    for heading in ("shard", "node", "address", "role", "state"):
-        table.add_column(heading, no_wrap=True)
+def _eligible(profile: str, line: LagLine) -> str | Text:
+    if profile not in line.row.eligible:
+        return "-"
+    ok = line.row.eligible[profile]
+    return Text("yes" if ok else "no", style="green" if ok else "red")
+
+
+def lag_columns(profiles: Mapping[str, float], *, state_time: bool = False
+                ) -> list[Column[LagLine]]:
+    """The lag table's columns. At 80 terminal columns shard, node, role, state, staleness
+    and the eligibility per profile always show; the rest go by priority (highest first):
+    address, recv-replay, lsn, behind, for."""
+    columns: list[Column[LagLine]] = [
+        Column("shard", lambda line: line.row.shard if line.first else ""),
+        Column("node", lambda line: line.row.node),
+        Column("address", lambda line: line.row.address, priority=5),
+        Column("role", lambda line: line.row.role or f"({line.row.configured_role})"),
+        Column("state", lambda line: Text(line.row.state,
+                                          style=_STATE_STYLES.get(line.row.state, "")),
+               shrink="wrap"),
+    ]
     if state_time:
-        table.add_column("for", justify="right", no_wrap=True)
-    for heading in ("lsn", "behind", "staleness", "recv-replay"):
-        table.add_column(heading, justify="right", no_wrap=True)
-    for profile, budget in report.profiles.items():
-        table.add_column(f"{profile} ({format_duration(budget)})", justify="center",
-                         no_wrap=True)
-    budgets = list(report.profiles.values())
-    for shard in report.shards:
-        rows = report.rows_of(shard)
-        for i, row in enumerate(rows):
-            cells: list[RenderableType] = [
-                shard if i == 0 else "", row.node, row.address,
-                row.role or f"({row.configured_role})",
-                Text(row.state, style=_STATE_STYLES.get(row.state, "")),
-            ]
-            if state_time:
-                cells.append(format_duration(row.state_seconds))
-            cells += [
-                str(row.lsn) if row.lsn is not None else "-",
-                format_bytes(row.bytes_behind),
-                _bound_text(row, budgets),
-                format_bytes(row.receive_replay_gap),
-            ]
-            for profile in report.profiles:
-                if profile not in row.eligible:
-                    cells.append("-")
-                else:
-                    ok = row.eligible[profile]
-                    cells.append(Text("yes" if ok else "no", style="green" if ok else "red"))
-            table.add_row(*cells, end_section=i == len(rows) - 1)
-    return table
+        columns.append(Column("for", lambda line: format_duration(line.row.state_seconds),
+                              priority=1, justify="right"))
+    columns += [
+        Column("lsn", lambda line: "-" if line.row.lsn is None else str(line.row.lsn),
+               priority=3, justify="right"),
+        Column("behind", lambda line: format_bytes(line.row.bytes_behind), priority=2,
+               justify="right"),
+        Column("staleness", _bound_text, justify="right"),
+        Column("recv-replay", lambda line: format_bytes(line.row.receive_replay_gap),
+               priority=4, justify="right"),
+    ]
+    columns += [Column(f"{profile} ({format_duration(budget)})", partial(_eligible, profile),
+                       shrink="wrap", justify="center")
+                for profile, budget in profiles.items()]
+    return columns
+
+
+def lag_table(report: LagReport, *, state_time: bool = False, title: str | None = None,
+              wide: bool = False) -> FittedTable[LagLine]:
+    """The lag report as a table, a section per shard, fitted to the width it is drawn at
+    (``wide``: every column). Colours are dropped by a console that is not a terminal, so
+    the same table serves both."""
+    budgets = tuple(report.profiles.values())
+    sections = [[LagLine(row, i == 0, budgets) for i, row in enumerate(report.rows_of(shard))]
+                for shard in report.shards]
+    return FittedTable(lag_columns(report.profiles, state_time=state_time), sections,
+                       wide=wide, title=title)
 
 
 def lag_errors(report: LagReport) -> Text | None:
@@ -168,6 +189,7 @@ def _budget(topology: Topology, max_staleness: float | None,
               help="Refresh period with --watch.")
 @click.option("--count", type=click.IntRange(min=1), default=None,
               help="With --watch: stop after this many refreshes.")
+@click.option("--wide", is_flag=True, help=WIDE_HELP)
 @click.option("--max-staleness", type=DURATION, default=None,
               help="Check: exit 1 unless every shard has a replica proven this fresh.")
 @click.option("--profile", default=None,
@@ -175,7 +197,7 @@ def _budget(topology: Topology, max_staleness: float | None,
 @pass_state
 @click.pass_context
 def lag_command(ctx: click.Context, state: CliState, as_json: bool, watch: bool,
-                interval: float, count: int | None, max_staleness: float | None,
+                interval: float, count: int | None, wide: bool, max_staleness: float | None,
                 profile: str | None) -> None:
     """Show every node's replication lag, grouped by shard.
 
@@ -203,19 +225,21 @@ def lag_command(ctx: click.Context, state: CliState, as_json: bool, watch: bool,
             return report, check
 
         if watch:
-            check = _watch(snapshot, as_json=as_json, interval=interval, count=count)
+            check = _watch(snapshot, as_json=as_json, interval=interval, count=count,
+                           wide=wide)
         else:
             report, check = snapshot()
-            _print_once(report, check, as_json=as_json)
+            _print_once(report, check, as_json=as_json, wide=wide)
     ctx.exit(EXIT_OK if check is None or check.ok else EXIT_CHECK_FAILED)
 
 
-def _print_once(report: LagReport, check: LagCheck | None, *, as_json: bool) -> None:
+def _print_once(report: LagReport, check: LagCheck | None, *, as_json: bool, wide: bool
+                ) -> None:
     if as_json:
         click.echo(json.dumps(lag_document(report, check, datetime.now(UTC)), indent=2))
         return
-    console = output_console()
-    emit(console, lag_table(report))
+    console = output_console(wide)
+    emit(console, lag_table(report, wide=wide))
     errors = lag_errors(report)
     if errors is not None:
         emit(console, errors)
@@ -224,9 +248,9 @@ def _print_once(report: LagReport, check: LagCheck | None, *, as_json: bool) -> 
 
 
 def _watch(snapshot: Callable[[], tuple[LagReport, LagCheck | None]], *, as_json: bool,
-           interval: float, count: int | None) -> LagCheck | None:
+           interval: float, count: int | None, wide: bool) -> LagCheck | None:
     """Refresh until Ctrl-C (or ``count`` refreshes); returns the last check."""
-    console = output_console()
+    console = output_console(wide)
     live = console.is_terminal and not as_json
     check: LagCheck | None = None
     done = 0
@@ -236,7 +260,7 @@ def _watch(snapshot: Callable[[], tuple[LagReport, LagCheck | None]], *, as_json
         report, check = snapshot()
         stamp = datetime.now().astimezone().strftime("%H:%M:%S")
         parts: list[RenderableType] = [lag_table(
-            report, state_time=True, title=f"propstore lag, {stamp} (every "
+            report, state_time=True, wide=wide, title=f"propstore lag, {stamp} (every "
             f"{format_duration(interval)}, Ctrl-C to stop)",
         )]
         errors = lag_errors(report)

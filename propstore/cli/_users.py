@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from propstore._durations import format_duration
+from propstore._durations import format_bound
 from propstore.cli._context import CliState, budget_of, budget_options, pass_state
 from propstore.freshness import Token
 from propstore.store import ReadResult
@@ -80,7 +80,7 @@ def get_command(state: CliState, tenant: str, user_id: str, max_staleness: float
     served = "replica" if result.from_replica else "primary"
     line = f"served by {result.node} ({served}, shard {result.shard}), proof {result.proof}"
     if result.from_replica:
-        line += f", replay LSN {result.replay_lsn}, staleness bound " + format_duration(
+        line += f", replay LSN {result.replay_lsn}, staleness bound " + format_bound(
             result.staleness_bound)
     if result.fallback_reason:
         line += f", fallback reason {result.fallback_reason}"
