@@ -31,6 +31,26 @@ def server_cpus() -> set[int]:
     return set(_ALL_CPUS - {CLIENT_CPU}) or {CLIENT_CPU}
 
 
+def pgpool_cpus(where: str) -> set[int]:
+    """The CPUs for Pgpool: ``own`` takes the last CPU for Pgpool alone when at least three
+    exist (client, servers, Pgpool: no hop shares a CPU); on two it falls back to the
+    servers' CPU. ``servers``/``client`` share that CPU explicitly."""
+    servers = sorted(server_cpus())
+    if where == "client":
+        return {CLIENT_CPU}
+    if where == "own" and len(servers) >= 2:
+        return {servers[-1]}
+    return set(servers)
+
+
+def database_cpus(pgpool_where: str) -> set[int]:
+    """The servers' CPUs, without a CPU given to Pgpool alone (see :func:`pgpool_cpus`)."""
+    servers = server_cpus()
+    if pgpool_where == "own" and len(servers) >= 2:
+        return servers - pgpool_cpus("own")
+    return servers
+
+
 def pin_client() -> None:
     """Pin the calling thread (and every thread it starts later) to :data:`CLIENT_CPU`.
 

@@ -1,7 +1,12 @@
 """The clients propstore is measured against, written the way a user would write them.
 
-* :class:`RawNode` — plain psycopg 3 on one server, prepared statements by primary key, no
-  routing: one network round trip, the floor.
+* :class:`LibpqNode` — the floor at propstore's own level: libpq through psycopg's ``pgconn``
+  (``PQexecPrepared``), propstore's own prepared statements (``propstore._sql``) with text
+  parameters, and exactly the decoding a caller needs (one ``json.loads`` of the document,
+  ``int`` of the version). No routing, no deadline, no cursor.
+* :class:`RawNode` — plain psycopg 3 through a ``Cursor`` on one server, prepared statements
+  by primary key, no routing: what a hand-written client looks like (Python-side adaptation
+  and row building included), one network round trip.
 * Pgpool-II — a :class:`RawNode` on Pgpool's port: the same queries through the proxy.
   ``simple=True`` sends them with the simple query protocol: measured here, Pgpool 4.3.5
   applies ``delay_threshold`` only to simple-protocol queries and keeps load-balancing
@@ -12,11 +17,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import psycopg
+from propstore import _sql  # the very statements propstore prepares: the same protocol work
+from psycopg import pq
 from psycopg.types.json import Jsonb
 
 GET = "SELECT props, version FROM user_properties WHERE tenant_id = %s AND user_id = %s"
@@ -26,6 +34,11 @@ GET_SERVED_BY = (
 )
 GET_MANY = (
     "SELECT user_id, props FROM user_properties WHERE tenant_id = %s AND user_id = ANY(%s)"
+)
+# The shape propstore's get_many sends (one JSON object per shard), through a cursor.
+GET_MANY_AGG = (
+    "SELECT json_object_agg(user_id, props) FROM user_properties"
+    " WHERE tenant_id = %s AND user_id = ANY(%s)"
 )
 # The merge a hand-written client would send: one upsert, committed on its own.
 MERGE = (
@@ -68,9 +81,15 @@ class RawNode:
         return row[0], row[2]
 
     def get_many(self, tenant: str, users: Sequence[str]) -> dict[str, Props]:
-        """Documents of many users in one ``= ANY(...)`` query."""
+        """Documents of many users in one ``= ANY(...)`` query, a row per user."""
         self.cur.execute(GET_MANY, (tenant, list(users)), prepare=self._prepare)
         return dict(self.cur.fetchall())
+
+    def get_many_agg(self, tenant: str, users: Sequence[str]) -> dict[str, Props]:
+        """The same as one JSON object (``json_object_agg``), the shape of ``get_many``."""
+        self.cur.execute(GET_MANY_AGG, (tenant, list(users)), prepare=self._prepare)
+        row = self.cur.fetchone()
+        return {} if row is None or row[0] is None else dict(row[0])
 
     def merge(self, tenant: str, user: str, bucket: int, props: Mapping[str, Any]) -> int:
         """Merge ``props`` into the user's document (committed); the new version."""
@@ -92,6 +111,99 @@ class RawNode:
         self.cur.execute(REPLAYED, (lsn,), prepare=self._prepare)
         row = self.cur.fetchone()
         return bool(row and row[0])
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.conn.close()
+
+
+#: A row-per-user batch statement at the libpq level (propstore itself only has the
+#: ``json_object_agg`` one), so both batch shapes have a libpq-level floor.
+_GET_MANY_ROWS = b"bench_get_many_rows"
+_GET_MANY_ROWS_SQL = (
+    "SELECT user_id, props FROM user_properties"
+    " WHERE tenant_id = $1 AND user_id = ANY($2::text[])"
+)
+_LIBPQ_STATEMENTS = (_sql.GET, _sql.GET_MANY, _sql.MERGE)
+
+
+class LibpqNode:
+    """One autocommit connection driven through libpq (``pgconn``), as propstore drives it.
+
+    Prepares propstore's own ``GET``/``GET_MANY``/``MERGE`` statements (the same SQL, the
+    same names) and sends them with ``PQexecPrepared`` and text parameters, the same Bind and
+    Execute propstore sends; results are decoded exactly as far as a caller needs them. It
+    blocks in libpq instead of polling with a deadline: the cheapest way to get the answer,
+    which makes it the floor (propstore's deadline driver is measured on its own, see
+    :meth:`get_with_deadline`).
+    """
+
+    def __init__(self, dsn: str) -> None:
+        self.conn: psycopg.Connection[Any] = psycopg.connect(dsn, autocommit=True)
+        for name in _LIBPQ_STATEMENTS:
+            self.conn.execute(_sql.prepare_sql(name), prepare=False)
+        self.conn.execute(f"PREPARE {_GET_MANY_ROWS.decode()} AS {_GET_MANY_ROWS_SQL}",
+                          prepare=False)
+        self.pgconn = self.conn.pgconn
+
+    def _exec(self, name: bytes, params: Sequence[bytes]) -> pq.abc.PGresult:
+        result = self.pgconn.exec_prepared(name, params)
+        if result.status != pq.ExecStatus.TUPLES_OK:
+            message = (result.error_message or b"").decode("utf-8", "replace").strip()
+            status = pq.ExecStatus(result.status).name
+            raise psycopg.DatabaseError(f"{name.decode()}: {status} {message}")
+        return result
+
+    def get(self, tenant: str, user: str) -> tuple[Props, int] | None:
+        """A user's document and version (None when absent)."""
+        result = self._exec(_sql.GET, (tenant.encode(), user.encode()))
+        if not result.ntuples:
+            return None
+        props, version = result.get_value(0, 0), result.get_value(0, 1)
+        assert props is not None and version is not None
+        return json.loads(props), int(version)
+
+    def get_with_deadline(self, tenant: str, user: str, seconds: float = 1.0
+                          ) -> tuple[Props, int] | None:
+        """:meth:`get` through propstore's own deadline-capable I/O driver (``_wire``):
+        non-blocking send, ``poll`` on the socket. The driver's cost without any routing."""
+        from propstore._wire import Statement, execute
+
+        results = execute(self.conn, [Statement(_sql.GET, (tenant.encode(), user.encode()))],
+                          time.monotonic() + seconds)
+        result = results[0]
+        if not result.ntuples:
+            return None
+        props, version = result.get_value(0, 0), result.get_value(0, 1)
+        assert props is not None and version is not None
+        return json.loads(props), int(version)
+
+    def get_many(self, tenant: str, users: Sequence[str]) -> dict[str, Props]:
+        """propstore's batch statement (``json_object_agg``): one ``json.loads`` per call."""
+        result = self._exec(_sql.GET_MANY, (tenant.encode(), _sql.text_array(list(users))))
+        value = result.get_value(0, 0) if result.ntuples else None
+        return json.loads(value) if value is not None else {}
+
+    def get_many_rows(self, tenant: str, users: Sequence[str]) -> dict[str, Props]:
+        """The same users, a row per user: one ``json.loads`` per row."""
+        result = self._exec(_GET_MANY_ROWS, (tenant.encode(), _sql.text_array(list(users))))
+        found: dict[str, Props] = {}
+        for row in range(result.ntuples):
+            user, props = result.get_value(row, 0), result.get_value(row, 1)
+            assert user is not None and props is not None
+            found[user.decode()] = json.loads(props)
+        return found
+
+    def merge(self, tenant: str, user: str, bucket: int, props: Mapping[str, Any],
+              max_bytes: int = 1 << 20) -> int | None:
+        """propstore's merge statement (committed); the new version (None: over size)."""
+        result = self._exec(_sql.MERGE, (
+            tenant.encode(), user.encode(), str(bucket).encode(),
+            json.dumps(dict(props), separators=(",", ":")).encode(), str(max_bytes).encode()))
+        if not result.ntuples:
+            return None
+        value = result.get_value(0, 0)
+        return None if value is None else int(value)
 
     def close(self) -> None:
         """Close the connection."""

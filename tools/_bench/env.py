@@ -153,11 +153,12 @@ def load_users(topology: Topology, count: int) -> tuple[list[str], dict[int, lis
 
 @contextmanager
 def bench_env(config: Path | None, *, shards: int, replicas: int, users: int,
-              pin: bool = False) -> Iterator[BenchEnv]:
+              pin: bool = False, cpus: set[int] | None = None) -> Iterator[BenchEnv]:
     """A ready cluster: started here (stopped on exit) or reused from ``config``.
 
-    With ``pin``, the servers of a cluster started here run on the CPUs the client does not
-    use (``_bench.affinity``); a reused cluster's servers are not ours to move.
+    With ``pin``, the servers of a cluster started here run on ``cpus`` (default: the CPUs
+    the client does not use, ``_bench.affinity``); a reused cluster's servers are not ours
+    to move.
     """
     cluster: LocalCluster | None = None
     owned = config is None
@@ -167,7 +168,7 @@ def bench_env(config: Path | None, *, shards: int, replicas: int, users: int,
             assert cluster.config_path is not None
             config = cluster.config_path
             if pin:
-                pin_cluster(cluster)
+                pin_cluster(cluster, cpus)
         else:
             cluster = _attach(config)
         topology = Topology.load(config)
@@ -188,10 +189,11 @@ def bench_env(config: Path | None, *, shards: int, replicas: int, users: int,
                 cluster.reset_faults()
 
 
-def pin_cluster(cluster: LocalCluster) -> None:
-    """Move every server of ``cluster`` (and the backends it will fork) off the client's CPU."""
+def pin_cluster(cluster: LocalCluster, cpus: set[int] | None = None) -> None:
+    """Move every server of ``cluster`` (and the backends it will fork) to ``cpus`` (default:
+    every CPU but the client's)."""
     affinity.pin_servers([pid for node in cluster.nodes if (pid := node.pid) is not None],
-                         affinity.server_cpus())
+                         cpus if cpus is not None else affinity.server_cpus())
 
 
 def _attach(config: Path) -> LocalCluster | None:

@@ -18,6 +18,9 @@ class Options:
         profile_dir: where to write pyinstrument profiles of propstore's operations.
         pin: pin this process to CPU 0 and the servers it starts to the other CPUs
             (see ``_bench.affinity``).
+        pgpool_cpu: where a pinned Pgpool runs: ``"own"`` (a CPU of its own, when the
+            machine has a CPU beyond the client's and the servers'), ``"servers"`` or
+            ``"client"`` (see ``_bench.affinity.pgpool_cpus``).
     """
 
     duration: float | None = None
@@ -26,6 +29,7 @@ class Options:
     pgpool: bool = True
     profile_dir: Path | None = None
     pin: bool = True
+    pgpool_cpu: str = "own"
 
     def seconds(self, default: float) -> float:
         """The timed duration of a scenario whose default is ``default``."""

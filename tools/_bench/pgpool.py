@@ -1,9 +1,21 @@
 """Pgpool-II 4.3 in front of one shard, run as a child process for the benchmark.
 
-Configured as ``/work/shared/notes/pgpool.md`` prescribes, so the comparison gives Pgpool its
-strongest lag protection on 4.3.5: ``delay_threshold`` in WAL bytes (small) re-checked every
-second (``sr_check_period = 1``, its shortest). ``delay_threshold_by_time`` is deliberately
-absent: 4.3.5 accepts it silently and ignores it, which would leave no protection at all.
+Configured as ``/work/shared/notes/pgpool.md`` prescribes, then tightened so the comparison
+gives Pgpool its strongest lag protection on 4.3.5 (checked against its own documentation,
+Debian's ``/usr/share/doc/pgpool2/runtime-config-load-balancing.html`` and
+``runtime-streaming-replication-check.html``):
+
+* ``delay_threshold = 1`` WAL byte, the smallest value that checks at all (0 disables the
+  check): any measured lag sends reads to the primary until the next check;
+* ``sr_check_period = 1`` second, its shortest (whole seconds only);
+* ``disable_load_balance_on_write = 'always'``: after a write, that session's reads go to
+  the primary until the session ends. It is the only value that covers autocommit clients:
+  per the 4.3 docs, 'transaction' (the default), 'trans_transaction' and 'dml_adaptive' act
+  only inside explicit transactions, so for an autocommit read-your-writes client they are
+  the same as 'off'.
+
+``delay_threshold_by_time`` is deliberately absent: 4.3.5 accepts it silently and ignores it
+(it is 4.4+), which would leave no protection at all.
 """
 
 from __future__ import annotations
@@ -23,9 +35,13 @@ import psycopg.conninfo
 
 from _bench import affinity
 
-#: WAL bytes of replica lag past which Pgpool sends reads to the primary. Small on purpose:
-#: a byte threshold is a time threshold that depends on the write rate (see the note).
-DELAY_THRESHOLD_BYTES = 1024
+#: WAL bytes of replica lag past which Pgpool sends reads to the primary: the smallest value
+#: that enables the check (a byte threshold is a time threshold that depends on the write
+#: rate, see the note; 1 byte is as strict as Pgpool goes).
+DELAY_THRESHOLD_BYTES = 1
+#: After a write, keep the session's reads on the primary (the only value that applies to
+#: autocommit clients; see the module docstring).
+DISABLE_LOAD_BALANCE_ON_WRITE = "always"
 #: Seconds between Pgpool's lag checks (1 is the shortest it accepts).
 SR_CHECK_PERIOD = 1
 
@@ -103,6 +119,7 @@ def _config_text(primary: Backend, replica: Backend, port: int, pcp_port: int, r
         "sr_check_password": "''",
         "sr_check_database": f"'{database}'",
         "delay_threshold": DELAY_THRESHOLD_BYTES,
+        "disable_load_balance_on_write": f"'{DISABLE_LOAD_BALANCE_ON_WRITE}'",
         "log_standby_delay": "'if_over_threshold'",
         "health_check_user": f"'{user}'",
         "failover_on_backend_error": "off",
@@ -115,6 +132,14 @@ def _config_text(primary: Backend, replica: Backend, port: int, pcp_port: int, r
         **extra,
     }
     return "".join(f"{key} = {value}\n" for key, value in settings.items())
+
+
+def describe(process: PgpoolProcess) -> str:
+    """The settings that decide Pgpool's lag protection and placement, for the report."""
+    extra = "".join(f", {k}={v}" for k, v in process.extra.items())
+    cpus = "not pinned" if process.cpus is None else f"CPUs {sorted(process.cpus)}"
+    return (f"delay_threshold={DELAY_THRESHOLD_BYTES} B, sr_check_period={SR_CHECK_PERIOD} s, "
+            f"disable_load_balance_on_write='{DISABLE_LOAD_BALANCE_ON_WRITE}'{extra}; {cpus}")
 
 
 class PgpoolProcess:

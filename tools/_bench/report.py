@@ -1,8 +1,11 @@
-"""Showing results: a rich table on the terminal, JSON, ``RESULTS.md`` and a PNG chart."""
+"""Showing results: a rich table on the terminal, the run's provenance, and a PNG chart.
+
+The results file and the markdown rendered from it live in ``document`` and ``render``
+(standard library only, so CI can check the README without servers).
+"""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -18,12 +21,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from _bench import pgpool
+from _bench.render import HEADERS, contender_rows, fact_tables
 from _bench.results import ScenarioResult
-from _bench.stats import Ratio, Summary
 
 RATIO_NOTE = (
-    "Figures are from one run on a shared machine, contenders interleaved in one process "
-    "(A B A B ..., order rotating); compare the ratios, not the absolute times. Medians are "
+    "Contenders of a scenario run interleaved in one process (A B C, B C A, ...: every "
+    "contender takes every position); compare the ratios, not the absolute times, which move "
+    "with the machine's other load. Medians are "
     "over all samples with the range of per-block (~1 s) medians; p99 is over all samples "
     "with the range of p99 over 5 consecutive segments; ratios are medians of per-block "
     "ratios [min-max]."
@@ -40,7 +44,8 @@ def machine_info(server_dsn: str | None) -> dict[str, Any]:
         "libpq": psycopg.pq.version(),
         "os": platform.platform(),
         "pgpool": pgpool.version(),
-        "propstore commit": _git_commit(),
+        "load average at start (1/5/15 min)": " / ".join(
+            f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     if server_dsn is not None:
         with psycopg.connect(server_dsn) as conn:
@@ -58,56 +63,25 @@ def _cpu_model() -> str | None:
     return platform.processor() or None
 
 
-def _git_commit() -> str | None:
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, check=False, cwd=Path(__file__).parent)
-    return done.stdout.strip() or None
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", *args], capture_output=True, text=True, check=False,
+                          cwd=Path(__file__).parent)
+    return done.stdout.strip()
 
 
-def _ms(seconds: float) -> str:
-    return "n/a" if math.isnan(seconds) else f"{seconds * 1000:.3f}"
-
-
-def _range_ms(lo: float, hi: float) -> str:
-    return "n/a" if math.isnan(lo) else f"{lo * 1000:.3f}-{hi * 1000:.3f}"
-
-
-def fact_tables(facts: dict[str, Any]
-                ) -> tuple[list[tuple[list[str], list[list[str]]]], dict[str, Any]]:
-    """Facts whose values are dicts with the same keys, as tables (one row per fact); the
-    other facts as they are."""
-    groups: dict[tuple[str, ...], list[str]] = {}
-    for key, value in facts.items():
-        if isinstance(value, dict) and value:
-            groups.setdefault(tuple(value), []).append(key)
-    tables = []
-    tabled: set[str] = set()
-    for columns, keys in groups.items():
-        if len(keys) < 2:
-            continue
-        tables.append((["", *columns],
-                       [[key, *(str(facts[key][c]) for c in columns)] for key in keys]))
-        tabled.update(keys)
-    return tables, {k: v for k, v in facts.items() if k not in tabled}
-
-
-def rows(result: ScenarioResult) -> list[list[str]]:
-    """One row per contender: name, n, median, block range, p99, p99 range, max, ratio."""
-    ratios: dict[str, Ratio] = {}
-    for one in result.ratios:
-        ratios.setdefault(one.numerator, one)
-    table = []
-    for name, series in result.series.items():
-        s: Summary = series.summary()
-        found = ratios.get(name)
-        vs = f"{found} vs {found.denominator}" if found is not None else ""
-        table.append([name, str(s.n), _ms(s.median), _range_ms(s.median_lo, s.median_hi),
-                      _ms(s.p99), _range_ms(s.p99_lo, s.p99_hi), _ms(s.max), str(s.errors), vs])
-    return table
-
-
-HEADERS = ["contender", "n", "median ms", "block medians", "p99 ms", "p99 range", "max ms",
-           "errors", "ratio"]
+def run_info(command: str, machine: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """An id for this run and its provenance: date, exact command, propstore commit (and
+    whether the library or the bench had uncommitted changes), machine."""
+    now = datetime.now(UTC)
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", ":/propstore",
+                 ":/migrations", ":/tools/_bench", ":/tools/bench.py")
+    return now.strftime("%Y-%m-%dT%H:%M:%SZ"), {
+        "date": now.strftime("%Y-%m-%d %H:%M UTC"),
+        "command": command,
+        "commit": _git("rev-parse", "--short", "HEAD") or None,
+        "dirty": bool(dirty),
+        "machine": machine,
+    }
 
 
 def print_report(results: Sequence[ScenarioResult], console: Console | None = None) -> None:
@@ -125,13 +99,14 @@ def print_report(results: Sequence[ScenarioResult], console: Console | None = No
             for header in HEADERS:
                 table.add_column(header, justify="left" if header in ("contender", "ratio")
                                  else "right")
-            for row in rows(result):
+            for row in contender_rows(result.as_dict()):
                 table.add_row(*(escape(cell) for cell in row))
             console.print(table)
         else:
             console.print(f"[bold]{title}[/bold]")
         for bar in result.bars:
-            colour = {True: "green", False: "red", None: "yellow"}[bar.met]
+            colour = ("blue" if bar.limit is None
+                      else {True: "green", False: "red", None: "yellow"}[bar.met])
             console.print(f"  [{colour}]{bar.verdict}[/{colour}] {escape(str(bar))}")
         tables, others = fact_tables(result.facts)
         for columns, table_rows in tables:
@@ -144,66 +119,6 @@ def print_report(results: Sequence[ScenarioResult], console: Console | None = No
         for note in result.notes:
             console.print(f"  [dim]note: {escape(note)}[/dim]")
         console.print()
-
-
-def write_json(path: Path, results: Sequence[ScenarioResult], machine: dict[str, Any],
-               command: str) -> None:
-    """Everything measured (summaries in seconds, not raw samples)."""
-    document = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": command,
-        "machine": machine,
-        "note": RATIO_NOTE,
-        "scenarios": [r.as_dict() for r in results],
-    }
-    path.write_text(json.dumps(document, indent=2, default=str) + "\n")
-
-
-def markdown(results: Sequence[ScenarioResult], machine: dict[str, Any], command: str) -> str:
-    """``RESULTS.md``: the tables, the bars, the machine, the date and the command line."""
-    lines = [
-        "# propstore benchmark results",
-        "",
-        "Generated by `tools/bench.py`; do not edit by hand.",
-        "",
-        f"- date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- command: `{command}`",
-        *(f"- {key}: {value}" for key, value in machine.items()),
-        "",
-        RATIO_NOTE,
-        "",
-        "## Bars",
-        "",
-        "| scenario | figure | bar | measured | verdict | detail |",
-        "|---|---|---|---|---|---|",
-    ]
-    for result in results:
-        if result.skipped:
-            lines.append(f"| {result.name} | (skipped) | | | | {_cell(result.skipped)} |")
-        for bar in result.bars:
-            lines.append(f"| {result.name} | {_cell(bar.name)} | {bar.target} | "
-                         f"{bar.measured} | {bar.verdict} | {_cell(bar.detail)} |")
-    for result in results:
-        if result.skipped:
-            continue
-        lines += ["", f"## {result.name}", "", result.description, ""]
-        if result.series:
-            lines += ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
-            lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows(result)]
-            lines.append("")
-        tables, others = fact_tables(result.facts)
-        for columns, table_rows in tables:
-            lines += ["| " + " | ".join(_cell(c) for c in columns) + " |",
-                      "|" + "---|" * len(columns)]
-            lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in table_rows]
-            lines.append("")
-        lines += [f"- {key}: {_cell(str(value))}" for key, value in others.items()]
-        lines += [f"- note: {_cell(note)}" for note in result.notes]
-    return "\n".join(lines) + "\n"
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def plot(path: Path, results: Sequence[ScenarioResult]) -> None:

@@ -11,50 +11,73 @@ from _bench.stats import Ratio, Series
 
 @dataclass(frozen=True)
 class Bar:
-    """One bar from the issue and the figure measured against it.
+    """One figure of a scenario: a bar from the issue and what was measured against it, or a
+    figure only reported (``limit`` None).
 
-    ``limit`` is an upper bound unless ``at_least``; ``met`` is None when the figure could
-    not be measured (a skipped contender, no samples).
+    ``limit`` is an upper bound unless ``at_least``; ``met`` is None when there is no bar or
+    the figure could not be measured (a skipped contender, no samples). ``budget`` says at
+    which freshness budget each side of the comparison read (every comparison states it);
+    ``text`` replaces the formatted ``value`` where a figure needs words ("0 of 12,696").
+    Every bar lands in the results file; ``readme`` ones also in the README's table.
     """
 
     name: str
     value: float
-    limit: float
+    limit: float | None = None
     at_least: bool = False
     unit: str = "x"
     detail: str = ""
+    budget: str = ""
+    text: str = ""
+    readme: bool = True
 
     @property
     def met(self) -> bool | None:
-        """Whether the bar is met (None: not measured)."""
-        if math.isnan(self.value):
+        """Whether the bar is met (None: no bar, or not measured)."""
+        if self.limit is None or math.isnan(self.value):
             return None
         return self.value >= self.limit if self.at_least else self.value <= self.limit
 
     @property
     def measured(self) -> str:
-        """The measured figure with its unit."""
-        return _fmt(self.value, self.unit)
+        """The measured figure with its unit (or its words)."""
+        return self.text or _fmt(self.value, self.unit)
 
     @property
     def target(self) -> str:
-        """The bar itself, e.g. ``<= 1.25x``."""
+        """The bar itself, e.g. ``<= 1.25x`` (``reported`` when there is none)."""
+        if self.limit is None:
+            return "reported"
         return f"{'>=' if self.at_least else '<='} {_fmt(self.limit, self.unit)}"
 
     @property
     def verdict(self) -> str:
-        """``met``, ``MISSED`` or ``not measured``."""
+        """``met``, ``MISSED``, ``not measured`` or ``reported``."""
+        if self.limit is None:
+            return "reported"
         return {True: "met", False: "MISSED", None: "not measured"}[self.met]
 
     def __str__(self) -> str:
-        text = f"{self.name}: {self.measured} (bar {self.target}) {self.verdict}"
+        text = f"{self.name}: {self.measured}"
+        if self.limit is not None:
+            text += f" (bar {self.target}) {self.verdict}"
+        if self.budget:
+            text += f" [budget: {self.budget}]"
         return f"{text}; {self.detail}" if self.detail else text
 
     def as_dict(self) -> dict[str, Any]:
-        """For the JSON output."""
+        """For the JSON output: the numbers and the formatted cells the tables show."""
         return {"name": self.name, "value": self.value, "limit": self.limit,
                 "at_least": self.at_least, "unit": self.unit, "met": self.met,
-                "detail": self.detail}
+                "budget": self.budget, "measured": self.measured, "target": self.target,
+                "verdict": self.verdict, "detail": self.detail, "readme": self.readme}
+
+
+def reported(name: str, value: float, *, unit: str = "x", budget: str = "", text: str = "",
+             detail: str = "", readme: bool = True) -> Bar:
+    """A figure with no bar, only reported."""
+    return Bar(name, value, None, unit=unit, budget=budget, text=text, detail=detail,
+               readme=readme)
 
 
 def _fmt(value: float, unit: str) -> str:
@@ -66,6 +89,8 @@ def _fmt(value: float, unit: str) -> str:
         return f"{value:.1f} ms"
     if unit == "%":
         return f"{value:.2f}%"
+    if unit == "":
+        return f"{value:,.0f}" if float(value).is_integer() else f"{value:g}"
     return f"{value:g}{unit}"
 
 

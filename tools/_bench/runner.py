@@ -48,14 +48,16 @@ def run(names: Sequence[str], options: Options, shape: ClusterShape
     pin = options.pin and affinity.available()
     if pin:
         affinity.pin_client()  # before any thread starts, so every thread inherits it
+    servers = affinity.database_cpus(options.pgpool_cpu) if pin else None
     with bench_env(shape.config, shards=shape.shards, replicas=shape.replicas,
-                   users=shape.users, pin=pin) as env:
+                   users=shape.users, pin=pin, cpus=servers) as env:
         machine = machine_info(env.primary_dsn(0))
+        pgpool_cpus = sorted(affinity.pgpool_cpus(options.pgpool_cpu)) if pin else None
         machine["cpu placement"] = (
-            f"client on CPU {affinity.CLIENT_CPU}, servers and Pgpool on CPUs "
-            f"{sorted(affinity.server_cpus())}" if pin and shape.config is None
-            else f"client on CPU {affinity.CLIENT_CPU}, servers not pinned (reused cluster)"
-            if pin else "not pinned")
+            f"client on CPU {affinity.CLIENT_CPU}, servers on CPUs {sorted(servers or ())}, "
+            f"Pgpool on CPUs {pgpool_cpus}" if pin and shape.config is None
+            else f"client on CPU {affinity.CLIENT_CPU}, servers not pinned (reused cluster), "
+            f"Pgpool on CPUs {pgpool_cpus}" if pin else "not pinned")
         machine["cluster"] = (f"{len(env.topology.shards)} shards x "
                               f"{len(env.topology.shards[0].replicas)} replicas, "
                               f"{len(env.users):,} users")

@@ -1,7 +1,10 @@
 """Running contenders interleaved, in one thread, so they share every disturbance.
 
-Each iteration runs every contender once, in an order that rotates from one iteration to the
-next (A B C, B C A, C A B, ...), so none always runs right after another's side effects.
+Each iteration runs every due contender once, in an order that rotates from one iteration to
+the next (A B C, B C A, C A B, ...), so none always runs right after another's side effects.
+Contenders that run only every n-th iteration make the set of due contenders change; each
+distinct set rotates on its own count (:class:`Rotation`), so every contender takes every
+position of every set it is in, whatever the iteration count's parity.
 Iterations are grouped into blocks of about ``block_seconds``; a block is the unit of the
 paired ratios in :mod:`_bench.stats`. A warm-up runs the same loop first and is discarded.
 """
@@ -35,6 +38,32 @@ class Contender:
     every: int = 1
     before: Op | None = None
     errors: list[str] = field(default_factory=list)
+
+
+class Rotation:
+    """The order contenders run in: each distinct set of due contenders rotates on its own.
+
+    A single counter shared by all sets (``iteration % len(active)``) does not rotate: with
+    two contenders due every iteration and three more every other one, the odd iterations
+    (two due) always got shift 1, so the same contender always ran first there.
+    """
+
+    def __init__(self) -> None:
+        self._turns: dict[tuple[int, ...], int] = {}
+
+    def order(self, due: Sequence[int]) -> list[int]:
+        """``due`` (indices, in registration order) rotated one step further than last time
+        this same set was due."""
+        key = tuple(due)
+        turn = self._turns.get(key, 0)
+        self._turns[key] = turn + 1
+        shift = turn % len(key) if key else 0
+        return list(key[shift:] + key[:shift])
+
+
+def due(everys: Sequence[int], iteration: int) -> list[int]:
+    """Indices of the contenders due on ``iteration`` (each runs every ``every``-th one)."""
+    return [i for i, every in enumerate(everys) if iteration % every == 0]
 
 
 @dataclass(frozen=True)
@@ -79,6 +108,8 @@ def _loop(contenders: Sequence[Contender], duration: float, block_seconds: float
     end = started + duration
     block, block_end = 0, started + block_seconds
     pending = sorted(events, key=lambda e: e.at)
+    everys = [c.every for c in contenders]
+    rotation = Rotation()
     iteration = 0
     while True:
         now = clock()
@@ -89,9 +120,8 @@ def _loop(contenders: Sequence[Contender], duration: float, block_seconds: float
             event.action()
             if event_times is not None:
                 event_times[event.label] = clock() - started
-        active = [c for c in contenders if iteration % c.every == 0]
-        shift = iteration % len(active)
-        for contender in active[shift:] + active[:shift]:
+        for index in rotation.order(due(everys, iteration)):
+            contender = contenders[index]
             if contender.before is not None:
                 contender.before()
             t0 = clock()

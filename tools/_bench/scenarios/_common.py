@@ -28,8 +28,10 @@ def pgpool_for_shard0(env: BenchEnv, options: Options, result: ScenarioResult
         yield None
         return
     try:
-        # On the servers' CPUs: Pgpool is a hop on the way to the server, not the client.
-        cpus = affinity.server_cpus() if options.pin and affinity.available() else None
+        # Pgpool is a hop on the way to the server: on a CPU of its own where the machine has
+        # one to spare, else where --pgpool-cpu puts it (see _bench.affinity.pgpool_cpus).
+        cpus = (affinity.pgpool_cpus(options.pgpool_cpu)
+                if options.pin and affinity.available() else None)
         process = PgpoolProcess(Backend.from_dsn(env.primary_dsn(0)),
                                 Backend.from_dsn(env.replica_dsn(0)), cpus=cpus).start()
     except (PgpoolUnavailable, Skip) as exc:

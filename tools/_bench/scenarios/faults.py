@@ -8,16 +8,18 @@ document against the acknowledgement times of the writes (:class:`AckLog`).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
 from propstore import PropertyStore
 
-from _bench.contenders import RawNode, WaitingReader
+from _bench.contenders import LibpqNode, RawNode, WaitingReader
 from _bench.env import BenchEnv
 from _bench.options import Options
 from _bench.pgpool import Backend
-from _bench.results import Bar, ScenarioResult
+from _bench.pgpool import describe as pgpool_settings
+from _bench.results import Bar, ScenarioResult, reported
 from _bench.scenarios._common import fact_ms, note_errors, pgpool_for_shard0, picker
 from _bench.stats import Series, quantile
 from _bench.timing import Contender, Event, interleave
@@ -36,6 +38,8 @@ from _bench.workload import (
 
 BUDGET = 1.0  # seconds, the readers' max_staleness
 USERS_PER_GROUP = 50
+PGPOOL = "pgpool"
+PGPOOL_PREPARED = "pgpool (prepared)"
 
 
 def lagging_replica(env: BenchEnv, options: Options) -> ScenarioResult:
@@ -48,17 +52,24 @@ def lagging_replica(env: BenchEnv, options: Options) -> ScenarioResult:
     duration = options.seconds(20.0)
     store = env.open_store()
     workers = Workers()
-    tallies: dict[str, Tally] = {"propstore": Tally(), "pgpool": Tally(), "waiting": Tally()}
+    tallies: dict[str, Tally] = {"propstore": Tally(), PGPOOL: Tally(),
+                                 PGPOOL_PREPARED: Tally(), "waiting": Tally()}
     closers: list[Callable[[], None]] = [store.close]
     groups = iter(range(10))
     with pgpool_for_shard0(env, options, result) as pgpool:
         try:
             _start_propstore(env, store, workers, tallies["propstore"], next(groups))
             if pgpool is not None:
-                closers += _start_pgpool(env, pgpool.dsn(), workers, tallies["pgpool"],
-                                         next(groups))
+                closers += _start_pgpool(env, pgpool.dsn(), workers, tallies[PGPOOL],
+                                         next(groups), simple=True)
+                # The same reader over the extended protocol, to show which protocol is
+                # Pgpool's stronger one here (its lag check has been seen to skip it).
+                closers += _start_pgpool(env, pgpool.dsn(), workers,
+                                         tallies[PGPOOL_PREPARED], next(groups),
+                                         simple=False, writer=False)
+                result.facts["pgpool settings"] = pgpool_settings(pgpool)
             else:
-                del tallies["pgpool"]
+                del tallies[PGPOOL], tallies[PGPOOL_PREPARED]
             closers += _start_waiting(env, workers, tallies["waiting"], next(groups))
             time.sleep(options.warmup)
             paused = _run_phases(workers, replica.pause_replay, replica.resume_replay,
@@ -132,36 +143,54 @@ def _budget_read(tally: Tally, log: AckLog, user: str, started: float,
     tally.count(*names, example=f"older than its budget: {what}" if past else None)
 
 
-def _start_pgpool(env: BenchEnv, dsn: str, workers: Workers, tally: Tally, group: int
-                  ) -> list[Callable[[], None]]:
+def _start_pgpool(env: BenchEnv, dsn: str, workers: Workers, tally: Tally, group: int, *,
+                  simple: bool, writer: bool = True) -> list[Callable[[], None]]:
     tenant = env.tenant
     users = env.shard_users(0, USERS_PER_GROUP, offset=group * USERS_PER_GROUP)
     log = AckLog(users)
     seqs = dict.fromkeys(users, 0)
-    # The simple protocol: the only one Pgpool 4.3.5 applies delay_threshold to.
-    write_conn, read_conn = RawNode(dsn, simple=True), RawNode(dsn, simple=True)
+    label = PGPOOL if simple else PGPOOL_PREPARED
+    # The simple protocol by default: the one Pgpool 4.3.5 was seen to apply
+    # delay_threshold to. The writer's session has disable_load_balance_on_write='always'
+    # keep its reads on the primary after its first write.
+    write_conn, read_conn = RawNode(dsn, simple=simple), RawNode(dsn, simple=simple)
     primary_port = Backend.from_dsn(env.primary_dsn(0)).port  # inet_server_port() there
-    pick_w, pick_r = picker(users, 41), picker(users, 42)
+    pick_w, pick_r = picker(users, 41 + group), picker(users, 42 + group)
 
-    def writer() -> None:
+    def write_step() -> None:
         user = pick_w()
         seqs[user] += 1
         write_conn.merge(tenant, user, env.bucket(user), {"seq": seqs[user]})
         log.acked(user, time.monotonic(), seqs[user])
         t0 = time.monotonic()
         props, port = write_conn.get_served_by(tenant, user)
-        tally.sample("pgpool read-your-writes", time.monotonic() - t0, t0 - workers.zero)
+        tally.sample(f"{label} read-your-writes", time.monotonic() - t0, t0 - workers.zero)
         _ryw(tally, props, seqs[user], port == primary_port, user)
 
     def reader() -> None:
         user = pick_r()
         t0 = time.monotonic()
         props, port = read_conn.get_served_by(tenant, user)
-        tally.sample("pgpool read", time.monotonic() - t0, t0 - workers.zero)
+        tally.sample(f"{label} read", time.monotonic() - t0, t0 - workers.zero)
         _budget_read(tally, log, user, t0, props, port == primary_port, False, user)
 
-    workers.spawn("pgpool-writer", writer, tally)
-    workers.spawn("pgpool-reader", reader, tally)
+    if writer:
+        workers.spawn(f"{label}-writer", write_step, tally)
+    else:
+        # A reader alone still needs acknowledged writes to its users to be judged against:
+        # they come from a plain connection to the primary.
+        primary = RawNode(env.primary_dsn(0))
+
+        def side_writer() -> None:
+            user = pick_w()
+            seqs[user] += 1
+            primary.merge(tenant, user, env.bucket(user), {"seq": seqs[user]})
+            log.acked(user, time.monotonic(), seqs[user])
+
+        workers.spawn(f"{label}-side-writer", side_writer, tally)
+        write_conn.close()
+        write_conn = primary
+    workers.spawn(f"{label}-reader", reader, tally)
     return [write_conn.close, read_conn.close]
 
 
@@ -218,6 +247,10 @@ def _split(series: Series, paused: list[tuple[float, float]]) -> tuple[Series, S
     return healthy, lagging
 
 
+def _share(part: int, whole: int) -> str:
+    return f"{part:,} of {whole:,} ({100 * part / whole:.1f}%)" if whole else "0 of 0"
+
+
 def _report_lagging(result: ScenarioResult, tallies: dict[str, Tally],
                     paused: list[tuple[float, float]]) -> None:
     result.facts["paused intervals (s)"] = [(round(a, 2), round(b, 2)) for a, b in paused]
@@ -228,8 +261,10 @@ def _report_lagging(result: ScenarioResult, tallies: dict[str, Tally],
             if label == "propstore":
                 h99 = healthy.summary().p99
                 l99 = lagging.summary().p99
+                budget = ("1 s" if "budget" in series.name else "token (own write)")
                 result.bars.append(Bar(
                     f"{series.name}: p99 lagging / p99 healthy", l99 / h99, 1.5,
+                    budget=budget,
                     detail=f"p99 {l99 * 1000:.2f} ms lagging vs {h99 * 1000:.2f} ms healthy"))
         result.facts[label] = tally.facts()
         result.notes += [f"{label}: {example}" for example in tally.examples]
@@ -237,12 +272,48 @@ def _report_lagging(result: ScenarioResult, tallies: dict[str, Tally],
     reads = props.counts[BUDGET_READS] + props.counts[RYW_READS]
     result.bars.append(Bar(
         "propstore budget violations", float(props.violations), 0.0, unit="",
-        detail=f"of {reads} reads (past budget or missing own write), "
-        f"{props.counts[ERRORS]} errors"))
+        budget="judged at each read's own budget (1 s, or its own write)",
+        text=f"{props.violations:,} of {reads:,} reads",
+        detail=f"past budget or missing own write; {props.counts[ERRORS]} errors"))
+    # Stale reads at equal budgets: every reader judged at the same budget, Pgpool included
+    # (it has none of its own). At 1 s and at 0 (any read older than the newest write
+    # acknowledged before it began, which propstore's 1 s readers are allowed to be).
+    pool = [(label, tallies[label]) for label in (PGPOOL, PGPOOL_PREPARED) if label in tallies]
+    for judged, key in (("1 s", BUDGET_PAST), ("0", BUDGET_OLDER)):
+        cells = [f"propstore {_share(props.counts[key], props.counts[BUDGET_READS])}"]
+        cells += [f"{label} {_share(t.counts[key], t.counts[BUDGET_READS])}"
+                  for label, t in pool]
+        value = (100 * props.counts[key] / props.counts[BUDGET_READS]
+                 if props.counts[BUDGET_READS] else math.nan)
+        result.bars.append(reported(
+            f"budget reads staler than {judged} (older than a write acknowledged "
+            f"{judged} before the read began)", value, unit="%",
+            budget=f"judged at {judged} on all (propstore read at 1 s)",
+            text="; ".join(cells)))
+    ryw = [f"propstore {_share(props.counts[RYW_MISSED], props.counts[RYW_READS])} missed"]
+    primary = [f"propstore {_share(props.counts[BY_PRIMARY], reads)}"]
+    for label, t in pool:
+        all_reads = t.counts[BUDGET_READS] + t.counts[RYW_READS]
+        primary.append(f"{label} {_share(t.counts[BY_PRIMARY], all_reads)}")
+        if t.counts[RYW_READS]:
+            ryw.append(f"{label} {_share(t.counts[RYW_MISSED], t.counts[RYW_READS])} missed")
+    waiting = tallies.get("waiting")
+    if waiting is not None and waiting.series:
+        lagging_wait = _split(next(iter(waiting.series.values())), paused)[1].summary()
+        ryw.append(f"waiting reader p99 {lagging_wait.p99 * 1000:,.0f} ms while lagging")
+    result.bars += [
+        reported("read-your-writes: reads missing the reader's own write",
+                 float(props.counts[RYW_MISSED]), unit="",
+                 budget="own write on all (Pgpool: disable_load_balance_on_write='always')",
+                 text="; ".join(ryw)),
+        reported("reads served by the primary", float(props.counts[BY_PRIMARY]), unit="",
+                 budget="all reads of each contender", text="; ".join(primary)),
+    ]
     result.notes.append(
-        "pgpool: Pgpool-II 4.3.5, delay_threshold=1024 B, sr_check_period=1 s, simple query "
-        "protocol (its lag check ignores extended-protocol SELECTs). Pgpool has no budget: "
-        "each of its reads older than the newest acknowledged write is a stale read")
+        "pgpool: Pgpool-II 4.3.5 at its strongest lag protection (delay_threshold=1 B, "
+        "sr_check_period=1 s, disable_load_balance_on_write='always'); 'pgpool' uses the "
+        "simple query protocol, 'pgpool (prepared)' the extended one. Pgpool has no budget "
+        "of its own: its reads are judged at the same budgets as propstore's")
 
 
 def frozen_replica(env: BenchEnv, options: Options) -> ScenarioResult:
@@ -254,12 +325,12 @@ def frozen_replica(env: BenchEnv, options: Options) -> ScenarioResult:
     tenant, users = env.tenant, env.shard_users(0, 2000)
     duration = options.seconds(12.0)
     store = env.open_store()
-    primary = RawNode(env.primary_dsn(0))
+    primary = LibpqNode(env.primary_dsn(0))
     pick_s, pick_p = picker(users, 61), picker(users, 62)
     contenders = [
         Contender("propstore get, 1 s budget",
                   lambda: store.get(tenant, pick_s(), max_staleness=BUDGET)),
-        Contender("raw psycopg (primary)", lambda: primary.get(tenant, pick_p())),
+        Contender("raw libpq (primary)", lambda: primary.get(tenant, pick_p())),
     ]
     freeze_at = duration / 4
     # Paced to half the primary fallback cap: past the cap, fallback reads raise
@@ -281,8 +352,8 @@ def frozen_replica(env: BenchEnv, options: Options) -> ScenarioResult:
     frozen_from = run.event_times.get("freeze", freeze_at)
     store_frozen = run.series["propstore get, 1 s budget"].between(
         "propstore get, 1 s budget (frozen)", frozen_from)
-    primary_frozen = run.series["raw psycopg (primary)"].between(
-        "raw psycopg (primary) (frozen)", frozen_from)
+    primary_frozen = run.series["raw libpq (primary)"].between(
+        "raw libpq (primary) (frozen)", frozen_from)
     store_before = run.series["propstore get, 1 s budget"].between(
         "propstore get, 1 s budget (healthy)", 0.0, frozen_from)
     result.add_series(store_before, store_frozen, primary_frozen)
@@ -293,8 +364,9 @@ def frozen_replica(env: BenchEnv, options: Options) -> ScenarioResult:
     errors = sum(s.errors for s in run.series.values())
     result.bars += [
         Bar("propstore max latency while frozen", worst * 1000, limit * 1000, unit="ms",
+            budget="1 s",
             detail=f"deadline {deadline * 1000:.0f} ms + 2 x primary p99 {p99 * 1000:.2f} ms"),
-        Bar("propstore errors while frozen", float(errors), 0.0, unit=""),
+        Bar("propstore errors while frozen", float(errors), 0.0, unit="", budget="1 s"),
     ]
     # Reads that tried the frozen replica wait out the deadline; after the monitor marks
     # it down, reads go straight to the primary.

@@ -23,7 +23,7 @@ from propstore.sandbox import LocalCluster
 from _bench import affinity
 from _bench.env import BenchEnv, pin_cluster
 from _bench.options import Options
-from _bench.results import ScenarioResult
+from _bench.results import ScenarioResult, reported
 
 #: (shards, replicas per shard). 16 shards get one replica each: 48 servers would not fit
 #: beside everything else on a 2-core machine; 32 do.
@@ -79,6 +79,17 @@ def monitor_cost(env: BenchEnv, options: Options) -> ScenarioResult:
     per_node = (last.thread_cpu / last.seconds - first.thread_cpu / first.seconds) / (
         last.nodes - first.nodes)
     result.facts["growth: monitor CPU ms/s per added node"] = round(per_node * 1000, 3)
+    shapes = " / ".join(f"{c.shards}x{c.replicas}" for c in costs)
+    figures = [c.as_dict() for c in costs]
+    result.bars.append(reported(
+        f"monitor thread CPU, {shapes} shards x replicas", per_node * 1000, unit="",
+        budget="idle store, default poll interval",
+        text=" / ".join(f"{f['monitor thread CPU ms/s']:.0f}" for f in figures)
+        + " ms/s at " + " / ".join(f"{f['polls/s per node']:.1f}" for f in figures)
+        + " polls/s per node (bare asyncio loop, same wake-ups: "
+        + " / ".join(f"{f['bare asyncio loop, same wake-ups without I/O, CPU ms/s']:.0f}"
+                     for f in figures) + " ms/s)",
+        detail=f"{per_node * 1000:.2f} ms/s per added node"))
     result.notes.append("16 shards run with 1 replica each (32 servers) to fit on this "
                         "machine; the 2- and 8-shard clusters have 2 replicas per shard")
     return result

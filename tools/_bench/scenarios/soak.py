@@ -133,12 +133,13 @@ def _report(result: ScenarioResult, tally: Tally, samples: list[tuple[float, int
     tail = statistics.median(rss for _, rss in samples[-5:])
     growth = (tail - head) / head * 100
     result.bars += [
-        Bar("client RSS growth", growth, 5.0, unit="%",
+        Bar("client RSS growth", growth, 5.0, unit="%", budget="assorted (0.1-5 s, tokens)",
             detail=f"{head / 2**20:.1f} MiB after warm-up -> {tail / 2**20:.1f} MiB"),
-        Bar("errors", float(tally.counts[ERRORS]), 0.0, unit="",
+        Bar("errors", float(tally.counts[ERRORS]), 0.0, unit="", budget="assorted",
             detail="; ".join(tally.examples)),
         Bar("budget violations", float(tally.violations), 0.0, unit="",
-            detail=f"of {tally.counts[BUDGET_READS]} reads"),
+            budget="judged at each read's own budget",
+            text=f"{tally.violations:,} of {tally.counts[BUDGET_READS]:,} reads"),
     ]
     result.facts["RSS MiB every ~10%"] = [
         round(rss / 2**20, 1) for _, rss in samples[:: max(1, len(samples) // 10)]]

@@ -1,0 +1,120 @@
+"""The benchmark harness's pure parts: the contenders' rotation, the results file, and the
+generated README tables (no servers: tools/ is imported as the bench runs it)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+sys.path.insert(0, str(TOOLS))
+
+import readme_tables  # noqa: E402
+from _bench import document, render  # noqa: E402
+from _bench.results import Bar, ScenarioResult, reported  # noqa: E402
+from _bench.timing import Rotation, due  # noqa: E402
+
+Positions = dict[tuple[int, ...], Counter[tuple[int, int]]]
+
+
+def _positions(everys: list[int], iterations: int) -> Positions:
+    """For each distinct set of due contenders: how often (contender, position) occurred."""
+    rotation = Rotation()
+    seen: Positions = {}
+    for iteration in range(iterations):
+        active = due(everys, iteration)
+        order = rotation.order(active)
+        assert sorted(order) == active  # each due contender exactly once
+        counts = seen.setdefault(tuple(active), Counter())
+        for position, index in enumerate(order):
+            counts[(index, position)] += 1
+    return seen
+
+
+@pytest.mark.parametrize("everys", [[1, 1], [1, 1, 1], [1, 1, 2, 2, 2], [1, 1, 1, 1, 1, 2, 2],
+                                    [1, 3], [1, 1, 1, 1, 1, 7, 7]])
+@pytest.mark.parametrize("iterations", [1, 2, 3, 7, 10, 11, 101])
+def test_every_contender_takes_every_position(everys: list[int], iterations: int) -> None:
+    for active, counts in _positions(everys, iterations).items():
+        runs = sum(counts.values()) // len(active)  # iterations this set was due
+        for index in active:
+            taken = [counts[(index, position)] for position in range(len(active))]
+            # Balanced to within one: exact when the set ran a multiple of its size.
+            assert max(taken) - min(taken) <= 1, (active, index, taken)
+            if runs >= len(active):
+                assert min(taken) >= 1, (active, index, taken)
+
+
+def test_odd_iterations_rotate_too() -> None:
+    """The old shared counter gave the two-contender set shift 1 on every odd iteration."""
+    counts = _positions([1, 1, 2, 2, 2], 40)[(0, 1)]
+    assert counts[(0, 0)] == counts[(1, 0)] == 10
+
+
+def _result(name: str, value: float) -> dict[str, object]:
+    result = ScenarioResult(name, f"{name} described")
+    result.bars += [Bar(f"{name} ratio", value, 1.25, budget="1 s", text=f"{value:.2f}x"),
+                    reported(f"{name} extra", 3.0, budget="none", readme=False)]
+    return result.as_dict()
+
+
+def test_merge_replaces_by_name_keeps_others_and_drops_unused_runs() -> None:
+    doc = document.merge(document.empty(), "r1", {"command": "a"},
+                         [_result("b", 1.0), _result("a", 1.0)], order=["a", "b"])
+    assert [s["name"] for s in doc["scenarios"]] == ["a", "b"]
+    doc = document.merge(doc, "r2", {"command": "b"}, [_result("b", 2.0)], order=["a", "b"])
+    assert [(s["name"], s["run"]) for s in doc["scenarios"]] == [("a", "r1"), ("b", "r2")]
+    assert set(doc["runs"]) == {"r1", "r2"}
+    doc = document.merge(doc, "r3", {"command": "c"}, [_result("a", 1.0)], order=["a", "b"])
+    assert set(doc["runs"]) == {"r2", "r3"}
+    assert json.loads(document.dump(doc)) == doc
+
+
+def test_readme_table_comes_from_the_file_and_counts_misses() -> None:
+    doc = document.merge(document.empty(), "r1", {"command": "python tools/bench.py",
+                                                 "commit": "abc1234"},
+                         [_result("a", 1.5), _result("b", 1.0)], order=["a", "b"])
+    table = render.readme_benchmarks(doc)
+    assert "| a | a ratio | 1 s | <= 1.25x | 1.50x | **missed** |" in table
+    assert "| b | b ratio | 1 s | <= 1.25x | 1.00x | met |" in table
+    assert "extra" not in table  # readme=False stays in RESULTS.md only
+    assert "Bars missed in these runs: 1 (a: a ratio)" in table
+    assert "`python tools/bench.py` at propstore `abc1234`" in table
+    assert "a extra" in render.results_markdown(doc)
+
+
+def test_check_fails_on_a_stale_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    results = tmp_path / "RESULTS.json"
+    document.save(results, document.merge(document.empty(), "r1", {"command": "x"},
+                                          [_result("a", 1.0)]))
+    readme = tmp_path / "README.md"
+    readme.write_text("# t\n\n<!-- BEGIN GENERATED: benchmarks -->\nold\n"
+                      "<!-- END GENERATED: benchmarks -->\n")
+    monkeypatch.setattr(readme_tables, "README", readme)
+    monkeypatch.setattr(readme_tables, "ROOT", tmp_path)
+    monkeypatch.setattr(readme_tables, "RESULTS_JSON", results)
+    monkeypatch.setattr(readme_tables, "FILES", {tmp_path / "RESULTS.md":
+                                                 readme_tables.results_page})
+    # Only the sections this test knows (the other tables have sources of their own).
+    monkeypatch.setattr(readme_tables, "SECTIONS", {"benchmarks": readme_tables.benchmarks})
+    assert readme_tables.main(["--check"]) == 1
+    assert "old" in capsys.readouterr().out
+    assert readme_tables.main([]) == 0
+    assert readme_tables.main(["--check"]) == 0
+    assert "| a | a ratio | 1 s |" in readme.read_text()
+    # A figure changed in the results file makes the committed table stale again.
+    document.save(results, document.merge(document.load(results), "r2", {"command": "y"},
+                                          [_result("a", 1.1)]))
+    assert readme_tables.main(["--check"]) == 1
+
+
+def test_committed_tables_are_current() -> None:
+    """What CI's `python tools/readme_tables.py --check` checks, as a test."""
+    stale = [str(path) for path, (have, want) in readme_tables.targets().items()
+             if have != want]
+    assert not stale, f"stale generated files (run `python tools/readme_tables.py`): {stale}"
