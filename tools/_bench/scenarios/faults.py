@@ -155,7 +155,7 @@ def _start_pgpool(env: BenchEnv, dsn: str, workers: Workers, tally: Tally, group
     # keep its reads on the primary after its first write.
     write_conn, read_conn = RawNode(dsn, simple=simple), RawNode(dsn, simple=simple)
     primary_port = Backend.from_dsn(env.primary_dsn(0)).port  # inet_server_port() there
-    pick_w, pick_r = picker(users, 41 + group), picker(users, 42 + group)
+    pick_w, pick_r = picker(users, 41 + 10 * group), picker(users, 42 + 10 * group)
 
     def write_step() -> None:
         user = pick_w()
