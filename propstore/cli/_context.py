@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import sys
 import threading
@@ -78,17 +77,14 @@ WIDE_HELP = ("Show every column, even wider than the terminal (by default the le
 
 
 def output_console(wide: bool = False) -> Console:
-    """A rich console on stdout: colour on a terminal; plain and never wrapped when piped
-    (unless ``COLUMNS`` is set).
+    """A rich console on stdout: colour on a terminal; plain and never wrapped when piped.
 
     ``wide`` (``--wide``): as wide as the widest table, even on a narrower terminal.
     """
     console = Console(highlight=False)
     if not console.is_terminal:
-        # An explicit COLUMNS still applies (``COLUMNS=80 propstore lag > capture.txt``).
-        columns = os.environ.get("COLUMNS", "")
-        width = int(columns) if columns.isdigit() and int(columns) > 0 else _UNWRAPPED
-        console = Console(highlight=False, no_color=True, width=_UNWRAPPED if wide else width)
+        # Not COLUMNS: readline exports it into every child of an interactive Python.
+        console = Console(highlight=False, no_color=True, width=_UNWRAPPED)
     elif wide:
         console = Console(highlight=False, width=_UNWRAPPED)
     return console
