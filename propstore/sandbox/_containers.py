@@ -1,45 +1,60 @@
 """ContainerCluster: the LocalCluster shape on Docker, through testcontainers.
 
-Per shard, one container from the official ``postgres`` image as primary and N containers as
-replicas on a private Docker network; each replica clones its primary with
-``pg_basebackup -R -X stream`` before starting as a hot standby. Container ports are
-published on 127.0.0.1 only. Offered for machines without local PostgreSQL binaries; the
-local cluster is faster and supports more faults (kill, promote, repoint).
+Per shard, one container as primary and N containers as streaming hot standbys, each cloned
+from its primary with ``pg_basebackup -R -X stream``. Every container uses host networking and
+its server listens on its own ``127.0.0.1`` port, so the topology file, the DSNs and the
+replication connections are the same as :class:`~propstore.sandbox.LocalCluster`'s, and so is
+fault injection: paused replay, apply delay, freeze (``docker pause``), kill and restart,
+promotion, a cut or moved WAL receiver.
+
+Nothing is left behind: testcontainers' reaper (ryuk) needs a registry to be pulled, so
+propstore labels its containers with the owning process and removes them itself: on
+:meth:`~ContainerCluster.stop`, at interpreter exit, and, for a process that died without
+either (SIGKILL), at the next start on the same machine.
 """
 
 from __future__ import annotations
 
-import shlex
-from collections.abc import Sequence
+import os
+import shutil
+import socket
+import tempfile
+import time
+import weakref
+from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Any, cast
+from typing import Any
 
-import psycopg
 import structlog
 
-from propstore.sandbox._datadir import DATABASE, SUPERUSER
+from propstore.sandbox._cluster import CONFIG_NAME, LocalCluster, _run_parallel
+from propstore.sandbox._container_node import (
+    LABEL,
+    CapabilityMissing,
+    ContainerNode,
+    missing,
+    owner_labels,
+)
+from propstore.sandbox._datadir import DATABASE, free_port
 from propstore.sandbox._errors import SandboxError
-from propstore.sandbox._replication import Role, SqlNode, wait_caught_up
+from propstore.sandbox._locations import scratch_root
+from propstore.sandbox._processes import ProcessId, identify, is_alive
+from propstore.sandbox._replication import wait_caught_up
 from propstore.sandbox._topology import bucket_ranges, render_config
 from propstore.sandbox._waiting import wait_for
 
 log = structlog.get_logger(__name__)
 
-_CONTAINER_PORT = "5432/tcp"
-_SERVER_FLAGS = (
-    "-c wal_level=replica -c hot_standby=on -c hot_standby_feedback=on "
-    "-c synchronous_commit=on -c fsync=off -c wal_receiver_status_interval=1s "
-    "-c max_wal_senders=10 -c max_replication_slots=10 -c wal_keep_size=256MB "
-    "-c shared_buffers=16MB -c listen_addresses='*'"
-)
-# Inside the private Docker network; the host only reaches the ports published on loopback.
-_HBA_LINES = (
-    "local all all trust",
-    "local replication all trust",
-    "host all all all trust",
-    "host replication all all trust",
-)
+#: Image used when neither the argument nor ``$PROPSTORE_PG_IMAGE`` names one.
+DEFAULT_IMAGE = "postgres:16"
+_PORT_ATTEMPTS = 5
+# Folder of a cluster's topology file; its name carries the owner, for the reaper.
+_FOLDER_PREFIX = "propstore-containers-"
+
+__all__ = ["CapabilityMissing", "ContainerCluster", "ContainerNode", "ContainerShard",
+           "docker_available"]
 
 
 def docker_available(timeout: float = 2.0) -> tuple[bool, str]:
@@ -55,33 +70,10 @@ def docker_available(timeout: float = 2.0) -> tuple[bool, str]:
         finally:
             client.close()
     except Exception as exc:  # the SDK raises DockerException, requests and OS errors alike
-        return False, f"no Docker engine answered: {type(exc).__name__}: {exc}"
+        where = os.environ.get("DOCKER_HOST") or "the default socket"
+        return False, (f"no Docker engine answered at {where} ({type(exc).__name__}: {exc}); "
+                       "tools/docker_env.sh prepares one")
     return True, "Docker engine answered"
-
-
-class ContainerNode(SqlNode):
-    """A server in a container; freeze and thaw are ``docker pause`` / ``unpause``."""
-
-    def __init__(self, name: str, role: Role, container: Any) -> None:
-        self.name = name
-        self.role = role
-        self.container = container
-        self.port = 0
-
-    @property
-    def dsn(self) -> str:
-        """``host=127.0.0.1 port=N dbname=propstore user=postgres`` (the published port)."""
-        return f"host=127.0.0.1 port={self.port} dbname={DATABASE} user={SUPERUSER}"
-
-    def freeze(self) -> None:
-        """Pause every process of the container (cgroup freezer)."""
-        self.container.get_wrapped_container().pause()
-        log.info("sandbox.node_frozen", node=self.name)
-
-    def thaw(self) -> None:
-        """Undo :meth:`freeze`."""
-        self.container.get_wrapped_container().unpause()
-        log.info("sandbox.node_thawed", node=self.name)
 
 
 class ContainerShard:
@@ -101,33 +93,76 @@ class ContainerShard:
 
     def wait_caught_up(self, timeout: float = 60.0) -> None:
         """Wait until every replica replayed the primary's current flushed WAL (seconds)."""
-        wait_caught_up(self.primary, self.replicas, timeout)
+        replicas = [node for node in self.replicas if node.role == "replica"]
+        wait_caught_up(self.primary, replicas, timeout)
 
 
 class ContainerCluster:
     """Like :class:`~propstore.sandbox.LocalCluster`, but every server is a container.
 
+    Same node names, topology file and fault methods; what only a local process allows (pids,
+    data folders, daemon mode, choosing binaries) raises
+    :class:`~propstore.sandbox._containers.CapabilityMissing`.
+
     Args:
-        shards: number of shards.
+        shards: number of shards (``shard0`` ...).
         replicas: hot standbys per shard.
-        image: official postgres image tag to run.
-        bucket_count: virtual buckets written to the topology file.
+        image: PostgreSQL image; default ``$PROPSTORE_PG_IMAGE``, else ``postgres:16``. It
+            must be present or pullable: with no registry, ``tools/docker_env.sh`` builds
+            ``local/postgres:15`` from Debian packages.
+        bucket_count: virtual buckets written to the topology file, split evenly.
     """
 
-    def __init__(self, shards: int = 2, replicas: int = 2, image: str = "postgres:16",
+    def __init__(self, shards: int = 2, replicas: int = 2, image: str | None = None,
                  bucket_count: int = 4096) -> None:
+        if shards < 1 or replicas < 0 or bucket_count < shards:
+            raise SandboxError(
+                f"need shards >= 1, replicas >= 0 and bucket_count >= shards "
+                f"(got {shards}, {replicas}, {bucket_count})"
+            )
         self.shard_count = shards
         self.replica_count = replicas
-        self.image = image
+        self.image = image or os.environ.get("PROPSTORE_PG_IMAGE") or DEFAULT_IMAGE
         self.bucket_count = bucket_count
         self.shards: list[ContainerShard] = []
+        self._config_dir: Path | None = None
         self.config_path: Path | None = None
-        self._network: Any = None
+        self.startup_seconds: float | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "base_dir":
+            missing("cluster", name, "its servers' data live in the containers "
+                    "(config_path names the topology file)")
+        if not name.startswith("__") and hasattr(LocalCluster, name) and not hasattr(
+                type(self), name):
+            missing("cluster", name, "a LocalCluster feature needing local server processes "
+                    "(binaries, folders, daemon mode, poolers)")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def nodes(self) -> list[ContainerNode]:
         """Every node, shard by shard, primary first."""
         return [node for shard in self.shards for node in shard.nodes]
+
+    def node(self, name: str) -> ContainerNode:
+        """The node called ``name`` (``shard1-replica2``)."""
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise SandboxError(f"no node named {name!r} (have {[n.name for n in self.nodes]})")
+
+    @property
+    def pg_version(self) -> int:
+        """Major version of the servers (15, 16, ...)."""
+        if not self.shards:
+            raise SandboxError("start the cluster before asking its version")
+        return int(self.shards[0].primary.scalar("SHOW server_version_num")) // 10000
+
+    def __repr__(self) -> str:
+        return f"<ContainerCluster {self.shard_count}x{self.replica_count} {self.image}>"
+
+    # -- lifecycle ------------------------------------------------------------------------
 
     def __enter__(self) -> ContainerCluster:
         return self.start()
@@ -137,40 +172,80 @@ class ContainerCluster:
         self.stop()
 
     def start(self, timeout: float = 180.0) -> ContainerCluster:
-        """Create the network and containers, wait until every replica streams."""
-        from testcontainers.core.network import Network
+        """Start every container, wait until every replica streams, write ``propstore.toml``.
 
+        ``timeout`` (seconds) bounds each server start and the wait for streaming.
+        """
         available, reason = docker_available()
         if not available:
             raise SandboxError(reason)
-        self._network = Network().create()
+        if self.shards:
+            raise SandboxError(f"{self!r} is already started")
+        began = time.monotonic()
+        reap_orphans()
+        _require_image(self.image)
+        owner = identify(os.getpid())
+        assert owner is not None  # this very process
+        labels = owner_labels(owner.pid, owner.start_time)
+        self._config_dir = Path(tempfile.mkdtemp(
+            prefix=f"{_FOLDER_PREFIX}{owner.pid}-{owner.start_time}-", dir=scratch_root()))
+        self.shards = self._plan_shards(labels)
+        # Registered before the first container exists: a failure half-way, or an exit
+        # without stop(), still removes them.
+        self._finalizer = weakref.finalize(self, _remove_all, list(self.nodes),
+                                           self._config_dir)
         try:
-            for index, buckets in enumerate(bucket_ranges(self.bucket_count, self.shard_count)):
-                self.shards.append(self._start_shard(f"shard{index}", buckets, timeout))
+            _run_parallel([partial(self._start_shard, shard, timeout) for shard in self.shards])
+            for shard in self.shards:
+                wait_for(partial(_streaming, shard), timeout=timeout,
+                         what=f"{shard.name}'s replicas to stream")
+            self.write_config()
         except BaseException:
+            log.error("sandbox.start_failed", image=self.image)
             self.stop()
             raise
+        self.startup_seconds = time.monotonic() - began
+        log.info("sandbox.started", kind="containers", image=self.image,
+                 shards=self.shard_count, replicas=self.replica_count,
+                 seconds=round(self.startup_seconds, 3))
         return self
 
     def stop(self) -> None:
-        """Remove every container (thawing paused ones first) and the network."""
-        for node in self.nodes:
-            try:
-                wrapped = node.container.get_wrapped_container()
-                wrapped.reload()
-                if wrapped.status == "paused":
-                    wrapped.unpause()
-                node.container.stop()
-            except Exception:
-                log.exception("sandbox.container_stop_failed", node=node.name)
+        """Remove every container (paused ones included) and the topology file's folder."""
+        nodes = self.nodes
+        if self._finalizer is not None:
+            self._finalizer()  # runs _remove_all once, then detaches itself
+            self._finalizer = None
         self.shards = []
-        if self._network is not None:
-            self._network.remove()
-            self._network = None
+        log.info("sandbox.stopped", kind="containers", nodes=len(nodes))
 
-    def write_config(self, path: str | Path) -> Path:
-        """Write the topology TOML for the published ports to ``path``."""
-        target = Path(path)
+    def _plan_shards(self, labels: dict[str, str]) -> list[ContainerShard]:
+        shards = []
+        for index, buckets in enumerate(bucket_ranges(self.bucket_count, self.shard_count)):
+            primary = ContainerNode(f"shard{index}-primary", "primary", free_port(),
+                                    image=self.image, labels=labels)
+            replicas = [ContainerNode(f"shard{index}-replica{r}", "replica", free_port(),
+                                      image=self.image, labels=labels, upstream=primary)
+                        for r in range(1, self.replica_count + 1)]
+            shards.append(ContainerShard(f"shard{index}", primary, replicas, buckets))
+        return shards
+
+    def _start_shard(self, shard: ContainerShard, timeout: float) -> None:
+        _create_with_free_port(shard.primary, timeout)
+        shard.primary.execute(f"CREATE DATABASE {DATABASE}", dbname="postgres")
+        _run_parallel([partial(_create_with_free_port, replica, timeout)
+                       for replica in shard.replicas])
+
+    # -- topology file, waiting, faults ---------------------------------------------------
+
+    def write_config(self, path: str | Path | None = None) -> Path:
+        """Write the topology TOML (docs/config.md); by default into a temporary folder.
+
+        That folder is removed with the containers; :attr:`config_path` names the file.
+        """
+        if not self.shards or self._config_dir is None:
+            raise SandboxError("start the cluster before writing its configuration")
+        target = Path(path) if path is not None else self._config_dir / CONFIG_NAME
         target.write_text(render_config(self.shards, self.bucket_count))
         self.config_path = target
         return target
@@ -180,81 +255,111 @@ class ContainerCluster:
         for shard in self.shards:
             shard.wait_caught_up(timeout)
 
-    def _start_shard(self, shard: str, buckets: tuple[int, int],
-                     timeout: float) -> ContainerShard:
-        alias = f"{shard}-primary"
-        primary = ContainerNode(alias, "primary", self._container(alias, _primary_script(alias)))
-        _publish_and_start(primary)
-        _await_connectable(primary, timeout)
-        replicas = []
-        for number in range(1, self.replica_count + 1):
-            name = f"{shard}-replica{number}"
-            replica = ContainerNode(name, "replica",
-                                    self._container(name, _replica_script(name, alias)))
-            _publish_and_start(replica)
-            replicas.append(replica)
-        for replica in replicas:
-            _await_connectable(replica, timeout)
-        wait_for(lambda: _streaming(primary, replicas), timeout=timeout,
-                 what=f"{shard}'s replicas to stream")
-        return ContainerShard(shard, primary, replicas, buckets)
+    def reset_faults(self, timeout: float = 120.0) -> None:
+        """Undo every injected fault (freeze, kill, paused replay, delay, repoint) and catch up.
 
-    def _container(self, name: str, script: str) -> Any:
-        from testcontainers.core.container import DockerContainer
-
-        container = DockerContainer(self.image, entrypoint=["bash", "-c", script])
-        container.with_env("POSTGRES_HOST_AUTH_METHOD", "trust")
-        container.with_env("POSTGRES_DB", DATABASE)
-        container.with_network(self._network).with_network_aliases(name)
-        return container
+        A promotion cannot be undone: that raises, and such tests belong on their own cluster.
+        """
+        promoted = [node.name for shard in self.shards for node in shard.replicas
+                    if node.role != "replica"]
+        for node in self.nodes:
+            node.thaw()
+        _run_parallel([partial(shard.primary.reset_faults, timeout) for shard in self.shards])
+        _run_parallel([partial(node.reset_faults, timeout)
+                       for shard in self.shards for node in shard.replicas])
+        if promoted:
+            raise SandboxError(f"promoted replicas {promoted} cannot be demoted; "
+                               "run promotion tests on a cluster of their own")
+        self.wait_caught_up(timeout)
 
 
-def _primary_script(name: str) -> str:
-    hba = " ".join(shlex.quote(line) for line in _HBA_LINES)
-    return (
-        f"printf '%s\\n' {hba} > /etc/propstore_hba.conf && "
-        f"exec docker-entrypoint.sh postgres -c hba_file=/etc/propstore_hba.conf "
-        f"-c cluster_name={name} {_SERVER_FLAGS}"
-    )
-
-
-def _replica_script(name: str, primary: str) -> str:
-    slot = name.replace("-", "_")
-    data = "/var/lib/postgresql/replica"
-    return (
-        f"until pg_isready -q -h {primary} -U {SUPERUSER}; do sleep 0.2; done && "
-        f"mkdir -p {data} && chown postgres {data} && chmod 700 {data} && "
-        f"gosu postgres pg_basebackup -h {primary} -U {SUPERUSER} -D {data} "
-        f"-R -X stream -C -S {slot} --checkpoint=fast && "
-        f"exec gosu postgres postgres -D {data} -c cluster_name={name} {_SERVER_FLAGS}"
-    )
-
-
-def _publish_and_start(node: ContainerNode) -> None:
-    # testcontainers types host ports as int, but docker-py accepts (address, port): this is
-    # how the port is published on loopback only, with Docker choosing the port number.
-    cast(Any, node.container).ports[_CONTAINER_PORT] = ("127.0.0.1", None)
-    node.container.start()
-    node.port = int(node.container.get_exposed_port(5432))
-
-
-def _await_connectable(node: ContainerNode, timeout: float) -> None:
-    def answers() -> bool:
+def _create_with_free_port(node: ContainerNode, timeout: float) -> None:
+    # free_port() cannot reserve the port and host networking shares the host's ports: a
+    # clash is retried on another port with a fresh container; any other failure is reported.
+    for attempt in range(1, _PORT_ATTEMPTS + 1):
         try:
-            node.execute("SELECT 1")
-        except psycopg.Error:
-            return False
-        return True
+            node.create(timeout)
+            return
+        except SandboxError:
+            tail = node.log_tail()
+            node.remove()
+            if attempt == _PORT_ATTEMPTS or "could not bind" not in tail:
+                raise
+            log.warning("sandbox.port_taken", node=node.name, port=node.port)
+            if node.upstream is not None:  # the clone's slot was made with the old container
+                node.upstream.execute("SELECT pg_drop_replication_slot(slot_name) FROM "
+                                      "pg_replication_slots WHERE slot_name = %s",
+                                      (node.slot_name,))
+            node.port = free_port()
 
-    try:
-        wait_for(answers, timeout=timeout, what=f"{node.name} to accept connections")
-    except SandboxError as exc:
-        logs = node.container.get_wrapped_container().logs(tail=40).decode("utf-8", "replace")
-        raise SandboxError(f"{exc}; container log:\n{logs}") from exc
 
-
-def _streaming(primary: ContainerNode, replicas: Sequence[ContainerNode]) -> bool:
-    rows = primary.execute(
+def _streaming(shard: ContainerShard) -> bool:
+    rows = shard.primary.execute(
         "SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'"
     )
-    return {replica.name for replica in replicas} <= {row[0] for row in rows}
+    return {replica.name for replica in shard.replicas} <= {row[0] for row in rows}
+
+
+def _remove_all(nodes: Iterable[ContainerNode], folder: Path) -> None:
+    """Finalizer and stop(): remove every container, then the folder of the topology file."""
+    for node in nodes:
+        try:
+            node.remove()
+        except Exception:
+            log.exception("sandbox.container_remove_failed", node=node.name)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _require_image(image: str) -> None:
+    # Checked once here, not by each node's thread, so a missing image is one clear error.
+    import docker
+
+    client = docker.from_env()
+    try:
+        client.images.get(image)
+    except docker.errors.ImageNotFound:
+        try:
+            client.images.pull(image)
+        except docker.errors.APIError as exc:
+            raise SandboxError(
+                f"image {image} is not present and cannot be pulled ({exc.explanation}); "
+                "without a registry, tools/docker_env.sh builds local/postgres:15 from Debian "
+                "packages (then set PROPSTORE_PG_IMAGE=local/postgres:15)") from exc
+    finally:
+        client.close()
+
+
+def reap_orphans() -> int:
+    """Remove sandbox containers of this machine whose owning process is gone.
+
+    The owner (pid and start time, so a reused pid is not mistaken for it) is in the labels;
+    containers of live owners and of other machines sharing the engine are left alone.
+    Their topology files' folders go too. Returns how many containers were removed.
+    """
+    import docker
+
+    client = docker.from_env()
+    removed = 0
+    try:
+        for container in client.containers.list(all=True, filters={"label": LABEL}):
+            labels = container.labels
+            if labels.get(f"{LABEL}.host") != socket.gethostname():
+                continue
+            try:
+                owner = ProcessId(int(labels[f"{LABEL}.owner_pid"]),
+                                  int(labels[f"{LABEL}.owner_start"]))
+            except (KeyError, ValueError):
+                continue
+            if is_alive(owner):
+                continue
+            container.remove(force=True, v=True)
+            removed += 1
+            log.warning("sandbox.orphan_reaped", container=container.short_id,
+                        node=labels.get(f"{LABEL}.node"), owner_pid=owner.pid)
+    finally:
+        client.close()
+    for folder in scratch_root().glob(f"{_FOLDER_PREFIX}*"):
+        pid, start = folder.name.removeprefix(_FOLDER_PREFIX).split("-")[:2]
+        if pid.isdigit() and start.isdigit() and not is_alive(ProcessId(int(pid), int(start))):
+            shutil.rmtree(folder, ignore_errors=True)
+    return removed
