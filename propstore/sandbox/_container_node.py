@@ -160,6 +160,8 @@ class ContainerNode(SqlNode):
         except Exception as exc:  # docker.errors.NotFound when already gone, API errors
             if "404" not in str(exc) and "No such container" not in str(exc):
                 raise
+        finally:
+            self._container.get_docker_client().client.close()
         self._container = None
 
     def status(self) -> str:

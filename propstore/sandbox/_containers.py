@@ -28,6 +28,7 @@ from types import TracebackType
 from typing import Any
 
 import structlog
+from psycopg import sql
 
 from propstore.sandbox._cluster import CONFIG_NAME, LocalCluster, _run_parallel
 from propstore.sandbox._container_node import (
@@ -232,7 +233,8 @@ class ContainerCluster:
 
     def _start_shard(self, shard: ContainerShard, timeout: float) -> None:
         _create_with_free_port(shard.primary, timeout)
-        shard.primary.execute(f"CREATE DATABASE {DATABASE}", dbname="postgres")
+        shard.primary.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)),
+                              dbname="postgres")
         _run_parallel([partial(_create_with_free_port, replica, timeout)
                        for replica in shard.replicas])
 
