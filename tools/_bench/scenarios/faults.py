@@ -254,10 +254,12 @@ def _share(part: int, whole: int) -> str:
 def _report_lagging(result: ScenarioResult, tallies: dict[str, Tally],
                     paused: list[tuple[float, float]]) -> None:
     result.facts["paused intervals (s)"] = [(round(a, 2), round(b, 2)) for a, b in paused]
+    lagging_p99: dict[str, float] = {}
     for label, tally in tallies.items():
         for series in tally.series.values():
             healthy, lagging = _split(series, paused)
             result.add_series(healthy, lagging)
+            lagging_p99[series.name] = lagging.summary().p99
             if label == "propstore":
                 h99 = healthy.summary().p99
                 l99 = lagging.summary().p99
@@ -301,6 +303,17 @@ def _report_lagging(result: ScenarioResult, tallies: dict[str, Tally],
     if waiting is not None and waiting.series:
         lagging_wait = _split(next(iter(waiting.series.values())), paused)[1].summary()
         ryw.append(f"waiting reader p99 {lagging_wait.p99 * 1000:,.0f} ms while lagging")
+    pairs = [("propstore read, 1 s budget", f"{PGPOOL} read"),
+             ("propstore read-your-writes", f"{PGPOOL} read-your-writes")]
+    cells = [f"{a} {lagging_p99[a] * 1000:.2f} ms vs {b} {lagging_p99[b] * 1000:.2f} ms"
+             for a, b in pairs if a in lagging_p99 and b in lagging_p99]
+    if cells:
+        ratio = lagging_p99[pairs[0][0]] / lagging_p99[pairs[0][1]] if pairs[0][1] in (
+            lagging_p99) else math.nan
+        result.bars.append(reported(
+            "p99 while lagging, propstore vs Pgpool (simple protocol)", ratio,
+            budget="propstore 1 s / own write; Pgpool none (delay_threshold 1 B, 'always')",
+            text="; ".join(cells)))
     result.bars += [
         reported("read-your-writes: reads missing the reader's own write",
                  float(props.counts[RYW_MISSED]), unit="",
