@@ -15,6 +15,7 @@ from structlog.testing import capture_logs
 
 from propstore import LSN, PropertyStore, ShardUnavailableError, Topology
 from propstore.sandbox import LocalCluster
+from tests import claims
 from tests._workload import Workload
 from tests.conftest import users_on_shard
 from tests.test_store import wait_for
@@ -41,17 +42,15 @@ def test_replica_killed_and_restarted_fails_no_read(
     users = seeded(store, topology)
     victim = cluster.shards[0].replicas[0]
     with Workload(store, users) as load:
-        load.wait(0.5)
+        load.wait_until_every_budget_checked()  # from here on every read is checked
         victim.kill()
         load.wait(1.5)
         victim.start()
         wait_for(lambda: store.read("acme", users[0], max_staleness=5).node == victim.name,
                  timeout=60)
         report = load.stop()
-    print(f"replica kill: {report.reads} reads, {report.writes} writes, "
-          f"{report.error_count} errors, {report.violations} violations")
-    assert report.error_count == 0, report.examples
-    assert report.violations == 0, report.examples
+    print(f"replica kill: {report.summary()}")
+    report.check()
 
 
 def test_replica_frozen_then_thawed_blocks_no_read_and_leaks_no_connection(
@@ -59,19 +58,21 @@ def test_replica_frozen_then_thawed_blocks_no_read_and_leaks_no_connection(
 ) -> None:
     users = seeded(store, topology)
     victim = cluster.shards[0].replicas[0]
+    deadline = topology.routing.replica_deadline
+    assert deadline == claims.REPLICA_DEADLINE
     with Workload(store, users) as load:
-        load.wait(0.5)
+        load.wait_until_every_budget_checked()
         victim.freeze()
         load.wait(2.0)
         victim.thaw()
         wait_for(lambda: store.read("acme", users[0], max_staleness=5).node == victim.name,
                  timeout=60)
         report = load.stop()
-    deadline = topology.routing.replica_deadline
-    print(f"replica freeze: worst read {report.worst_read * 1000:.1f} ms, "
-          f"{report.reads} reads, {report.error_count} errors")
-    assert report.error_count == 0 and report.violations == 0, report.examples
-    assert report.worst_read < deadline + 0.5
+    print(f"replica freeze: {report.summary()}; slowest {report.slowest}")
+    report.check()
+    # Some read really went to the frozen replica: it waited out the deadline, then fell back.
+    assert any(elapsed >= deadline and reason == "replica_timeout"
+               for elapsed, _node, reason in report.slowest), report.slowest
     # Abandoned connections die on the server once it runs again; the pool stays bounded.
     limit = topology.routing.pool_max_size
     wait_for(lambda: propstore_connections(victim) <= limit, timeout=30)
@@ -88,15 +89,33 @@ def test_cut_wal_receiver_is_never_zero_lag_and_drops_out_of_eligibility(
         return next(n for n in store.shard_views()[0].nodes if n.name == victim.name)
 
     wait_for(lambda: node_view().state == "receiver disconnected")
-    bounds = []
-    for i in range(12):
-        store.set("acme", users[i % 5], {"tick": i})  # the primary moves on
+
+    def bound_now() -> tuple[float, float]:
+        now = time.monotonic()
+        return now, store.shard_views()[0].staleness_bound(node_view(), now)
+
+    store.set("acme", users[0], {"tick": 0})  # the primary moves on past the replica
+    # Once a sample has seen the primary past the replica, the bound's anchor stops.
+    wait_for(lambda: bound_now()[1] > 3 * topology.monitor.interval)
+    samples = []
+    started = time.monotonic()
+    i = 0
+    while time.monotonic() - started < claims.CUT_RECEIVER_WATCH:
+        i += 1
+        store.set("acme", users[i % 5], {"tick": i})
         time.sleep(0.1)  # the bound is a function of the clock: let it pass
-        view = store.shard_views()[0]
-        bounds.append(view.staleness_bound(node_view(), time.monotonic()))
-    print(f"cut receiver: bounds {[round(b, 3) for b in bounds]}")
-    assert all(b > 0 for b in bounds[1:])
-    assert bounds[-1] > bounds[1]
+        samples.append(bound_now())
+    bounds = [b for _, b in samples]
+    rate = (bounds[-1] - bounds[0]) / (samples[-1][0] - samples[0][0])
+    print(f"cut receiver: bound {bounds[0]:.3f} s -> {bounds[-1]:.3f} s in "
+          f"{samples[-1][0] - samples[0][0]:.3f} s (rate {rate:.3f})")
+    # The data really is behind: the replica replayed less than the primary wrote.
+    replayed = LSN.parse(victim.scalar("SELECT pg_last_wal_replay_lsn()::text"))
+    assert replayed < LSN.parse(cluster.shards[0].primary.scalar(
+        "SELECT pg_current_wal_lsn()::text"))
+    assert all(b > 0 for b in bounds)
+    assert bounds == sorted(bounds)  # never reset while the replica stays behind
+    assert abs(rate - 1.0) <= claims.CUT_RECEIVER_RATE_TOLERANCE
     decision = store.route("acme", users[0], profile="workflow")
     assert victim.name not in [c.node.name for c in decision.candidates]
 
@@ -112,15 +131,17 @@ def test_primary_killed_writes_fail_fast_reads_continue_and_writes_resume(
     with pytest.raises(ShardUnavailableError, match=topology.shards[0].name):
         store.set("acme", users[0], {"seq": 1})
     took = time.monotonic() - started
-    print(f"primary down: write failed after {took:.2f}s")
-    assert took < topology.routing.write_retry_time + 3
+    print(f"primary down: write failed after {took:.3f}s")
+    retry_time = topology.routing.write_retry_time
+    assert retry_time == claims.WRITE_RETRY_TIME
+    assert retry_time <= took <= retry_time + claims.WRITE_FAILURE_ALLOWANCE
     bounds = []
     for _ in range(5):
         result = store.read("acme", users[1], max_staleness=30)
         assert result.from_replica and result.props == {"seq": 0}
         bounds.append(result.staleness_bound)
         time.sleep(0.05)  # the bound grows with the clock while no sample can be taken
-    assert bounds == sorted(bounds)
+    assert bounds == sorted(bounds) and bounds[-1] > bounds[0]
     primary.start()
     token = wait_for(lambda: _try_set(store, users[0]), timeout=60)
     assert store.get("acme", users[0], after=token) == {"seq": 2}
@@ -136,8 +157,10 @@ def _try_set(store: PropertyStore, user: str) -> Any:
 def test_primary_crash_after_acknowledged_writes_loses_none(
     store: PropertyStore, cluster: LocalCluster, topology: Topology
 ) -> None:
-    users = users_on_shard(topology, topology.shards[0].name, 50, prefix="crash")
+    users = users_on_shard(topology, topology.shards[0].name, claims.CRASH_WRITES // 4,
+                           prefix="crash")
     tokens = [store.set("acme", user, {"n": i}) for i, user in enumerate(users * 4)]
+    assert len(tokens) == claims.CRASH_WRITES
     primary = cluster.shards[0].primary
     primary.kill()
     primary.start()
@@ -145,7 +168,7 @@ def test_primary_crash_after_acknowledged_writes_loses_none(
     shard = topology.shards[0].name
     assert all(t.lsn_for(shard) is not None and t.lsn_for(shard) <= recovered for t in tokens)
     found = wait_for(lambda: _strong_many(store, users), timeout=60)
-    assert found == {user: {"n": 150 + i} for i, user in enumerate(users)}
+    assert found == {user: {"n": 3 * len(users) + i} for i, user in enumerate(users)}
     print(f"primary crash: {len(tokens)} acknowledged writes, 0 lost")
 
 
@@ -169,7 +192,7 @@ def test_failover_is_followed_and_no_acknowledged_write_is_lost(cluster_factory:
         for user in users:
             store.replace("acme", user, {"seq": 0})
         with Workload(store, users, expect_write_errors=True) as load:
-            load.wait(0.5)
+            load.wait_until_every_budget_checked()
             old, new, other = (private.shards[0].primary, *private.shards[0].replicas)
             old.stop()  # a planned failover: a clean stop sends all WAL to the standbys
             new.promote()
@@ -183,11 +206,14 @@ def test_failover_is_followed_and_no_acknowledged_write_is_lost(cluster_factory:
         final = store.get_many("acme", users, consistency="strong")
     # Every write the workload saw acknowledged is on the new primary.
     for user in users:
-        acked = max((s for _, s in load._acked[user]), default=0)
+        acked = load.acked.latest(user) or 0
         assert final[user] is not None and final[user]["seq"] >= acked
-    print(f"failover: {report.writes} acknowledged writes, 0 lost, "
-          f"{report.violations} violations")
-    assert report.violations == 0 and report.errors["read:StaleReadError"] == 0
+    print(f"failover: {report.summary()}; expected errors {dict(report.expected_errors)}")
+    # Reads and token reads may meet the primary mid-failover (ShardUnavailableError);
+    # never a stale answer or a refusal to fall back.
+    report.check(errors_allowed=True)
+    assert set(report.errors) <= {"read:ShardUnavailableError",
+                                  "token_read:ShardUnavailableError"}, report.errors
 
 
 def test_replica_refusing_connections_falls_back_and_logs(
@@ -208,16 +234,26 @@ def test_replica_refusing_connections_falls_back_and_logs(
                 store.replace("acme", user, {"v": 1})
             wait_for(lambda: next(n for n in store.shard_views()[0].nodes
                                   if n.name == victim.name).state == "down")
+            served_by, times = set(), []
             started = time.monotonic()
-            for _ in range(50):
-                for user in users:
-                    assert store.get("acme", user, max_staleness=5) == {"v": 1}
+            for i in range(claims.REFUSING_READS):
+                begun = time.monotonic()
+                result = store.read("acme", users[i % len(users)], max_staleness=5)
+                times.append(time.monotonic() - begun)
+                assert result.props == {"v": 1}
+                served_by.add((result.node, result.fallback_reason))
             took = time.monotonic() - started
-        assert took < 30
+        assert victim.name not in {node for node, _reason in served_by}
+        assert topology.routing.replica_deadline == claims.REPLICA_DEADLINE
+        slow = [round(t * 1000, 1) for t in times if t >= claims.REPLICA_DEADLINE]
+        # Skipped, not waited for: a read that tried the refusing replica takes the deadline.
+        assert len(slow) <= claims.REFUSING_READS * (1 - claims.REFUSING_FAST_SHARE), slow
         events = [e for e in logs if e.get("node") == victim.name
                   and e["event"] == "node_state_changed" and e.get("new") == "down"]
         assert events and "too many" in (events[0].get("error") or "")
-        print(f"refused connections: 250 reads in {took:.2f}s, event: {events[0]['error']}")
+        print(f"refused connections: {claims.REFUSING_READS} reads in {took * 1000:.1f} ms, "
+              f"worst {max(times) * 1000:.1f} ms, served by {sorted(served_by)}, "
+              f"event: {events[0]['error']}")
     finally:
         for hog in hogs:
             hog.close()

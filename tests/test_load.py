@@ -14,12 +14,13 @@ import pytest
 
 from propstore import PropertyStore, Topology
 from propstore.sandbox import LocalCluster
+from tests import claims
 from tests._workload import Workload
 from tests.conftest import users_on_shard
 
 pytestmark = pytest.mark.slow
 
-DURATION = float(os.environ.get("PROPSTORE_LOAD_SECONDS", "60"))
+DURATION = float(os.environ.get("PROPSTORE_LOAD_SECONDS", str(claims.LOAD_SECONDS)))
 
 
 def rss_bytes() -> int:
@@ -39,8 +40,10 @@ def test_mixed_load_with_a_replica_paused_half_the_time_holds(
         store.replace("acme", user, {"seq": 0})
     paused = cluster.shards[0].replicas[0]
     with Workload(store, users, writers=3, readers=5) as load:
-        load.wait(min(5.0, DURATION / 6))  # warm-up: pools, caches, allocator arenas
+        # Warm-up (pools, caches, allocator arenas) until every budget is being checked.
+        load.wait_until_every_budget_checked()
         baseline = rss_bytes()
+        history = []
         started = time.monotonic()
         phase = 0
         while time.monotonic() - started < DURATION:
@@ -48,13 +51,13 @@ def test_mixed_load_with_a_replica_paused_half_the_time_holds(
             (paused.pause_replay if phase % 2 == 0 else paused.resume_replay)()
             phase += 1
             load.wait(5.0)
+            history.append(load.acked.size())
         paused.resume_replay()
         report = load.stop()
     growth = (rss_bytes() - baseline) / baseline
-    print(f"load: {report.reads} reads ({report.replica_reads} from replicas), "
-          f"{report.writes} writes in {DURATION:.0f}s; errors {report.error_count}, "
-          f"violations {report.violations}, worst read {report.worst_read * 1000:.1f} ms, "
-          f"RSS growth {growth * 100:.2f}%; fallbacks {dict(report.reasons)}")
-    assert report.error_count == 0, report.examples
-    assert report.violations == 0, report.examples
-    assert growth < 0.05
+    print(f"load: {DURATION:.0f}s, {report.summary()}, RSS growth {growth * 100:.2f}%, "
+          f"acknowledgements kept {history}")
+    report.check()
+    # Both the paused replica and the running ones served: the pause really was worked around.
+    assert report.nodes[paused.name] > 0
+    assert growth < claims.LOAD_RSS_GROWTH
