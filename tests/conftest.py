@@ -8,6 +8,15 @@ import pytest
 
 from propstore import PropertyStore, Topology
 from propstore.sandbox import LocalCluster
+from tests import _breakage
+
+#: Deliberately broken properties for this run (``PROPSTORE_TEST_BREAK``; normally none).
+BROKEN = _breakage.apply_from_environment()
+
+
+def pytest_report_header() -> str | None:
+    """Say loudly when the store under test is deliberately broken."""
+    return f"DELIBERATELY BROKEN STORE: {', '.join(BROKEN)}" if BROKEN else None
 
 
 def users_on_shard(topology: Topology, shard: str, count: int, tenant: str = "acme",
