@@ -14,6 +14,8 @@ and no extras (standard library and this folder only). Sections:
 
 * ``benchmarks`` -- the benchmark table, from ``tools/RESULTS.json`` (written by
   ``tools/bench.py``); ``tools/RESULTS.md`` is rendered from the same file and checked too.
+* ``reliability`` -- the reliability table, from ``tests/claims.py``: the figures the tests
+  import and assert, so the README states only what a test asserts.
 
 To add a table: write a function returning the section's text from its source, add it to
 :data:`SECTIONS` (and a file to :data:`FILES` if it renders a whole file), put the markers in
@@ -35,6 +37,10 @@ sys.path.insert(0, str(HERE))  # for _bench when run as a script from anywhere
 from _bench import document, render  # noqa: E402
 
 ROOT = HERE.parent
+sys.path.insert(1, str(ROOT))  # tests/claims.py, imported as ``tests.claims``
+
+from tests import claims  # noqa: E402
+
 README = ROOT / "README.md"
 RESULTS_JSON = HERE / "RESULTS.json"
 
@@ -52,6 +58,7 @@ def results_page() -> str:
 #: README section name -> its text (without the marker lines).
 SECTIONS: dict[str, Callable[[], str]] = {
     "benchmarks": benchmarks,
+    "reliability": claims.render_reliability_table,
 }
 
 #: Whole files rendered from a source.
