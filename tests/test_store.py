@@ -307,6 +307,7 @@ def test_promoted_replica_takes_writes_after_rediscovery(cluster_factory: Any) -
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # tracemalloc slows 100k reads down 2-3x; a busy machine more
 def test_monitor_and_store_memory_stay_flat_across_100k_reads(store: PropertyStore) -> None:
     store.set("acme", "mem", {"v": 1})
     for _ in range(5_000):  # warm up: pools, prepared statements, caches
