@@ -60,6 +60,8 @@ STATEMENTS: Final[dict[bytes, str]] = {
     DELETE: "DELETE FROM user_properties WHERE tenant_id = $1 AND user_id = $2",
     # The monitor's poll: role, the LSN that matters for the role, receive position, replay
     # pause and whether a WAL receiver is streaming (a disconnected receiver is not lag 0).
+    # Last, the hot-standby parameters (current_setting: cheap, no pg_settings scan): a
+    # standby paused with one below its primary's is paused for insufficient settings.
     POLL: (
         "SELECT pg_is_in_recovery(),"
         " CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
@@ -67,7 +69,11 @@ STATEMENTS: Final[dict[bytes, str]] = {
         " pg_last_wal_receive_lsn(),"
         " CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() ELSE false END,"
         " EXISTS (SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming'),"
-        " (SELECT system_identifier FROM pg_control_system())"
+        " (SELECT system_identifier FROM pg_control_system()),"
+        " concat_ws(',', current_setting('max_connections'),"
+        " current_setting('max_locks_per_transaction'),"
+        " current_setting('max_prepared_transactions'), current_setting('max_wal_senders'),"
+        " current_setting('max_worker_processes'))"
     ),
 }
 

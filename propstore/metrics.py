@@ -33,7 +33,8 @@ from propstore.store import ReadObserver, ReadResult, ReadStats
 
 #: Every state a node can be in (the ``state`` label of ``propstore_node_state``).
 NODE_STATES: tuple[NodeStateName, ...] = (
-    "unknown", "up", "down", "paused", "receiver disconnected", "wrong role", "foreign",
+    "unknown", "up", "down", "paused", "paused (settings)", "receiver disconnected",
+    "wrong role", "foreign",
 )
 
 #: Latency buckets (seconds): a replica read is abandoned after tens of milliseconds, a

@@ -35,7 +35,8 @@ from propstore.monitor import LagReport, LagRow, lag_report
 from propstore.store import PropertyStore
 
 _STATE_STYLES = {
-    "up": "green", "paused": "yellow", "receiver disconnected": "yellow", "down": "bold red",
+    "up": "green", "paused": "yellow", "paused (settings)": "bold yellow",
+    "receiver disconnected": "yellow", "down": "bold red",
     "wrong role": "bold red", "foreign": "bold red", "unknown": "dim",
 }
 

@@ -12,6 +12,11 @@ alembic is the engine; this package points it at one shard primary at a time and
 - :class:`LagGuard`, :func:`backfill` — batch work inside a revision (or anywhere) that
   pauses while a replica is more than ``max_lag`` seconds stale.
 - :func:`diff_topologies` — what a topology file change does, and which parts are unsafe.
+- :class:`ConfigChange`, :func:`plan_config_change`, :class:`ConfigRollout` — PostgreSQL
+  server settings rolled out node by node: validated against ``pg_settings``, ordered for
+  the hot-standby rule, each step gated on lag, verified, baked, reverted on a regression
+  (docs/config-changes.md). :class:`NodeController` / :class:`CommandController` restart
+  a node for ``postmaster``-context settings.
 - :func:`upgrade`, :func:`downgrade`, :func:`current_revision`, :func:`head_revision` —
   plain alembic on one primary.
 
@@ -30,7 +35,18 @@ from propstore.migrate._alembic import (
     script_location,
     upgrade,
 )
+from propstore.migrate._config_journal import ConfigJournal
+from propstore.migrate._config_plan import (
+    ConfigChange,
+    ConfigPlan,
+    ConfigStep,
+    NodeSetting,
+    plan_config_change,
+)
+from propstore.migrate._config_report import ConfigEvent, ConfigReport, Regression, StepResult
+from propstore.migrate._config_rollout import ConfigRollout
 from propstore.migrate._config_safety import diff_topologies
+from propstore.migrate._controller import CommandController, NodeController
 from propstore.migrate._diff import (
     BucketMove,
     ConfigDiff,
@@ -53,6 +69,7 @@ from propstore.migrate._rolling import (
     RollingMigration,
     ShardResult,
 )
+from propstore.migrate._settings import SettingValueError
 from propstore.migrate._status import ShardMigrationStatus, ShardPlan, plan, shard_status
 
 __all__ = [
@@ -63,21 +80,34 @@ __all__ = [
     "BackfillReport",
     "BatchSizer",
     "BucketMove",
+    "CommandController",
+    "ConfigChange",
     "ConfigDiff",
+    "ConfigEvent",
+    "ConfigJournal",
+    "ConfigPlan",
+    "ConfigReport",
+    "ConfigRollout",
+    "ConfigStep",
     "GuardCheck",
     "LagGuard",
     "MigrationEvent",
     "MigrationReport",
     "NodeChange",
+    "NodeController",
+    "NodeSetting",
     "PlannedRevision",
+    "Regression",
     "ReplicaLag",
     "RollingMigration",
     "SettingChange",
+    "SettingValueError",
     "ShardLag",
     "ShardMigrationStatus",
     "ShardPlan",
     "ShardProbe",
     "ShardResult",
+    "StepResult",
     "UnsafeChange",
     "backfill",
     "current_revision",
@@ -85,6 +115,7 @@ __all__ = [
     "downgrade",
     "head_revision",
     "plan",
+    "plan_config_change",
     "script_location",
     "shard_status",
     "upgrade",

@@ -27,7 +27,12 @@ from propstore._wire import DeadlineExceeded, Statement, execute
 from propstore.config import NodeConfig, ShardConfig
 from propstore.lsn import LSN
 from propstore.monitor import Observation, ShardView
-from propstore.monitor._state import apply_failure, apply_observation, initial_views
+from propstore.monitor._state import (
+    apply_failure,
+    apply_observation,
+    initial_views,
+    parse_hot_standby_settings,
+)
 
 Clock = Callable[[], float]
 
@@ -40,7 +45,8 @@ class ReplicaLag:
 
     Attributes:
         name: the node's configured name.
-        state: the monitor's state name (``up``, ``paused``, ``receiver disconnected``,
+        state: the monitor's state name (``up``, ``paused``, ``paused (settings)``,
+            ``receiver disconnected``,
             ``wrong role``, ``foreign``) or ``down`` when the poll failed.
         replay_lsn: last WAL position replayed (None when unknown).
         bytes_behind: primary's sampled LSN minus ``replay_lsn`` (display only).
@@ -248,7 +254,7 @@ class ShardProbe:
             # not see just now (the monitor's tolerance is for routing, not for gating).
             self._view = apply_failure(self._view, index, self._clock(), _describe(exc), 1)
             return
-        row = [result.get_value(0, c) for c in range(6)]
+        row = [result.get_value(0, c) for c in range(7)]
         self._view = apply_observation(self._view, index, Observation(
             sent_at=sent_at,
             in_recovery=row[0] == b"t",
@@ -257,4 +263,5 @@ class ShardProbe:
             replay_paused=row[3] == b"t",
             receiver_streaming=row[4] == b"t",
             system_id=int(row[5]) if row[5] else None,
+            hot_standby_settings=parse_hot_standby_settings(row[6]),
         ), self._history_size)

@@ -32,6 +32,7 @@ from propstore.monitor._state import (
     apply_failure,
     apply_observation,
     initial_views,
+    parse_hot_standby_settings,
 )
 
 log = structlog.get_logger("propstore.monitor")
@@ -234,7 +235,7 @@ class LagMonitor:
                     await active.close()
                     conn = None
                 else:
-                    row = [result.get_value(0, c) for c in range(6)]
+                    row = [result.get_value(0, c) for c in range(7)]
                     self.state.observe(shard_index, node_index, Observation(
                         sent_at=sent_at,
                         in_recovery=row[0] == b"t",
@@ -243,6 +244,7 @@ class LagMonitor:
                         replay_paused=row[3] == b"t",
                         receiver_streaming=row[4] == b"t",
                         system_id=int(row[5]) if row[5] else None,
+                        hot_standby_settings=parse_hot_standby_settings(row[6]),
                     ))
                 polled(key)
                 # Jitter so that many processes do not poll a node in step.

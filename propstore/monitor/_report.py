@@ -31,7 +31,9 @@ class LagRow:
         address: ``host:port``.
         configured_role: the role the topology file expects.
         role: the role observed (``pg_is_in_recovery()``), None before a successful poll.
-        state: ``up``, ``down``, ``paused``, ``receiver disconnected``, ``wrong role``,
+        state: ``up``, ``down``, ``paused`` (``pg_wal_replay_pause()``), ``paused
+            (settings)`` (recovery paused by PostgreSQL: a hot-standby parameter below the
+            primary's), ``receiver disconnected`` (not streaming), ``wrong role``,
             ``foreign`` or ``unknown`` (not polled yet).
         state_seconds: how long this process's monitor has seen the node in ``state``.
         lsn: replay LSN of a replica, flushed LSN of the primary (None when unknown).

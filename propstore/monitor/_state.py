@@ -25,8 +25,12 @@ from propstore.lsn import LSN
 
 NodeRole = Literal["primary", "replica"]
 #: Node states shown by ``propstore lag`` and logged on change.
+#: ``paused``: replay paused on request (``pg_wal_replay_pause()``); ``paused (settings)``:
+#: recovery paused by PostgreSQL itself because a hot-standby parameter is below the
+#: primary's (the fix is a restart with a larger value, not a resume).
 NodeStateName = Literal[
-    "unknown", "up", "down", "paused", "receiver disconnected", "wrong role", "foreign"
+    "unknown", "up", "down", "paused", "paused (settings)", "receiver disconnected",
+    "wrong role", "foreign",
 ]
 
 
@@ -42,6 +46,19 @@ class Observation:
     replay_paused: bool
     receiver_streaming: bool
     system_id: int | None = None
+    #: max_connections, max_locks_per_transaction, max_prepared_transactions,
+    #: max_wal_senders, max_worker_processes as the node runs with them (None: unknown).
+    hot_standby_settings: tuple[int, ...] | None = None
+
+
+def parse_hot_standby_settings(value: bytes | None) -> tuple[int, ...] | None:
+    """The poll's comma-separated hot-standby parameters (None when absent)."""
+    if not value:
+        return None
+    try:
+        return tuple(int(part) for part in value.split(b","))
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +124,7 @@ class NodeView:
     replay_paused: bool = False
     receiver_streaming: bool = False
     system_id: int | None = None
+    hot_standby_settings: tuple[int, ...] | None = None
     failures: int = 0
     last_error: str | None = None
     last_poll_at: float | None = None
@@ -202,6 +220,7 @@ def apply_observation(
         replay_paused=obs.replay_paused,
         receiver_streaming=obs.receiver_streaming,
         system_id=obs.system_id,
+        hot_standby_settings=obs.hot_standby_settings,
         failures=0,
         last_error=None,
         last_poll_at=obs.sent_at,
@@ -265,7 +284,18 @@ def _state_of(node: NodeView, primary: NodeView | None) -> NodeStateName:
     ):
         return "foreign"  # a replica of some other cluster: its LSNs mean nothing here
     if node.replay_paused:
-        return "paused"
+        return "paused (settings)" if _below_primary(node, primary) else "paused"
     if not node.receiver_streaming:
         return "receiver disconnected"
     return "up"
+
+
+def _below_primary(node: NodeView, primary: NodeView | None) -> bool:
+    """A hot-standby parameter of ``node`` is below the primary's: what PostgreSQL 14+
+    pauses recovery for (the primary's current value is what its WAL requires once it
+    restarted with it; pg_control holds the exact figure but SQL does not expose it)."""
+    mine = node.hot_standby_settings
+    theirs = primary.hot_standby_settings if primary is not None else None
+    if mine is None or theirs is None or len(mine) != len(theirs):
+        return False
+    return any(have < needed for have, needed in zip(mine, theirs, strict=True))

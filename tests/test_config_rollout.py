@@ -1,0 +1,354 @@
+"""Rolling PostgreSQL configuration changes on real clusters (issue 13): validated before
+anything is touched, ordered for the hot-standby rule, gated on lag, baked, reverted on a
+regression, resumable; and the monitor telling the two kinds of pause apart.
+
+Destructive runs get private clusters (``cluster_factory``); only the bad-input test uses the
+shared one (it proves nothing was written).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from propstore import ConfigError, MigrationError, PropertyStore, Topology
+from propstore.migrate import (
+    CommandController,
+    ConfigChange,
+    ConfigEvent,
+    ConfigJournal,
+    ConfigRollout,
+    SettingValueError,
+    plan_config_change,
+    upgrade,
+)
+from propstore.sandbox import LocalCluster, LocalNodeController
+from propstore.sandbox._node import LocalNode
+from tests._workload import Workload
+from tests.test_store import wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def topology_of(cluster: LocalCluster) -> Topology:
+    assert cluster.config_path is not None
+    return Topology.load(cluster.config_path)
+
+
+def setting(node: LocalNode, name: str) -> str:
+    return str(node.scalar("SELECT setting FROM pg_settings WHERE name = %s", (name,)))
+
+
+def auto_conf(node: LocalNode) -> list[tuple[Any, ...]]:
+    """What ALTER SYSTEM has written on ``node`` (its postgresql.auto.conf, as parsed)."""
+    return node.execute("SELECT name, setting FROM pg_file_settings"
+                        " WHERE sourcefile LIKE '%%postgresql.auto.conf' ORDER BY seqno")
+
+
+@contextmanager
+def pause_watch(nodes: list[LocalNode]) -> Iterator[list[str]]:
+    """Sample every node's ``pg_get_wal_replay_pause_state()`` on a thread; yields the list
+    of ``node: state`` seen other than ``not paused`` (a thread that dies fails the test)."""
+    seen: list[str] = []
+    samples = [0]
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def watch() -> None:
+        try:
+            while not stop.is_set():
+                for node in nodes:
+                    try:
+                        state = node.scalar("SELECT pg_get_wal_replay_pause_state()")
+                    except Exception:  # a restarting node does not answer: not a pause
+                        continue
+                    samples[0] += 1
+                    if state != "not paused":
+                        seen.append(f"{node.name}: {state}")
+                stop.wait(0.05)
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        thread.join(10)
+        assert not failure, failure
+        assert samples[0] > 0, "the pause watcher sampled nothing"
+
+
+@contextmanager
+def writing(node: LocalNode) -> Iterator[None]:
+    """Commit a row every 20 ms on ``node`` (lag only grows while the primary writes)."""
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            with node.connect() as conn:
+                conn.execute("CREATE TABLE IF NOT EXISTS ticks (at timestamptz)")
+                while not stop.is_set():
+                    conn.execute("INSERT INTO ticks VALUES (now())")
+                    stop.wait(0.02)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(10)
+        assert not errors, errors
+
+
+# -- plan: bad input is refused before any node is touched -------------------------------
+
+@pytest.mark.parametrize(("change", "error", "words"), [
+    (ConfigChange({"max_conections": "200"}), SettingValueError,
+     ["max_conections", "unknown setting", "max_connections"]),
+    (ConfigChange({"max_connections": "999999999"}), SettingValueError,
+     ["max_connections", "out of range", "allowed: 1 to 262143"]),
+    (ConfigChange({"max_connections": "lots"}), SettingValueError,
+     ["max_connections", "is not an integer"]),
+    (ConfigChange({"wal_compression": "maybe"}), SettingValueError,
+     ["wal_compression", "not allowed", "allowed: pglz"]),
+    (ConfigChange({"statement_timeout": "5 parsecs"}), SettingValueError,
+     ["statement_timeout", "not"]),
+    (ConfigChange({"synchronous_commit": "off"}), SettingValueError,
+     ["synchronous_commit", "refused", "flushed"]),
+    (ConfigChange({"block_size": "16384"}), SettingValueError, ["block_size", "read-only"]),
+    (ConfigChange({"work_mem": "8MB"}, nodes=("shard0-replica9",)), ConfigError,
+     ["no node named 'shard0-replica9'", "shard0-replica1"]),
+    (ConfigChange({"work_mem": "8MB"}, shards=("shard7",)), ConfigError,
+     ["no shard named 'shard7'"]),
+    (ConfigChange({"max_connections": "150"}), MigrationError,
+     ["max_connections", "restart", "no node controller"]),
+])
+def test_bad_input_is_refused_before_any_node_is_touched(
+    cluster: LocalCluster, change: ConfigChange, error: type[Exception], words: list[str]
+) -> None:
+    topology = topology_of(cluster)
+    before = {node.name: auto_conf(node) for node in cluster.nodes}
+    with pytest.raises(error) as refused:
+        plan_config_change(topology, change)
+    message = str(refused.value)
+    for word in words:
+        assert word in message, message
+    if isinstance(refused.value, SettingValueError) and refused.value.node is not None:
+        assert refused.value.node in message  # names the node whose pg_settings refused it
+    assert {node.name: auto_conf(node) for node in cluster.nodes} == before
+
+
+def test_plan_orders_replicas_first_when_raising_and_primary_first_when_lowering(
+    cluster: LocalCluster
+) -> None:
+    topology = topology_of(cluster)
+    current = int(setting(cluster.shards[0].primary, "max_connections"))
+    raising = plan_config_change(topology, ConfigChange(
+        {"max_connections": str(current + 50)}, shards=("shard0",)), can_restart=True)
+    assert [s.node.name for s in raising.steps] == [
+        "shard0-replica1", "shard0-replica2", "shard0-primary"]
+    assert raising.notes == () and all(s.effect == "restart" for s in raising.steps)
+    lowering = plan_config_change(topology, ConfigChange(
+        {"max_connections": str(current - 10)}), can_restart=True)
+    assert [s.node.name for s in lowering.steps] == [
+        "shard0-primary", "shard0-replica1", "shard0-replica2",
+        "shard1-primary", "shard1-replica1", "shard1-replica2"]
+    assert any("reordered, primary first" in note for note in lowering.notes)
+    with pytest.raises(MigrationError, match=r"would pause its recovery.*shard0-replica1"):
+        plan_config_change(topology, ConfigChange(
+            {"max_connections": str(current + 50)}, role="primaries"), can_restart=True)
+
+
+def test_command_controller_fills_placeholders_per_word_and_reports_failures(
+    cluster: LocalCluster
+) -> None:
+    node = topology_of(cluster).shards[0].replicas[0]
+    controller = CommandController("sh -c 'echo restarting {node} >&2; exit 3' {host}")
+    assert controller.command(node)[-1] == "127.0.0.1"
+    with pytest.raises(MigrationError, match="exited 3: restarting shard0-replica1"):
+        controller.restart(node, 10)
+    with pytest.raises(ConfigError, match="unknown placeholder"):
+        CommandController("ssh {hostname} restart")
+
+
+# -- the hot-standby rule, both ways, and what the monitor says --------------------------
+
+def test_raising_max_connections_through_the_tool_never_pauses_a_standby_but_by_hand_it_does(
+    cluster_factory: Callable[..., LocalCluster]
+) -> None:
+    private = cluster_factory(shards=1, replicas=1)
+    for shard in private.shards:
+        upgrade(shard.primary.dsn)
+    topology = topology_of(private)
+    primary, replica = private.shards[0].primary, private.shards[0].replicas[0]
+    controller = LocalNodeController(private)
+    plan = plan_config_change(topology, ConfigChange({"max_connections": "150"}),
+                              can_restart=True)
+    with pause_watch([replica]) as pauses, writing(primary):
+        report = ConfigRollout(topology, plan, controller, max_lag=2.0, bake=1.0).run()
+    assert report.complete, str(report)
+    assert controller.restarted == ["shard0-replica1", "shard0-primary"]
+    assert pauses == []
+    assert setting(primary, "max_connections") == setting(replica, "max_connections") == "150"
+
+    # By hand, primary first: the standby pauses for insufficient settings. Readers keep
+    # their budgets meanwhile, and the monitor names the kind of pause.
+    users = [f"hs-{i}" for i in range(20)]
+    with PropertyStore(topology) as store:
+        for user in users:
+            store.replace("acme", user, {"seq": 0})
+        with Workload(store, users) as load:
+            primary.execute("ALTER SYSTEM SET max_connections = 200")
+            primary.restart()
+            wait_for(lambda: store.shard_views()[0].nodes[1].state == "paused (settings)",
+                     timeout=30)
+            assert replica.scalar("SELECT pg_get_wal_replay_pause_state()") == "paused"
+            load.wait(1.0)
+            report_load = load.stop()
+    assert report_load.reads > 0 and report_load.violations == 0, report_load.examples
+    assert report_load.error_count == 0, report_load.examples
+    # The fix is a restart with an adequate value; the tool can do it (replica only).
+    fix = plan_config_change(topology, ConfigChange({"max_connections": "200"},
+                                                    role="replicas"), can_restart=True)
+    fixed = ConfigRollout(topology, fix, controller, max_lag=5.0, bake=0.5).run()
+    assert fixed.complete, str(fixed)
+    assert replica.scalar("SELECT pg_get_wal_replay_pause_state()") == "not paused"
+
+
+def test_the_monitor_tells_a_requested_pause_from_a_settings_pause(
+    cluster_factory: Callable[..., LocalCluster]
+) -> None:
+    from propstore.migrate import ShardProbe
+
+    private = cluster_factory(shards=1, replicas=1)
+    shard = topology_of(private).shards[0]
+    primary, replica = private.shards[0].primary, private.shards[0].replicas[0]
+    with ShardProbe(shard) as probe:
+        replica.pause_replay()
+        assert probe.sample().replicas[0].state == "paused"
+        replica.resume_replay()
+        primary.execute("ALTER SYSTEM SET max_connections = 120")
+        primary.restart()
+        wait_for(lambda: probe.sample().replicas[0].state == "paused (settings)", timeout=30)
+        assert not probe.sample().ready(60.0)  # such a node never passes a gate
+        replica.disconnect_receiver()
+        replica.execute("ALTER SYSTEM SET max_connections = 120")
+        replica.restart()
+        wait_for(lambda: probe.sample().replicas[0].state == "receiver disconnected",
+                 timeout=30)
+
+
+# -- rolling through 2 x 2 under readers -------------------------------------------------
+
+def test_reload_and_restart_changes_roll_through_2x2_under_readers(
+    cluster_factory: Callable[..., LocalCluster]
+) -> None:
+    private = cluster_factory(shards=2, replicas=2)
+    for shard in private.shards:
+        upgrade(shard.primary.dsn)
+    private.wait_caught_up()
+    topology = topology_of(private)
+    controller = LocalNodeController(private)
+    users = [f"roll-{i}" for i in range(40)]
+    events: list[ConfigEvent] = []
+    with PropertyStore(topology) as store:
+        for user in users:
+            store.replace("acme", user, {"seq": 0})
+        with Workload(store, users, expect_write_errors=True) as load:
+            reload_plan = plan_config_change(
+                topology, ConfigChange({"checkpoint_completion_target": "0.8"}))
+            reloaded = ConfigRollout(topology, reload_plan, max_lag=2.0, bake=0.5,
+                                     on_event=events.append).run()
+            restart_plan = plan_config_change(
+                topology, ConfigChange({"max_connections": "130"}), can_restart=True)
+            restarted = ConfigRollout(topology, restart_plan, controller, max_lag=2.0,
+                                      bake=0.5, on_event=events.append).run()
+            report = load.stop()
+    assert reloaded.complete and restarted.complete, (str(reloaded), str(restarted))
+    for node in private.nodes:
+        assert setting(node, "checkpoint_completion_target") == "0.8"
+        assert setting(node, "max_connections") == "130"
+    downs = {r.node: r.unavailable for r in restarted.results}
+    print(f"2x2 rollout: {report.reads} reads ({report.replica_reads} from replicas), "
+          f"{report.writes} writes, {report.error_count} errors, {report.violations} "
+          f"violations; restart unavailability {downs}")
+    assert report.reads > 0 and report.writes > 0
+    assert report.violations == 0, report.examples
+    assert report.errors.get("read:ShardUnavailableError", 0) == 0, report.examples
+    assert all(v is not None and v < 10 for v in downs.values())
+
+
+# -- revert ------------------------------------------------------------------------------
+
+def test_a_change_that_raises_lag_during_the_bake_is_reverted(
+    cluster_factory: Callable[..., LocalCluster]
+) -> None:
+    private = cluster_factory(shards=1, replicas=2)
+    topology = topology_of(private)
+    primary, first, second = (private.shards[0].primary, *private.shards[0].replicas)
+    before = {node.name: auto_conf(node) for node in private.nodes}
+    plan = plan_config_change(topology, ConfigChange({"recovery_min_apply_delay": "3s"},
+                                                     role="replicas"))
+    with writing(primary):
+        report = ConfigRollout(topology, plan, max_lag=1.0, bake=6.0).run()
+    assert report.reverted and not report.ok, str(report)
+    assert report.regression is not None and report.regression.step == 1
+    assert report.regression.phase in ("bake", "settle")
+    assert "shard0-replica1" in report.regression.measurement
+    assert report.result("shard0-replica1").outcome == "reverted"
+    assert report.result("shard0-replica2").outcome == "not started"
+    assert report.restored == ("shard0-replica1 recovery_min_apply_delay=0ms",)
+    assert "Reverted: regression at step 1" in str(report)
+    print(f"revert: regression after {report.regression.after:.2f}s, "
+          f"restored in {report.revert_seconds:.2f}s")
+    for node in (first, second):
+        assert setting(node, "recovery_min_apply_delay") == "0"
+    assert {node.name: auto_conf(node) for node in private.nodes} == before
+
+
+# -- resume ------------------------------------------------------------------------------
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_run_continues_where_it_stopped_and_remembers_the_originals(
+    cluster_factory: Callable[..., LocalCluster], tmp_path: Path
+) -> None:
+    private = cluster_factory(shards=1, replicas=2)
+    topology = topology_of(private)
+    journal = tmp_path / "journal.json"
+    change = ConfigChange({"checkpoint_completion_target": "0.7"})
+    original = setting(private.nodes[0], "checkpoint_completion_target")
+
+    def interrupt(event: ConfigEvent) -> None:
+        if event.kind == "step_done" and event.step == 1:
+            raise _Interrupted
+
+    plan = plan_config_change(topology, change)
+    with pytest.raises(_Interrupted):
+        ConfigRollout(topology, plan, bake=0.2, journal=journal, on_event=interrupt).run()
+    assert journal.exists()
+    values = [setting(node, "checkpoint_completion_target") for node in private.nodes]
+    assert values == [original, "0.7", original]  # replica1 done, the others untouched
+
+    resumed_plan = plan_config_change(topology, change,
+                                      originals=ConfigJournal(journal).originals)
+    assert [s.applied for s in resumed_plan.steps] == [True, False, False]
+    assert resumed_plan.steps[0].settings[0].before == original
+    resumed = ConfigRollout(topology, resumed_plan, bake=0.2, journal=journal).run()
+    assert [r.outcome for r in resumed.results] == ["already applied", "done", "done"]
+    assert [setting(node, "checkpoint_completion_target") for node in private.nodes] == [
+        "0.7"] * 3
+    assert not journal.exists()
