@@ -356,6 +356,10 @@ def test_migrate_public_api_is_pinned() -> None:
         "ShardMigrationStatus", "ShardPlan", "ShardProbe", "ShardResult", "UnsafeChange",
         "backfill", "current_revision", "diff_topologies", "downgrade", "head_revision",
         "plan", "script_location", "shard_status", "upgrade",
+        # configuration rollouts (issue 13)
+        "CommandController", "ConfigChange", "ConfigEvent", "ConfigJournal", "ConfigPlan",
+        "ConfigReport", "ConfigRollout", "ConfigStep", "NodeController", "NodeSetting",
+        "Regression", "SettingValueError", "StepResult", "plan_config_change",
     }
     for name in propstore.migrate.__all__:
         member = getattr(propstore.migrate, name)

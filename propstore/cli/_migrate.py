@@ -2,7 +2,8 @@
 :mod:`propstore.migrate`, print.
 
 The topology file comes from the root command's ``--config`` option (read from
-``ctx.find_root().params``), else from ``ctx.obj``, else ``$PROPSTORE_CONFIG``. On a terminal
+``ctx.find_root().params``), else from ``ctx.obj``, else ``$PROPSTORE_CONFIG``. Server
+setting rollouts (``config plan``/``apply``) live in :mod:`propstore.cli._config`. On a terminal
 a rollout shows a live table (shard, step, lag, countdown); piped, one line per event.
 """
 
@@ -270,7 +271,7 @@ def down_command(ctx: click.Context, revision: str, max_lag: float, wait_timeout
 
 @click.group("config")
 def config_group() -> None:
-    """Topology file changes."""
+    """Topology file changes (diff) and PostgreSQL server settings (plan, apply)."""
 
 
 @config_group.command("diff")
@@ -289,5 +290,8 @@ def diff_command(ctx: click.Context, old: str, new: str, no_check: bool) -> None
     if not diff.safe:
         ctx.exit(EXIT_CHECK_FAILED)
 
+
+# Registers `config plan` and `config apply` (their module imports the helpers above).
+from propstore.cli import _config as _config  # noqa: E402
 
 __all__ = ["config_group", "migrate"]

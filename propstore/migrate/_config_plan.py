@@ -320,7 +320,8 @@ def _node_setting(node: NodeConfig, name: str, value: str, infos: Mapping[str, S
                   original: Mapping[str, tuple[str, bool]]) -> NodeSetting:
     info = infos.get(name)
     if info is None:
-        close = difflib.get_close_matches(name, list(infos) + list(HOT_STANDBY_PARAMETERS), 3)
+        known = dict.fromkeys([*infos, *HOT_STANDBY_PARAMETERS])
+        close = difflib.get_close_matches(name, list(known), 3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise SettingValueError(name, node.name, f"unknown setting{hint}")
     after = normalise(info, value, node.name)
@@ -341,8 +342,8 @@ def _order(shard: ShardConfig, targeted: set[str], planned: Mapping[str, tuple[N
         if problem is None:
             if i == 0 or not primary or not replicas:
                 return order, ""
-            return order, (f"{shard.name}: reordered, primary first: {failures[0]}"
-                           " otherwise")
+            return order, (f"{shard.name}: reordered, primary first (replicas first, "
+                           f"{failures[0]})")
         failures.append(problem)
         if not primary or not replicas:
             break
@@ -353,24 +354,31 @@ def _order(shard: ShardConfig, targeted: set[str], planned: Mapping[str, tuple[N
 def _first_pause(shard: ShardConfig, order: Sequence[NodeConfig],
                  planned: Mapping[str, tuple[NodeSetting, ...]],
                  infos: Mapping[str, Mapping[str, SettingInfo]]) -> str | None:
-    """Walk the steps; the first moment a standby's hot-standby parameter is below its
-    primary's (PostgreSQL 14+ pauses its recovery; at start-up it refuses to start)."""
+    """Walk the steps; the first moment a standby's hot-standby parameter falls below its
+    primary's (PostgreSQL 14+ pauses its recovery; at start-up it refuses to start). A
+    standby already below before the change (already paused) is not counted against it:
+    the change may be its repair, one replica at a time."""
     touched = {s.name for settings in planned.values() for s in settings
                if s.name in HOT_STANDBY_PARAMETERS}
     values = {node.name: {p: int(infos[node.name][p].setting)
                           for p in touched if p in infos[node.name]}
               for node in shard.nodes}
+
+    def below() -> dict[tuple[str, str], tuple[int, int]]:
+        top = values[shard.primary.name]
+        return {(replica.name, name): (values[replica.name].get(name, needed), needed)
+                for replica in shard.replicas for name, needed in top.items()
+                if values[replica.name].get(name, needed) < needed}
+
+    already = set(below())
     for node in order:
         for setting in planned[node.name]:
             if setting.name in touched:
                 values[node.name][setting.name] = int(setting.after)
-        top = values[shard.primary.name]
-        for replica in shard.replicas:
-            for name, needed in top.items():
-                have = values[replica.name].get(name, needed)
-                if have < needed:
-                    return (f"{replica.name} would have {name} {have} below the primary's "
-                            f"{needed} after {node.name} changes")
+        for (replica, name), (have, needed) in below().items():
+            if (replica, name) not in already:
+                return (f"{replica} would have {name} {have} below the primary's "
+                        f"{needed} after {node.name} changes")
     return None
 
 

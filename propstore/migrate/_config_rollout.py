@@ -142,7 +142,8 @@ class ConfigRollout:
                 except _Regressed as failure:
                     regression = failure.regression
                     results.append(StepResult(step.number, step.shard.name, step.node.name,
-                                              "failed", regression.phase, str(regression)))
+                                              "failed", regression.phase,
+                                              regression.measurement))
                     stopped = f"regression at step {step.number} ({step.node.name})"
                     continue
                 results.append(result)
@@ -176,7 +177,7 @@ class ConfigRollout:
             str(s) for s in step.settings) + f" ({step.effect})")
         try:
             self._wait_ready(step, probe, "pre-flight", self.wait_timeout,
-                             excused=_repairs(step))
+                             excused=self._repairs(step, include_self=True))
         except _StepFailed as failure:
             self._emit("step_failed", step, failure.phase, str(failure))
             return StepResult(step.number, step.shard.name, step.node.name, "failed",
@@ -284,7 +285,8 @@ class ConfigRollout:
     def _settle_and_bake(self, step: ConfigStep, probe: ShardProbe) -> None:
         began = self.clock()
         try:
-            self._wait_ready(step, probe, "settle", self.settle_timeout)
+            self._wait_ready(step, probe, "settle", self.settle_timeout,
+                             excused=self._repairs(step, include_self=False))
         except _StepFailed as failure:
             raise _Regressed(Regression(step.number, step.node.name, "settle", str(failure),
                                         self.clock() - began)) from None
@@ -294,7 +296,7 @@ class ConfigRollout:
         while True:
             lag = probe.sample()
             now = self.clock()
-            if not lag.ready(self.max_lag):
+            if not self._ready(lag, self._repairs(step, include_self=False)):
                 measurement = lag.explain(self.max_lag)
                 self._emit("regression", step, "bake", measurement, replicas=lag.replicas)
                 raise _Regressed(Regression(step.number, step.node.name, "bake", measurement,
@@ -309,18 +311,22 @@ class ConfigRollout:
             self.sleep(min(self.check_interval, max(0.0, deadline - now)))
 
     def _wait_ready(self, step: ConfigStep, probe: ShardProbe, phase: Phase,
-                    timeout: float, excused: str | None = None) -> ShardLag:
+                    timeout: float, excused: frozenset[str] = frozenset()) -> ShardLag:
         deadline = self.clock() + timeout
         last_report: float | None = None
         kind: ConfigEventKind = "preflight_waiting" if phase == "pre-flight" else "settling"
         while True:
             lag = probe.sample()
-            if lag.primary_up and all(r.name == excused and r.state == "paused (settings)"
-                                      for r in lag.blocking(self.max_lag)):
+            if self._ready(lag, excused):
                 if phase == "pre-flight":
-                    self._emit("preflight_passed", step, phase, f"replicas within "
-                               f"{format_duration(self.max_lag)} (worst "
-                               f"{format_duration(lag.worst)})", replicas=lag.replicas)
+                    waived = [r.name for r in lag.blocking(self.max_lag)]
+                    healthy = [r.staleness for r in lag.replicas if r.name not in waived]
+                    text = (f"replicas within {format_duration(self.max_lag)} (worst "
+                            f"{format_duration(max(healthy, default=0.0))})")
+                    if waived:
+                        text += (f"; {', '.join(waived)} paused for insufficient settings, "
+                                 "which this change repairs")
+                    self._emit("preflight_passed", step, phase, text, replicas=lag.replicas)
                 return lag
             now = self.clock()
             if now >= deadline:
@@ -331,6 +337,28 @@ class ConfigRollout:
                 self._emit(kind, step, phase, f"waiting: {lag.explain(self.max_lag)}",
                            replicas=lag.replicas, remaining=deadline - now)
             self.sleep(min(self.check_interval, max(0.0, deadline - now)))
+
+    def _ready(self, lag: ShardLag, excused: frozenset[str]) -> bool:
+        """The shard is ready, but for standbys this change is about to repair."""
+        return lag.primary_up and all(r.name in excused and r.state == "paused (settings)"
+                                      for r in lag.blocking(self.max_lag))
+
+    def _repairs(self, step: ConfigStep, *, include_self: bool) -> frozenset[str]:
+        """Standbys of ``step``'s shard that a pending step of this plan (``step`` itself
+        too when ``include_self``) repairs: it raises a hot-standby parameter on them. When
+        one is paused for insufficient settings it cannot heal by itself, so waiting for it
+        before its own step would deadlock; once its step ran, settle and bake hold it to
+        the same bar as every other node."""
+        names = set()
+        for other in self.plan.steps:
+            if other.shard.name != step.shard.name or other.applied or other.role != "replica":
+                continue
+            if other.number < step.number or (other.number == step.number and not include_self):
+                continue
+            if any(s.name in HOT_STANDBY_PARAMETERS and s.changes
+                   and int(s.after) > int(s.before) for s in other.settings):
+                names.add(other.node.name)
+        return frozenset(names)
 
     # -- revert -----------------------------------------------------------------------
 
@@ -400,16 +428,6 @@ class ConfigRollout:
               replicas=[str(r) for r in replicas] or None)
         if self.on_event is not None:
             self.on_event(event)
-
-
-def _repairs(step: ConfigStep) -> str | None:
-    """The step's own node when the step repairs it: a standby whose recovery PostgreSQL
-    paused for a hot-standby parameter below its primary's, and the step raises one. Its
-    pre-flight must not wait for it to heal by itself (it cannot); the settle and the
-    bake then hold it to the same bar as every other node."""
-    raises = any(s.name in HOT_STANDBY_PARAMETERS and s.changes
-                 and int(s.after) > int(s.before) for s in step.settings)
-    return step.node.name if raises and step.role == "replica" else None
 
 
 def _first_line(exc: BaseException) -> str:
