@@ -321,8 +321,8 @@ class ConfigRollout:
                 if phase == "pre-flight":
                     waived = [r.name for r in lag.blocking(self.max_lag)]
                     healthy = [r.staleness for r in lag.replicas if r.name not in waived]
-                    text = (f"replicas within {format_duration(self.max_lag)} (worst "
-                            f"{format_duration(max(healthy, default=0.0))})")
+                    text = f"replicas within {format_duration(self.max_lag)}" + (
+                        f" (worst {format_duration(max(healthy))})" if healthy else "")
                     if waived:
                         text += (f"; {', '.join(waived)} paused for insufficient settings, "
                                  "which this change repairs")
