@@ -390,3 +390,39 @@ def test_an_interrupted_run_continues_where_it_stopped_and_remembers_the_origina
     assert [setting(node, "checkpoint_completion_target") for node in private.nodes] == [
         "0.7"] * 3
     assert not journal.exists()
+
+
+# -- the CLI -----------------------------------------------------------------------------
+
+def test_cli_plan_refuses_bad_input_and_apply_rolls_out_with_canary_then_resumes(
+    cluster_factory: Callable[..., LocalCluster], tmp_path: Path
+) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from propstore.cli import main
+
+    private = cluster_factory(shards=1, replicas=1)
+    base = ["--config", str(private.config_path), "config"]
+    runner = CliRunner()
+    refused = runner.invoke(main, [*base, "plan", "max_connections=0"])
+    assert refused.exit_code != 0
+    assert "max_connections on shard0-primary: 0 is out of range" in refused.output
+    shown = runner.invoke(main, [*base, "plan", "work_mem=8MB", "--json"])
+    assert shown.exit_code == 0, shown.output
+    document = json.loads(shown.output)
+    assert [s["node"] for s in document["steps"]] == ["shard0-replica1", "shard0-primary"]
+    assert document["steps"][0]["settings"][0]["after"] == "8192"
+    journal = str(tmp_path / "journal.json")
+    args = [*base, "apply", "work_mem=8MB", "--bake", "0.2s", "--journal", journal]
+    canary = runner.invoke(main, [*args, "--canary", "1"])
+    assert canary.exit_code == 0, canary.output
+    assert "Stopped: canary: 1 step(s) applied" in canary.output
+    assert [setting(n, "work_mem") for n in private.nodes] == ["4096", "8192"]
+    rest = runner.invoke(main, [*args, "--json"])
+    assert rest.exit_code == 0, rest.output
+    report = json.loads(rest.output)
+    assert report["complete"] and [s["outcome"] for s in report["steps"]] == [
+        "already applied", "done"]
+    assert [setting(n, "work_mem") for n in private.nodes] == ["8192", "8192"]
