@@ -506,6 +506,6 @@ def test_sandbox_public_api_is_pinned() -> None:
     import propstore.sandbox
 
     assert sorted(propstore.sandbox.__all__) == [
-        "ContainerCluster", "LocalCluster", "LocalNode", "LocalShard", "SandboxError",
-        "default_base_dir", "docker_available", "down", "status", "up",
+        "ContainerCluster", "LocalCluster", "LocalNode", "LocalNodeController", "LocalShard",
+        "SandboxError", "default_base_dir", "docker_available", "down", "status", "up",
     ]

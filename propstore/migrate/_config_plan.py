@@ -109,7 +109,8 @@ class ConfigChange:
         """``replicas of shard0``-style text."""
         what = {"all": "all nodes", "primaries": "primaries", "replicas": "replicas"}[self.role]
         if self.nodes:
-            what = f"{what} among {', '.join(self.nodes)}"
+            what = ", ".join(self.nodes) if self.role == "all" else (
+                f"{what} among {', '.join(self.nodes)}")
         if self.shards:
             what = f"{what} of {', '.join(self.shards)}"
         return what

@@ -201,25 +201,23 @@ class ConfigRollout:
         if needed, verify. Returns the seconds the node was down for a restart."""
         node = step.node
         statements: list[sql.Composed] = []
-        shown: list[str] = []
         for setting in settings:
             if not setting.changes:
                 continue
             name = sql.Identifier(setting.name)
             if revert and not setting.before_in_auto_conf:
                 statements.append(sql.SQL("ALTER SYSTEM RESET {}").format(name))
-                shown.append(f"ALTER SYSTEM RESET {setting.name}")
             else:
                 value = setting.before if revert else setting.after
                 statements.append(sql.SQL("ALTER SYSTEM SET {} = {}").format(
                     name, sql.Literal(value)))
-                shown.append(f"ALTER SYSTEM SET {setting.name} = '{value}'")
-        self._emit("applying", step, phase, "; ".join([*shown, "SELECT pg_reload_conf()"]))
+        statements.append(sql.SQL("SELECT pg_reload_conf()").format())
         try:
             with self._connect(node) as conn:
+                self._emit("applying", step, phase, "; ".join(
+                    statement.as_string(conn) for statement in statements))
                 for statement in statements:
                     conn.execute(statement)
-                conn.execute("SELECT pg_reload_conf()")
         except psycopg.Error as exc:
             raise _StepFailed(phase, f"{node.name}: {_first_line(exc)}") from exc
         unavailable = None
