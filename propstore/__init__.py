@@ -11,21 +11,59 @@ observation that provably still holds), otherwise the primary serves it at once.
         store.get("acme", "user-1", max_staleness=0.5)    # bounded staleness (seconds)
 """
 
-from propstore.config import MonitorSettings, Profile, RoutingSettings, Topology
-from propstore.errors import (
-    ConfigError,
-    InvalidInputError,
-    InvalidTokenError,
-    MigrationError,
-    PropStoreError,
-    ShardUnavailableError,
-    StaleReadError,
-)
-from propstore.freshness import STRONG, Freshness, Token
-from propstore.lsn import LSN
-from propstore.monitor import LagMonitor, NodeView, ShardView
-from propstore.router import RouteDecision
-from propstore.store import AsyncPropertyStore, PropertyStore, ReadResult
+from typing import TYPE_CHECKING, Any
+
+# The names below load on first use (PEP 562), so that importing a submodule, e.g. the CLI
+# for `propstore --help`, does not pay for psycopg, SQLAlchemy and the store (about 0.7 s).
+_EXPORTS = {
+    "MonitorSettings": "propstore.config", "Profile": "propstore.config",
+    "RoutingSettings": "propstore.config", "Topology": "propstore.config",
+    "ConfigError": "propstore.errors", "InvalidInputError": "propstore.errors",
+    "InvalidTokenError": "propstore.errors", "MigrationError": "propstore.errors",
+    "PropStoreError": "propstore.errors", "ShardUnavailableError": "propstore.errors",
+    "StaleReadError": "propstore.errors",
+    "STRONG": "propstore.freshness", "Freshness": "propstore.freshness",
+    "Token": "propstore.freshness",
+    "LSN": "propstore.lsn",
+    "LagMonitor": "propstore.monitor", "NodeView": "propstore.monitor",
+    "ShardView": "propstore.monitor",
+    "RouteDecision": "propstore.router",
+    "AsyncPropertyStore": "propstore.store", "PropertyStore": "propstore.store",
+    "ReadResult": "propstore.store",
+}
+
+if TYPE_CHECKING:
+    from propstore.config import MonitorSettings, Profile, RoutingSettings, Topology
+    from propstore.errors import (
+        ConfigError,
+        InvalidInputError,
+        InvalidTokenError,
+        MigrationError,
+        PropStoreError,
+        ShardUnavailableError,
+        StaleReadError,
+    )
+    from propstore.freshness import STRONG, Freshness, Token
+    from propstore.lsn import LSN
+    from propstore.monitor import LagMonitor, NodeView, ShardView
+    from propstore.router import RouteDecision
+    from propstore.store import AsyncPropertyStore, PropertyStore, ReadResult
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'propstore' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
 
 __version__ = "0.1.0"
 

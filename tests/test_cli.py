@@ -198,7 +198,10 @@ def test_shards_shows_every_shard_its_buckets_and_nodes(config: str, topology: T
 
 def _commands(group: click.Group, prefix: tuple[str, ...] = ()
               ) -> Iterator[tuple[str, ...]]:
-    for name, command in group.commands.items():
+    context = click.Context(group)
+    for name in group.list_commands(context):  # the root group loads its commands lazily
+        command = group.get_command(context, name)
+        assert command is not None, name
         yield (*prefix, name)
         if isinstance(command, click.Group):
             yield from _commands(command, (*prefix, name))

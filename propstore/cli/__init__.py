@@ -3,30 +3,84 @@
 Every command's work is a library call (``PropertyStore``, :func:`propstore.monitor.lag_report`,
 :class:`propstore.metrics.StoreMetrics`, :func:`propstore.cli._demo.run_demo`), so whatever
 the CLI shows, a program can compute too.
+
+The commands are listed in :data:`COMMANDS` (name, module, one-line summary) and a module is
+imported only when its command runs: ``--help``, ``--version`` and ``shards`` never load
+psycopg's connection machinery, SQLAlchemy, alembic or the store (about 1 s of imports).
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
+from dataclasses import dataclass
 from typing import Any
 
 import click
 
-from propstore.cli._context import EXIT_ERROR, EXIT_INTERRUPTED, CliState, configure_logging
-from propstore.cli._demo_command import demo_command
-from propstore.cli._lag import lag_command
-from propstore.cli._metrics import metrics_command
-from propstore.cli._sandbox import sandbox
-from propstore.cli._shards import shards_command
-from propstore.cli._users import (
-    delete_command,
-    get_command,
-    route_command,
-    set_command,
-    unset_command,
+from propstore import __version__
+from propstore.cli._context import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    CliState,
+    add_global_options,
+    global_options,
 )
 from propstore.errors import PropStoreError
-from propstore.sandbox import SandboxError
+
+
+@dataclass(frozen=True, slots=True)
+class CommandEntry:
+    """One subcommand: where it lives and what ``propstore --help`` says of it.
+
+    Attributes:
+        name: the subcommand's name.
+        module: the module defining it, imported when the command is used.
+        attribute: the ``click.Command`` in that module.
+        summary: what ``propstore --help`` shows: the first sentence of the command's
+            help (a test keeps the two equal).
+        light: the command uses no part of the library that logs (``shards``), so the
+            log set-up (structlog) is not loaded for it.
+    """
+
+    name: str
+    module: str
+    attribute: str
+    summary: str
+    light: bool = False
+
+
+#: Every subcommand, in the order ``propstore --help`` lists them.
+COMMANDS: tuple[CommandEntry, ...] = (
+    CommandEntry("lag", "propstore.cli._lag", "lag_command",
+                 "Show every node's replication lag, grouped by shard."),
+    CommandEntry("route", "propstore.cli._users", "route_command",
+                 "Explain where a read of USER would be served now, and why."),
+    CommandEntry("get", "propstore.cli._users", "get_command",
+                 "Read USER's properties and say who served them and how fresh they are "
+                 "proven."),
+    CommandEntry("set", "propstore.cli._users", "set_command",
+                 "Merge properties into USER's document; prints the token to read the write "
+                 "back."),
+    CommandEntry("unset", "propstore.cli._users", "unset_command",
+                 "Remove KEYs from USER's properties (absent keys are ignored); prints the "
+                 "token."),
+    CommandEntry("delete", "propstore.cli._users", "delete_command",
+                 "Delete all of USER's properties; prints the token."),
+    CommandEntry("shards", "propstore.cli._shards", "shards_command",
+                 "Show the topology: shards, the buckets each owns, their nodes and the "
+                 "profiles.", light=True),
+    CommandEntry("metrics", "propstore.cli._metrics", "metrics_command",
+                 "Serve Prometheus metrics at http://HOST:PORT/metrics until Ctrl-C."),
+    CommandEntry("demo", "propstore.cli._demo_command", "demo_command",
+                 "Show the whole idea in about a minute, on a local cluster."),
+    CommandEntry("sandbox", "propstore.cli._sandbox", "sandbox",
+                 "A local replicated PostgreSQL cluster to try propstore against."),
+    CommandEntry("migrate", "propstore.cli._migrate", "migrate",
+                 "Schema changes, rolled out shard by shard, gated on replica lag."),
+    CommandEntry("config", "propstore.cli._migrate", "config_group",
+                 "Topology file changes (diff) and PostgreSQL server settings (plan, apply)."),
+)
 
 
 class _Failure(click.ClickException):
@@ -39,15 +93,39 @@ def _one_line(exc: BaseException) -> str:
     """The error for people: its first line; the type too when it is not one of ours."""
     lines = str(exc).strip().splitlines() or [""]
     text = lines[0]
-    if not isinstance(exc, PropStoreError | SandboxError):
+    if not _is_ours(exc):
         text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
         return f"{text} (--debug shows the traceback)"
     return text + (" (--debug shows more)" if len(lines) > 1 else "")
 
 
+def _is_ours(exc: BaseException) -> bool:
+    if isinstance(exc, PropStoreError):
+        return True
+    # Importing propstore.sandbox loads all of it; an error of it means it is loaded.
+    sandbox_errors = sys.modules.get("propstore.sandbox._errors")
+    return sandbox_errors is not None and isinstance(exc, sandbox_errors.SandboxError)
+
+
 class _Main(click.Group):
-    """Turns any error of a command into one line on stderr (exit status 2), unless
-    ``--debug`` asks for the traceback."""
+    """The root group: commands from :data:`COMMANDS`, imported when used; turns any error
+    of a command into one line on stderr (exit status 2), unless ``--debug`` asks for the
+    traceback."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [entry.name for entry in COMMANDS]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        entry = entry_of(cmd_name)
+        if entry is None:
+            return None
+        return load(entry)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # From the declared summaries: listing the commands must not import them.
+        rows = [(entry.name, entry.summary) for entry in COMMANDS]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -66,20 +144,31 @@ class _Main(click.Group):
             raise _Failure(_one_line(exc)) from None
 
 
+def entry_of(name: str) -> CommandEntry | None:
+    """The :data:`COMMANDS` entry called ``name``."""
+    return next((entry for entry in COMMANDS if entry.name == name), None)
+
+
+def load(entry: CommandEntry) -> click.Command:
+    """Import the command (once) and give it, and its subcommands, the global options."""
+    command = getattr(importlib.import_module(entry.module), entry.attribute)
+    if not isinstance(command, click.Command):
+        raise TypeError(f"{entry.module}.{entry.attribute} is not a click command")
+    add_global_options(command)
+    return command
+
+
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", envvar="PROPSTORE_CONFIG", metavar="FILE",
-              type=click.Path(dir_okay=False),
-              help="Topology file (docs/config.md) [env: PROPSTORE_CONFIG].")
-@click.option("--debug", is_flag=True,
-              help="Show the library's log events and full tracebacks on errors.")
-@click.version_option(package_name="propstore")
+@global_options
+@click.version_option(version=__version__, prog_name="propstore")
 @click.pass_context
 def main(ctx: click.Context, config: str | None, debug: bool) -> None:
     """propstore: a sharded user-property store that reads from a replica only when it is
     provably fresh enough.
 
     Start with `propstore demo`. Against a cluster, point --config (or PROPSTORE_CONFIG) at
-    its topology file; `propstore sandbox up` starts a local one and prints it.
+    its topology file; `propstore sandbox up` starts a local one and prints it. --config and
+    --debug may also follow the command (`propstore lag --config FILE`).
 
     \b
     Exit status:
@@ -87,34 +176,13 @@ def main(ctx: click.Context, config: str | None, debug: bool) -> None:
       1  `lag` check failed (some shard has no replica within the budget), or
          `demo` saw a budget violation
       2  error: bad usage, unreadable config, unreachable primary, refused input, ...
-      130  interrupted (Ctrl-C) before the command finished
+      130  interrupted (Ctrl-C, SIGTERM, SIGHUP) before the command finished
     """
-    ctx.obj = CliState(config=config, debug=debug)
-    ctx.call_on_close(configure_logging(debug))
+    state = ctx.ensure_object(CliState)
+    state.config, state.debug = config, debug
+    entry = entry_of(ctx.invoked_subcommand or "")
+    if entry is None or not entry.light:
+        ctx.call_on_close(state.start_logging())
 
 
-for _command in (
-    lag_command, route_command, get_command, set_command, unset_command, delete_command,
-    shards_command, metrics_command, demo_command, sandbox,
-):
-    main.add_command(_command)
-
-
-def _add_migration_commands(group: click.Group) -> None:
-    """Add ``migrate`` and ``config`` from ``propstore.cli._migrate`` when it exists (it is
-    written separately; the CLI works without it)."""
-    try:
-        module = importlib.import_module("propstore.cli._migrate")
-    except ModuleNotFoundError as exc:
-        if exc.name != "propstore.cli._migrate":
-            raise
-        return
-    for attribute in ("migrate", "config_group"):
-        command = getattr(module, attribute, None)
-        if isinstance(command, click.Command):
-            group.add_command(command)
-
-
-_add_migration_commands(main)
-
-__all__ = ["main"]
+__all__ = ["COMMANDS", "CommandEntry", "main"]

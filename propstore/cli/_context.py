@@ -1,28 +1,31 @@
-"""What every command shares: the global options, opening a store, logging, option types."""
+"""What every command shares: the global options, opening a store, logging, option types.
+
+Imported by every command, ``--help`` and ``--version`` included, so it imports only click
+and the standard library at module level; rich, structlog and the store are imported by the
+functions that use them (the CLI's start-up time, see tools/bench_cli_startup.py).
+"""
 
 from __future__ import annotations
 
 import logging
 import math
-import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from types import FrameType
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-import structlog
-from rich.console import Console, RenderableType
 
 from propstore._durations import parse_duration
-from propstore.config import Topology
 from propstore.errors import ConfigError
-from propstore.monitor import ShardView
-from propstore.store import PropertyStore
+
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
+
+    from propstore.config import Topology
+    from propstore.monitor import ShardView
+    from propstore.store import PropertyStore
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -37,13 +40,20 @@ EXIT_INTERRUPTED = 130
 
 @dataclass
 class CliState:
-    """The global options, handed to every command as ``ctx.obj``."""
+    """The global options, handed to every command as ``ctx.obj``.
 
-    config: str | None
-    debug: bool
+    ``--config`` and ``--debug`` are accepted before and after the subcommand; the last one
+    given wins.
+    """
+
+    config: str | None = None
+    debug: bool = False
+    _restore_logging: Callable[[], None] | None = field(default=None, repr=False)
 
     def topology(self) -> Topology:
         """The topology file named by ``--config`` / ``PROPSTORE_CONFIG``."""
+        from propstore.config import Topology
+
         if not self.config:
             raise ConfigError("no topology file: pass --config FILE or set PROPSTORE_CONFIG")
         return Topology.load(self.config)
@@ -53,6 +63,8 @@ class CliState:
         """A store on ``topology`` (default :meth:`topology`), its monitor past its first
         round; with ``settle``, also until every streaming replica has a proven bound (see
         :func:`wait_settled`)."""
+        from propstore.store import PropertyStore
+
         store = PropertyStore(topology if topology is not None else self.topology())
         try:
             if settle:
@@ -62,11 +74,84 @@ class CliState:
             raise
         return store
 
+    def start_logging(self) -> Callable[[], None]:
+        """Send the library's events to stderr (see :func:`configure_logging`); returns the
+        function that restores the previous set-up."""
+        restore = configure_logging(self.debug)
+        self._restore_logging = restore
+
+        def undo() -> None:
+            self._restore_logging = None
+            restore()
+
+        return undo
+
+    def enable_debug(self) -> None:
+        """``--debug`` given after the subcommand: show everything from now on."""
+        self.debug = True
+        if self._restore_logging is not None:
+            configure_logging(True)  # the first set-up's restore still undoes this one
+
     def show_events(self, level: int = logging.INFO) -> None:
         """Show the library's events from ``level`` up (a long-running command's log), unless
         ``--debug`` already shows everything."""
+        import structlog
+
         if not self.debug:
             structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(level))
+
+
+def _state(ctx: click.Context) -> CliState:
+    return ctx.ensure_object(CliState)
+
+
+def _set_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is None:
+        return
+    _state(ctx).config = value
+    # Commands that read the root's parameters (cli/_migrate.py) see it there too.
+    ctx.find_root().params["config"] = value
+
+
+def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        _state(ctx).enable_debug()
+
+
+def _global_params(root: bool) -> list[tuple[str, dict[str, Any]]]:
+    """``(flag, click.Option arguments)`` of the global options. On the root they are its
+    parameters (cli/_migrate.py reads them from the root context); after a subcommand,
+    callbacks put them in the shared CliState."""
+    where = "" if root else " (also accepted before the command)"
+    return [
+        ("--config", {"envvar": "PROPSTORE_CONFIG" if root else None, "metavar": "FILE",
+                      "type": click.Path(dir_okay=False), "expose_value": root,
+                      "callback": None if root else _set_config,
+                      "help": f"Topology file (docs/config.md){where} [env: PROPSTORE_CONFIG]."}),
+        ("--debug", {"is_flag": True, "expose_value": root,
+                     "callback": None if root else _set_debug,
+                     "help": f"Show the library's log events and full tracebacks on errors"
+                             f"{where}."}),
+    ]
+
+
+def global_options(function: F) -> F:
+    """``--config`` (also read from ``PROPSTORE_CONFIG``) and ``--debug`` on the root
+    command, passed to it as ``config`` and ``debug``."""
+    for flag, arguments in reversed(_global_params(root=True)):
+        function = click.option(flag, **arguments)(function)
+    return function
+
+
+def add_global_options(command: click.Command) -> None:
+    """Accept ``--config``/``--debug`` after ``command`` and its subcommands too (once)."""
+    names = {param.name for param in command.params}
+    command.params.extend(click.Option([flag], **arguments)
+                          for flag, arguments in _global_params(root=False)
+                          if flag[2:] not in names)
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            add_global_options(sub)
 
 
 pass_state = click.make_pass_decorator(CliState)
@@ -81,6 +166,8 @@ def output_console(wide: bool = False) -> Console:
 
     ``wide`` (``--wide``): as wide as the widest table, even on a narrower terminal.
     """
+    from rich.console import Console
+
     console = Console(highlight=False)
     if not console.is_terminal:
         # Not COLUMNS: readline exports it into every child of an interactive Python.
@@ -147,8 +234,16 @@ class Duration(_ParamType):
                 ) -> float:
         if isinstance(value, float):
             return value
+        what = param.name if param and param.name else "duration"
+        if isinstance(value, str) and value.strip().startswith("-"):
+            try:
+                parse_duration(value.strip()[1:], what)
+            except ValueError:
+                pass
+            else:
+                self.fail("must be >= 0", param, ctx)
         try:
-            return parse_duration(value, param.name if param and param.name else "duration")
+            return parse_duration(value, what)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
 
@@ -156,42 +251,12 @@ class Duration(_ParamType):
 DURATION = Duration()
 
 
-def budget_options(function: F) -> F:
-    """``--max-staleness``, ``--after``, ``--profile``, ``--strong``: a read's budget."""
-    options = [
-        click.option("--max-staleness", type=DURATION, default=None,
-                     help="Serve from a replica only if proven at most this stale "
-                          "(e.g. 500ms, 2s)."),
-        click.option("--after", "after", metavar="TOKEN", default=None,
-                     help="Read-your-writes: include the writes that returned TOKEN."),
-        click.option("--profile", default=None,
-                     help="Use a reader profile's budget from the topology file."),
-        click.option("--strong", is_flag=True, help="Read from the primary."),
-    ]
-    for option in reversed(options):
-        function = option(function)
-    return function
-
-
-def budget_of(max_staleness: float | None, after: str | None, profile: str | None,
-              strong: bool) -> dict[str, Any]:
-    """The keyword arguments for ``PropertyStore.read``/``route``; empty: default profile."""
-    budget: dict[str, Any] = {}
-    if max_staleness is not None:
-        budget["max_staleness"] = max_staleness
-    if after is not None:
-        budget["after"] = after
-    if profile is not None:
-        budget["profile"] = profile
-    if strong:
-        budget["consistency"] = "strong"
-    return budget
-
-
 def configure_logging(debug: bool) -> Callable[[], None]:
     """Send the library's structlog events to stderr (only errors unless ``debug``), so they
     never mix with a command's output; returns a function that restores the previous setup
     (the CLI may run inside another program, e.g. a test)."""
+    import structlog
+
     previous = structlog.get_config()
     psycopg_logger = logging.getLogger("psycopg")
     previous_level = psycopg_logger.level
@@ -214,21 +279,3 @@ def configure_logging(debug: bool) -> Callable[[], None]:
         psycopg_logger.setLevel(previous_level)
 
     return restore
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C while long-running commands run, so a service manager's
-    stop still closes the store and stops a sandbox the command started."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -20,10 +20,10 @@ from propstore.cli._context import (
     emit,
     output_console,
     pass_state,
-    sigterm_as_interrupt,
 )
 from propstore.cli._demo import DemoReport, ReaderStats, run_demo
 from propstore.cli._lag import lag_table
+from propstore.cli._signals import sigterm_as_interrupt
 from propstore.cli._table import Column, FittedTable
 from propstore.sandbox import LocalCluster, SandboxError
 

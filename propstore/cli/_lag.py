@@ -27,8 +27,8 @@ from propstore.cli._context import (
     emit,
     output_console,
     pass_state,
-    sigterm_as_interrupt,
 )
+from propstore.cli._signals import sigterm_as_interrupt
 from propstore.cli._table import Column, FittedTable
 from propstore.config import Topology
 from propstore.monitor import LagReport, LagRow, lag_report

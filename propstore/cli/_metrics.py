@@ -6,7 +6,8 @@ import threading
 
 import click
 
-from propstore.cli._context import CliState, pass_state, sigterm_as_interrupt
+from propstore.cli._context import CliState, pass_state
+from propstore.cli._signals import sigterm_as_interrupt
 from propstore.metrics import StoreMetrics
 
 

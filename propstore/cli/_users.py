@@ -9,7 +9,8 @@ from typing import Any
 import click
 
 from propstore._durations import format_bound
-from propstore.cli._context import CliState, budget_of, budget_options, pass_state
+from propstore.cli._budget import budget_of, budget_options
+from propstore.cli._context import CliState, pass_state
 from propstore.freshness import Token
 from propstore.store import ReadResult
 

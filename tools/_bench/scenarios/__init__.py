@@ -12,6 +12,7 @@ from _bench.scenarios.faults import frozen_replica, lagging_replica
 from _bench.scenarios.latency import read_batch, read_fresh, write
 from _bench.scenarios.monitor import monitor_cost
 from _bench.scenarios.soak import soak
+from _bench.scenarios.startup import cli_startup
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("lagging-replica", lagging_replica),
     Scenario("frozen-replica", frozen_replica),
     Scenario("monitor-cost", monitor_cost),
+    Scenario("cli-startup", cli_startup),
     Scenario("soak", soak, optional=True),
 )}
 

@@ -1,0 +1,141 @@
+"""The CLI starts fast because it imports only what the command needs: ``--help``,
+``--version`` and ``shards`` never load the store, the driver's pools, SQLAlchemy, alembic or
+structlog (the time itself is measured in tools/, scenario ``cli-startup``). The command list
+is declared, so help still shows every command, and each declared summary is the command's
+own."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+import propstore
+from propstore.cli import COMMANDS, load, main
+
+_PROBE = """
+import json, sys
+from propstore.cli import main
+try:
+    main(sys.argv[1:], prog_name="propstore")
+except SystemExit as exit:
+    code = exit.code
+print(json.dumps({"exit": code, "modules": sorted(sys.modules)}), file=sys.stderr)
+"""
+
+#: What a command that needs no database must not load (each costs 0.1-0.5 s).
+HEAVY = ("propstore.store", "propstore.monitor", "propstore.sandbox", "propstore.migrate",
+         "propstore.metrics", "sqlalchemy", "alembic", "structlog", "psycopg_pool",
+         "tenacity", "prometheus_client", "rich.live")
+
+_TOPOLOGY = """
+[profiles.workflow]
+max_staleness = "500ms"
+[[shards]]
+name = "shard0"
+buckets = ["0-4095"]
+primary = "host=127.0.0.1 port=54001 dbname=propstore"
+replicas = ["host=127.0.0.1 port=54002 dbname=propstore"]
+"""
+
+
+def loaded_by(*args: str) -> tuple[int, list[str]]:
+    """The exit status and every module loaded when a fresh interpreter runs the command."""
+    process = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True,
+                             text=True, timeout=120, check=False)
+    report = json.loads(process.stderr.strip().splitlines()[-1])
+    return report["exit"], report["modules"]
+
+
+def heavy(modules: list[str]) -> list[str]:
+    return [m for m in modules if any(m == h or m.startswith(h + ".") for h in HEAVY)]
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"]])
+def test_help_and_version_load_neither_the_driver_nor_rich(args: list[str]) -> None:
+    status, modules = loaded_by(*args)
+    assert status == 0
+    assert heavy(modules) == []
+    assert not [m for m in modules if m.split(".")[0] in ("psycopg", "rich")]
+
+
+def test_a_commands_help_loads_only_that_command() -> None:
+    status, modules = loaded_by("shards", "--help")
+    assert status == 0 and heavy(modules) == []
+    assert "propstore.cli._shards" in modules and "propstore.cli._demo" not in modules
+
+
+def test_shards_loads_no_store_pool_sqlalchemy_alembic_or_structlog(tmp_path: Path) -> None:
+    config = tmp_path / "propstore.toml"
+    config.write_text(_TOPOLOGY)
+    status, modules = loaded_by("--config", str(config), "shards")
+    assert status == 0
+    assert heavy(modules) == []
+    # The DSNs are checked by libpq's own parser (psycopg.conninfo): that much is needed.
+    assert "propstore.config" in modules and "propstore.cli._lag" not in modules
+
+
+def test_a_command_that_needs_the_store_loads_it_so_the_probe_sees_imports() -> None:
+    status, modules = loaded_by("lag", "--help")
+    assert status == 0 and "propstore.store" in modules
+
+
+def test_importing_propstore_loads_nothing_until_a_name_is_used() -> None:
+    code = ("import sys, propstore; before = 'psycopg' in sys.modules; propstore.Token; "
+            "print(before, 'propstore.freshness' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout.split()
+    assert out == ["False", "True"]
+    assert set(dir(propstore)) >= set(propstore.__all__)
+
+
+def test_every_declared_command_loads_and_its_summary_is_its_own() -> None:
+    for entry in COMMANDS:
+        command = load(entry)
+        assert command.name == entry.name
+        assert command.get_short_help_str(limit=10_000) == entry.summary, entry.name
+    listing = CliRunner().invoke(main, ["--help"]).stdout
+    for entry in COMMANDS:
+        assert any(line.split()[:1] == [entry.name] for line in listing.splitlines())
+
+
+def test_version_is_the_installed_distributions() -> None:
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.stdout.strip() == f"propstore, version {importlib.metadata.version('propstore')}"
+
+
+def test_global_options_work_after_the_command_too(tmp_path: Path) -> None:
+    config = tmp_path / "propstore.toml"
+    config.write_text(_TOPOLOGY)
+    before = CliRunner().invoke(main, ["--config", str(config), "shards", "--json"])
+    after = CliRunner().invoke(main, ["shards", "--json", "--config", str(config)])
+    assert before.exit_code == after.exit_code == 0
+    assert json.loads(before.stdout) == json.loads(after.stdout)
+    missing = str(tmp_path / "missing.toml")
+    for args in (["lag", "--config", missing], ["demo", "--config", missing],
+                 ["migrate", "status", "--config", missing]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and "missing.toml" in result.stderr, (args, result.output)
+        assert "No such option" not in result.stderr
+    debug = CliRunner().invoke(main, ["lag", "--config", missing, "--debug"])
+    assert isinstance(debug.exception, propstore.ConfigError)
+
+
+def test_every_subcommand_accepts_the_global_options() -> None:
+    def walk(command: click.Command) -> list[click.Command]:
+        found = [command]
+        if isinstance(command, click.Group):
+            for sub in command.commands.values():
+                found += walk(sub)
+        return found
+
+    for entry in COMMANDS:
+        for command in walk(load(entry)):
+            names = {param.name for param in command.params}
+            assert {"config", "debug"} <= names, command.name
