@@ -135,8 +135,8 @@ def test_debug_shows_the_error_with_its_traceback(tmp_path: Path) -> None:
 
 
 def test_conflicting_options_are_a_usage_error(config: str) -> None:
-    result = run(config, "lag", "--max-staleness", "2s", "--profile", "workflow")
-    assert result.exit_code == 2 and "not both" in result.stderr
+    result = run(config, "get", "acme", "u", "--strong", "--max-staleness", "2s")
+    assert result.exit_code == 2 and "--strong reads the primary" in result.stderr
 
 
 def test_route_names_the_primary_while_the_replicas_are_paused(

@@ -18,6 +18,7 @@ from rich.live import Live
 from rich.text import Text
 
 from propstore._durations import format_bound, format_bytes, format_duration
+from propstore.cli._budget import BUDGET_RULES, profile_option, read_budget, staleness_option
 from propstore.cli._context import (
     DURATION,
     EXIT_CHECK_FAILED,
@@ -166,22 +167,23 @@ def lag_document(report: LagReport, check: LagCheck | None, generated_at: dateti
     }
 
 
-def _budget(topology: Topology, max_staleness: float | None,
-            profile: str | None) -> tuple[float, str] | None:
-    if max_staleness is not None:
-        return max_staleness, format_duration(max_staleness)
-    if profile is None:
+def lag_check_budget(topology: Topology, max_staleness: float | None, profile: str | None
+                     ) -> tuple[float, str] | None:
+    """The check's bound in seconds and its label, through the same rules as a read's
+    budget (:func:`~propstore.cli._budget.read_budget`); None when no check was asked for."""
+    if max_staleness is None and profile is None:
         return None
-    found = topology.profiles.get(profile)
-    if found is None:
-        raise click.BadParameter(
-            f"unknown profile {profile!r} (have {', '.join(sorted(topology.profiles))})",
-            param_hint="--profile",
-        )
-    return found.max_staleness, f"{format_duration(found.max_staleness)} (profile {profile})"
+    freshness = read_budget(topology, max_staleness=max_staleness, profile=profile).freshness
+    bound = freshness.max_staleness
+    if bound is None:  # a profile always has a bound; kept for the type checker
+        raise click.BadParameter("has no staleness bound", param_hint="'--profile'")
+    label = format_duration(bound)
+    if profile is not None and bound == topology.profiles[profile].max_staleness:
+        label += f" (profile {profile})"
+    return bound, label
 
 
-@click.command("lag")
+@click.command("lag", epilog=BUDGET_RULES)
 @click.option("--json", "as_json", is_flag=True,
               help="Print JSON (field names in docs/operating.md); with --watch one document "
                    "per line.")
@@ -191,10 +193,8 @@ def _budget(topology: Topology, max_staleness: float | None,
 @click.option("--count", type=click.IntRange(min=1), default=None,
               help="With --watch: stop after this many refreshes.")
 @click.option("--wide", is_flag=True, help=WIDE_HELP)
-@click.option("--max-staleness", type=DURATION, default=None,
-              help="Check: exit 1 unless every shard has a replica proven this fresh.")
-@click.option("--profile", default=None,
-              help="Check against a reader profile's budget instead of --max-staleness.")
+@staleness_option("Check: exit 1 unless every shard has a replica proven this fresh.")
+@profile_option("Check against a reader profile's budget.")
 @pass_state
 @click.pass_context
 def lag_command(ctx: click.Context, state: CliState, as_json: bool, watch: bool,
@@ -210,12 +210,10 @@ def lag_command(ctx: click.Context, state: CliState, as_json: bool, watch: bool,
     shard has at least one replica within the budget, 1 when some shard has none, 2 on an
     error (unreadable config, ...).
     """
-    if max_staleness is not None and profile is not None:
-        raise click.UsageError("give --max-staleness or --profile, not both")
     if interval <= 0:
-        raise click.BadParameter("must be > 0", param_hint="--interval")
+        raise click.BadParameter("must be > 0", param_hint="'--interval'")
     topology = state.topology()
-    budget = _budget(topology, max_staleness, profile)
+    budget = lag_check_budget(topology, max_staleness, profile)
     with state.open_store(topology) as store:
 
         def snapshot() -> tuple[LagReport, LagCheck | None]:

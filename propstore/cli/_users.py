@@ -9,13 +9,13 @@ from typing import Any
 import click
 
 from propstore._durations import format_bound
-from propstore.cli._budget import budget_of, budget_options
+from propstore.cli._budget import BUDGET_RULES, budget_options, read_budget
 from propstore.cli._context import CliState, pass_state
 from propstore.freshness import Token
 from propstore.store import ReadResult
 
 
-@click.command("route")
+@click.command("route", epilog=BUDGET_RULES)
 @click.argument("tenant")
 @click.argument("user_id", metavar="USER")
 @budget_options
@@ -28,9 +28,11 @@ def route_command(state: CliState, tenant: str, user_id: str, max_staleness: flo
     staleness bound (candidate or rejected, with the reason), and the choice. Without a
     budget option the topology's default profile applies.
     """
-    budget = budget_of(max_staleness, after, profile, strong)
-    with state.open_store() as store:
-        decision = store.route(tenant, user_id, **budget)
+    topology = state.topology()
+    budget = read_budget(topology, max_staleness=max_staleness, after=after, profile=profile,
+                         strong=strong)
+    with state.open_store(topology) as store:
+        decision = store.route(tenant, user_id, **budget.options)
         bucket = store.topology.bucket_of(tenant, user_id)
     click.echo(f"{tenant}/{user_id}: bucket {bucket} of {store.topology.bucket_count}, "
                f"shard {decision.shard.name}")
@@ -56,7 +58,7 @@ def result_document(tenant: str, user_id: str, result: ReadResult) -> dict[str, 
     }
 
 
-@click.command("get")
+@click.command("get", epilog=BUDGET_RULES)
 @click.argument("tenant")
 @click.argument("user_id", metavar="USER")
 @budget_options
@@ -68,9 +70,11 @@ def get_command(state: CliState, tenant: str, user_id: str, max_staleness: float
 
     Exit status 0 whether or not the user has properties (the output says which).
     """
-    budget = budget_of(max_staleness, after, profile, strong)
-    with state.open_store() as store:
-        result = store.read(tenant, user_id, **budget)
+    topology = state.topology()
+    budget = read_budget(topology, max_staleness=max_staleness, after=after, profile=profile,
+                         strong=strong)
+    with state.open_store(topology) as store:
+        result = store.read(tenant, user_id, **budget.options)
     if as_json:
         click.echo(json.dumps(result_document(tenant, user_id, result), indent=2))
         return
@@ -136,9 +140,9 @@ def set_command(state: CliState, tenant: str, user_id: str, assignments: tuple[s
         try:
             props = json.loads(document)
         except json.JSONDecodeError as exc:
-            raise click.BadParameter(f"not JSON: {exc.msg}", param_hint="--json") from None
+            raise click.BadParameter(f"not JSON: {exc.msg}", param_hint="'--json'") from None
         if not isinstance(props, dict):
-            raise click.BadParameter("must be a JSON object", param_hint="--json")
+            raise click.BadParameter("must be a JSON object", param_hint="'--json'")
     elif assignments:
         props = parse_assignments(assignments)
     else:
