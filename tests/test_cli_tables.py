@@ -15,8 +15,8 @@ from rich.console import RenderableType as Renderable
 from propstore import PropertyStore, Topology
 from propstore.cli import main
 from propstore.cli._context import wait_settled
-from propstore.cli._demo_command import stats_table, summary
 from propstore.cli._demo_stats import DemoEvent, DemoReport, ReaderStats
+from propstore.cli._demo_view import stats_table, summary
 from propstore.cli._lag import LagLine, current_report, lag_columns, lag_table
 from propstore.cli._shards import topology_table
 from propstore.cli._table import Column, FittedTable

@@ -453,7 +453,8 @@ def test_cli_up_prints_how_to_use_the_config_and_revives_a_killed_node(daemon_di
         assert started.exit_code == 0, started.output
         assert f"export PROPSTORE_CONFIG={base_dir / 'propstore.toml'}" in started.output
         LocalCluster.attach(base_dir).nodes[1].kill()
-        again = runner.invoke(sandbox_cli, ["up", "--dir", str(base_dir)])
+        again = runner.invoke(sandbox_cli, ["up", "--shards", "1", "--replicas", "1",
+                                            "--dir", str(base_dir)])
         assert again.exit_code == 0, again.output
         assert all(node.is_running() for node in LocalCluster.attach(base_dir).nodes)
     finally:

@@ -11,6 +11,7 @@ psycopg's connection machinery, SQLAlchemy, alembic or the store (about 1 s of i
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 from dataclasses import dataclass
@@ -132,8 +133,9 @@ class _Main(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.Abort, click.UsageError):
             raise
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
+        except KeyboardInterrupt as exc:
+            with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
+                click.echo(f"interrupted ({exc})" if str(exc) else "interrupted", err=True)
             raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
         except click.ClickException as exc:
             raise _Failure(exc.format_message()) from exc

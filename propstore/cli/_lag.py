@@ -29,7 +29,7 @@ from propstore.cli._context import (
     output_console,
     pass_state,
 )
-from propstore.cli._signals import sigterm_as_interrupt
+from propstore.cli._signals import signals_as_interrupt
 from propstore.cli._table import Column, FittedTable
 from propstore.config import Topology
 from propstore.monitor import LagReport, LagRow, lag_report
@@ -269,7 +269,7 @@ def _watch(snapshot: Callable[[], tuple[LagReport, LagCheck | None]], *, as_json
             parts.append(Text(check.describe(), style="green" if check.ok else "bold red"))
         return Group(*parts)
 
-    with sigterm_as_interrupt():
+    with signals_as_interrupt():
         try:
             if live:
                 with Live(view(), console=console, auto_refresh=False) as display:

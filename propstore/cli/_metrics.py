@@ -7,7 +7,7 @@ import threading
 import click
 
 from propstore.cli._context import CliState, pass_state
-from propstore.cli._signals import sigterm_as_interrupt
+from propstore.cli._signals import signals_as_interrupt
 from propstore.metrics import StoreMetrics
 
 
@@ -31,7 +31,7 @@ def metrics_command(state: CliState, port: int, host: str) -> None:
         server = StoreMetrics(store).serve(port, host)
         click.echo(f"serving {server.url} (Ctrl-C to stop)")
         try:
-            with sigterm_as_interrupt():
+            with signals_as_interrupt():
                 threading.Event().wait()
         except KeyboardInterrupt:
             pass

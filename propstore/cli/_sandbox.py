@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import click
 
+from propstore.cli._signals import signals_as_interrupt
 from propstore.sandbox import SandboxError, default_base_dir, down, status, up
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -35,13 +36,23 @@ def sandbox() -> None:
               help="PostgreSQL bin folder [default: $PROPSTORE_PG_BIN, system, wheel].")
 @click.option("--no-migrate", is_flag=True,
               help="Leave the shards empty instead of migrating them to head.")
+@click.option("--replace", is_flag=True,
+              help="If a sandbox of another shape runs in the folder, stop and delete it "
+                   "first (without this, that is an error).")
 @_dir_option
 def up_command(shards: int, replicas: int, pg_bin: Path | None, no_migrate: bool,
-               base_dir: Path | None) -> None:
+               replace: bool, base_dir: Path | None) -> None:
     """Start the cluster in the background, migrate every shard to head and write its
-    topology file."""
+    topology file.
+
+    A sandbox of the same shape already running in the folder is reused; one of another
+    shape is an error naming it, unless --replace. Ctrl-C, SIGTERM or SIGHUP while it
+    starts stop the servers started so far.
+    """
     try:
-        cluster = up(base_dir, shards, replicas, pg_bin=pg_bin, migrate=not no_migrate)
+        with signals_as_interrupt():
+            cluster = up(base_dir, shards, replicas, pg_bin=pg_bin, migrate=not no_migrate,
+                         replace=replace)
     except SandboxError as exc:
         raise click.ClickException(str(exc)) from exc
     for node in cluster.nodes:

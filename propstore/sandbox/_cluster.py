@@ -8,7 +8,7 @@ import tempfile
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from functools import partial
 from pathlib import Path
 from types import TracebackType
@@ -422,6 +422,14 @@ def _run_parallel(tasks: Sequence[Callable[[], object]]) -> None:
         return
     with ThreadPoolExecutor(max_workers=len(tasks)) as pool:
         futures = [pool.submit(task) for task in tasks]
+        try:
+            wait(futures)
+        except BaseException:
+            # An interrupt (Ctrl-C, SIGTERM, SIGHUP) reaches the main thread only; the tasks
+            # run on. Let them finish, so that the caller's clean-up (stop()) finds every
+            # server they started rather than racing a server still coming up.
+            wait(futures)
+            raise
     for future in futures:
         error = future.exception()
         if error is not None:

@@ -30,12 +30,15 @@ def up(
     pg_bin: str | Path | None = None,
     bucket_count: int = 4096,
     migrate: bool = True,
+    replace: bool = False,
 ) -> LocalCluster:
     """Start a daemonised cluster in ``base_dir`` (default :func:`default_base_dir`), with
     every shard migrated to head unless ``migrate`` is false.
 
-    If a cluster already runs there it is returned as found (its shape is not changed),
-    after restarting any of its servers that are down.
+    If a cluster of the same shape (shards, replicas per shard, buckets) already runs there
+    it is returned as found, after restarting any of its servers that are down. One of
+    another shape is refused with a :class:`SandboxError` naming it, unless ``replace``:
+    then it is stopped and its files deleted (:func:`down`) before the new one starts.
     """
     folder = Path(base_dir).absolute() if base_dir is not None else default_base_dir()
     if (folder / STATE_NAME).exists():
@@ -46,12 +49,23 @@ def up(
         else:
             running = [node.is_running() for node in existing.nodes]
             if any(running):
-                # Bring back what crashed or was killed; the data is still there.
-                for node, is_up in zip(existing.nodes, running, strict=True):
-                    if not is_up:
-                        node.start()
-                log.info("sandbox.already_up", base_dir=str(folder))
-                return existing
+                wanted = (shards, replicas, bucket_count)
+                if _shape(existing) == wanted:
+                    # Bring back what crashed or was killed; the data is still there.
+                    for node, is_up in zip(existing.nodes, running, strict=True):
+                        if not is_up:
+                            node.start()
+                    log.info("sandbox.already_up", base_dir=str(folder))
+                    return existing
+                if not replace:
+                    raise SandboxError(
+                        f"a sandbox of {_describe(*_shape(existing))} is already running in "
+                        f"{folder}; stop it first (propstore sandbox down --dir {folder}) or "
+                        f"replace it with one of {_describe(*wanted)} (sandbox up --replace)"
+                    )
+                log.warning("sandbox.replacing", base_dir=str(folder),
+                            running=_describe(*_shape(existing)), wanted=_describe(*wanted))
+                down(folder)
     cluster = LocalCluster(shards, replicas, base_dir=folder, pg_bin=pg_bin,
                            bucket_count=bucket_count)
     cluster.start()
@@ -63,6 +77,15 @@ def up(
         raise
     cluster.detach()
     return cluster
+
+
+def _shape(cluster: LocalCluster) -> tuple[int, int, int]:
+    return cluster.shard_count, cluster.replica_count, cluster.bucket_count
+
+
+def _describe(shards: int, replicas: int, bucket_count: int) -> str:
+    return (f"{shards} shard{'s' if shards != 1 else ''} x {replicas} "
+            f"replica{'s' if replicas != 1 else ''} ({bucket_count} buckets)")
 
 
 def migrate_to_head(cluster: LocalCluster) -> None:
