@@ -128,6 +128,28 @@ def test_stop_leaves_no_container_and_no_folder(engine: Any) -> None:
     assert not folder.exists()
 
 
+_ABANDON = textwrap.dedent("""
+    import json, sys
+    from propstore.sandbox import ContainerCluster
+    cluster = ContainerCluster(shards=1, replicas=1).start()
+    ids = [node.container_id for node in cluster.nodes]
+    print("REPORT", json.dumps(ids), flush=True)
+    if sys.argv[1] == "raise":
+        raise RuntimeError("a test crashed")
+""")
+
+
+@pytest.mark.parametrize("ending", ["exit", "raise"])
+def test_interpreter_exit_removes_containers_nobody_stopped(engine: Any, ending: str) -> None:
+    result = subprocess.run([sys.executable, "-c", _ABANDON, ending], capture_output=True,
+                            text=True, timeout=300)
+    assert (result.returncode == 0) == (ending == "exit"), result.stderr
+    line = next(x for x in result.stdout.splitlines() if x.startswith("REPORT "))
+    ids = set(json.loads(line[7:]))
+    assert len(ids) == 2
+    assert not ids & {c.id for c in _ours(engine)}
+
+
 _KILLED = textwrap.dedent("""
     import json, os, signal
     from propstore.sandbox import ContainerCluster
