@@ -207,9 +207,9 @@ def test_raising_max_connections_through_the_tool_never_pauses_a_standby_but_by_
                               can_restart=True)
     with pause_watch([replica]) as pauses, writing(primary):
         report = ConfigRollout(topology, plan, controller, max_lag=2.0, bake=1.0).run()
+    assert pauses == []
     assert report.complete, str(report)
     assert controller.restarted == ["shard0-replica1", "shard0-primary"]
-    assert pauses == []
     assert setting(primary, "max_connections") == setting(replica, "max_connections") == "150"
 
     # By hand, primary first: the standby pauses for insufficient settings. Readers keep
