@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "MonitorSettings": "propstore.config", "Profile": "propstore.config",
     "RoutingSettings": "propstore.config", "Topology": "propstore.config",
+    "Degrade": "propstore.degrade",
     "ConfigError": "propstore.errors", "InvalidInputError": "propstore.errors",
     "InvalidTokenError": "propstore.errors", "MigrationError": "propstore.errors",
     "PropStoreError": "propstore.errors", "ShardUnavailableError": "propstore.errors",
@@ -34,6 +35,7 @@ _EXPORTS = {
 
 if TYPE_CHECKING:
     from propstore.config import MonitorSettings, Profile, RoutingSettings, Topology
+    from propstore.degrade import Degrade
     from propstore.errors import (
         ConfigError,
         InvalidInputError,
@@ -72,6 +74,7 @@ __all__ = [
     "STRONG",
     "AsyncPropertyStore",
     "ConfigError",
+    "Degrade",
     "Freshness",
     "InvalidInputError",
     "InvalidTokenError",

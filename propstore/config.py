@@ -19,7 +19,9 @@ from typing import Any, Literal
 import psycopg.conninfo
 
 from propstore._durations import parse_duration
-from propstore.errors import ConfigError
+from propstore._limiter import LimiterSettings
+from propstore.degrade import Degrade
+from propstore.errors import ConfigError, InvalidInputError
 from propstore.freshness import Freshness
 from propstore.sharding import DEFAULT_BUCKET_COUNT, BucketMap, BucketRange, bucket_of
 
@@ -79,11 +81,20 @@ class ShardConfig:
 
 @dataclass(frozen=True, slots=True)
 class Profile:
-    """A named reader profile: its freshness budget and what to do past the fallback cap."""
+    """A named reader profile: its freshness budget and how its reads degrade when neither
+    a replica nor the primary can serve them (``degrade``, or the older ``on_stale``)."""
 
     name: str
     max_staleness: float
     on_stale: OnStale | None = None
+    degrade: Degrade | None = None
+
+    @property
+    def policy(self) -> Degrade | None:
+        """The profile's degrade policy (``on_stale`` mapped onto one), None if unset."""
+        if self.degrade is not None:
+            return self.degrade
+        return None if self.on_stale is None else Degrade.from_on_stale(self.on_stale)
 
     @property
     def freshness(self) -> Freshness:
@@ -110,26 +121,53 @@ class RoutingSettings:
 
     replica_deadline: float = 0.05
     primary_deadline: float = 2.0
-    #: Fallback reads per second allowed per shard primary; 0 means no cap.
-    primary_fallback_rate: float = 1000.0
+    #: A fixed ceiling on fallback reads per second per shard primary; 0 means none (the
+    #: adaptive limit below protects the primary by its measured latency instead).
+    primary_fallback_rate: float = 0.0
+    #: Adapt the fallback limit to the primary's measured latency (see ``_limiter``).
+    primary_fallback_adaptive: bool = True
+    #: A fixed ceiling on fallback reads in flight per shard primary; 0 means none.
+    primary_fallback_max_concurrency: int = 0
+    #: Latency above this multiple of the primary's normal latency counts as overload.
+    primary_latency_tolerance: float = 3.0
     on_stale: OnStale = "error"
+    #: The default degrade policy (overrides ``on_stale`` when set).
+    degrade: Degrade | None = None
     connect_timeout: float = 2.0
     pool_min_size: int = 1
     pool_max_size: int = 8
     #: Total time a write may spend retrying while a shard's primary is unreachable.
     write_retry_time: float = 3.0
 
+    @property
+    def policy(self) -> Degrade:
+        """The default degrade policy: ``degrade``, else ``on_stale`` mapped onto one."""
+        return self.degrade if self.degrade is not None else Degrade.from_on_stale(self.on_stale)
+
+    @property
+    def limiter(self) -> LimiterSettings:
+        """The settings of each shard primary's fallback limiter."""
+        return LimiterSettings(
+            adaptive=self.primary_fallback_adaptive,
+            max_concurrency=self.primary_fallback_max_concurrency,
+            tolerance=self.primary_latency_tolerance,
+            # Up to a pool's worth of reads in flight, none waits for a connection: slow
+            # answers then are the primary's (or the machine's) business, and shedding this
+            # process's few reads would not relieve it. Past that, reads queue here.
+            min_queue=self.pool_max_size,
+        )
+
 
 _TOP_KEYS = {"bucket_count", "default_profile", "monitor", "routing", "profiles", "shards"}
 _SHARD_KEYS = {"name", "buckets", "primary", "replicas"}
 _NODE_KEYS = {"name", "dsn"}
-_PROFILE_KEYS = {"max_staleness", "on_stale"}
+_PROFILE_KEYS = {"max_staleness", "on_stale", "degrade"}
 _MONITOR_DURATIONS = {"interval", "poll_timeout", "max_backoff"}
 _MONITOR_INTS = {"history_size", "failures_before_down"}
 _ROUTING_DURATIONS = {
     "replica_deadline", "primary_deadline", "connect_timeout", "write_retry_time",
 }
-_ROUTING_INTS = {"pool_min_size", "pool_max_size"}
+_ROUTING_INTS = {"pool_min_size", "pool_max_size", "primary_fallback_max_concurrency"}
 
 
 @dataclass(frozen=True)
@@ -347,18 +385,26 @@ def _profiles(raw: Any, source: str) -> dict[str, Profile]:
         on_stale = table.get("on_stale")
         if on_stale not in (None, "error", "serve"):
             raise ConfigError(f"{source}: [{where}] on_stale must be 'error' or 'serve'")
+        if on_stale is not None and "degrade" in table:
+            raise ConfigError(f"{source}: [{where}] give degrade or on_stale, not both")
         profiles[name] = Profile(
             name=name,
             max_staleness=_duration(table["max_staleness"], f"{where}.max_staleness", source),
             on_stale=on_stale,
+            degrade=_degrade(table, where, source),
         )
     return profiles
 
 
 def _settings(defaults: Any, raw: Any, where: str, durations: set[str], ints: set[str],
               source: str) -> Any:
-    floats = {"primary_fallback_rate"} if where == "routing" else set()
-    allowed = durations | ints | floats | ({"on_stale"} if where == "routing" else set())
+    floats = {"primary_fallback_rate", "primary_latency_tolerance"} if where == "routing" else (
+        set()
+    )
+    others = {"on_stale", "degrade", "primary_fallback_adaptive"} if where == "routing" else (
+        set()
+    )
+    allowed = durations | ints | floats | others
     _no_unknown(raw, allowed, source, where)
     values: dict[str, Any] = {}
     for key, value in raw.items():
@@ -376,7 +422,30 @@ def _settings(defaults: Any, raw: Any, where: str, durations: set[str], ints: se
             if value not in ("error", "serve"):
                 raise ConfigError(f"{source}: {where}.on_stale must be 'error' or 'serve'")
             values[key] = value
+        elif key == "degrade":
+            values[key] = _degrade(raw, where, source)
+        elif key == "primary_fallback_adaptive":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{source}: {where}.{key} must be true or false")
+            values[key] = value
+    if "on_stale" in values and "degrade" in values:
+        raise ConfigError(f"{source}: {where}: give degrade or on_stale, not both")
+    if values.get("primary_latency_tolerance", 3.0) < 1.0:
+        raise ConfigError(f"{source}: {where}.primary_latency_tolerance must be >= 1")
     return replace(defaults, **values)
+
+
+def _degrade(table: Mapping[str, Any], where: str, source: str) -> Degrade | None:
+    if "degrade" not in table:
+        return None
+    value = table["degrade"]
+    if not isinstance(value, str):
+        raise ConfigError(f"{source}: {where}.degrade must be a string such as "
+                          "'wait(200ms) | serve_stale'")
+    try:
+        return Degrade.parse(value)
+    except InvalidInputError as exc:
+        raise ConfigError(f"{source}: {where}.degrade: {exc}") from None
 
 
 __all__ = [

@@ -44,15 +44,27 @@ class InvalidTokenError(InvalidInputError):
 
 
 class StaleReadError(PropStoreError):
-    """No replica was provably within the budget and the primary fallback was refused.
+    """No replica was provably within the budget and the primary could not take the read.
 
-    Raised only for reads whose policy is ``on_stale="error"``, when the shard's cap on
-    primary fallback reads per second is exhausted.
+    Raised for a budgeted read when the shard primary's limiter shed it (the primary's
+    latency left its normal band, or a configured ceiling was reached) and every step of
+    the read's degrade policy failed too. The message names the shard, the budget, the
+    primary's state and what was tried; the same facts are attributes.
+
+    Attributes:
+        shard: the shard's name.
+        budget: the read's budget, as text.
+        reason: why the primary declined: ``primary_overloaded`` or ``fallback_ceiling``.
+        tried: what the read tried, in order, one line each.
     """
 
-    def __init__(self, shard: str, message: str) -> None:
+    def __init__(self, shard: str, message: str, *, budget: str = "", reason: str = "",
+                 tried: tuple[str, ...] = ()) -> None:
         super().__init__(f"shard {shard}: {message}")
         self.shard = shard
+        self.budget = budget
+        self.reason = reason
+        self.tried = tried
 
 
 class ShardUnavailableError(PropStoreError):

@@ -16,7 +16,7 @@ The metric names are listed in :data:`METRIC_NAMES` and documented in ``docs/ope
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 from wsgiref.simple_server import WSGIServer
@@ -26,6 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
+from propstore._limiter import LimiterState
 from propstore.config import Topology
 from propstore.monitor import LagMonitor, LagReport, ShardView, lag_report
 from propstore.monitor._state import NodeStateName
@@ -57,6 +58,11 @@ METRIC_NAMES = (
     "propstore_reads_outside_budget",
     "propstore_read_duration_seconds",
     "propstore_writes",
+    "propstore_reads_refused",
+    "propstore_reads_waited",
+    "propstore_primary_fallback_limit",
+    "propstore_primary_fallback_in_flight",
+    "propstore_primary_latency_seconds",
 )
 
 
@@ -70,6 +76,8 @@ class MetricsSource(Protocol):
     def stats(self) -> ReadStats: ...
 
     def shard_views(self) -> tuple[ShardView, ...]: ...
+
+    def fallback_states(self) -> Mapping[str, LimiterState]: ...
 
     def add_observer(self, observer: ReadObserver) -> None: ...
 
@@ -102,6 +110,45 @@ class _MonitorCollector(Collector):
         for shard, count in dict(self._source.stats.writes).items():
             writes.add_metric([shard], float(count))
         yield writes
+        yield from _degrade_metrics(self._source.stats, self._source.fallback_states())
+
+
+def _degrade_metrics(stats: ReadStats, states: Mapping[str, LimiterState]) -> Iterator[Metric]:
+    refused = CounterMetricFamily(
+        "propstore_reads_refused",
+        "StaleReadError raised, by shard, profile (token/max_staleness for reads without "
+        "one) and why the primary declined (primary_overloaded, fallback_ceiling).",
+        labels=["shard", "profile", "reason"],
+    )
+    for (shard, profile, reason), count in dict(stats.refusals).items():
+        refused.add_metric([shard, profile, reason], float(count))
+    waited = CounterMetricFamily(
+        "propstore_reads_waited", "Reads answered after waiting under Degrade.wait.",
+        labels=["shard", "profile"],
+    )
+    for (shard, profile), count in dict(stats.waits).items():
+        waited.add_metric([shard, profile], float(count))
+    limit = GaugeMetricFamily(
+        "propstore_primary_fallback_limit",
+        "Fallback reads allowed in flight on the shard's primary now (+Inf: no limit).",
+        labels=["shard"],
+    )
+    in_flight = GaugeMetricFamily(
+        "propstore_primary_fallback_in_flight", "Fallback reads on the shard's primary now.",
+        labels=["shard"],
+    )
+    latency = GaugeMetricFamily(
+        "propstore_primary_latency_seconds",
+        "The primary's smoothed fallback read latency: recent, and normal (the baseline).",
+        labels=["shard", "figure"],
+    )
+    for shard, state in states.items():
+        limit.add_metric([shard], state.limit)
+        in_flight.add_metric([shard], float(state.in_flight))
+        if state.recent is not None and state.baseline is not None:
+            latency.add_metric([shard, "recent"], state.recent)
+            latency.add_metric([shard, "normal"], state.baseline)
+    yield from (refused, waited, limit, in_flight, latency)
 
 
 def _node_metrics(report: LagReport) -> Iterator[Metric]:
@@ -211,7 +258,7 @@ class StoreMetrics:
         )
         self.outside_budget = Counter(
             "propstore_reads_outside_budget",
-            "Reads a stale replica served past the fallback cap under on_stale='serve'.",
+            "Reads a stale replica served (Degrade.serve_stale) when the primary shed them.",
             ["shard"], registry=self.registry,
         )
         self.latency = Histogram(

@@ -55,7 +55,7 @@ class RouteDecision:
 
     @property
     def freshest(self) -> Candidate | None:
-        """The up replica with the smallest bound, admitted or not (for ``on_stale="serve"``)."""
+        """The up replica with the smallest bound, admitted or not (for ``Degrade.serve_stale``)."""
         pool = [*self.candidates] + [
             Candidate(-1, r.node, r.staleness_bound) for r in self.rejected
             if r.reason == "replica_stale"

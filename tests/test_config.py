@@ -42,6 +42,22 @@ def test_valid_file_loads_with_defaults_and_names() -> None:
     assert {topo.shard_of("acme", f"u{i}").name for i in range(50)} == {"a", "b"}
 
 
+def test_degrade_policies_load_from_profiles_and_routing_and_on_stale_maps_onto_them(
+) -> None:
+    from propstore import Degrade
+
+    text = BASE.replace('max_staleness = "5s"', 'max_staleness = "5s"\ndegrade = "serve_stale"')
+    text = text.replace("[profiles.personalisation]", "[routing]\ndegrade = \"wait(100ms)\"\n"
+                        "primary_fallback_max_concurrency = 40\n[profiles.personalisation]")
+    topo = Topology.from_toml(text, environ={})
+    assert topo.profiles["personalisation"].policy == Degrade.serve_stale()
+    assert topo.profiles["workflow"].policy == Degrade.refuse()  # on_stale = "error"
+    assert topo.routing.policy == Degrade.wait(0.1)
+    assert topo.routing.limiter.max_concurrency == 40 and topo.routing.limiter.adaptive
+    defaults = Topology.from_toml(BASE, environ={}).routing
+    assert defaults.policy == Degrade.refuse() and defaults.primary_fallback_rate == 0
+
+
 @pytest.mark.parametrize(("change", "message"), [
     (("bucket_count = 16", "bucket_count = 16\ncolour = 'red'"), "unknown key"),
     (('buckets = ["8-15"]', 'buckets = ["7-15"]'), "assigned twice"),
@@ -55,6 +71,14 @@ def test_valid_file_loads_with_defaults_and_names() -> None:
     (("[profiles.personalisation]", "[monitor]\ninterval = 0\n[profiles.personalisation]"),
      "must be > 0"),
     (("[[shards]]", "[[shards]]\nweight = 3", ), "unknown key"),
+    (('on_stale = "error"', 'degrade = "wait(200ms) | snooze"'), "unknown step 'snooze'"),
+    (('on_stale = "error"', 'degrade = "wait(2m)"'), "max_wait above"),
+    (('on_stale = "error"', 'on_stale = "error"\ndegrade = "refuse"'), "not both"),
+    (('on_stale = "error"', 'degrade = 5'), "must be a string"),
+    (("[profiles.personalisation]", "[routing]\nprimary_latency_tolerance = 0.5\n"
+      "[profiles.personalisation]"), "tolerance must be >= 1"),
+    (("[profiles.personalisation]", "[routing]\nprimary_fallback_adaptive = 1\n"
+      "[profiles.personalisation]"), "true or false"),
 ])
 def test_bad_config_is_a_clear_error(change: tuple[str, str], message: str) -> None:
     text = BASE.replace(*change, 1)

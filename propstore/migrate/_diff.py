@@ -257,7 +257,7 @@ def _flat(prefix: str, value: Any) -> dict[str, str]:
         if f.name == "name" or item is None:  # None: not set, the default applies
             continue
         text = format_duration(item) if isinstance(item, float) and f.name not in (
-            "primary_fallback_rate",) else str(item)
+            "primary_fallback_rate", "primary_latency_tolerance") else str(item)
         out[f"{prefix}.{f.name}"] = text
     return out
 

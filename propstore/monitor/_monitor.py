@@ -51,6 +51,9 @@ class MonitorState:
         self._lock = threading.Lock()
         self._eligible: set[tuple[str, str]] = set()
         self.polls = 0
+        #: Called with the shard index after each change of a shard's view (under the
+        #: state's lock: keep them short and never take this state's lock in them).
+        self.listeners: list[Callable[[int], None]] = []
 
     @property
     def views(self) -> tuple[ShardView, ...]:
@@ -82,6 +85,8 @@ class MonitorState:
         views[new.index] = new
         self._views = tuple(views)
         self._log_transitions(old, new)
+        for listener in self.listeners:
+            listener(new.index)
 
     def _log_transitions(self, old: ShardView, new: ShardView) -> None:
         if old.primary_index != new.primary_index:

@@ -15,13 +15,14 @@ from psycopg_pool import AsyncConnectionPool
 from tenacity import AsyncRetrying
 
 from propstore import _wire
+from propstore._limiter import LimiterState
 from propstore.config import Topology
+from propstore.degrade import Degrade
 from propstore.freshness import Token
 from propstore.lsn import LSN
 from propstore.monitor import LagMonitor, ShardView
 from propstore.router import RouteDecision
 from propstore.store._core import (
-    Exec,
     Program,
     Props,
     ReadObserver,
@@ -31,6 +32,7 @@ from propstore.store._core import (
     is_retryable_write_error,
 )
 from propstore.store._pool import SCHEMA_MISSING, AsyncNodeConnection, async_pool, prepare_async
+from propstore.store._program import Request, Wait
 from propstore.store._sync import Budget, config_path
 
 
@@ -79,10 +81,11 @@ class AsyncPropertyStore:
         self, tenant: str, user_id: str, *, max_staleness: Budget = None,
         after: Token | str | None = None, profile: str | None = None,
         consistency: str | None = None, on_stale: str | None = None,
+        degrade: Degrade | str | None = None,
     ) -> ReadResult:
         """See :meth:`propstore.PropertyStore.read`."""
         options = {"max_staleness": max_staleness, "after": after, "profile": profile,
-                   "consistency": consistency, "on_stale": on_stale}
+                   "consistency": consistency, "on_stale": on_stale, "degrade": degrade}
         return await self._run(self._core.single_read(tenant, user_id, options))  # type: ignore[no-any-return]
 
     async def get(self, tenant: str, user_id: str, **budget: Any) -> Props | None:
@@ -140,6 +143,11 @@ class AsyncPropertyStore:
         """See :meth:`propstore.PropertyStore.route`."""
         return self._core.route_for(tenant, user_id, budget)
 
+    def fallback_states(self) -> dict[str, LimiterState]:
+        """Each shard primary's fallback limiter now: limit, reads in flight, latency."""
+        return {name: limiter.state() for name, limiter in
+                zip(self._core.shard_names, self._core.primary_limiters, strict=True)}
+
     def shard_views(self) -> tuple[ShardView, ...]:
         """The monitor's current view of every shard."""
         return self._core.state.views
@@ -163,10 +171,17 @@ class AsyncPropertyStore:
     async def _run(self, program: Program) -> Any:
         """Drive a program (see ``PropertyStore._run``) without blocking the loop."""
         try:
-            op: Exec = next(program)
+            op: Request = next(program)
         except StopIteration as stop:
             return stop.value
         while True:
+            if isinstance(op, Wait):
+                await self._core.changes.wait_async(op)  # holds no connection while waiting
+                try:
+                    op = program.send((None, []))
+                except StopIteration as stop:
+                    return stop.value
+                continue
             pool = self._pools[op.node.name]
             conn: AsyncNodeConnection | None = None
             try:

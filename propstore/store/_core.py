@@ -31,6 +31,7 @@ from tenacity import (
 )
 
 from propstore import _sql
+from propstore._limiter import PrimaryLimiter
 from propstore._validation import (
     MAX_DOCUMENT_BYTES,
     check_id,
@@ -40,7 +41,8 @@ from propstore._validation import (
     encode_props,
 )
 from propstore._wire import DeadlineExceeded, Statement
-from propstore.config import OnStale, Topology
+from propstore.config import Topology
+from propstore.degrade import Degrade
 from propstore.errors import (
     InvalidInputError,
     PropStoreError,
@@ -49,11 +51,11 @@ from propstore.errors import (
 from propstore.freshness import STRONG, Freshness, Token, coerce_token
 from propstore.lsn import LSN
 from propstore.monitor import MonitorState, NodeView, ShardView
-from propstore.router import FallbackLimiter, RouteDecision, route
+from propstore.router import FallbackLimiter, FallbackReason, RouteDecision, route
 from propstore.store import _degrade
 
 # Re-exported (``X as X``): the drivers and the package import these from here.
-from propstore.store._program import ConnState, Proof, Response, fixed
+from propstore.store._program import ConnState, Proof, Request, Response, fixed
 from propstore.store._program import Exec as Exec
 from propstore.store._program import Program as Program
 from propstore.store._program import Props as Props
@@ -64,17 +66,22 @@ log = structlog.get_logger("propstore.store")
 
 RetryingT = TypeVar("RetryingT", Retrying, AsyncRetrying)
 
-_BUDGET_ORDER = ("max_staleness", "after", "profile", "consistency", "on_stale")
+_BUDGET_ORDER = ("max_staleness", "after", "profile", "consistency", "on_stale", "degrade")
 _BUDGET_KEYS = frozenset(_BUDGET_ORDER)
 
 
 class ReadStats:
-    """Routing counters kept by a store: reads by (shard, served by, reason). Bounded: the
-    key space is shards x {replica, primary} x reasons, whatever the traffic."""
+    """Routing counters kept by a store: reads by (shard, served by, reason), refusals and
+    waits by (shard, profile[, reason]). Bounded: the key spaces are shards x {replica,
+    primary} x reasons and shards x profiles x reasons, whatever the traffic."""
 
     def __init__(self) -> None:
         self.reads: Counter[tuple[str, str, str]] = Counter()
         self.writes: Counter[str] = Counter()
+        #: ``StaleReadError`` raised, by (shard, profile, reason the primary declined).
+        self.refusals: Counter[tuple[str, str, str]] = Counter()
+        #: Reads served after a ``Degrade.wait``, by (shard, profile).
+        self.waits: Counter[tuple[str, str]] = Counter()
         # ``counter[key] += 1`` is a read then a write: concurrent threads could lose counts.
         self._lock = threading.Lock()
 
@@ -90,6 +97,16 @@ class ReadStats:
         with self._lock:
             self.writes[shard] += 1
 
+    def record_refusal(self, shard: str, profile: str, reason: str) -> None:
+        """Count one ``StaleReadError``."""
+        with self._lock:
+            self.refusals[(shard, profile, reason)] += 1
+
+    def record_wait(self, shard: str, profile: str) -> None:
+        """Count one read served after waiting under its degrade policy."""
+        with self._lock:
+            self.waits[(shard, profile)] += 1
+
 
 class StoreCore:
     """State shared by a store's operations: topology, monitor state, limiters, counters."""
@@ -100,9 +117,17 @@ class StoreCore:
         self.state = MonitorState(topology, clock)
         self.routing = topology.routing
         now = clock()
+        #: Per shard primary: the fixed rate ceiling (``primary_fallback_rate``, 0: none)...
         self.limiters = [
             FallbackLimiter(topology.routing.primary_fallback_rate, now) for _ in topology.shards
         ]
+        #: ... and the adaptive concurrency limit driven by its measured latency.
+        self.primary_limiters = [
+            PrimaryLimiter(topology.routing.limiter, clock) for _ in topology.shards
+        ]
+        #: Wakes reads waiting under a ``Degrade.wait`` policy (monitor news, primary room).
+        self.changes = _degrade.Changes(len(topology.shards))
+        self.state.listeners.append(self.changes.notify)
         self.shard_names = tuple(s.name for s in topology.shards)
         self.stats = ReadStats()
         self._rotation = itertools.count()
@@ -120,13 +145,19 @@ class StoreCore:
         profile: str | None,
         consistency: str | None,
         on_stale: str | None,
-    ) -> tuple[Freshness, OnStale]:
-        """The budget and stale policy a read asked for (see ``PropertyStore.get``)."""
+        degrade: Degrade | str | None = None,
+    ) -> tuple[Freshness, Degrade]:
+        """The budget and degrade policy a read asked for (see ``PropertyStore.get``)."""
         if consistency not in (None, "bounded", "strong"):
             raise InvalidInputError("consistency", "must be 'strong' or 'bounded'")
         if on_stale not in (None, "error", "serve"):
             raise InvalidInputError("on_stale", "must be 'error' or 'serve'")
-        policy: OnStale = on_stale or self.routing.on_stale  # type: ignore[assignment]
+        if on_stale is not None and degrade is not None:
+            raise InvalidInputError("degrade", "give degrade or on_stale, not both")
+        asked = Degrade.coerce(degrade) if degrade is not None else (
+            Degrade.from_on_stale(on_stale) if on_stale is not None else None
+        )
+        policy = asked or self.routing.policy
         if consistency == "strong":
             return STRONG, policy
         parts: list[Freshness] = []
@@ -136,7 +167,7 @@ class StoreCore:
                 known = sorted(self.topology.profiles)
                 raise InvalidInputError("profile", f"unknown profile {profile!r} (have {known})")
             parts.append(found.freshness)
-            policy = on_stale or found.on_stale or policy  # type: ignore[assignment]
+            policy = asked or found.policy or policy
         if max_staleness is not None:
             parts.append(Freshness.bounded(max_staleness))
         token = coerce_token(after, self.shard_names)
@@ -148,13 +179,13 @@ class StoreCore:
                 return STRONG, policy  # no budget anywhere: the only safe reading is strong
             found = self.topology.profiles[default]
             parts.append(found.freshness)
-            policy = on_stale or found.on_stale or policy  # type: ignore[assignment]
+            policy = asked or found.policy or policy
         budget = parts[0]
         for part in parts[1:]:
             budget = budget & part
         return budget, policy
 
-    def budget(self, options: dict[str, Any]) -> tuple[Freshness, OnStale]:
+    def budget(self, options: dict[str, Any]) -> tuple[Freshness, Degrade]:
         """:meth:`freshness` from the keyword arguments of a read; refuses unknown ones.
 
         Budgets without a token repeat (a service uses a few), so they are resolved once and
@@ -209,7 +240,7 @@ class StoreCore:
     # ------------------------------------------------------------ operations
 
     def single_read(self, tenant: object, user_id: object, options: dict[str, Any]
-                    ) -> Generator[Exec, Response, ReadResult]:
+                    ) -> Generator[Request, Response, ReadResult]:
         """The whole of ``read``: checks, routing, proof, fallback, counters."""
         started = time.monotonic()
         tenant_s, user_s, _bucket, shard = self.locate(tenant, user_id)
@@ -281,10 +312,10 @@ class StoreCore:
         self,
         shard_index: int,
         freshness: Freshness,
-        on_stale: OnStale,
+        policy: Degrade,
         data: Statement,
         decode: Callable[[Any], Any],
-    ) -> Generator[Exec, Response, tuple[Any, ReadResult]]:
+    ) -> Generator[Request, Response, tuple[Any, ReadResult]]:
         """Serve one query on one shard within ``freshness``; returns (decoded rows, result).
 
         Replica failures are reported to the monitor (and logged) only once the read is
@@ -292,7 +323,7 @@ class StoreCore:
         """
         failures: list[tuple[int, str]] = []
         try:
-            return (yield from self._read(shard_index, freshness, on_stale, data, decode,
+            return (yield from self._read(shard_index, freshness, policy, data, decode,
                                           failures))
         finally:
             shard = self.shard_names[shard_index]
@@ -305,14 +336,33 @@ class StoreCore:
         self,
         shard_index: int,
         freshness: Freshness,
-        on_stale: OnStale,
+        policy: Degrade,
         data: Statement,
         decode: Callable[[Any], Any],
         failures: list[tuple[int, str]],
-    ) -> Generator[Exec, Response, tuple[Any, ReadResult]]:
+    ) -> Generator[Request, Response, tuple[Any, ReadResult]]:
         started = self.clock()
-        shard = self.shard_names[shard_index]
         decision = self.decide(shard_index, freshness)
+        served = yield from self.replica_read(shard_index, decision, data, decode, failures,
+                                              started)
+        if isinstance(served, tuple):
+            return served
+        return (yield from _degrade.fallback(self, shard_index, decision, served, policy,
+                                             data, decode, started, failures))
+
+    def replica_read(
+        self,
+        shard_index: int,
+        decision: RouteDecision,
+        data: Statement,
+        decode: Callable[[Any], Any],
+        failures: list[tuple[int, str]],
+        started: float,
+    ) -> Generator[Exec, Response, tuple[Any, ReadResult] | FallbackReason]:
+        """Try the decision's replicas in turn; (rows, result) from the first that proves
+        the budget, else why none did (failures are appended to ``failures``)."""
+        freshness = decision.freshness
+        shard = self.shard_names[shard_index]
         reason = decision.fallback_reason
         deadline = time.monotonic() + self.routing.replica_deadline
         for cand in decision.candidates or decision.tentative:
@@ -372,8 +422,7 @@ class StoreCore:
                 None, None, shard, cand.node.name, True, lsn, bound, None, proof
             )
         assert reason is not None
-        return (yield from _degrade.fallback(self, shard_index, decision, reason, on_stale,
-                                             data, decode, started))
+        return reason
 
     def _primary_read(self, shard_index: int, data: Statement
                       ) -> Generator[Exec, Response, tuple[Any, str]]:
@@ -416,11 +465,16 @@ class StoreCore:
         outlast ``write_retry_time``.
         """
         node = _primary_node(self.state.view(shard_index))
-        deadline = min(time.monotonic() + self.routing.primary_deadline, give_up_at)
-        _conn, results = yield Exec(
-            node.config, deadline,
-            fixed((statement, Statement(_sql.FLUSH_LSN)), commit_each=True),
-        )
+        began = time.monotonic()
+        deadline = min(began + self.routing.primary_deadline, give_up_at)
+        try:
+            _conn, results = yield Exec(
+                node.config, deadline,
+                fixed((statement, Statement(_sql.FLUSH_LSN)), commit_each=True),
+            )
+        finally:
+            # Writes are the primary's other load: their latency is part of its health.
+            self.primary_limiters[shard_index].sample(time.monotonic() - began)
         write, lsn = results
         version = int(write.get_value(0, 0)) if write.ntuples else None
         return version, LSN.parse(lsn.get_value(0, 0))

@@ -1,13 +1,23 @@
-"""What a read does when no replica proved it fresh enough: the primary fallback, its
-limiter, and the stale-serving policy past it.
+"""What a read does when no replica proved it fresh enough: the primary, if its limiter
+admits the read, else the read's degrade policy (wait, serve stale), else a clear refusal.
 
-A program in the same shape as ``_core``'s (it yields :class:`Exec` requests), which
-``StoreCore._read`` hands over to once its replica candidates are exhausted.
+A program in the same shape as ``_core``'s (it yields :class:`Exec` and :class:`Wait`
+requests), which ``StoreCore._read`` hands over to once its replica candidates are
+exhausted. The order in which reads give way, and why, is in ``docs/architecture.md``:
+
+1. strong and token reads always go to the primary (nothing else can serve them);
+2. budgeted reads go to the primary while its limiter (``propstore._limiter``) admits them:
+   always while the primary's latency is in its normal band;
+3. past that, the policy's steps in order (``propstore.degrade``), then
+   :class:`~propstore.StaleReadError`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
+import threading
 import time
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
@@ -15,15 +25,30 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from propstore import _sql
+from propstore._limiter import ShedReason
 from propstore._wire import DeadlineExceeded, Statement
-from propstore.config import OnStale
+from propstore.degrade import Degrade, WaitStep
 from propstore.errors import StaleReadError
+from propstore.freshness import Freshness
 from propstore.lsn import LSN
 from propstore.router import FallbackReason, RouteDecision
-from propstore.store._program import Exec, ReadResult, Response, fixed
+from propstore.store._program import Exec, ReadResult, Request, Response, Wait, fixed
 
 if TYPE_CHECKING:
     from propstore.store._core import StoreCore
+
+_SHED_TEXT: dict[ShedReason, str] = {
+    "primary_overloaded": "shed: its latency is above its normal band",
+    "fallback_ceiling": "shed: at the configured fallback ceiling",
+}
+
+
+def profile_of(freshness: Freshness) -> str:
+    """The label a read is counted under: its profile, else ``token``/``max_staleness``
+    (a bounded set, whatever the traffic)."""
+    if freshness.label:
+        return freshness.label
+    return "token" if freshness.after is not None else "max_staleness"
 
 
 def fallback(
@@ -31,27 +56,86 @@ def fallback(
     shard_index: int,
     decision: RouteDecision,
     reason: FallbackReason,
-    on_stale: OnStale,
+    policy: Degrade,
     data: Statement,
     decode: Callable[[Any], Any],
     started: float,
-) -> Generator[Exec, Response, tuple[Any, ReadResult]]:
-    """Serve ``data`` on the shard's primary (within the fallback cap), else per ``on_stale``."""
+    failures: list[tuple[int, str]],
+) -> Generator[Request, Response, tuple[Any, ReadResult]]:
+    """Serve ``data`` on the shard's primary if its limiter admits it, else per ``policy``."""
     freshness = decision.freshness
-    shard = core.shard_names[shard_index]
-    if not freshness.strong and not core.limiters[shard_index].try_acquire(core.clock()):
-        if on_stale == "serve":
-            served = yield from _serve_stale(core, shard_index, decision, data, decode, started)
+    priority = freshness.strong or freshness.after is not None
+    shed = _admit(core, shard_index, priority)
+    if shed is None:
+        return (yield from _on_primary(core, shard_index, data, decode, reason))
+    tried = [f"replicas ({reason})", f"primary ({_SHED_TEXT[shed]})"]
+    for step in policy.steps:
+        if isinstance(step, WaitStep):
+            waited = yield from _wait(core, shard_index, freshness, step.max_wait, data, decode,
+                                      started, failures, reason)
+            if waited is not None:
+                core.stats.record_wait(core.shard_names[shard_index], profile_of(freshness))
+                return waited
+            tried.append(f"{step}: no replica came within budget, the primary had no room")
+        else:
+            served = yield from _serve_stale(core, shard_index, core.decide(shard_index,
+                                             freshness), data, decode, started)
             if served is not None:
                 return served
-        raise StaleReadError(
-            shard,
-            f"no replica within budget ({freshness}; {reason}) and the primary fallback "
-            f"cap of {core.routing.primary_fallback_rate:g} reads/s is exhausted",
-        )
-    rows, node = yield from core._primary_read(shard_index, data)
-    return decode(rows), ReadResult(None, None, shard, node, False, None, 0.0, reason,
-                                    "primary")
+            tried.append(f"{step}: no replica up to serve")
+    shard = core.shard_names[shard_index]
+    core.stats.record_refusal(shard, profile_of(freshness), shed)
+    raise StaleReadError(
+        shard,
+        f"no replica within budget ({freshness}) and the primary "
+        f"{_primary_name(core, shard_index)} is {_primary_state(core, shard_index, shed)}; "
+        f"tried: {'; '.join(tried)}",
+        budget=str(freshness), reason=shed, tried=tuple(tried),
+    )
+
+
+def _admit(core: StoreCore, shard_index: int, priority: bool) -> ShedReason | None:
+    if not priority and not core.limiters[shard_index].try_acquire(core.clock()):
+        return "fallback_ceiling"
+    return core.primary_limiters[shard_index].admit(priority)
+
+
+def _on_primary(
+    core: StoreCore, shard_index: int, data: Statement, decode: Callable[[Any], Any],
+    reason: FallbackReason,
+) -> Generator[Exec, Response, tuple[Any, ReadResult]]:
+    """An admitted read on the primary; its duration is the limiter's measure of health."""
+    began = time.monotonic()
+    try:
+        rows, node = yield from core._primary_read(shard_index, data)
+    finally:
+        core.primary_limiters[shard_index].done(time.monotonic() - began)
+        core.changes.notify(shard_index)
+    return decode(rows), ReadResult(None, None, core.shard_names[shard_index], node, False,
+                                    None, 0.0, reason, "primary")
+
+
+def _wait(
+    core: StoreCore, shard_index: int, freshness: Freshness, max_wait: float,
+    data: Statement, decode: Callable[[Any], Any], started: float,
+    failures: list[tuple[int, str]], reason: FallbackReason,
+) -> Generator[Request, Response, tuple[Any, ReadResult] | None]:
+    """Up to ``max_wait`` seconds for a replica proven within the budget (the monitor's
+    next observations) or room on the primary; the read holds no connection meanwhile."""
+    until = time.monotonic() + max_wait
+    while time.monotonic() < until:
+        yield Wait(shard_index, until)
+        decision = core.decide(shard_index, freshness)
+        if decision.candidates or decision.tentative:
+            # The bound stays measured from the read's start: the budget is about the
+            # writes acknowledged before the caller asked, not before it was answered.
+            served = yield from core.replica_read(shard_index, decision, data, decode,
+                                                  failures, started)
+            if isinstance(served, tuple):
+                return served
+        if _admit(core, shard_index, False) is None:
+            return (yield from _on_primary(core, shard_index, data, decode, reason))
+    return None
 
 
 def _serve_stale(
@@ -76,3 +160,86 @@ def _serve_stale(
         "replica_stale", "unproven" if math.isinf(bound) else "pipeline",
         within_budget=False,
     )
+
+
+def _primary_name(core: StoreCore, shard_index: int) -> str:
+    view = core.state.view(shard_index)
+    primary = view.primary
+    return f"{primary.name} ({primary.config.address})" if primary else "(none reachable)"
+
+
+def _primary_state(core: StoreCore, shard_index: int, shed: ShedReason) -> str:
+    if shed == "fallback_ceiling":
+        routing = core.routing
+        caps = []
+        if routing.primary_fallback_max_concurrency:
+            caps.append(f"{routing.primary_fallback_max_concurrency} reads in flight")
+        if routing.primary_fallback_rate:
+            caps.append(f"{routing.primary_fallback_rate:g} reads/s")
+        return f"at its configured fallback ceiling ({' or '.join(caps)})"
+    return f"overloaded ({core.primary_limiters[shard_index].state()})"
+
+
+class Changes:
+    """Wakes reads waiting on a shard under :meth:`Degrade.wait`: the monitor calls
+    :meth:`notify` after each change of the shard's view, a primary read when it ends.
+
+    Sync waiters block on a condition; async ones await a future resolved through their
+    own loop (the monitor may run in another thread). Holds one entry per read waiting now,
+    nothing per read that ever waited.
+    """
+
+    def __init__(self, shards: int) -> None:
+        self._cond = threading.Condition()
+        self._generation = [0] * shards
+        #: Reads waiting per shard, read without the lock as a cheap "anyone?" hint.
+        self._waiting = [0] * shards
+        self._futures: list[set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]] = [
+            set() for _ in range(shards)
+        ]
+
+    def notify(self, shard_index: int) -> None:
+        """Something changed on the shard: wake its waiters."""
+        if not self._waiting[shard_index]:
+            return
+        with self._cond:
+            self._generation[shard_index] += 1
+            self._cond.notify_all()
+            for loop, future in self._futures[shard_index]:
+                loop.call_soon_threadsafe(_resolve, future)
+
+    def wait(self, request: Wait) -> None:
+        """Block until the shard changes or ``request.until`` (monotonic)."""
+        shard = request.shard_index
+        with self._cond:
+            generation = self._generation[shard]
+            self._waiting[shard] += 1
+            try:
+                # A change between the program's check and here is caught by the next one:
+                # the monitor observes every node each interval.
+                self._cond.wait_for(lambda: self._generation[shard] != generation,
+                                    timeout=max(0.0, request.until - time.monotonic()))
+            finally:
+                self._waiting[shard] -= 1
+
+    async def wait_async(self, request: Wait) -> None:
+        """:meth:`wait` for asyncio."""
+        shard = request.shard_index
+        loop = asyncio.get_running_loop()
+        entry = (loop, loop.create_future())
+        with self._cond:
+            self._futures[shard].add(entry)
+            self._waiting[shard] += 1
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, request.until - time.monotonic())):
+                    await entry[1]
+        finally:
+            with self._cond:
+                self._futures[shard].discard(entry)
+                self._waiting[shard] -= 1
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -46,8 +46,10 @@ class ReadResult:
             ``no_replica`` or ``strong``.
         proof: how freshness was established: ``pipeline`` (LSN read in the same round trip),
             ``monitor`` or ``connection`` (an earlier observation that provably still holds),
-            ``primary``, or ``unproven`` (``on_stale="serve"`` past the fallback cap).
-        within_budget: False only for a stale replica served under ``on_stale="serve"``.
+            ``primary``, or ``unproven`` (a stale replica served under
+            ``Degrade.serve_stale()`` with no provable bound).
+        within_budget: False only for a stale replica served under ``Degrade.serve_stale()``
+            (``on_stale="serve"``) because the primary shed the read.
     """
 
     props: Props | None
@@ -75,10 +77,22 @@ class Exec:
     plan: Callable[[ConnState], tuple[Sequence[Statement], bool]]
 
 
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """A request from a program: resume me once the shard's monitor view changed or its
+    primary has room (whichever first), or at ``until`` (monotonic) at the latest. The
+    driver holds no connection while waiting and sends back None."""
+
+    shard_index: int
+    until: float
+
+
+#: What a program may yield.
+Request = Exec | Wait
 Response = tuple[Any, list[Any]]
 #: Called after every read with the result and its duration in seconds.
 ReadObserver = Callable[["ReadResult", float], None]
-Program = Generator[Exec, Response, Any]
+Program = Generator[Request, Response, Any]
 
 
 def fixed(statements: Sequence[Statement], commit_each: bool = False

@@ -15,14 +15,15 @@ from psycopg_pool import ConnectionPool
 from tenacity import Retrying
 
 from propstore import _wire
+from propstore._limiter import LimiterState
 from propstore.config import Topology
+from propstore.degrade import Degrade
 from propstore.errors import ConfigError
 from propstore.freshness import Token
 from propstore.lsn import LSN
 from propstore.monitor import LagMonitor, ShardView
 from propstore.router import RouteDecision
 from propstore.store._core import (
-    Exec,
     Program,
     Props,
     ReadObserver,
@@ -32,6 +33,7 @@ from propstore.store._core import (
     is_retryable_write_error,
 )
 from propstore.store._pool import SCHEMA_MISSING, NodeConnection, prepare, sync_pool
+from propstore.store._program import Request, Wait
 
 Budget = float | timedelta | str | None
 
@@ -46,8 +48,14 @@ class PropertyStore:
     ``"500ms"``), ``after`` (a :class:`~propstore.Token` from your writes, or its string),
     a named ``profile``, or ``consistency="strong"`` — and is served by a replica only when
     that replica is proven within it; otherwise by the primary, at once. With no budget the
-    topology's ``default_profile`` applies (strong if it has none). ``on_stale`` ("error" or
-    "serve") overrides what happens past the primary fallback cap.
+    topology's ``default_profile`` applies (strong if it has none).
+
+    When no replica is within the budget the primary serves the read, unless its limiter
+    sheds it (only when the primary's latency leaves its normal band, or at a configured
+    ceiling; strong and token reads are never shed). A shed read follows its ``degrade``
+    policy (a :class:`~propstore.Degrade`, e.g. ``Degrade.wait(0.2) | Degrade.serve_stale()``;
+    from the read, its profile or ``routing.degrade``); ``on_stale="error"``/``"serve"`` are
+    ``Degrade.refuse()``/``Degrade.serve_stale()``.
     """
 
     def __init__(self, topology: Topology, *, start_monitor: bool = True) -> None:
@@ -79,16 +87,17 @@ class PropertyStore:
         self, tenant: str, user_id: str, *, max_staleness: Budget = None,
         after: Token | str | None = None, profile: str | None = None,
         consistency: str | None = None, on_stale: str | None = None,
+        degrade: Degrade | str | None = None,
     ) -> ReadResult:
         """Read a user's properties, with where and how fresh they were served.
 
         Raises :class:`~propstore.StaleReadError` when no node may serve within the budget
-        and ``on_stale="error"``; :class:`~propstore.ShardUnavailableError` when the
-        primary is needed and unreachable; :class:`~propstore.InvalidInputError` for bad
-        arguments.
+        and the ``degrade`` policy found no way either;
+        :class:`~propstore.ShardUnavailableError` when the primary is needed and unreachable;
+        :class:`~propstore.InvalidInputError` for bad arguments.
         """
         options = {"max_staleness": max_staleness, "after": after, "profile": profile,
-                   "consistency": consistency, "on_stale": on_stale}
+                   "consistency": consistency, "on_stale": on_stale, "degrade": degrade}
         return self._run(self._core.single_read(tenant, user_id, options))  # type: ignore[no-any-return]
 
     def get(self, tenant: str, user_id: str, **budget: Any) -> Props | None:
@@ -154,6 +163,11 @@ class PropertyStore:
         """The routing decision a read would take now (``decision.explain()`` prints it)."""
         return self._core.route_for(tenant, user_id, budget)
 
+    def fallback_states(self) -> dict[str, LimiterState]:
+        """Each shard primary's fallback limiter now: limit, reads in flight, latency."""
+        return {name: limiter.state() for name, limiter in
+                zip(self._core.shard_names, self._core.primary_limiters, strict=True)}
+
     def shard_views(self) -> tuple[ShardView, ...]:
         """The monitor's current view of every shard (lag, states, roles)."""
         return self._core.state.views
@@ -177,10 +191,17 @@ class PropertyStore:
     def _run(self, program: Program) -> Any:
         """Drive a program: check out a connection per request, run it, hand back results."""
         try:
-            op: Exec = next(program)
+            op: Request = next(program)
         except StopIteration as stop:
             return stop.value
         while True:
+            if isinstance(op, Wait):
+                self._core.changes.wait(op)  # holds no connection while waiting
+                try:
+                    op = program.send((None, []))
+                except StopIteration as stop:
+                    return stop.value
+                continue
             pool = self._pools[op.node.name]
             conn: NodeConnection | None = None
             try:

@@ -1,0 +1,276 @@
+"""How much fallback load a shard's primary takes: an adaptive concurrency limit driven by
+the primary's measured latency. Pure arithmetic over an injectable clock; no I/O.
+
+The store already times every read that falls back to the primary and every write; those
+durations are the limiter's only input (no probe queries). Two smoothed figures come out of
+them:
+
+* ``recent``: an exponential average of the last few dozen samples (what the primary is
+  doing now);
+* ``baseline``: the primary's normal latency. It follows ``recent`` *down* at once and *up*
+  only slowly (time constant ``baseline_window`` seconds), so an overload lasting seconds
+  does not become the new normal, while a primary whose normal latency really changed is
+  relearned within a few windows.
+
+The primary is *healthy* while ``recent <= max(tolerance * baseline, latency_floor)``. While
+healthy the limit follows demand: a read that finds the limit full raises it (up to the
+configured ceiling) and is admitted, so **no read is shed while the primary is healthy**.
+Once latency leaves the band, each sample cuts the limit by the gradient
+``band / recent`` (at most by half per sample, never below ``min_limit``), as in Netflix's
+*concurrency-limits* Gradient2 limiter: the limit settles where the in-flight load keeps the
+primary's latency at the top of its band, which is Little's law's way of saying "as much as
+it can serve without queueing". A concurrency limit rather than a rate because it needs no
+capacity figure: a slower primary completes fewer reads per second at the same in-flight
+count, and the limit holds without being told.
+
+Priority reads (strong, and token reads: only the primary can serve them) are always
+admitted; they count in flight, so under pressure it is the budgeted reads that give way to
+them, and no stream of budgeted reads can lock them out. The state is a handful of floats
+per shard primary: nothing grows with traffic, readers or users.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+#: Why the limiter declined a budgeted read.
+ShedReason = Literal["primary_overloaded", "fallback_ceiling"]
+
+
+@dataclass(frozen=True, slots=True)
+class LimiterSettings:
+    """Tuning of :class:`PrimaryLimiter` (seconds unless stated).
+
+    Attributes:
+        adaptive: adapt the limit to latency; False leaves only ``max_concurrency``.
+        max_concurrency: ceiling on fallback reads in flight per shard primary (0: none).
+        tolerance: latency above ``tolerance`` times the baseline counts as congestion.
+        latency_floor: latency below this is always healthy, whatever the baseline (a
+            sub-millisecond baseline would otherwise turn jitter into shedding).
+        baseline_window: how slowly the baseline follows latency upwards.
+        min_queue: shed only while at least this many of this process's reads queue at
+            the primary (Vegas's estimate ``in_flight * (1 - baseline / recent)``): slow
+            answers to a few reads are the machine's noise, not load this process can shed.
+        min_limit: the adaptive limit never falls below this many reads in flight.
+        initial_limit: the limit before any demand raised it.
+    """
+
+    adaptive: bool = True
+    max_concurrency: int = 0
+    tolerance: float = 3.0
+    latency_floor: float = 0.005
+    min_queue: int = 8
+    baseline_window: float = 60.0
+    min_limit: int = 2
+    initial_limit: int = 16
+
+
+@dataclass(frozen=True, slots=True)
+class LimiterState:
+    """A snapshot of one primary's limiter, for people and metrics.
+
+    Attributes:
+        limit: reads allowed in flight now (``inf`` when nothing limits them).
+        in_flight: fallback reads on the primary now (priority reads included).
+        recent: smoothed recent fallback read latency (seconds), None before any sample.
+        baseline: the primary's normal read latency (seconds), None before any sample.
+        healthy: whether recent latency is within the normal band.
+        shed: budgeted reads declined so far, by reason.
+        write_recent: smoothed recent write latency (seconds).
+        write_baseline: normal write latency (seconds).
+    """
+
+    limit: float
+    in_flight: int
+    recent: float | None
+    baseline: float | None
+    healthy: bool
+    shed: tuple[tuple[ShedReason, int], ...]
+    write_recent: float | None = None
+    write_baseline: float | None = None
+
+    def __str__(self) -> str:
+        def ms(value: float | None) -> str:
+            return "-" if value is None else f"{value * 1000:.2f}ms"
+
+        limit = "none" if math.isinf(self.limit) else f"{self.limit:.0f}"
+        health = "healthy" if self.healthy else "congested"
+        text = (f"{health}: {self.in_flight} in flight, limit {limit}, read latency "
+                f"{ms(self.recent)} (normal {ms(self.baseline)})")
+        if self.write_recent is not None:
+            text += f", write latency {ms(self.write_recent)} (normal {ms(self.write_baseline)})"
+        return text
+
+
+class _Latency:
+    """Smoothed recent and normal latency of one kind of work on the primary."""
+
+    __slots__ = ("at", "baseline", "recent")
+
+    def __init__(self) -> None:
+        self.recent: float | None = None
+        self.baseline: float | None = None
+        self.at = -math.inf
+
+    def learn(self, seconds: float, now: float, window: float) -> None:
+        elapsed, self.at = max(0.0, now - self.at), now
+        if self.recent is None or self.baseline is None:
+            self.recent = self.baseline = seconds
+            return
+        self.recent += (seconds - self.recent) * PrimaryLimiter.RECENT_WEIGHT
+        if self.recent <= self.baseline:
+            self.baseline = self.recent
+        else:
+            self.baseline += (self.recent - self.baseline) * -math.expm1(-elapsed / window)
+
+    def excess(self, tolerance: float, floor: float, now: float) -> float:
+        """``recent`` over the top of the normal band (<= 1 is healthy)."""
+        if self.recent is None or self.baseline is None or now - self.at > _FORGET_AFTER:
+            return 0.0
+        return self.recent / max(tolerance * self.baseline, floor)
+
+
+#: A latency figure this old (seconds) says nothing about the primary now.
+_FORGET_AFTER = 2.0
+#: How much wider the writes' normal band is than the reads'.
+_WRITE_BAND = 4.0
+
+
+class PrimaryLimiter:
+    """The fallback limit of one shard primary (thread-safe; see the module docstring).
+
+    ``admit`` before a fallback read, ``done`` with its duration after it (also when it
+    failed); ``sample`` feeds durations of writes, kept apart (a write's fsync makes it
+    slower than a read, and a change in the mix must not look like congestion).
+    """
+
+    __slots__ = ("_clock", "_limit", "_lock", "_reads", "_shed", "_writes", "in_flight",
+                 "settings")
+
+    #: Weight of a new sample in ``recent`` (about the last 20 samples count).
+    RECENT_WEIGHT = 0.05
+
+    def __init__(self, settings: LimiterSettings = LimiterSettings(),
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._limit = float(settings.initial_limit)
+        if settings.max_concurrency:
+            self._limit = min(self._limit, float(settings.max_concurrency))
+        self.in_flight = 0
+        self._reads = _Latency()
+        self._writes = _Latency()
+        self._shed: dict[ShedReason, int] = {}
+
+    # ------------------------------------------------------------------ admission
+
+    def admit(self, priority: bool) -> ShedReason | None:
+        """Count a read in flight and return None, or return why it is declined.
+
+        ``priority`` reads are always admitted (only the primary can serve them).
+        """
+        s = self.settings
+        with self._lock:
+            if priority:
+                self.in_flight += 1
+                return None
+            ceiling = s.max_concurrency or math.inf
+            if self.in_flight >= ceiling:
+                return self._declined("fallback_ceiling")
+            if s.adaptive and self.in_flight >= self._limit:
+                if self._congested():
+                    return self._declined("primary_overloaded")
+                # Healthy: the limit follows demand (the latency will say if it was too much).
+                self._limit = min(ceiling, float(self.in_flight + 1))
+            self.in_flight += 1
+            return None
+
+    def done(self, seconds: float) -> None:
+        """A read admitted by :meth:`admit` finished after ``seconds``."""
+        with self._lock:
+            self.in_flight = max(0, self.in_flight - 1)
+            if _usable(seconds):
+                self._reads.learn(seconds, self._clock(), self.settings.baseline_window)
+                self._adapt()
+
+    def sample(self, seconds: float) -> None:
+        """A write on the primary took ``seconds``."""
+        with self._lock:
+            if _usable(seconds):
+                self._writes.learn(seconds, self._clock(), self.settings.baseline_window)
+                self._adapt()
+
+    # ------------------------------------------------------------------ insight
+
+    @property
+    def limit(self) -> float:
+        """Reads allowed in flight now (``inf`` with neither adaptation nor ceiling)."""
+        s = self.settings
+        if not s.adaptive:
+            return float(s.max_concurrency) if s.max_concurrency else math.inf
+        return self._limit
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the primary's recent latency is within its normal band (reads are shed
+        only when it is not *and* enough of them queue: see ``min_queue``)."""
+        with self._lock:
+            return self._excess() <= 1.0
+
+    def state(self) -> LimiterState:
+        """A snapshot for ``propstore route``, the lag report and metrics."""
+        with self._lock:
+            return LimiterState(self.limit, self.in_flight, self._reads.recent,
+                                self._reads.baseline, self._excess() <= 1.0,
+                                tuple(sorted(self._shed.items())), self._writes.recent,
+                                self._writes.baseline)
+
+    # ------------------------------------------------------------------ arithmetic
+
+    def _declined(self, reason: ShedReason) -> ShedReason:
+        self._shed[reason] = self._shed.get(reason, 0) + 1
+        return reason
+
+    def _excess(self) -> float:
+        s, now = self.settings, self._clock()
+        reads = self._reads.excess(s.tolerance, s.latency_floor, now)
+        # Writes are a second witness, with a wider band: their fsync makes them noisy (the
+        # disk is shared), and a surge of reads slows them without the primary being in
+        # trouble. Only a primary whose writes slow far beyond that counts as overloaded.
+        writes = self._writes.excess(s.tolerance * _WRITE_BAND, s.latency_floor * _WRITE_BAND,
+                                     now)
+        return max(reads, writes)
+
+    def _congested(self) -> bool:
+        if self._excess() <= 1.0:
+            return False
+        reads = self._reads
+        if reads.recent is None or reads.baseline is None:
+            return True  # only the writes say so
+        queued = self.in_flight * (1.0 - reads.baseline / max(reads.recent, 1e-9))
+        return queued >= self.settings.min_queue
+
+    def _adapt(self) -> None:
+        s = self.settings
+        if not s.adaptive or not self._congested():
+            return
+        excess = self._excess()
+        # Cut from what is really in flight: a limit raised by an earlier burst would
+        # otherwise take many samples to come down to the load causing the latency.
+        limit = min(self._limit, float(max(self.in_flight, s.min_limit)))
+        target = limit * max(0.5, 1.0 / excess)
+        # Smoothed like Gradient2's: one slow sample must not halve the limit.
+        self._limit = max(float(s.min_limit), limit + (target - limit) * 0.2)
+
+
+def _usable(seconds: float) -> bool:
+    return seconds >= 0 and not math.isinf(seconds)
+
+
+__all__ = ["LimiterSettings", "LimiterState", "PrimaryLimiter", "ShedReason"]

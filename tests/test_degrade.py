@@ -1,0 +1,263 @@
+"""Degrading without an outage, against the real cluster (issue: degrade).
+
+No refusal while the primary is healthy; under overload budgeted reads give way and token
+and strong reads never do; ``Degrade.wait`` and ``Degrade.serve_stale`` answer with true
+bounds; a refusal says what happened and is counted; the limiter's memory stays flat.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import tracemalloc
+from collections import Counter
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from propstore import Degrade, PropertyStore, PropStoreError, StaleReadError, Topology
+from propstore.sandbox import LocalCluster
+from tests._workload import Workload
+from tests.conftest import users_on_shard
+from tests.test_store import wait_for
+
+
+def with_routing(topology: Topology, **changes: Any) -> Topology:
+    return replace(topology, routing=replace(topology.routing, **changes))
+
+
+def pause_all_replicas(cluster: LocalCluster) -> None:
+    for replica in cluster.shards[0].replicas:
+        replica.pause_replay()
+
+
+class OwnWrites:
+    """Read-your-writes users: each thread writes its own user and reads it back with the
+    token at once; a read older than the write it follows is a violation."""
+
+    def __init__(self, store: PropertyStore, users: list[str], *, strong: bool = False
+                 ) -> None:
+        self.store, self.strong = store, strong
+        self.reads = self.violations = 0
+        self.errors: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(u,), daemon=True)
+                         for u in users]
+
+    def __enter__(self) -> OwnWrites:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+            assert not thread.is_alive()
+
+    def _run(self, user: str) -> None:
+        seq = 0
+        while not self._stop.is_set():
+            try:
+                seq += 1
+                token = self.store.replace("acme", user, {"seq": seq})
+                for _ in range(3):
+                    result = (self.store.read("acme", user, consistency="strong") if self.strong
+                              else self.store.read("acme", user, after=token))
+                    self.reads += 1
+                    if (result.props or {}).get("seq") != seq:
+                        self.violations += 1
+            except PropStoreError as exc:
+                self.errors[type(exc).__name__] += 1
+
+
+def test_no_read_is_refused_while_the_primary_is_healthy_and_replicas_are_paused(
+    cluster: LocalCluster, topology: Topology
+) -> None:
+    users = users_on_shard(topology, topology.shards[0].name, 24, prefix="surge")
+    own = users_on_shard(topology, topology.shards[0].name, 2, prefix="ryw")
+    with PropertyStore(topology) as store:  # default routing: adaptive limiter, no ceiling
+        for user in users:
+            store.replace("acme", user, {"seq": 0})
+        cluster.wait_caught_up()
+        with Workload(store, users, readers=4) as load, OwnWrites(store, own) as ryw:
+            load.wait(0.5)
+            pause_all_replicas(cluster)
+            load.wait(3.0)
+            for replica in cluster.shards[0].replicas:
+                replica.resume_replay()
+            load.wait(0.5)
+            report = load.stop()
+            ryw.stop()
+        refusals = sum(store.stats.refusals.values())
+    primary_reads = report.reads - report.replica_reads
+    print(f"healthy primary, replicas paused: {report.reads} budgeted reads "
+          f"({primary_reads} on the primary), {ryw.reads} token reads, {refusals} refusals",
+          *report.examples[:1])
+    assert report.reads > 0 and primary_reads > 0 and ryw.reads > 0
+    assert report.error_count == 0 and refusals == 0, report.examples
+    assert not ryw.errors and ryw.violations == 0
+    assert report.violations == 0, report.examples
+
+
+def test_overload_sheds_budgeted_reads_and_never_token_or_strong_reads(
+    cluster: LocalCluster, topology: Topology
+) -> None:
+    # A low configured ceiling stands in for an overloaded primary.
+    tight = with_routing(topology, primary_fallback_max_concurrency=2)
+    users = users_on_shard(topology, topology.shards[0].name, 16, prefix="shed")
+    own = users_on_shard(topology, topology.shards[0].name, 3, prefix="shedryw")
+    strong = users_on_shard(topology, topology.shards[0].name, 1, prefix="shedstrong")
+    with PropertyStore(tight) as store:
+        for user in users:
+            store.replace("acme", user, {"seq": 0})
+        pause_all_replicas(cluster)
+        store.replace("acme", users[0], {"seq": 1})
+        wait_for(lambda: not store.route("acme", users[0], max_staleness=0.1).candidates)
+        with Workload(store, users, readers=8, writers=1, budgets=(0.1,)) as load, \
+                OwnWrites(store, own) as ryw, OwnWrites(store, strong, strong=True) as rs:
+            load.wait(3.0)
+            report = load.stop()
+            ryw.stop()
+            rs.stop()
+        refusals = dict(store.stats.refusals)
+    refused = report.errors["read:StaleReadError"]
+    print(f"overload (ceiling 2 in flight): {report.reads} budgeted reads served, {refused} "
+          f"refused; {ryw.reads} token and {rs.reads} strong reads, none refused")
+    assert refused > 0 and report.reads > 0
+    assert refusals == {("shard0", "max_staleness", "fallback_ceiling"): refused}
+    assert ryw.reads > 0 and rs.reads > 0
+    assert not ryw.errors and not rs.errors
+    assert ryw.violations == 0 and rs.violations == 0 and report.violations == 0
+
+
+def shed_everything(topology: Topology) -> Topology:
+    """A primary whose fallback ceiling admits nothing more (one token, then none)."""
+    return with_routing(topology, primary_fallback_rate=1e-6)
+
+
+def test_wait_policy_answers_from_the_replica_once_it_catches_up_within_max_wait(
+    cluster: LocalCluster, topology: Topology
+) -> None:
+    (user,) = users_on_shard(topology, topology.shards[0].name, 1, prefix="wait")
+    with PropertyStore(shed_everything(topology)) as store:
+        store.set("acme", user, {"v": 1})
+        cluster.wait_caught_up()
+        assert store.read("acme", user, max_staleness=5).from_replica
+        pause_all_replicas(cluster)
+        store.set("acme", user, {"v": 2})
+        wait_for(lambda: not store.route("acme", user, max_staleness=0.3).candidates)
+        store.read("acme", user, max_staleness=0.3)  # takes the one token the ceiling has
+
+        started = time.monotonic()
+        with pytest.raises(StaleReadError, match=r"wait\(250.0ms\)"):
+            store.read("acme", user, max_staleness=0.3, degrade=Degrade.wait(0.25))
+        assert 0.25 <= time.monotonic() - started < 1.0
+
+        outcome: list[Any] = []
+        reader = threading.Thread(target=lambda: outcome.append(store.read(
+            "acme", user, max_staleness=0.3, degrade="wait(10s)")))
+        started = time.monotonic()
+        reader.start()
+        time.sleep(0.3)  # the read is waiting: let it wait a while before replay resumes
+        for replica in cluster.shards[0].replicas:
+            replica.resume_replay()
+        reader.join(timeout=15)
+        elapsed = time.monotonic() - started
+        (result,) = outcome
+    print(f"wait: answered {elapsed * 1000:.0f} ms after asking, replay resumed at 300 ms")
+    assert result.from_replica and result.within_budget and result.props == {"v": 2}
+    assert result.staleness_bound <= 0.3
+    assert 0.3 <= elapsed < 5.0  # woken by the monitor, not at max_wait
+    assert sum(store.stats.waits.values()) == 1
+
+
+def test_serve_stale_answers_with_the_freshest_replica_and_its_true_bound(
+    cluster: LocalCluster, topology: Topology
+) -> None:
+    (user,) = users_on_shard(topology, topology.shards[0].name, 1, prefix="stale")
+    with PropertyStore(shed_everything(topology)) as store:
+        store.set("acme", user, {"v": 1})
+        cluster.wait_caught_up()
+        pause_all_replicas(cluster)
+        store.set("acme", user, {"v": 2})
+        acked = time.monotonic()  # v2, which the replicas lack, was acknowledged by now
+        wait_for(lambda: not store.route("acme", user, max_staleness=0.2).candidates)
+        store.read("acme", user, max_staleness=0.2)  # takes the one token
+        started = time.monotonic()
+        result = store.read("acme", user, max_staleness=0.2,
+                            degrade=Degrade.wait(0.1) | Degrade.serve_stale())
+        with pytest.raises(StaleReadError):
+            store.read("acme", user, max_staleness=0.2, degrade=Degrade.refuse())
+    assert result.from_replica and not result.within_budget and result.props == {"v": 1}
+    # True: the answer lacks a write acknowledged (started - acked) before the read began.
+    assert result.staleness_bound >= started - acked and result.staleness_bound > 0.2
+    assert result.proof == "pipeline"
+
+
+def test_a_refusal_names_shard_budget_primary_state_and_what_was_tried_and_is_counted(
+    cluster: LocalCluster, topology: Topology
+) -> None:
+    from propstore.metrics import StoreMetrics
+
+    (user,) = users_on_shard(topology, topology.shards[0].name, 1, prefix="refuse")
+    with PropertyStore(shed_everything(topology)) as store:
+        metrics = StoreMetrics(store)
+        store.set("acme", user, {"v": 1})
+        pause_all_replicas(cluster)
+        store.set("acme", user, {"v": 2})
+        wait_for(lambda: not store.route("acme", user, profile="workflow").candidates)
+        store.read("acme", user, profile="workflow")  # takes the one token
+        with pytest.raises(StaleReadError) as caught:
+            store.read("acme", user, profile="workflow", degrade="wait(50ms)")
+        metrics.close()
+        sample = metrics.registry.get_sample_value(
+            "propstore_reads_refused_total",
+            {"shard": "shard0", "profile": "workflow", "reason": "fallback_ceiling"},
+        )
+    error = caught.value
+    text = str(error)
+    print(f"refusal: {text}")
+    assert error.shard == "shard0" and "shard0" in text
+    assert "profile workflow" in text and "500.0ms" in error.budget
+    assert "shard0-primary" in text and "configured fallback ceiling" in text
+    assert error.reason == "fallback_ceiling"
+    assert [t.split(" ")[0] for t in error.tried] == ["replicas", "primary", "wait(50.0ms):"]
+    assert sample == 1.0
+
+
+def test_limiter_memory_stays_flat_over_thousands_of_fallback_reads(
+    cluster: LocalCluster, topology: Topology
+) -> None:
+    users = users_on_shard(topology, topology.shards[0].name, 400, prefix="mem")
+    with PropertyStore(topology) as store:
+        tokens = [store.set("acme", user, {"v": 1}) for user in users]
+        pause_all_replicas(cluster)
+        tokens = [store.set("acme", user, {"v": 2}) for user in users]
+        wait_for(lambda: not store.route("acme", users[0], max_staleness=0.05).candidates)
+        rng = random.Random(7)
+
+        def burst(n: int) -> None:
+            for i in range(n):
+                store.read("acme", users[i % len(users)], max_staleness=rng.uniform(0, 0.05))
+                store.read("acme", users[i % len(users)], after=tokens[i % len(tokens)])
+
+        burst(200)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.take_snapshot()
+            burst(1500)
+            after = tracemalloc.take_snapshot()
+        finally:
+            tracemalloc.stop()
+        state = store._core.primary_limiters[0].state()
+    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename")
+                if stat.traceback[0].filename.endswith(("_limiter.py", "_degrade.py")))
+    print(f"limiter after 3000 fallback reads: {state}; grew {grown} bytes")
+    assert state.in_flight == 0 and state.recent is not None
+    assert grown < 4096

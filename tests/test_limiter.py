@@ -1,0 +1,136 @@
+"""The primary's fallback limiter (pure): time is driven, never waited for."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+from propstore._limiter import LimiterSettings, PrimaryLimiter
+
+
+class Clock:
+    """A clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run(limiter: PrimaryLimiter, clock: Clock, *, demand: int, latency: float,
+        seconds: float, priority_share: int = 0) -> dict[str, int]:
+    """Keep ``demand`` reads in flight for ``seconds`` of driven time, each taking
+    ``latency``; every ``priority_share``-th read is a priority read. Counts outcomes."""
+    counts = {"admitted": 0, "shed": 0, "priority_shed": 0, "priority": 0}
+    end = clock.now + seconds
+    n = 0
+    while clock.now < end:
+        admitted = []
+        for _ in range(demand):
+            n += 1
+            priority = bool(priority_share) and n % priority_share == 0
+            shed = limiter.admit(priority)
+            if shed is None:
+                admitted.append(priority)
+                counts["priority" if priority else "admitted"] += 1
+            else:
+                counts["priority_shed" if priority else "shed"] += 1
+        clock.now += latency
+        for _ in admitted:
+            limiter.done(latency)
+    return counts
+
+
+def test_no_read_is_shed_while_the_primary_latency_stays_normal() -> None:
+    clock = Clock()
+    limiter = PrimaryLimiter(LimiterSettings(), clock)
+    run(limiter, clock, demand=2, latency=0.001, seconds=1)  # the normal band is learned
+    # A surge: 40x the in-flight reads, at the same latency (the primary carries it).
+    counts = run(limiter, clock, demand=80, latency=0.0012, seconds=0.5)
+    assert counts["admitted"] > 30_000 and counts["shed"] == 0
+    assert limiter.limit >= 80 and limiter.healthy
+
+
+def test_rising_latency_sheds_budgeted_reads_and_never_priority_reads() -> None:
+    clock = Clock()
+    limiter = PrimaryLimiter(LimiterSettings(tolerance=2.0), clock)
+    run(limiter, clock, demand=20, latency=0.003, seconds=1)
+    assert limiter.limit >= 20
+    # The primary slows to 5x its normal latency under the same demand.
+    counts = run(limiter, clock, demand=20, latency=0.015, seconds=2, priority_share=4)
+    assert not limiter.healthy
+    assert counts["shed"] > 0 and counts["priority_shed"] == 0 and counts["priority"] > 0
+    assert limiter.limit < 20
+    state = limiter.state()
+    assert dict(state.shed)["primary_overloaded"] == counts["shed"]
+    assert "congested" in str(state)
+
+
+def test_the_limit_comes_back_when_latency_does() -> None:
+    clock = Clock()
+    limiter = PrimaryLimiter(LimiterSettings(), clock)
+    run(limiter, clock, demand=20, latency=0.003, seconds=1)
+    run(limiter, clock, demand=20, latency=0.03, seconds=2)
+    assert not limiter.healthy
+    counts = run(limiter, clock, demand=20, latency=0.003, seconds=2)
+    assert limiter.healthy
+    late = run(limiter, clock, demand=20, latency=0.003, seconds=1)
+    assert late["shed"] == 0 and counts["admitted"] > 0
+
+
+def test_a_short_overload_does_not_become_the_new_normal() -> None:
+    clock = Clock()
+    settings = LimiterSettings(baseline_window=60.0)
+    limiter = PrimaryLimiter(settings, clock)
+    run(limiter, clock, demand=10, latency=0.002, seconds=2)
+    run(limiter, clock, demand=10, latency=0.010, seconds=10)
+    assert not limiter.healthy  # ten seconds at 5x: still an overload
+    baseline = limiter.state().baseline
+    # The band moved (the baseline creeps up with a 60 s time constant), not to the overload.
+    assert baseline is not None and baseline < 0.002 * 2
+
+
+def test_a_lasting_change_of_normal_latency_is_relearned() -> None:
+    clock = Clock()
+    limiter = PrimaryLimiter(LimiterSettings(baseline_window=5.0), clock)
+    run(limiter, clock, demand=10, latency=0.002, seconds=2)
+    run(limiter, clock, demand=10, latency=0.006, seconds=40)
+    assert limiter.healthy
+
+
+def test_the_configured_ceiling_caps_budgeted_reads_but_not_priority_reads() -> None:
+    clock = Clock()
+    limiter = PrimaryLimiter(LimiterSettings(adaptive=False, max_concurrency=3), clock)
+    assert [limiter.admit(False) for _ in range(4)] == [None, None, None, "fallback_ceiling"]
+    assert limiter.admit(True) is None and limiter.in_flight == 4
+    limiter.done(0.001)
+    limiter.done(0.001)
+    assert limiter.admit(False) is None
+    assert limiter.limit == 3
+
+
+def test_priority_reads_are_admitted_whatever_the_budgeted_load() -> None:
+    clock = Clock()
+    limiter = PrimaryLimiter(LimiterSettings(max_concurrency=8), clock)
+    # A steady stream of budgeted reads holding every slot, on a slow primary.
+    counts = run(limiter, clock, demand=200, latency=0.05, seconds=5, priority_share=10)
+    assert counts["priority"] > 0 and counts["priority_shed"] == 0
+    assert counts["shed"] > 0
+
+
+def test_limiter_memory_does_not_grow_with_traffic() -> None:
+    clock = Clock()
+    limiter = PrimaryLimiter(LimiterSettings(), clock)
+    run(limiter, clock, demand=50, latency=0.001, seconds=0.2)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        counts = run(limiter, clock, demand=50, latency=0.004, seconds=2, priority_share=3)
+        counts2 = run(limiter, clock, demand=50, latency=0.001, seconds=1)
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    assert counts["admitted"] + counts["shed"] + counts2["admitted"] > 50_000
+    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename")
+                if stat.traceback[0].filename.endswith("_limiter.py"))
+    assert grown < 2048
