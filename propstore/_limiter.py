@@ -7,10 +7,10 @@ them:
 
 * ``recent``: an exponential average of the last few dozen samples (what the primary is
   doing now);
-* ``baseline``: the primary's normal latency. It follows ``recent`` *down* at once and *up*
-  only slowly (time constant ``baseline_window`` seconds), so an overload lasting seconds
-  does not become the new normal, while a primary whose normal latency really changed is
-  relearned within a few windows.
+* ``baseline``: the primary's normal latency. It follows ``recent`` up only slowly (time
+  constant ``baseline_window`` seconds) and down ten times faster, so an overload lasting
+  seconds does not become the new normal, while a primary whose normal latency really
+  changed is relearned within a few windows.
 
 The primary is *healthy* while ``recent <= max(tolerance * baseline, latency_floor)``. While
 healthy the limit follows demand: a read that finds the limit full raises it (up to the
@@ -123,10 +123,10 @@ class _Latency:
             self.recent = self.baseline = seconds
             return
         self.recent += (seconds - self.recent) * PrimaryLimiter.RECENT_WEIGHT
-        if self.recent <= self.baseline:
-            self.baseline = self.recent
-        else:
-            self.baseline += (self.recent - self.baseline) * -math.expm1(-elapsed / window)
+        # Down ten times faster than up; not at once, or a quiet moment on a busy machine
+        # would set a baseline that ordinary noise then exceeds by the tolerance.
+        tau = window if self.recent > self.baseline else window / 10
+        self.baseline += (self.recent - self.baseline) * -math.expm1(-elapsed / tau)
 
     def excess(self, tolerance: float, floor: float, now: float) -> float:
         """``recent`` over the top of the normal band (<= 1 is healthy)."""

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from propstore._durations import format_bound
+from propstore._limiter import LimiterState
+from propstore.degrade import Degrade
 from propstore.freshness import Freshness
 from propstore.monitor import NodeView, ShardView
 
@@ -52,10 +54,15 @@ class RouteDecision:
     #: Streaming replicas the monitor saw just short of a token (a write a moment ago): worth
     #: one verified attempt before the primary, since they replay within milliseconds.
     tentative: tuple[Candidate, ...] = ()
+    #: What the read does if the primary sheds it (set by the store's ``route``).
+    degrade: Degrade | None = None
+    #: The primary's fallback limiter now, as this process sees it (set by ``route``).
+    primary_fallback: LimiterState | None = None
 
     @property
     def freshest(self) -> Candidate | None:
-        """The up replica with the smallest bound, admitted or not (for ``Degrade.serve_stale``)."""
+        """The up replica with the smallest bound, admitted or not (for
+        ``Degrade.serve_stale``)."""
         pool = [*self.candidates] + [
             Candidate(-1, r.node, r.staleness_bound) for r in self.rejected
             if r.reason == "replica_stale"
@@ -89,6 +96,15 @@ class RouteDecision:
             )
         else:
             lines.append(f"  choice: primary {target} ({self.fallback_reason})")
+        if self.primary_fallback is not None:
+            lines.append(f"  primary fallback: {self.primary_fallback}")
+        if self.freshness.strong or self.freshness.after is not None:
+            lines.append("  if the primary is overloaded: served anyway (strong and token "
+                         "reads are never shed)")
+        elif self.degrade is not None:
+            then = f"{self.degrade}, then StaleReadError" if self.degrade.steps else (
+                "StaleReadError at once")
+            lines.append(f"  if the primary sheds it: {then}")
         return "\n".join(lines)
 
 

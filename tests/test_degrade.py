@@ -215,6 +215,10 @@ def test_a_refusal_names_shard_budget_primary_state_and_what_was_tried_and_is_co
         store.read("acme", user, profile="workflow")  # takes the one token
         with pytest.raises(StaleReadError) as caught:
             store.read("acme", user, profile="workflow", degrade="wait(50ms)")
+        explained = store.route("acme", user, profile="workflow", degrade="wait(50ms)").explain()
+        assert "primary fallback: healthy" in explained
+        assert "if the primary sheds it: wait(50.0ms), then StaleReadError" in explained
+        assert "never shed" in store.route("acme", user, consistency="strong").explain()
         metrics.close()
         sample = metrics.registry.get_sample_value(
             "propstore_reads_refused_total",
@@ -261,3 +265,44 @@ def test_limiter_memory_stays_flat_over_thousands_of_fallback_reads(
     print(f"limiter after 3000 fallback reads: {state}; grew {grown} bytes")
     assert state.in_flight == 0 and state.recent is not None
     assert grown < 4096
+
+
+def test_async_wait_policy_is_woken_by_the_monitor_without_blocking_the_loop(
+    cluster: LocalCluster, topology: Topology
+) -> None:
+    import asyncio
+
+    from propstore import AsyncPropertyStore
+
+    (user,) = users_on_shard(topology, topology.shards[0].name, 1, prefix="await")
+
+    async def main() -> tuple[Any, float, int]:
+        async with AsyncPropertyStore(shed_everything(topology)) as store:
+            await store.set("acme", user, {"v": 1})
+            pause_all_replicas(cluster)
+            await store.set("acme", user, {"v": 2})
+            while store.route("acme", user, max_staleness=0.3).candidates:
+                await asyncio.sleep(0.02)
+            await store.read("acme", user, max_staleness=0.3)  # takes the one token
+            ticks = 0
+
+            async def ticker() -> None:  # proves the loop keeps running while the read waits
+                nonlocal ticks
+                while True:
+                    await asyncio.sleep(0.01)
+                    ticks += 1
+
+            beat = asyncio.create_task(ticker())
+            started = time.monotonic()
+            read = asyncio.create_task(store.read("acme", user, max_staleness=0.3,
+                                                  degrade=Degrade.wait(10)))
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(lambda: [r.resume_replay()
+                                             for r in cluster.shards[0].replicas])
+            result = await asyncio.wait_for(read, 15)
+            beat.cancel()
+            return result, time.monotonic() - started, ticks
+
+    result, elapsed, ticks = asyncio.run(main())
+    assert result.from_replica and result.within_budget and result.props == {"v": 2}
+    assert 0.3 <= elapsed < 5.0 and ticks >= 20

@@ -9,6 +9,7 @@ the two can never disagree about what makes a read fresh enough.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -303,8 +304,9 @@ class StoreCore:
                   ) -> RouteDecision:
         """The decision a read with these options would take now."""
         _t, _u, _b, shard = self.locate(tenant, user_id)
-        freshness, _policy = self.budget(options)
-        return self.decide(shard, freshness)
+        freshness, policy = self.budget(options)
+        return dataclasses.replace(self.decide(shard, freshness), degrade=policy,
+                                   primary_fallback=self.primary_limiters[shard].state())
 
     # ------------------------------------------------------------ programs
 
