@@ -173,20 +173,34 @@ remove_containers() {
 }
 
 stop_daemon() {
-  [ -f "$pidfile" ] || { say "no dockerd of ours is running ($pidfile absent)"; return; }
   local pid deadline=$((SECONDS + 30))
-  pid=$(cat "$pidfile")
+  pid=$(cat "$pidfile" 2>/dev/null || true)
   # Only the process our pidfile names, and only if it is a dockerd.
-  if [ "$(cat "/proc/$pid/comm" 2>/dev/null)" != dockerd ]; then
-    say "stale pidfile (pid $pid is not dockerd)"; rm -f "$pidfile"; return
+  if [ -z "$pid" ]; then
+    say "no dockerd of ours is running ($pidfile absent)"
+  elif [ "$(cat "/proc/$pid/comm" 2>/dev/null)" != dockerd ]; then
+    say "stale pidfile (pid $pid is not dockerd)"
+  else
+    say "stopping dockerd (pid $pid)"
+    kill -TERM "$pid"
+    while kill -0 "$pid" 2>/dev/null; do
+      [ $SECONDS -lt $deadline ] || { say "dockerd ignored SIGTERM; SIGKILL"; kill -KILL "$pid"; }
+      sleep 0.2
+    done
   fi
-  say "stopping dockerd (pid $pid)"
-  kill -TERM "$pid"
-  while kill -0 "$pid" 2>/dev/null; do
-    [ $SECONDS -lt $deadline ] || { say "dockerd ignored SIGTERM; SIGKILL"; kill -KILL "$pid"; }
-    sleep 0.2
-  done
   rm -f "$pidfile"
+  unmount_leftovers
+}
+
+unmount_leftovers() {
+  # dockerd leaves its network namespace mount (exec-root/netns/default) behind on exit, and
+  # a killed one its data-root mounts: with ours gone, undo every mount under our folder,
+  # deepest first.
+  local mounts mount
+  mounts=$(awk -v dir="$dir/" 'index($2, dir) == 1 { print $2 }' /proc/self/mounts | sort -r)
+  for mount in $mounts; do
+    umount "$mount" 2>/dev/null || umount -l "$mount" || say "could not unmount $mount"
+  done
 }
 
 mkdir -p "$dir"
