@@ -22,7 +22,7 @@ _EXPORTS = {
     "ConfigError": "propstore.errors", "InvalidInputError": "propstore.errors",
     "InvalidTokenError": "propstore.errors", "MigrationError": "propstore.errors",
     "PropStoreError": "propstore.errors", "ShardUnavailableError": "propstore.errors",
-    "StaleReadError": "propstore.errors",
+    "StaleReadError": "propstore.errors", "WriteLostError": "propstore.errors",
     "STRONG": "propstore.freshness", "Freshness": "propstore.freshness",
     "Token": "propstore.freshness",
     "LSN": "propstore.lsn",
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
         PropStoreError,
         ShardUnavailableError,
         StaleReadError,
+        WriteLostError,
     )
     from propstore.freshness import STRONG, Freshness, Token
     from propstore.lsn import LSN
@@ -93,4 +94,5 @@ __all__ = [
     "StaleReadError",
     "Token",
     "Topology",
+    "WriteLostError",
 ]

@@ -12,6 +12,7 @@ from typing import Final
 # Statement names, as bytes for libpq's send_query_prepared.
 REPLAY_LSN: Final = b"propstore_replay_lsn"
 FLUSH_LSN: Final = b"propstore_flush_lsn"
+INSERT_LSN: Final = b"propstore_insert_lsn"
 IS_PRIMARY: Final = b"propstore_is_primary"
 GET: Final = b"propstore_get"
 GET_MANY: Final = b"propstore_get_many"
@@ -21,9 +22,23 @@ UNSET: Final = b"propstore_unset"
 DELETE: Final = b"propstore_delete"
 POLL: Final = b"propstore_poll"
 
+# Timelines (REPLAY_LSN, POLL; the text is repeated, not formatted, so that every statement
+# is a literal). A standby's is the receiver's while it runs (WAL replayed on an older
+# timeline is then at or below its switch point, so on this timeline's history too), else
+# the last restartpoint's, which is never newer than the replay timeline: an old timeline
+# can only make a replica look diverged, never make a diverged one look current. A
+# primary's is the one its WAL is written on: the first 8 hex digits of the WAL file name
+# (pg_walfile_name refuses to run during recovery, hence the CASE around it in POLL).
 STATEMENTS: Final[dict[bytes, str]] = {
-    REPLAY_LSN: "SELECT pg_last_wal_replay_lsn()",
-    FLUSH_LSN: "SELECT pg_current_wal_flush_lsn()",
+    REPLAY_LSN: (
+        "SELECT pg_last_wal_replay_lsn(),"
+        " COALESCE((SELECT received_tli FROM pg_stat_wal_receiver),"
+        " GREATEST((SELECT timeline_id FROM pg_control_checkpoint()),"
+        " (SELECT min_recovery_end_timeline FROM pg_control_recovery())))"
+    ),
+    FLUSH_LSN: "SELECT pg_current_wal_flush_lsn(), pg_walfile_name(pg_current_wal_flush_lsn())",
+    # Read before a write: the write's commit record starts at or after this position.
+    INSERT_LSN: "SELECT pg_current_wal_insert_lsn()",
     IS_PRIMARY: "SELECT NOT pg_is_in_recovery()",
     GET: (
         "SELECT props, version FROM user_properties WHERE tenant_id = $1 AND user_id = $2"
@@ -59,9 +74,10 @@ STATEMENTS: Final[dict[bytes, str]] = {
     ),
     DELETE: "DELETE FROM user_properties WHERE tenant_id = $1 AND user_id = $2",
     # The monitor's poll: role, the LSN that matters for the role, receive position, replay
-    # pause and whether a WAL receiver is streaming (a disconnected receiver is not lag 0).
-    # Last, the hot-standby parameters (current_setting: cheap, no pg_settings scan): a
-    # standby paused with one below its primary's is paused for insufficient settings.
+    # pause and whether a WAL receiver is streaming (a disconnected receiver is not lag 0),
+    # the system identifier, the hot-standby parameters (current_setting: cheap, no
+    # pg_settings scan: a standby paused with one below its primary's is paused for
+    # insufficient settings) and the timeline of the node's WAL.
     POLL: (
         "SELECT pg_is_in_recovery(),"
         " CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
@@ -73,13 +89,20 @@ STATEMENTS: Final[dict[bytes, str]] = {
         " concat_ws(',', current_setting('max_connections'),"
         " current_setting('max_locks_per_transaction'),"
         " current_setting('max_prepared_transactions'), current_setting('max_wal_senders'),"
-        " current_setting('max_worker_processes'))"
+        " current_setting('max_worker_processes')),"
+        " CASE WHEN pg_is_in_recovery() THEN"
+        " COALESCE((SELECT received_tli FROM pg_stat_wal_receiver),"
+        " GREATEST((SELECT timeline_id FROM pg_control_checkpoint()),"
+        " (SELECT min_recovery_end_timeline FROM pg_control_recovery())))"
+        " ELSE ('x' || substr(pg_walfile_name(pg_current_wal_flush_lsn()), 1, 8))::bit(32)::int"
+        " END"
     ),
 }
 
 #: Statements a pooled read/write connection needs (the monitor prepares only POLL).
 DATA_STATEMENTS: Final = (
-    REPLAY_LSN, FLUSH_LSN, IS_PRIMARY, GET, GET_MANY, MERGE, REPLACE, UNSET, DELETE,
+    REPLAY_LSN, FLUSH_LSN, INSERT_LSN, IS_PRIMARY, GET, GET_MANY, MERGE, REPLACE, UNSET,
+    DELETE,
 )
 
 

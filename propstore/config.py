@@ -138,6 +138,10 @@ class RoutingSettings:
     pool_max_size: int = 8
     #: Total time a write may spend retrying while a shard's primary is unreachable.
     write_retry_time: float = 3.0
+    #: Total time a write may keep waiting while the monitor observes *no* primary (a
+    #: failover under way): it is tried on the new primary as soon as one is observed.
+    #: Below ``write_retry_time`` (the default 0), failovers get ``write_retry_time``.
+    write_failover_time: float = 0.0
 
     @property
     def policy(self) -> Degrade:
@@ -166,6 +170,7 @@ _MONITOR_DURATIONS = {"interval", "poll_timeout", "max_backoff"}
 _MONITOR_INTS = {"history_size", "failures_before_down"}
 _ROUTING_DURATIONS = {
     "replica_deadline", "primary_deadline", "connect_timeout", "write_retry_time",
+    "write_failover_time",
 }
 _ROUTING_INTS = {"pool_min_size", "pool_max_size", "primary_fallback_max_concurrency"}
 

@@ -8,12 +8,15 @@ Every error a caller may want to catch derives from :class:`PropStoreError`::
     │   └── InvalidTokenError   a token string is malformed or names an unknown shard
     ├── StaleReadError          no node could serve the read within its freshness budget
     ├── ShardUnavailableError   the shard's primary cannot be reached (writes, strong reads)
+    ├── WriteLostError          a token's write is provably not in the shard's history
     └── MigrationError          a rolling migration stopped (pre-flight, failure, catch-up)
 
 Messages name the shard, node or input at fault. Passwords never appear in them.
 """
 
 from __future__ import annotations
+
+from propstore.lsn import LSN
 
 
 class PropStoreError(Exception):
@@ -75,6 +78,36 @@ class ShardUnavailableError(PropStoreError):
         self.shard = shard
 
 
+class WriteLostError(PropStoreError):
+    """A read-your-writes token names a write that a failover provably lost.
+
+    The shard's primary is on a timeline that branched off the token's timeline *before*
+    the write's commit record (asynchronous replication had not sent it to the standby that
+    was promoted), so no node can ever serve it: the caller's write is gone and must be
+    redone if it matters. Raised instead of answering with data that lacks the write.
+
+    Attributes:
+        shard: the shard.
+        timeline: the timeline the write was made on.
+        lsn: the token's position on that timeline.
+        switch: where the shard's current history left that timeline.
+    """
+
+    def __init__(self, shard: str, timeline: int, lsn: LSN, switch: LSN | None,
+                 current: int) -> None:
+        where = (f"timeline {current} branched off it at {switch}" if switch is not None
+                 else f"timeline {timeline} is not an ancestor of the current timeline "
+                      f"{current}")
+        super().__init__(
+            f"shard {shard}: the write at {lsn} on timeline {timeline} was lost in a "
+            f"failover ({where}, before the write): read-your-writes cannot hold"
+        )
+        self.shard = shard
+        self.timeline = timeline
+        self.lsn = lsn
+        self.switch = switch
+
+
 class MigrationError(PropStoreError):
     """A rolling migration or lag-guarded batch job stopped before completing."""
 
@@ -87,4 +120,5 @@ __all__ = [
     "PropStoreError",
     "ShardUnavailableError",
     "StaleReadError",
+    "WriteLostError",
 ]

@@ -13,6 +13,7 @@ replica that satisfies :meth:`Freshness.admits` is fresh enough by construction.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -22,69 +23,108 @@ from datetime import timedelta
 from propstore._durations import format_duration, parse_duration
 from propstore.errors import InvalidInputError, InvalidTokenError
 from propstore.lsn import LSN
+from propstore.timeline import WriteMark
 
-_TOKEN_PREFIX = "pst1"
+_TOKEN_PREFIX = "pst2"
+_LEGACY_PREFIX = "pst1"
 _SHARD_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
 _HEX_RE = re.compile(r"^[0-9a-f]{1,16}$")
+_MARK_RE = re.compile(r"^([0-9a-f]{1,8})-([0-9a-f]{1,16})-([0-9a-f]{1,16})$")
 #: Longest token string accepted by :meth:`Token.parse` (a token names each shard once).
 MAX_TOKEN_LENGTH = 8192
+#: Most timelines one shard's entry may carry (writes merged across failovers).
+MAX_TIMELINES_PER_SHARD = 8
 
 
 @dataclass(frozen=True, slots=True)
 class Token:
-    """The primary WAL positions a caller's writes reached, one LSN per shard.
+    """Where a caller's writes reached, per shard: the timeline and WAL position.
 
     Returned by every write; pass it as ``after=`` to read your own writes. Tokens from
-    several writes merge with ``|`` (the maximum per shard). ``str(token)`` is a compact,
-    URL- and cookie-safe form that :meth:`parse` reads back.
+    several writes merge with ``|``. ``str(token)`` is a compact, URL- and cookie-safe form
+    that :meth:`parse` reads back. A read with a token whose write a failover provably
+    lost raises :class:`~propstore.WriteLostError` (see ``docs/architecture.md``).
+
+    ``str(token)`` is ``pst2`` then, per shard, ``.<shard>.<tli>-<lsn>-<back>`` in hex (more
+    ``_<tli>-<lsn>-<back>`` when writes on several timelines were merged): ``lsn`` is at or
+    after the commit, ``lsn - back`` at or before the write's start. Tokens of the old form
+    ``pst1.<shard>.<lsn>`` still parse; they carry no timeline and are checked by LSN alone,
+    as they were when issued (a failover that lost their write cannot be detected).
     """
 
-    positions: tuple[tuple[str, LSN], ...] = ()
+    marks: tuple[tuple[str, WriteMark], ...] = ()
 
     @classmethod
     def of(cls, positions: Mapping[str, int]) -> Token:
-        """Build a token from ``{shard: lsn}``."""
-        return cls(tuple(sorted((shard, LSN(lsn)) for shard, lsn in positions.items())))
+        """Build a token from ``{shard: lsn}`` (no timeline: checked by LSN alone)."""
+        return cls.from_marks(
+            (shard, WriteMark(None, LSN(lsn), LSN(lsn))) for shard, lsn in positions.items()
+        )
+
+    @classmethod
+    def from_marks(cls, marks: Iterable[tuple[str, WriteMark]]) -> Token:
+        """Build a token from ``(shard, mark)`` pairs; marks of one shard and timeline merge
+        (the newest position, the latest start)."""
+        merged: dict[tuple[str, int], WriteMark] = {}
+        for shard, mark in marks:
+            key = (shard, -1 if mark.timeline is None else mark.timeline)
+            old = merged.get(key)
+            if old is not None:
+                mark = WriteMark(mark.timeline, max(old.lsn, mark.lsn),
+                                 max(old.start, mark.start))
+            merged[key] = mark
+        return cls(tuple((shard, merged[shard, tli]) for shard, tli in sorted(merged)))
+
+    @property
+    def positions(self) -> tuple[tuple[str, LSN], ...]:
+        """``(shard, newest LSN)`` per shard."""
+        return tuple((shard, lsn) for shard in self.shards
+                     if (lsn := self.lsn_for(shard)) is not None)
+
+    def marks_for(self, shard: str) -> tuple[WriteMark, ...]:
+        """What the token requires on ``shard`` (one mark per timeline; empty if nothing)."""
+        return tuple(mark for name, mark in self.marks if name == shard)
 
     def lsn_for(self, shard: str) -> LSN | None:
-        """The position required on ``shard``, or None when the token says nothing of it."""
-        for name, lsn in self.positions:
-            if name == shard:
-                return lsn
-        return None
+        """The newest position required on ``shard``, or None when the token says nothing of
+        it (compare it with a replay LSN only once the marks' timelines are checked)."""
+        return max((mark.lsn for mark in self.marks_for(shard)), default=None)
 
     @property
     def shards(self) -> tuple[str, ...]:
         """The shards this token constrains."""
-        return tuple(name for name, _ in self.positions)
+        return tuple(dict.fromkeys(name for name, _ in self.marks))
 
     def merge(self, *others: Token) -> Token:
         """The token that requires everything this one and ``others`` require."""
-        merged: dict[str, LSN] = dict(self.positions)
-        for other in others:
-            for shard, lsn in other.positions:
-                if lsn > merged.get(shard, -1):
-                    merged[shard] = lsn
-        return Token.of(merged)
+        return Token.from_marks(
+            itertools.chain(self.marks, *(other.marks for other in others))
+        )
 
     __or__ = merge
 
     def __bool__(self) -> bool:
-        return bool(self.positions)
+        return bool(self.marks)
 
     def __str__(self) -> str:
         parts = [_TOKEN_PREFIX]
-        for shard, lsn in self.positions:
-            parts += [shard, format(int(lsn), "x")]
+        for shard in self.shards:
+            parts += [shard, "_".join(
+                f"{mark.timeline or 0:x}-{int(mark.lsn):x}-{int(mark.lsn - mark.start):x}"
+                for mark in self.marks_for(shard)
+            )]
         return ".".join(parts)
 
     def __repr__(self) -> str:
-        inner = ", ".join(f"{shard}={lsn}" for shard, lsn in self.positions)
+        inner = ", ".join(
+            f"{shard}={mark.lsn}" + (f"@tli{mark.timeline}" if mark.timeline else "")
+            for shard, mark in self.marks
+        )
         return f"Token({inner})"
 
     @classmethod
     def parse(cls, text: str, known_shards: Iterable[str] | None = None) -> Token:
-        """Read the form ``str(token)`` produces.
+        """Read the form ``str(token)`` produces (and the older ``pst1`` form).
 
         Raises :class:`InvalidTokenError` when the text is malformed, or names a shard that
         is not in ``known_shards`` (when given).
@@ -94,19 +134,44 @@ class Token:
         if len(text) > MAX_TOKEN_LENGTH:
             raise InvalidTokenError(f"longer than {MAX_TOKEN_LENGTH} characters")
         parts = text.strip().split(".")
-        if parts[0] != _TOKEN_PREFIX or len(parts) % 2 != 1:
+        if parts[0] not in (_TOKEN_PREFIX, _LEGACY_PREFIX) or len(parts) % 2 != 1:
             raise InvalidTokenError(f"not a propstore token: {text[:80]!r}")
+        legacy = parts[0] == _LEGACY_PREFIX
         known = set(known_shards) if known_shards is not None else None
-        positions: dict[str, LSN] = {}
-        for shard, hex_lsn in zip(parts[1::2], parts[2::2], strict=True):
-            if not _SHARD_NAME_RE.match(shard) or not _HEX_RE.match(hex_lsn):
-                raise InvalidTokenError(f"malformed entry {shard!r}.{hex_lsn!r}")
-            if shard in positions:
+        marks: list[tuple[str, WriteMark]] = []
+        seen: set[str] = set()
+        for shard, entry in zip(parts[1::2], parts[2::2], strict=True):
+            if not _SHARD_NAME_RE.match(shard):
+                raise InvalidTokenError(f"malformed shard name {shard!r}")
+            if shard in seen:
                 raise InvalidTokenError(f"shard {shard!r} appears twice")
             if known is not None and shard not in known:
                 raise InvalidTokenError(f"unknown shard {shard!r}")
-            positions[shard] = LSN(int(hex_lsn, 16))
-        return cls.of(positions)
+            seen.add(shard)
+            marks += [(shard, mark) for mark in _parse_entry(shard, entry, legacy)]
+        return cls.from_marks(marks)
+
+
+def _parse_entry(shard: str, entry: str, legacy: bool) -> list[WriteMark]:
+    if legacy:
+        if not _HEX_RE.match(entry):
+            raise InvalidTokenError(f"malformed entry {shard!r}.{entry!r}")
+        lsn = LSN(int(entry, 16))
+        return [WriteMark(None, lsn, lsn)]
+    fields = entry.split("_")
+    if len(fields) > MAX_TIMELINES_PER_SHARD:
+        raise InvalidTokenError(f"shard {shard!r} names more than "
+                                f"{MAX_TIMELINES_PER_SHARD} timelines")
+    marks = []
+    for field_ in fields:
+        match = _MARK_RE.match(field_)
+        if match is None:
+            raise InvalidTokenError(f"malformed entry {shard!r}.{field_[:40]!r}")
+        tli, position, back = (int(group, 16) for group in match.groups())
+        if back > position:
+            raise InvalidTokenError(f"malformed entry {shard!r}.{field_[:40]!r}")
+        marks.append(WriteMark(tli or None, LSN(position), LSN(position - back)))
+    return marks
 
 
 def coerce_token(value: Token | str | None, known_shards: Iterable[str]) -> Token | None:

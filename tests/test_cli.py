@@ -157,7 +157,7 @@ def test_route_names_the_primary_while_the_replicas_are_paused(
 
 def test_set_get_unset_delete_through_the_cli(config: str) -> None:
     token = run(config, "set", "acme", "cli-user", "plan=pro", "seats:=5").stdout.strip()
-    assert token.startswith("pst1.")
+    assert token.startswith("pst2.")
     merged = run(config, "set", "acme", "cli-user", "--json", '{"tags": ["a"]}').stdout.strip()
     document = json.loads(run(config, "get", "acme", "cli-user", "--after", merged,
                               "--json").stdout)

@@ -10,7 +10,7 @@ EXPECTED = {
     "InvalidTokenError", "LagMonitor", "MigrationError", "MonitorSettings", "NodeView",
     "Profile", "PropStoreError", "PropertyStore", "ReadResult", "RouteDecision",
     "RoutingSettings", "ShardUnavailableError", "ShardView", "StaleReadError", "Token",
-    "Topology",
+    "Topology", "WriteLostError",
 }
 
 

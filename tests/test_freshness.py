@@ -32,7 +32,8 @@ def test_merged_token_requires_the_max_per_shard(a: dict[str, int], b: dict[str,
 
 @pytest.mark.parametrize("text", [
     "", "pst1.", "pst2.s0.10", "pst1.s0", "pst1.s0.xyz", "pst1.s0.10.s0.11", "pst1.a b.10",
-    "pst1.s0." + "f" * 17, "x" * 9000,
+    "pst1.s0." + "f" * 17, "x" * 9000, "pst2.s0.1-10", "pst2.s0.1-10-20",
+    "pst2.s0.1-10-0.s0.1-11-0", "pst2.s0.1-10-0_", "pst2.s0." + "_".join(["1-1-0"] * 9),
 ])
 def test_malformed_token_strings_are_refused(text: str) -> None:
     with pytest.raises(InvalidTokenError):

@@ -39,6 +39,7 @@ _STATE_STYLES = {
     "up": "green", "paused": "yellow", "paused (settings)": "bold yellow",
     "receiver disconnected": "yellow", "down": "bold red",
     "wrong role": "bold red", "foreign": "bold red", "unknown": "dim",
+    "other timeline": "bold red",
 }
 
 

@@ -33,7 +33,9 @@ from propstore.monitor._state import (
     apply_observation,
     initial_views,
     parse_hot_standby_settings,
+    with_timelines,
 )
+from propstore.timeline import TimelineHistory, history_file_name
 
 log = structlog.get_logger("propstore.monitor")
 
@@ -50,6 +52,8 @@ class MonitorState:
         self._views = initial_views(topology.shards, clock())
         self._lock = threading.Lock()
         self._eligible: set[tuple[str, str]] = set()
+        #: Timeline histories read per shard, by timeline (immutable files: read once).
+        self._histories: list[dict[int, TimelineHistory]] = [{} for _ in topology.shards]
         self.polls = 0
         #: Called with the shard index after each change of a shard's view (under the
         #: state's lock: keep them short and never take this state's lock in them).
@@ -69,8 +73,26 @@ class MonitorState:
         with self._lock:
             self.polls += 1
             old = self._views[shard_index]
-            new = apply_observation(old, node_index, obs, self.topology.monitor.history_size)
+            new = apply_observation(old, node_index, obs, self.topology.monitor.history_size,
+                                    self._histories[shard_index])
             self._publish(old, new)
+
+    def history_missing(self, shard_index: int, timeline: int | None) -> bool:
+        """Whether a primary on ``timeline`` needs its history read (once per timeline)."""
+        return timeline is not None and timeline > 1 and (
+            timeline not in self._histories[shard_index]
+        )
+
+    def record_history(self, shard_index: int, history: TimelineHistory) -> None:
+        """Record a timeline history read from a node (an unreadable one is recorded as
+        unknown, so it is not asked for on every poll)."""
+        with self._lock:
+            known = self._histories[shard_index]
+            known[history.timeline] = history
+            while len(known) > 16:  # bounded: only the newest timelines matter
+                del known[min(known)]
+            old = self._views[shard_index]
+            self._publish(old, with_timelines(old, history, self.clock()))
 
     def fail(self, shard_index: int, node_index: int, error: str) -> None:
         """Record a failed poll or a read that timed out on a node."""
@@ -240,7 +262,16 @@ class LagMonitor:
                     await active.close()
                     conn = None
                 else:
-                    row = [result.get_value(0, c) for c in range(7)]
+                    row = [result.get_value(0, c) for c in range(8)]
+                    timeline = int(row[7]) if row[7] else None
+                    if row[0] != b"t" and self.state.history_missing(shard_index, timeline):
+                        # Before the observation: a new primary's history decides which old
+                        # samples and replicas still hold (read once per timeline).
+                        assert timeline is not None
+                        await self._read_history(active, shard_index, timeline)
+                        if active.closed:
+                            conn = None
+                            continue
                     self.state.observe(shard_index, node_index, Observation(
                         sent_at=sent_at,
                         in_recovery=row[0] == b"t",
@@ -250,6 +281,7 @@ class LagMonitor:
                         receiver_streaming=row[4] == b"t",
                         system_id=int(row[5]) if row[5] else None,
                         hot_standby_settings=parse_hot_standby_settings(row[6]),
+                        timeline=timeline,
                     ))
                 polled(key)
                 # Jitter so that many processes do not poll a node in step.
@@ -257,6 +289,34 @@ class LagMonitor:
         finally:
             if conn is not None:
                 await conn.close()
+
+    async def _read_history(self, conn: psycopg.AsyncConnection[object], shard_index: int,
+                            timeline: int) -> None:
+        """Read ``pg_wal/<TLI>.history`` from the primary (once per timeline).
+
+        ``pg_read_file`` needs superuser, ``pg_read_server_files`` or an EXECUTE grant
+        (``docs/security.md``). Without it the history stays unknown: replicas still on an
+        older timeline and tokens from one cannot be placed, and are refused rather than
+        trusted (``WriteLostError`` needs the switch point to be proven).
+        """
+        shard = self.topology.shards[shard_index].name
+        history = TimelineHistory.unknown(timeline)
+        try:
+            async with asyncio.timeout(self.topology.monitor.poll_timeout * 4):
+                cur = await conn.execute(
+                    "SELECT pg_read_file(%s, 0, 1048576, true)", (history_file_name(timeline),)
+                )
+                row = cast("tuple[object, ...] | None", await cur.fetchone())
+            if row is not None and row[0] is not None:
+                history = TimelineHistory.parse(timeline, str(row[0]))
+            log.info("timeline_history_read", shard=shard, history=str(history))
+        except (psycopg.Error, ValueError, TimeoutError) as exc:
+            log.warning("timeline_history_unreadable", shard=shard, timeline=timeline,
+                        error=_describe(exc))
+            if isinstance(exc, TimeoutError):
+                await conn.close()  # the exchange was interrupted: never reuse it
+                return  # a timeout is not a refusal: ask again on the next poll
+        self.state.record_history(shard_index, history)
 
     # ------------------------------------------------------------------ sync
 

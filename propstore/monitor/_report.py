@@ -34,7 +34,8 @@ class LagRow:
         state: ``up``, ``down``, ``paused`` (``pg_wal_replay_pause()``), ``paused
             (settings)`` (recovery paused by PostgreSQL: a hot-standby parameter below the
             primary's), ``receiver disconnected`` (not streaming), ``wrong role``,
-            ``foreign`` or ``unknown`` (not polled yet).
+            ``foreign``, ``other timeline`` (not on the primary's timeline history) or
+            ``unknown`` (not polled yet).
         state_seconds: how long this process's monitor has seen the node in ``state``.
         lsn: replay LSN of a replica, flushed LSN of the primary (None when unknown).
         receive_lsn: last WAL position a replica received (None on a primary).

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
 from propstore.config import NodeConfig, ShardConfig
 from propstore.lsn import LSN
+from propstore.timeline import TimelineHistory
 
 NodeRole = Literal["primary", "replica"]
 #: Node states shown by ``propstore lag`` and logged on change.
@@ -30,7 +32,7 @@ NodeRole = Literal["primary", "replica"]
 #: primary's (the fix is a restart with a larger value, not a resume).
 NodeStateName = Literal[
     "unknown", "up", "down", "paused", "paused (settings)", "receiver disconnected",
-    "wrong role", "foreign",
+    "wrong role", "foreign", "other timeline",
 ]
 
 
@@ -49,6 +51,8 @@ class Observation:
     #: max_connections, max_locks_per_transaction, max_prepared_transactions,
     #: max_wal_senders, max_worker_processes as the node runs with them (None: unknown).
     hot_standby_settings: tuple[int, ...] | None = None
+    #: The timeline of the node's WAL (see ``_sql.POLL``); None if the server did not say.
+    timeline: int | None = None
 
 
 def parse_hot_standby_settings(value: bytes | None) -> tuple[int, ...] | None:
@@ -125,6 +129,9 @@ class NodeView:
     receiver_streaming: bool = False
     system_id: int | None = None
     hot_standby_settings: tuple[int, ...] | None = None
+    timeline: int | None = None
+    #: Seen as a primary, then in recovery: its WAL may hold writes no new primary has.
+    demoted: bool = False
     failures: int = 0
     last_error: str | None = None
     last_poll_at: float | None = None
@@ -142,8 +149,10 @@ class NodeView:
     @property
     def serves_replica_reads(self) -> bool:
         """An up replica of this shard's primary (paused or disconnected ones still count:
-        their bound grows and the budget decides)."""
-        return self.up and self.role == "replica" and self.state != "foreign"
+        their bound grows and the budget decides); not one of another cluster or timeline."""
+        return self.up and self.role == "replica" and self.state not in (
+            "foreign", "other timeline"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +165,8 @@ class ShardView:
     history: LagHistory = LagHistory()
     #: Index into :attr:`nodes` of the observed primary, or None.
     primary_index: int | None = None
+    #: The history of the observed primary's timeline (None before one was observed).
+    timelines: TimelineHistory | None = None
 
     @property
     def name(self) -> str:
@@ -184,6 +195,13 @@ class ShardView:
             return math.inf
         return self.history.bound(node.lsn, at)
 
+    def on_history(self, timeline: int | None, lsn: LSN | None) -> bool:
+        """Whether a replica's WAL up to ``lsn`` on ``timeline`` is provably a prefix of the
+        observed primary's history (so its LSNs compare with the primary's samples)."""
+        if self.timelines is None or timeline is None or lsn is None:
+            return False
+        return self.timelines.holds(timeline, lsn) is True
+
     def bytes_behind(self, node: NodeView) -> int | None:
         """Primary's newest sampled LSN minus the node's replay LSN (None if unknown)."""
         primary_lsn = self.primary_lsn
@@ -206,9 +224,11 @@ def initial_views(shards: tuple[ShardConfig, ...], now: float) -> tuple[ShardVie
 
 
 def apply_observation(
-    view: ShardView, node_index: int, obs: Observation, history_size: int
+    view: ShardView, node_index: int, obs: Observation, history_size: int,
+    histories: Mapping[int, TimelineHistory] | None = None,
 ) -> ShardView:
-    """The shard after a successful poll of one node."""
+    """The shard after a successful poll of one node (``histories``: the timeline histories
+    read so far, by timeline)."""
     old = view.nodes[node_index]
     role: NodeRole = "replica" if obs.in_recovery else "primary"
     node = replace(
@@ -221,6 +241,8 @@ def apply_observation(
         receiver_streaming=obs.receiver_streaming,
         system_id=obs.system_id,
         hot_standby_settings=obs.hot_standby_settings,
+        timeline=_timeline(old, role, obs.timeline),
+        demoted=old.demoted or (old.role == "primary" and role == "replica"),
         failures=0,
         last_error=None,
         last_poll_at=obs.sent_at,
@@ -229,16 +251,43 @@ def apply_observation(
     nodes[node_index] = node
     primary_index = _choose_primary(view, nodes, node_index)
     history = view.history
-    if primary_index != view.primary_index:
+    primary = nodes[primary_index] if primary_index is not None else None
+    timelines = view.timelines
+    if primary is not None and primary.timeline is not None and (
+        timelines is None or timelines.timeline != primary.timeline
+    ):
+        new_timelines = (histories or {}).get(primary.timeline) or TimelineHistory.unknown(
+            primary.timeline
+        )
+        history = _carried(history, timelines, new_timelines)
+        timelines = new_timelines
+    elif primary is not None and primary_index != view.primary_index:
         history = LagHistory()  # another server's LSNs: old samples prove nothing here
+    # With no primary observed the samples are kept: every write a later primary accepts
+    # is acknowledged after the last sample was sent, so the growing bounds stay sound.
     if primary_index == node_index and obs.lsn is not None:
         history = history.record(obs.sent_at, obs.lsn, history_size)
-    primary = nodes[primary_index] if primary_index is not None else None
+    new = replace(view, nodes=tuple(nodes), history=history, primary_index=primary_index,
+                  timelines=timelines)
+    return restate(new, obs.sent_at)
+
+
+def with_timelines(view: ShardView, timelines: TimelineHistory, at: float) -> ShardView:
+    """The shard once the history of its primary's timeline was read."""
+    if view.timelines is None or view.timelines.timeline != timelines.timeline:
+        return view
+    return restate(replace(view, timelines=timelines), at)
+
+
+def restate(view: ShardView, at: float) -> ShardView:
+    """Every node's state recomputed against the shard's primary and timeline."""
+    primary = view.nodes[view.primary_index] if view.primary_index is not None else None
+    nodes = list(view.nodes)
     for i, candidate in enumerate(nodes):
-        state = _state_of(candidate, primary)
+        state = _state_of(candidate, primary, view)
         if state != candidate.state:
-            nodes[i] = replace(candidate, state=state, state_since=obs.sent_at)
-    return replace(view, nodes=tuple(nodes), history=history, primary_index=primary_index)
+            nodes[i] = replace(candidate, state=state, state_since=at)
+    return replace(view, nodes=tuple(nodes))
 
 
 def apply_failure(
@@ -274,7 +323,29 @@ def _choose_primary(view: ShardView, nodes: list[NodeView], polled: int) -> int 
     return current
 
 
-def _state_of(node: NodeView, primary: NodeView | None) -> NodeStateName:
+def _timeline(old: NodeView, role: NodeRole, observed: int | None) -> int | None:
+    """A standby's timeline: the newest seen since its last failed poll. Its receiver's
+    timeline is gone while the receiver is down, and the fallback (restartpoint) may be
+    older; a standby never moves back to an older timeline within one server run, and any
+    restart fails a poll in between (the poll connection ends)."""
+    if observed is None or old.timeline is None or role != "replica" or old.role != role or (
+        old.failures
+    ):
+        return observed
+    return max(observed, old.timeline)
+
+
+def _carried(history: LagHistory, old: TimelineHistory | None, new: TimelineHistory
+             ) -> LagHistory:
+    """The samples of the old primary's timeline that lie on the new primary's history (a
+    switchover keeps them all; a lossy failover drops those past the switch point)."""
+    if old is None or not history.lsns:
+        return LagHistory()
+    keep = [i for i, lsn in enumerate(history.lsns) if new.holds(old.timeline, lsn) is True]
+    return LagHistory(tuple(history.times[i] for i in keep), tuple(history.lsns[i] for i in keep))
+
+
+def _state_of(node: NodeView, primary: NodeView | None, view: ShardView) -> NodeStateName:
     if (node.state == "down" and node.failures > 0) or node.role is None:
         return node.state
     if node.role == "primary":
@@ -283,6 +354,13 @@ def _state_of(node: NodeView, primary: NodeView | None) -> NodeStateName:
         primary.system_id != node.system_id
     ):
         return "foreign"  # a replica of some other cluster: its LSNs mean nothing here
+    if (view.timelines is not None and not view.on_history(node.timeline, node.lsn)) or (
+        node.demoted and (primary is None or primary.role != "primary")
+    ):
+        # A diverged ex-leader, or a replica not (yet) on the primary's timeline: its WAL is
+        # not proven a prefix of the primary's, so equal LSNs may hold different data. An
+        # ex-primary stays out until a new primary's history can place it.
+        return "other timeline"
     if node.replay_paused:
         return "paused (settings)" if _below_primary(node, primary) else "paused"
     if not node.receiver_streaming:

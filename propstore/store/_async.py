@@ -11,7 +11,7 @@ from types import TracebackType
 from typing import Any
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from tenacity import AsyncRetrying
 
 from propstore import _wire
@@ -19,10 +19,11 @@ from propstore._limiter import LimiterState
 from propstore.config import Topology
 from propstore.degrade import Degrade
 from propstore.freshness import Token
-from propstore.lsn import LSN
 from propstore.monitor import LagMonitor, ShardView
 from propstore.router import RouteDecision
 from propstore.store._core import (
+    Exec,
+    PrimaryGone,
     Program,
     Props,
     ReadObserver,
@@ -33,7 +34,8 @@ from propstore.store._core import (
 )
 from propstore.store._pool import SCHEMA_MISSING, AsyncNodeConnection, async_pool, prepare_async
 from propstore.store._program import Request, Wait
-from propstore.store._sync import Budget, config_path
+from propstore.store._sync import _VALIDITY_SLICE, Budget, config_path
+from propstore.timeline import WriteMark
 
 
 class AsyncPropertyStore:
@@ -120,10 +122,10 @@ class AsyncPropertyStore:
 
     async def _write(self, kind: str, tenant: str, user_id: str, argument: object) -> Token:
         shard, statement = self._core.write_request(kind, tenant, user_id, argument)
-        give_up_at = time.monotonic() + self.topology.routing.write_retry_time
+        window = self._core.write_window()
 
-        async def attempt() -> tuple[int | None, LSN]:
-            program = self._core.write_program(shard, statement, give_up_at)
+        async def attempt() -> tuple[int | None, WriteMark]:
+            program = self._core.write_program(shard, statement, window)
             return await self._run(program)  # type: ignore[no-any-return]
 
         try:
@@ -132,9 +134,9 @@ class AsyncPropertyStore:
             except (psycopg.Error, _wire.DeadlineExceeded) as exc:
                 if not is_retryable_write_error(exc):
                     raise
-                outcome = await self._core.write_retrying(AsyncRetrying, give_up_at)(attempt)
+                outcome = await self._core.write_retrying(AsyncRetrying, shard, window)(attempt)
         except (psycopg.Error, _wire.DeadlineExceeded) as exc:
-            raise self._core.write_error(shard, exc) from None
+            raise self._core.write_error(shard, exc, window) from None
         return self._core.write_done(shard, statement, outcome)
 
     # ------------------------------------------------------------------ insight
@@ -185,7 +187,7 @@ class AsyncPropertyStore:
             pool = self._pools[op.node.name]
             conn: AsyncNodeConnection | None = None
             try:
-                conn = await pool.getconn(timeout=max(0.001, op.deadline - time.monotonic()))
+                conn = await self._checkout(pool, op)
                 if conn.propstore_schema_missing and not await prepare_async(conn):
                     raise psycopg.errors.UndefinedTable(SCHEMA_MISSING)
                 statements, commit_each = op.plan(conn)
@@ -206,6 +208,22 @@ class AsyncPropertyStore:
                 return stop.value
             finally:
                 await pool.putconn(conn)
+
+    @staticmethod
+    async def _checkout(pool: AsyncConnectionPool[AsyncNodeConnection], op: Exec
+                        ) -> AsyncNodeConnection:
+        """See ``PropertyStore._checkout``."""
+        if op.valid is None:
+            return await pool.getconn(timeout=max(0.001, op.deadline - time.monotonic()))
+        while True:
+            remaining = op.deadline - time.monotonic()
+            try:
+                return await pool.getconn(timeout=max(0.001, min(remaining, _VALIDITY_SLICE)))
+            except PoolTimeout:
+                if remaining <= _VALIDITY_SLICE:
+                    raise
+            if not op.valid():
+                raise PrimaryGone(f"{op.node.name} is no longer the observed primary")
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -17,6 +17,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -25,9 +26,9 @@ import structlog
 from psycopg_pool import PoolTimeout
 from tenacity import (
     AsyncRetrying,
+    RetryCallState,
     Retrying,
     retry_if_exception,
-    stop_after_delay,
     wait_exponential_jitter,
 )
 
@@ -48,6 +49,8 @@ from propstore.errors import (
     InvalidInputError,
     PropStoreError,
     ShardUnavailableError,
+    StaleReadError,
+    WriteLostError,
 )
 from propstore.freshness import STRONG, Freshness, Token, coerce_token
 from propstore.lsn import LSN
@@ -62,8 +65,37 @@ from propstore.store._program import Program as Program
 from propstore.store._program import Props as Props
 from propstore.store._program import ReadObserver as ReadObserver
 from propstore.store._program import ReadResult as ReadResult
+from propstore.timeline import WriteMark, timeline_of_wal_file
 
 log = structlog.get_logger("propstore.store")
+
+
+class PrimaryGone(DeadlineExceeded):
+    """A write attempt stopped waiting: the monitor no longer observes its node as the
+    shard's primary (or observes none), so it is retried where the monitor points."""
+
+
+@dataclass(slots=True)
+class WriteWindow:
+    """How long one write may keep trying (``time.monotonic()`` times) and what it saw.
+
+    Retries stop at ``retry_until`` (``write_retry_time``) unless no primary is observed
+    then: a failover is under way and the write waits for the new primary, trying it as soon
+    as the monitor observes it, until ``failover_until`` (``write_failover_time``).
+    """
+
+    started: float
+    retry_until: float
+    failover_until: float
+    attempts: int = 0
+    #: The node of the latest attempt that reached one (None: none had a target).
+    last_node: str | None = None
+
+    @property
+    def last_deadline(self) -> float:
+        """No attempt runs past this."""
+        return max(self.retry_until, self.failover_until)
+
 
 RetryingT = TypeVar("RetryingT", Retrying, AsyncRetrying)
 
@@ -290,8 +322,8 @@ class StoreCore:
             statement = self.delete_statement(tenant_s, user_s)
         return shard, statement
 
-    def write_done(self, shard: int, statement: Statement, outcome: tuple[int | None, LSN]
-                   ) -> Token:
+    def write_done(self, shard: int, statement: Statement,
+                   outcome: tuple[int | None, WriteMark]) -> Token:
         """The token of a completed write (refusing a merge the size limit stopped)."""
         version, lsn = outcome
         if version is None and statement.name in (_sql.MERGE, _sql.REPLACE):
@@ -324,6 +356,7 @@ class StoreCore:
         answered: that bookkeeping must not add to the latency of the read that hit them.
         """
         failures: list[tuple[int, str]] = []
+        self.check_token(shard_index, freshness)
         try:
             return (yield from self._read(shard_index, freshness, policy, data, decode,
                                           failures))
@@ -413,13 +446,19 @@ class StoreCore:
                     reason = "replica_stale"
                     continue
                 lsn, proof, rows = LSN.parse(lsn_value), "pipeline", results[1]
+                if not _on_history(self.state.view(shard_index), results[0], lsn):
+                    reason = "replica_stale"  # switched timeline since the poll: unproven
+                    continue
                 bound = self.state.view(shard_index).history.bound(lsn, started)
                 if not freshness.admits(shard, lsn, bound):
                     reason = "replica_stale"
                     continue
                 if conn.propstore_verified_lsn is None or lsn > conn.propstore_verified_lsn:
                     conn.propstore_verified_lsn = lsn
-            bound = self.state.view(shard_index).history.bound(lsn, started)
+            # Both views' samples are sound facts; the proof may have used the older one
+            # (a new primary's history starts empty).
+            bound = min(self.state.view(shard_index).history.bound(lsn, started),
+                        decision.shard.history.bound(lsn, started))
             return decode(rows), ReadResult(
                 None, None, shard, cand.node.name, True, lsn, bound, None, proof
             )
@@ -430,6 +469,10 @@ class StoreCore:
                       ) -> Generator[Exec, Response, tuple[Any, str]]:
         view = self.state.view(shard_index)
         node = _primary_node(view)
+        if view.primary is None and node.role == "replica":
+            # Observed in recovery and no primary seen since: say so instead of blaming the
+            # node the file (or the last poll) named for not being a primary.
+            raise ShardUnavailableError(view.name, f"no primary observed ({_observed_roles(view)})")
 
         def plan(conn: ConnState) -> tuple[Sequence[Statement], bool]:
             # A connection opened before a poll that saw this node as primary is still on a
@@ -445,41 +488,107 @@ class StoreCore:
                 node.config, time.monotonic() + self.routing.primary_deadline, plan
             )
         except (DeadlineExceeded, psycopg.Error) as exc:
+            observed = self.state.view(shard_index)
+            seen = "" if observed.primary is not None else (
+                f" (no primary observed: {_observed_roles(observed)})"
+            )
             raise ShardUnavailableError(
                 view.name, f"primary {node.name} ({node.config.address}) did not answer: "
-                f"{_describe(exc)}"
+                f"{_describe(exc)}{seen}"
             ) from None
         if len(results) == 2:
             if results[0].get_value(0, 0) != b"t":
                 raise ShardUnavailableError(
-                    view.name, f"{node.name} is no longer a primary (failover in progress)"
+                    view.name, f"{node.name} is no longer a primary (failover in progress; "
+                    f"observed: {_observed_roles(self.state.view(shard_index))})"
                 )
             return results[1], node.name
         return results[0], node.name
 
-    def write_program(self, shard_index: int, statement: Statement, give_up_at: float
-                      ) -> Generator[Exec, Response, tuple[int | None, LSN]]:
-        """One attempt at a write on the shard's primary: (new version, LSN after commit).
+    def write_window(self) -> WriteWindow:
+        """The retry window of a write starting now."""
+        now = time.monotonic()
+        return WriteWindow(now, now + self.routing.write_retry_time,
+                           now + self.routing.write_failover_time)
 
-        The write and ``pg_current_wal_flush_lsn()`` are pipelined with a Sync after each,
-        so the LSN is read after the commit was acknowledged (it is >= the commit record) at
-        no extra round trip. ``give_up_at`` (monotonic) caps the attempt, so retries never
-        outlast ``write_retry_time``.
+    def write_program(self, shard_index: int, statement: Statement, window: WriteWindow
+                      ) -> Generator[Exec, Response, tuple[int | None, WriteMark]]:
+        """One attempt at a write on the shard's primary: (new version, where it committed).
+
+        ``pg_current_wal_insert_lsn()``, the write and ``pg_current_wal_flush_lsn()`` with
+        the WAL file name are pipelined with a Sync after each, at no extra round trip: the
+        first is at or before the write's commit record, the last read after the commit was
+        acknowledged (>= the commit record), on the timeline the commit was written on.
+        ``window`` caps the attempt, so retries never outlast it.
+
+        The attempt goes to the primary the monitor observes; with none, to the last one
+        (it may be restarting) unless the monitor has seen it in recovery since (then it
+        fails at once, without I/O). While it waits for a connection it gives up as soon as
+        the monitor observes another primary, so no attempt stays blocked on a dead
+        primary's pool.
         """
-        node = _primary_node(self.state.view(shard_index))
+        window.attempts += 1
+        view = self.state.view(shard_index)
+        node = view.primary
+        if node is None:
+            node = _primary_node(view)
+            if node.role == "replica":
+                raise PrimaryGone(f"no primary observed ({_observed_roles(view)})")
+        window.last_node = node.name
         began = time.monotonic()
-        deadline = min(began + self.routing.primary_deadline, give_up_at)
+        deadline = min(began + self.routing.primary_deadline, window.last_deadline)
         try:
             _conn, results = yield Exec(
                 node.config, deadline,
-                fixed((statement, Statement(_sql.FLUSH_LSN)), commit_each=True),
+                fixed((Statement(_sql.INSERT_LSN), statement, Statement(_sql.FLUSH_LSN)),
+                      commit_each=True),
+                valid=functools.partial(self._still_primary, shard_index, node.name),
             )
         finally:
             # Writes are the primary's other load: their latency is part of its health.
             self.primary_limiters[shard_index].sample(time.monotonic() - began)
-        write, lsn = results
+        start, write, after = results
         version = int(write.get_value(0, 0)) if write.ntuples else None
-        return version, LSN.parse(lsn.get_value(0, 0))
+        wal_file = after.get_value(0, 1)
+        return version, WriteMark(
+            timeline_of_wal_file(wal_file.decode()) if wal_file else None,
+            LSN.parse(after.get_value(0, 0)), LSN.parse(start.get_value(0, 0)),
+        )
+
+    def check_token(self, shard_index: int, freshness: Freshness) -> None:
+        """Refuse a token read that no node of the shard can prove: the token's write was
+        lost in a failover (:class:`WriteLostError`), or its timeline cannot be placed on
+        the observed primary's history yet."""
+        if freshness.after is None:
+            return
+        shard = self.shard_names[shard_index]
+        marks = freshness.after.marks_for(shard)
+        if not marks or all(mark.timeline is None for mark in marks):
+            return
+        timelines = self.state.view(shard_index).timelines
+        for mark in marks:
+            if mark.timeline is None:
+                continue
+            if timelines is None:
+                raise ShardUnavailableError(
+                    shard, f"no primary observed yet to place the token's timeline "
+                    f"{mark.timeline} on"
+                )
+            verdict = timelines.verdict(mark)
+            if verdict == "lost":
+                raise WriteLostError(shard, mark.timeline, mark.lsn,
+                                     timelines.switch_of(mark.timeline), timelines.timeline)
+            if verdict == "ahead":
+                raise ShardUnavailableError(
+                    shard, f"the token's write is on timeline {mark.timeline}, newer than the "
+                    f"observed primary's {timelines.timeline} (failover in progress)"
+                )
+            if verdict == "unknown":
+                raise StaleReadError(
+                    shard, f"cannot prove the token's write at {mark.lsn} on timeline "
+                    f"{mark.timeline} survived: {timelines} (the monitor needs to read "
+                    "timeline history files, see docs/security.md)"
+                )
 
     # ------------------------------------------------------------ statements
 
@@ -503,28 +612,70 @@ class StoreCore:
         """Remove a user's document."""
         return Statement(_sql.DELETE, (tenant.encode(), user_id.encode()))
 
-    def token(self, shard_index: int, lsn: LSN) -> Token:
+    def token(self, shard_index: int, mark: WriteMark) -> Token:
         """The token for a write on a shard."""
-        return Token(((self.shard_names[shard_index], lsn),))
+        return Token(((self.shard_names[shard_index], mark),))
 
-    def write_retrying(self, kind: type[RetryingT], give_up_at: float) -> RetryingT:
+    def _still_primary(self, shard_index: int, name: str) -> bool:
+        view = self.state.view(shard_index)
+        primary = view.primary
+        if primary is not None:
+            return primary.name == name
+        last = _primary_node(view)  # down (maybe restarting), or not polled yet: keep waiting
+        return last.name == name and last.role != "replica"
+
+    def write_exhausted(self, shard_index: int, window: WriteWindow) -> bool:
+        """Whether a failed write stops retrying now (see :class:`WriteWindow`)."""
+        now = time.monotonic()
+        if now >= window.last_deadline:
+            return True
+        if now < window.retry_until:
+            return False
+        primary = self.state.view(shard_index).primary
+        # Past write_retry_time only a failover keeps the write going: until a primary is
+        # observed, and then until it was tried once.
+        return primary is not None and primary.name == window.last_node
+
+    def write_retrying(self, kind: type[RetryingT], shard_index: int, window: WriteWindow
+                       ) -> RetryingT:
         """The retry policy for writes (``Retrying`` or ``AsyncRetrying``): jittered backoff
-        while the error is retryable, never past ``give_up_at`` (monotonic)."""
+        while the error is retryable and :meth:`write_exhausted` says go on; while no
+        primary is observed, short waits (an attempt then costs no I/O), so the write
+        reaches a new primary within ~20 ms of the monitor observing it."""
+        backoff = wait_exponential_jitter(multiplier=0.05, max=0.5)
+
+        def wait(state: RetryCallState) -> float:
+            if self.state.view(shard_index).primary is None:
+                return 0.02
+            return float(backoff(state))
+
         return kind(
-            stop=stop_after_delay(max(0.0, give_up_at - time.monotonic())),
-            wait=wait_exponential_jitter(multiplier=0.05, max=0.5),
+            stop=lambda state: self.write_exhausted(shard_index, window),
+            wait=wait,
             retry=retry_if_exception(is_retryable_write_error),
             reraise=True,
         )
 
-    def write_error(self, shard_index: int, exc: BaseException) -> PropStoreError:
-        """The error a caller sees for a write that failed (after any retries)."""
-        node = _primary_node(self.state.view(shard_index))
+    def write_error(self, shard_index: int, exc: BaseException,
+                    window: WriteWindow | None = None) -> PropStoreError:
+        """The error a caller sees for a write that failed (after any retries); it names
+        the roles the monitor observed, never only the file's."""
+        view = self.state.view(shard_index)
+        node = _primary_node(view)
         shard = self.shard_names[shard_index]
         if is_retryable_write_error(exc):
+            tried = "" if window is None else (
+                f" after {window.attempts} attempt(s) over "
+                f"{time.monotonic() - window.started:.1f}s"
+            )
+            if view.primary is None:
+                return ShardUnavailableError(
+                    shard, f"write not applied: no primary observed{tried} "
+                    f"({_observed_roles(view)}); last error: {_describe(exc)}",
+                )
             return ShardUnavailableError(
-                shard, f"write failed on primary {node.name} ({node.config.address}) after "
-                f"retrying for {self.routing.write_retry_time:g}s: {_describe(exc)}",
+                shard, f"write failed on primary {node.name} ({node.config.address}){tried}: "
+                f"{_describe(exc)}",
             )
         if isinstance(exc, psycopg.DataError | psycopg.IntegrityError):
             return InvalidInputError("props", f"refused by the database: {_describe(exc)}")
@@ -549,6 +700,25 @@ def _known_lsn(node: NodeView, conn: ConnState) -> tuple[LSN, Proof] | None:
     return best
 
 
+def _on_history(view: ShardView, result: Any, lsn: LSN) -> bool:
+    """Whether a pipelined ``REPLAY_LSN`` row places the replica on the primary's history
+    (its timeline is read in the same statement: a standby switches timelines without
+    ending connections, so the poll's timeline does not carry over)."""
+    raw = result.get_value(0, 1)
+    return raw is not None and view.on_history(int(raw), lsn)
+
+
+def _observed_roles(view: ShardView) -> str:
+    """Every node's observed role and state, e.g. ``m1 replica up, m2 down``."""
+    return ", ".join(
+        f"{node.name} ({node.config.address}) " + (
+            node.state if node.role is None or node.state == "down"
+            else f"{node.role} {node.state}"
+        )
+        for node in view.nodes
+    )
+
+
 def _primary_node(view: ShardView) -> NodeView:
     primary = view.primary
     if primary is not None:
@@ -558,6 +728,8 @@ def _primary_node(view: ShardView) -> NodeView:
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, PrimaryGone):
+        return str(exc)
     if isinstance(exc, DeadlineExceeded):
         return "deadline exceeded"
     lines = str(exc).strip().splitlines()

@@ -152,9 +152,12 @@ def _serve_stale(
         )
     except (DeadlineExceeded, psycopg.Error):
         return None
-    raw = results[0].get_value(0, 0)
+    raw, timeline = results[0].get_value(0, 0), results[0].get_value(0, 1)
     lsn = LSN.parse(raw) if raw else None
-    bound = core.state.view(shard_index).history.bound(lsn, started)
+    view = core.state.view(shard_index)
+    # Off the primary's timeline history its LSN compares with nothing: unproven.
+    on_history = timeline is not None and view.on_history(int(timeline), lsn)
+    bound = view.history.bound(lsn, started) if on_history else math.inf
     return decode(results[1]), ReadResult(
         None, None, decision.shard.name, best.node.name, True, lsn, bound,
         "replica_stale", "unproven" if math.isinf(bound) else "pipeline",

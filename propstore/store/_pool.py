@@ -15,7 +15,7 @@ from propstore.lsn import LSN
 
 _PREPARE = [_sql.prepare_sql(name) for name in _sql.DATA_STATEMENTS]
 _NO_TABLE = [_sql.prepare_sql(name) for name in (_sql.REPLAY_LSN, _sql.FLUSH_LSN,
-                                                  _sql.IS_PRIMARY)]
+                                                  _sql.INSERT_LSN, _sql.IS_PRIMARY)]
 
 
 class NodeConnection(psycopg.Connection[Any]):

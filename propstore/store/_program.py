@@ -75,6 +75,9 @@ class Exec:
     node: NodeConfig
     deadline: float
     plan: Callable[[ConnState], tuple[Sequence[Statement], bool]]
+    #: While waiting for a connection, the driver gives up (raising ``PrimaryGone``) as
+    #: soon as this says the node is no longer worth waiting for.
+    valid: Callable[[], bool] | None = None
 
 
 @dataclass(frozen=True, slots=True)

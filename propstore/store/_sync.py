@@ -11,7 +11,7 @@ from types import TracebackType
 from typing import Any
 
 import psycopg
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 from tenacity import Retrying
 
 from propstore import _wire
@@ -20,10 +20,11 @@ from propstore.config import Topology
 from propstore.degrade import Degrade
 from propstore.errors import ConfigError
 from propstore.freshness import Token
-from propstore.lsn import LSN
 from propstore.monitor import LagMonitor, ShardView
 from propstore.router import RouteDecision
 from propstore.store._core import (
+    Exec,
+    PrimaryGone,
     Program,
     Props,
     ReadObserver,
@@ -34,8 +35,11 @@ from propstore.store._core import (
 )
 from propstore.store._pool import SCHEMA_MISSING, NodeConnection, prepare, sync_pool
 from propstore.store._program import Request, Wait
+from propstore.timeline import WriteMark
 
 Budget = float | timedelta | str | None
+#: How often a write waiting for a connection rechecks that its node is still the primary.
+_VALIDITY_SLICE = 0.05
 
 
 class PropertyStore:
@@ -139,10 +143,10 @@ class PropertyStore:
 
     def _write(self, kind: str, tenant: str, user_id: str, argument: object) -> Token:
         shard, statement = self._core.write_request(kind, tenant, user_id, argument)
-        give_up_at = time.monotonic() + self.topology.routing.write_retry_time
+        window = self._core.write_window()
 
-        def attempt() -> tuple[int | None, LSN]:
-            return self._run(self._core.write_program(shard, statement, give_up_at))  # type: ignore[no-any-return]
+        def attempt() -> tuple[int | None, WriteMark]:
+            return self._run(self._core.write_program(shard, statement, window))  # type: ignore[no-any-return]
 
         try:
             try:
@@ -152,9 +156,9 @@ class PropertyStore:
                     raise
                 # Only a failed first attempt pays for tenacity: the primary may be
                 # restarting or a promotion may be under way (the monitor rediscovers it).
-                outcome = self._core.write_retrying(Retrying, give_up_at)(attempt)
+                outcome = self._core.write_retrying(Retrying, shard, window)(attempt)
         except (psycopg.Error, _wire.DeadlineExceeded) as exc:
-            raise self._core.write_error(shard, exc) from None
+            raise self._core.write_error(shard, exc, window) from None
         return self._core.write_done(shard, statement, outcome)
 
     # ------------------------------------------------------------------ insight
@@ -205,7 +209,7 @@ class PropertyStore:
             pool = self._pools[op.node.name]
             conn: NodeConnection | None = None
             try:
-                conn = pool.getconn(timeout=max(0.001, op.deadline - time.monotonic()))
+                conn = self._checkout(pool, op)
                 if conn.propstore_schema_missing and not prepare(conn):
                     raise psycopg.errors.UndefinedTable(SCHEMA_MISSING)
                 statements, commit_each = op.plan(conn)
@@ -224,6 +228,22 @@ class PropertyStore:
                 return stop.value
             finally:
                 pool.putconn(conn)
+
+    @staticmethod
+    def _checkout(pool: ConnectionPool[NodeConnection], op: Exec) -> NodeConnection:
+        """A connection by ``op.deadline``; while waiting, give up once ``op.valid`` says
+        the node is no longer worth it (checked every ``_VALIDITY_SLICE`` seconds)."""
+        if op.valid is None:
+            return pool.getconn(timeout=max(0.001, op.deadline - time.monotonic()))
+        while True:
+            remaining = op.deadline - time.monotonic()
+            try:
+                return pool.getconn(timeout=max(0.001, min(remaining, _VALIDITY_SLICE)))
+            except PoolTimeout:
+                if remaining <= _VALIDITY_SLICE:
+                    raise
+            if not op.valid():
+                raise PrimaryGone(f"{op.node.name} is no longer the observed primary")
 
     # ------------------------------------------------------------------ lifecycle
 

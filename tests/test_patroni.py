@@ -1,0 +1,263 @@
+"""Failover as users run it: a 3-member Patroni cluster (etcd, pg_rewind, asynchronous
+replication unless stated), the topology file naming the first leader as primary.
+
+One cluster for the module, the tests in order: a switchover, a failover that loses the
+writes the standbys never received, the diverged ex-leader rejoining, synchronous mode.
+Each asserts on the data: which acknowledged writes the new leader holds.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pytest
+
+from propstore import (
+    PropertyStore,
+    PropStoreError,
+    StaleReadError,
+    Token,
+    Topology,
+    WriteLostError,
+)
+from propstore.sandbox._patroni import PatroniCluster, patroni_available
+from tests._workload import Workload
+from tests.test_store import wait_for
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not patroni_available(), reason="apt-get install patroni etcd-server"),
+]
+
+#: The routing a Patroni user should set (docs/deployment.md): writes wait out a failover.
+FAILOVER_WINDOW = 40.0
+
+
+@pytest.fixture(scope="module")
+def patroni() -> Iterator[PatroniCluster]:
+    from propstore.migrate import upgrade
+
+    with PatroniCluster(3, ttl=10, loop_wait=1, retry_timeout=4) as cluster:
+        leader = cluster.leader()
+        assert leader is not None
+        upgrade(cluster.member(leader).dsn)
+        yield cluster
+
+
+def _topology(cluster: PatroniCluster) -> Topology:
+    # The file as it was written when the cluster started: the first leader is "primary".
+    assert cluster.config_path is not None
+    topology = Topology.load(cluster.config_path)
+    return replace(topology, routing=replace(topology.routing,
+                                             write_failover_time=FAILOVER_WINDOW))
+
+
+def _leader_observed(store: PropertyStore, name: str) -> bool:
+    primary = store.shard_views()[0].primary
+    return primary is not None and primary.name == name
+
+
+@dataclass
+class _Writes:
+    """One new user per write, so that whether a write survived is a fact of the data."""
+
+    acked: list[tuple[str, float, Token]] = field(default_factory=list)
+    errors: int = 0
+    longest: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def run(self, store: PropertyStore, prefix: str, stop: threading.Event) -> None:
+        for k in range(1_000_000):
+            if stop.is_set():
+                return
+            user = f"{prefix}-{k}"
+            started = time.monotonic()
+            try:
+                token = store.set("acme", user, {"k": k})
+            except PropStoreError:
+                with self.lock:
+                    self.errors += 1
+                continue
+            now = time.monotonic()
+            with self.lock:
+                self.acked.append((user, now, token))
+                self.longest = max(self.longest, now - started)
+
+
+def _run_writers(store: PropertyStore, writes: _Writes, stop: threading.Event, tag: str
+                 ) -> list[threading.Thread]:
+    threads = [threading.Thread(target=writes.run, args=(store, f"{tag}{i}", stop),
+                                daemon=True) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def _surviving(store: PropertyStore, writes: _Writes) -> set[str]:
+    users = [user for user, _, _ in writes.acked]
+    found: dict[str, Any] = {}
+    for i in range(0, len(users), 500):
+        found.update(store.get_many("acme", users[i:i + 500], consistency="strong"))
+    return {user for user, props in found.items() if props is not None}
+
+
+def test_switchover_is_followed_writes_wait_and_no_read_breaks_its_budget(
+    patroni: PatroniCluster,
+) -> None:
+    users = [f"sw-{i}" for i in range(20)]
+    with PropertyStore(_topology(patroni)) as store:
+        for user in users:
+            store.replace("acme", user, {"seq": 0})
+        stop = threading.Event()
+        writes = _Writes()
+        with Workload(store, users, budgets=(0.5, 1.0, 5.0)) as load:
+            threads = _run_writers(store, writes, stop, "swx")
+            load.wait(1.0)
+            started = time.monotonic()
+            new = patroni.switchover()
+            wait_for(lambda: _leader_observed(store, new), timeout=60)
+            followed = time.monotonic() - started
+            load.wait(2.0)
+            stop.set()
+            for thread in threads:
+                thread.join(30)
+            report = load.stop()
+        survived = _surviving(store, writes)
+    lost = [user for user, _, _ in writes.acked if user not in survived]
+    print(f"patroni switchover: followed in {followed:.1f}s; writes {len(writes.acked)} "
+          f"acknowledged, {writes.errors} failed, longest {writes.longest:.2f}s, {len(lost)} "
+          f"lost; workload {report.writes} writes, {report.reads} reads, "
+          f"{report.violations} violations, errors {dict(report.errors)}")
+    assert report.reads > 0 and report.writes > 0 and writes.acked
+    assert report.violations == 0, report.examples
+    assert writes.errors == 0 and not any(k.startswith("write") for k in report.errors)
+    assert lost == []  # a switchover stops the old leader cleanly: every write is kept
+    assert writes.longest < FAILOVER_WINDOW
+
+
+def test_failover_lost_writes_raise_and_the_diverged_ex_leader_never_serves(
+    patroni: PatroniCluster,
+) -> None:
+    patroni.wait_streaming(120)  # the previous leader has rejoined
+    with PropertyStore(_topology(patroni)) as store:
+        leader = patroni.leader()
+        assert leader is not None
+        old_name: str = leader
+        wait_for(lambda: _leader_observed(store, old_name), timeout=30)
+        old = patroni.member(old_name)
+        stop = threading.Event()
+        writes = _Writes()
+        reads: list[tuple[str, float, float, bool, str]] = []
+        read_errors: dict[str, int] = {}
+
+        def reader(seed: int) -> None:
+            rng = random.Random(seed)
+            while not stop.is_set():
+                with writes.lock:
+                    count = len(writes.acked)
+                    user = writes.acked[rng.randrange(count)][0] if count else ""
+                if not count:
+                    stop.wait(0.01)
+                    continue
+                budget = rng.choice((1.0, 5.0))
+                started = time.monotonic()
+                try:
+                    result = store.read("acme", user, max_staleness=budget)
+                except PropStoreError as exc:
+                    read_errors[type(exc).__name__] = read_errors.get(type(exc).__name__, 0) + 1
+                    continue
+                reads.append((user, started, budget, result.props is not None, result.node))
+
+        threads = _run_writers(store, writes, stop, "fo") + [
+            threading.Thread(target=reader, args=(i,), daemon=True) for i in range(2)]
+        for thread in threads[2:]:
+            thread.start()
+        time.sleep(1.0)  # let the load run before the fault
+        assert patroni.hold_replication(old) >= 2  # the standbys receive nothing more
+        time.sleep(1.0)
+        crashed_at = time.monotonic()
+        patroni.crash_member(old)
+        new = wait_for(lambda: (name := patroni.leader()) not in (None, old_name) and name,
+                       timeout=60)
+        wait_for(lambda: _leader_observed(store, new), timeout=60)
+        followed_at = time.monotonic()
+        outage = followed_at - crashed_at
+        # The ex-leader restarts on its forked timeline, is rewound and rejoins.
+        rejoin_started = time.monotonic()
+        patroni.start_member(old)
+        patroni.wait_streaming(120)
+        rejoined = time.monotonic() - rejoin_started
+        time.sleep(1.0)
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+        survived = _surviving(store, writes)
+        lost = [(user, token) for user, _, token in writes.acked if user not in survived]
+        detected = {"WriteLostError": 0, "StaleReadError": 0}
+        for user, token in lost:
+            try:
+                result = store.read("acme", user, after=str(token))
+            except (WriteLostError, StaleReadError) as exc:
+                detected[type(exc).__name__] += 1
+                continue
+            raise AssertionError(f"lost write {user} read after its token: {result}")
+        kept = [(user, token) for user, _, token in writes.acked if user in survived]
+        for user, token in kept[-200:]:
+            assert store.get("acme", user, after=token) is not None
+        # Reads of lost writes must find nothing anywhere (served by the ex-leader before its
+        # rewind they would return data that no history holds).
+        for user, _ in lost[:100]:
+            for _ in range(5):
+                assert store.get("acme", user, max_staleness=60) is None
+    acked_at = {user: at for user, at, _ in writes.acked}
+    violations = [r for r in reads if not r[3] and r[0] in survived
+                  and acked_at[r[0]] < r[1] - r[2]]
+    # Before the crash the old leader held those writes: only later reads must not see them.
+    phantom = [r for r in reads if r[3] and r[0] not in survived and r[1] > followed_at]
+    print(f"patroni failover: write unavailability {writes.longest:.1f}s (leader crash to "
+          f"new leader observed {outage:.1f}s), ex-leader rejoined in {rejoined:.1f}s; "
+          f"{len(writes.acked)} writes acknowledged, {writes.errors} failed, {len(lost)} lost; "
+          f"lost-write tokens detected {sum(detected.values())}/{len(lost)} {detected}; "
+          f"{len(reads)} reads, {len(violations)} violations, {len(phantom)} served lost "
+          f"data, read errors {read_errors}")
+    assert reads and writes.acked and lost, "the fault must lose writes to test anything"
+    assert sum(detected.values()) == len(lost)
+    assert violations == [] and phantom == []
+    assert writes.errors == 0 and writes.longest < FAILOVER_WINDOW
+
+
+def test_synchronous_mode_loses_no_acknowledged_write(patroni: PatroniCluster) -> None:
+    patroni.wait_streaming(120)
+    patroni.set_dynamic(synchronous_mode=True)
+    leader = patroni.leader()
+    assert leader is not None
+    wait_for(lambda: patroni.member(leader).scalar(
+        "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'") == 1, timeout=60)
+    with PropertyStore(_topology(patroni)) as store:
+        wait_for(lambda: _leader_observed(store, leader), timeout=30)
+        stop = threading.Event()
+        writes = _Writes()
+        threads = _run_writers(store, writes, stop, "sync")
+        time.sleep(1.5)
+        patroni.hold_replication(patroni.member(leader))  # commits now wait in SyncRep
+        time.sleep(0.5)
+        patroni.crash_member(patroni.member(leader))
+        new = wait_for(lambda: (name := patroni.leader()) not in (None, leader) and name,
+                       timeout=60)
+        wait_for(lambda: _leader_observed(store, new), timeout=60)
+        wait_for(lambda: len(writes.acked) > 0 and writes.acked[-1][1] > time.monotonic() - 1,
+                 timeout=FAILOVER_WINDOW)
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+        survived = _surviving(store, writes)
+    lost = [user for user, _, _ in writes.acked if user not in survived]
+    print(f"patroni synchronous_mode failover: {len(writes.acked)} acknowledged writes, "
+          f"{len(lost)} lost, {writes.errors} failed, longest write {writes.longest:.1f}s")
+    patroni.start_member(patroni.member(leader))
+    assert writes.acked and lost == []
