@@ -43,6 +43,9 @@ def test_demo_command_for_10_seconds_completes_and_stops_its_sandbox() -> None:
     assert "Budget violations: 0" in result.stdout
     assert "replay paused on shard0-replica1, shard0-replica2" in result.stdout
     assert "Sandbox stopped." in result.stdout
+    # Piped, the summary still shows the last lag table, every node in it.
+    final = result.stdout[result.stdout.index("Lag at the end:"):]
+    assert all(f"shard{s}-{n}" in final for s in (0, 1) for n in ("primary", "replica1"))
     (started,) = re.findall(r"\) in (\S+); loading", result.stdout)
     assert not Path(started).exists()  # its temporary folder is gone with the servers
 
