@@ -13,6 +13,7 @@ from _bench.scenarios.latency import read_batch, read_fresh, write
 from _bench.scenarios.monitor import monitor_cost
 from _bench.scenarios.soak import soak
 from _bench.scenarios.startup import cli_startup
+from _bench.scenarios.surge import surge
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("frozen-replica", frozen_replica),
     Scenario("monitor-cost", monitor_cost),
     Scenario("cli-startup", cli_startup),
+    Scenario("surge", surge),
     Scenario("soak", soak, optional=True),
 )}
 

@@ -1,0 +1,288 @@
+"""Issue 12's incident: shard 0's replicas paused under a reader mix, at offered loads from
+half to twice what the primary serves alone, for three fallback policies side by side.
+
+First the primary's capacity is measured in the same run (closed loop, strong reads on
+shard 0, as many workers as the surge uses) and its healthy p99 (strong reads paced at a
+quarter of that, replicas healthy). Then, for each policy and load, the replicas' replay is
+paused and an open-loop generator offers the mix at ``load x capacity`` for the window:
+
+* personalisation, 5 s budget, ``degrade = serve_stale``;
+* workflow, 500 ms budget, ``degrade = wait(200ms)`` (then refused);
+* read-your-writes: a write then a token read of it (checked: it must see the write);
+* strong reads.
+
+Latency is from the arrival's scheduled time (a backlog in the client counts against the
+policy that caused it); the primary's p99 is over the reads the primary served, from the
+call. Policies: ``adaptive`` (the default: the limiter, no ceiling), ``fixed cap`` (the old
+default: 1000 fallback reads/s per shard, no adaptation), ``no cap``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass, field, replace
+
+from propstore import (
+    Degrade,
+    Profile,
+    PropertyStore,
+    PropStoreError,
+    StaleReadError,
+    Topology,
+)
+
+from _bench.env import BenchEnv, wait_caught_up
+from _bench.options import Options
+from _bench.results import Bar, ScenarioResult
+from _bench.stats import Series, quantile
+
+#: Reader threads: enough that waiting reads (``wait(200ms)``) do not starve the others
+#: of a thread, as in a service that gives each request its own.
+WORKERS = 128
+LOADS = (0.5, 0.9, 2.0)
+MIX = (("personalisation", 0.45), ("workflow", 0.40), ("read-your-writes", 0.10),
+       ("strong", 0.05))
+PROFILES = {
+    "personalisation": Profile("personalisation", 5.0, degrade=Degrade.serve_stale()),
+    "workflow": Profile("workflow", 0.5, degrade=Degrade.wait(0.2)),
+}
+POLICIES: dict[str, dict[str, object]] = {
+    "adaptive": {},
+    "fixed cap": {"primary_fallback_adaptive": False, "primary_fallback_rate": 1000.0},
+    "no cap": {"primary_fallback_adaptive": False, "primary_fallback_rate": 0.0},
+}
+#: Arrivals beyond this many seconds of backlog are dropped by the generator (counted).
+MAX_BACKLOG = 2.0
+
+
+@dataclass
+class Outcome:
+    """What one reader class saw in one run."""
+
+    replica: int = 0
+    primary: int = 0
+    stale: int = 0
+    refused: int = 0
+    errors: int = 0
+    wrong: int = 0
+    dropped: int = 0
+    latency: list[float] = field(default_factory=list)
+
+    def row(self) -> dict[str, str]:
+        values = sorted(self.latency)
+        return {"replica": str(self.replica), "primary": str(self.primary),
+                "stale (true bound)": str(self.stale), "refused": str(self.refused),
+                "errors": str(self.errors + self.wrong), "dropped": str(self.dropped),
+                "p50": _ms(quantile(values, 0.5)), "p99": _ms(quantile(values, 0.99))}
+
+
+def _ms(seconds: float) -> str:
+    return "n/a" if seconds != seconds else f"{seconds * 1000:.1f} ms"
+
+
+def surge(env: BenchEnv, options: Options) -> ScenarioResult:
+    """The surge: capacity first, then policies x loads with shard 0's replicas paused."""
+    window = options.seconds(10.0)
+    result = ScenarioResult(
+        "surge",
+        f"shard 0's replicas paused {window:g} s under personalisation (5 s, serve_stale), "
+        "workflow (500 ms, wait 200 ms), read-your-writes and strong readers, offered at "
+        f"{', '.join(f'{x:g}x' for x in LOADS)} the primary's measured capacity; adaptive "
+        "limiter vs the old fixed cap (1000/s) vs no cap")
+    replicas = [env.local_node(r.name) for r in env.topology.shards[0].replicas]
+    users = env.shard_users(0, 400)
+    base = replace(env.topology, profiles={**env.topology.profiles, **PROFILES})
+    capacity, healthy = _capacity(base, env.tenant, users, options)
+    healthy_p99 = quantile(sorted(healthy.values), 0.99)
+    result.facts["primary capacity (strong reads/s, closed loop)"] = round(capacity)
+    result.facts["primary healthy p99 (strong reads at 0.25x)"] = _ms(healthy_p99)
+    result.notes.append(
+        f"paused window {window:g} s per run (the issue asks 60 s; shortened for the shared "
+        "machine: personalisation's 5 s budget still runs out after 5 s of it)")
+    primary_p99: dict[tuple[str, float], float] = {}
+    refused: dict[tuple[str, float], dict[str, int]] = {}
+    for name, changes in POLICIES.items():
+        topology = replace(base, routing=replace(base.routing, **changes))  # type: ignore[arg-type]
+        for load in LOADS:
+            outcomes, on_primary = _run(topology, env, replicas, users, load * capacity,
+                                        window, options)
+            for cls, outcome in outcomes.items():
+                result.facts[f"{name} @ {load:g}x: {cls}"] = outcome.row()
+            primary_p99[(name, load)] = quantile(sorted(on_primary.values), 0.99)
+            refused[(name, load)] = {c: o.refused + o.errors + o.wrong
+                                     for c, o in outcomes.items()}
+            result.add_series(on_primary)
+    result.duration = window * len(POLICIES) * len(LOADS)
+    bars, table = _bars(primary_p99, refused, healthy_p99)
+    result.bars += bars
+    result.facts.update(table)
+    return result
+
+
+def _bars(primary_p99: dict[tuple[str, float], float],
+          refused: dict[tuple[str, float], dict[str, int]], healthy_p99: float
+          ) -> tuple[list[Bar], dict[str, dict[str, str]]]:
+    """The issue's bars (on the adaptive policy) and the same figures for every policy."""
+    bars: list[Bar] = []
+    table: dict[str, dict[str, str]] = {}
+    carried_loads = ", ".join(f"{x:g}x" for x in LOADS if x < 1)
+    for name in POLICIES:
+        carried = sum(sum(refused[(name, load)].values()) for load in LOADS if load < 1.0)
+        priority = sum(refused[(name, 2.0)][c] for c in ("read-your-writes", "strong"))
+        ratio = primary_p99[(name, 2.0)] / healthy_p99
+        table[f"policy {name}"] = {
+            f"refused or failed at {carried_loads}": str(carried),
+            "token+strong refused or failed at 2x": str(priority),
+            "primary p99 at 2x": _ms(primary_p99[(name, 2.0)]),
+            "/ healthy p99": f"{ratio:.2f}x",
+        }
+        if name == "adaptive":
+            bars += [
+                Bar("surge: reads refused or failed at loads the primary carries",
+                    float(carried), 0.0, unit="",
+                    detail=f"{carried_loads} capacity, all classes, adaptive limiter"),
+                Bar("surge: token and strong reads refused at 2x capacity", float(priority),
+                    0.0, unit="", detail="adaptive limiter"),
+                Bar("surge: primary p99 at 2x capacity / healthy p99", ratio, 3.0,
+                    detail=f"healthy p99 {_ms(healthy_p99)}, at 2x "
+                    f"{_ms(primary_p99[(name, 2.0)])}, adaptive limiter"),
+            ]
+    return bars, table
+
+
+def _capacity(topology: Topology, tenant: str, users: list[str], options: Options
+              ) -> tuple[float, Series]:
+    """Strong reads/s the primary serves to closed-loop threads (two per pooled connection:
+    enough to keep every connection busy), and a series
+    of strong reads paced at a quarter of that (the primary's healthy latency)."""
+    seconds = max(3.0, options.seconds(10.0) / 3)
+    workers = 2 * topology.routing.pool_max_size
+    with PropertyStore(topology) as store:
+        for user in users[:workers]:
+            store.read(tenant, user, consistency="strong")
+        count = itertools.count()
+        stop = threading.Event()
+
+        def loop(offset: int) -> None:
+            for user in itertools.cycle(users[offset::workers]):
+                if stop.is_set():
+                    return
+                store.read(tenant, user, consistency="strong")
+                next(count)
+
+        threads = [threading.Thread(target=loop, args=(i,), daemon=True)
+                   for i in range(workers)]
+        started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        time.sleep(seconds)
+        stop.set()
+        for thread in threads:
+            thread.join()
+        capacity = next(count) / (time.monotonic() - started)
+        healthy = Series("strong reads, healthy, 0.25x")
+        period, start = 4.0 / capacity, time.monotonic()
+        for i, user in enumerate(itertools.islice(itertools.cycle(users), int(seconds
+                                                                             * capacity / 4))):
+            time.sleep(max(0.0, start + i * period - time.monotonic()))
+            began = time.monotonic()
+            store.read(tenant, user, consistency="strong")
+            healthy.add(time.monotonic() - began, int(began - start), began - start)
+    return capacity, healthy
+
+
+def _run(topology: Topology, env: BenchEnv, replicas: list[object], users: list[str],
+         rate: float, window: float, options: Options
+         ) -> tuple[dict[str, Outcome], Series]:
+    """One policy at one offered rate: the outcomes per class and the primary's latencies."""
+    tenant = env.tenant
+    outcomes = {cls: Outcome() for cls, _ in MIX}
+    on_primary = Series(f"primary, {rate:.0f}/s offered")
+    locks = {user: threading.Lock() for user in users}
+    seqs = itertools.count(1)
+    tally = threading.Lock()
+    work: queue.Queue[tuple[float, str, str] | None] = queue.Queue()
+    with PropertyStore(topology) as store:
+        for user in users[:WORKERS]:
+            store.read(tenant, user, max_staleness=5)
+        time.sleep(options.warmup / 2)
+        for replica in replicas:
+            replica.pause_replay()  # type: ignore[attr-defined]
+        start = time.monotonic()
+
+        def serve(due: float, cls: str, user: str) -> None:
+            out = outcomes[cls]
+            began = time.monotonic()
+            try:
+                if cls == "read-your-writes":
+                    with locks[user]:
+                        seq = next(seqs)
+                        token = store.replace(tenant, user, {"seq": seq})
+                        began = time.monotonic()
+                        res = store.read(tenant, user, after=token)
+                        if (res.props or {}).get("seq") != seq:
+                            with tally:
+                                out.wrong += 1
+                elif cls == "strong":
+                    res = store.read(tenant, user, consistency="strong")
+                else:
+                    res = store.read(tenant, user, profile=cls)
+            except StaleReadError:
+                with tally:
+                    out.refused += 1
+                    out.latency.append(time.monotonic() - due)
+                return
+            except PropStoreError:
+                with tally:
+                    out.errors += 1
+                return
+            done = time.monotonic()
+            with tally:
+                out.latency.append(done - due)
+                if not res.within_budget:
+                    out.stale += 1
+                elif res.from_replica:
+                    out.replica += 1
+                else:
+                    out.primary += 1
+                    on_primary.add(done - began, int(began - start), began - start)
+
+        def worker() -> None:
+            while (item := work.get()) is not None:
+                serve(*item)
+
+        threads = [threading.Thread(target=worker, daemon=True) for _ in range(WORKERS)]
+        for thread in threads:
+            thread.start()
+        _generate(work, outcomes, users, rate, start, window)
+        for _ in threads:
+            work.put(None)
+        for thread in threads:
+            thread.join(timeout=60)
+        for replica in replicas:
+            replica.resume_replay()  # type: ignore[attr-defined]
+    wait_caught_up(env.topology)
+    return outcomes, on_primary
+
+
+def _generate(work: queue.Queue[tuple[float, str, str] | None], outcomes: dict[str, Outcome],
+              users: list[str], rate: float, start: float, window: float) -> None:
+    """Open loop: arrivals at ``rate``/s for ``window`` s, classes drawn from :data:`MIX`."""
+    rng = random.Random(12)
+    classes, weights = zip(*MIX, strict=True)
+    sent = 0
+    while (now := time.monotonic()) < start + window:
+        due = int((now - start) * rate)
+        while sent < due:
+            arrival = start + sent / rate
+            cls = rng.choices(classes, weights)[0]
+            if work.qsize() > rate * MAX_BACKLOG:
+                outcomes[cls].dropped += 1
+            else:
+                work.put((arrival, cls, rng.choice(users)))
+            sent += 1
+        time.sleep(0.001)
