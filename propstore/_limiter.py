@@ -62,7 +62,7 @@ class LimiterSettings:
 
     adaptive: bool = True
     max_concurrency: int = 0
-    tolerance: float = 3.0
+    tolerance: float = 5.0
     latency_floor: float = 0.005
     min_queue: int = 8
     baseline_window: float = 60.0

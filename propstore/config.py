@@ -129,7 +129,7 @@ class RoutingSettings:
     #: A fixed ceiling on fallback reads in flight per shard primary; 0 means none.
     primary_fallback_max_concurrency: int = 0
     #: Latency above this multiple of the primary's normal latency counts as overload.
-    primary_latency_tolerance: float = 3.0
+    primary_latency_tolerance: float = 5.0
     on_stale: OnStale = "error"
     #: The default degrade policy (overrides ``on_stale`` when set).
     degrade: Degrade | None = None
@@ -157,8 +157,9 @@ class RoutingSettings:
             tolerance=self.primary_latency_tolerance,
             # Up to a pool's worth of reads in flight, none waits for a connection: slow
             # answers then are the primary's (or the machine's) business, and shedding this
-            # process's few reads would not relieve it. Past that, reads queue here.
-            min_queue=self.pool_max_size,
+            # process's few reads would not relieve it. Two pools' worth queued is a backlog
+            # (tools/ surge on a CPU-starved client shed at one pool's worth: see RESULTS).
+            min_queue=2 * self.pool_max_size,
         )
 
 
@@ -435,7 +436,7 @@ def _settings(defaults: Any, raw: Any, where: str, durations: set[str], ints: se
             values[key] = value
     if "on_stale" in values and "degrade" in values:
         raise ConfigError(f"{source}: {where}: give degrade or on_stale, not both")
-    if values.get("primary_latency_tolerance", 3.0) < 1.0:
+    if values.get("primary_latency_tolerance", 5.0) < 1.0:
         raise ConfigError(f"{source}: {where}.primary_latency_tolerance must be >= 1")
     return replace(defaults, **values)
 

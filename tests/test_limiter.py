@@ -80,7 +80,7 @@ def test_the_limit_comes_back_when_latency_does() -> None:
 
 def test_a_short_overload_does_not_become_the_new_normal() -> None:
     clock = Clock()
-    settings = LimiterSettings(baseline_window=60.0)
+    settings = LimiterSettings(baseline_window=60.0, tolerance=2.0)
     limiter = PrimaryLimiter(settings, clock)
     run(limiter, clock, demand=10, latency=0.002, seconds=2)
     run(limiter, clock, demand=10, latency=0.010, seconds=10)

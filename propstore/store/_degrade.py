@@ -109,8 +109,10 @@ def _on_primary(
     try:
         rows, node = yield from core._primary_read(shard_index, data)
     finally:
+        # No wake-up for waiting reads here: a read ends hundreds of times a second under
+        # a surge, and waking every waiter each time is a thundering herd. Waiters recheck
+        # the primary's room at each monitor observation of the shard instead.
         core.primary_limiters[shard_index].done(time.monotonic() - began)
-        core.changes.notify(shard_index)
     return decode(rows), ReadResult(None, None, core.shard_names[shard_index], node, False,
                                     None, 0.0, reason, "primary")
 
@@ -185,7 +187,8 @@ def _primary_state(core: StoreCore, shard_index: int, shed: ShedReason) -> str:
 
 class Changes:
     """Wakes reads waiting on a shard under :meth:`Degrade.wait`: the monitor calls
-    :meth:`notify` after each change of the shard's view, a primary read when it ends.
+    :meth:`notify` after each observation of one of the shard's nodes (a few per poll
+    interval), when a waiting read rechecks both the replicas and the primary's room.
 
     Sync waiters block on a condition; async ones await a future resolved through their
     own loop (the monitor may run in another thread). Holds one entry per read waiting now,

@@ -82,9 +82,9 @@ class Exec:
 
 @dataclass(frozen=True, slots=True)
 class Wait:
-    """A request from a program: resume me once the shard's monitor view changed or its
-    primary has room (whichever first), or at ``until`` (monotonic) at the latest. The
-    driver holds no connection while waiting and sends back None."""
+    """A request from a program: resume me at the monitor's next observation of the shard,
+    or at ``until`` (monotonic) at the latest. The driver holds no connection while
+    waiting and sends back ``(None, [])``."""
 
     shard_index: int
     until: float
