@@ -19,7 +19,7 @@ import psycopg
 import structlog
 from psycopg import sql
 
-from propstore.sandbox._datadir import DATABASE, SERVER_SETTINGS, SUPERUSER
+from propstore.sandbox._datadir import DATABASE, NODE_CONF, SUPERUSER, settings_text
 from propstore.sandbox._errors import SandboxError
 from propstore.sandbox._node import LocalNode
 from propstore.sandbox._replication import Role, SqlNode
@@ -52,11 +52,12 @@ def missing(owner: str, name: str, why: str) -> NoReturn:
     raise CapabilityMissing(f"the container cluster lacks {owner}.{name}: {why}")
 
 
-def _server_flags(name: str, port: int) -> str:
-    settings = {**SERVER_SETTINGS, "port": str(port), "cluster_name": name,
-                "unix_socket_directories": "/tmp"}
-    return " ".join(f"-c {shlex.quote(f'{key}={value.strip(chr(39))}')}"
-                    for key, value in settings.items())
+def _node_conf(name: str, port: int) -> str:
+    # As in the local cluster: shared settings in postgresql.conf (so ALTER SYSTEM, which the
+    # config rollout uses, still wins over them), per-node ones in node.conf, included last
+    # and rewritten at every start (a clone copies its primary's).
+    text = f"port = {port}\ncluster_name = '{name}'\nunix_socket_directories = '/tmp'\n"
+    return f"printf '%s' {shlex.quote(text)} > {_DATA}/{NODE_CONF}"
 
 
 def primary_script(name: str, port: int) -> str:
@@ -65,8 +66,9 @@ def primary_script(name: str, port: int) -> str:
     return (
         f"set -e; {_FIND_BIN}; "
         f"if [ ! -s {_DATA}/PG_VERSION ]; then \"$bin/initdb\" -D {_DATA} {_INITDB} >/dev/null; "
+        f"printf '%s' {shlex.quote(settings_text())} >> {_DATA}/postgresql.conf; "
         f"printf '%s\\n' {hba} > {_DATA}/pg_hba.conf; fi; "
-        f"exec \"$bin/postgres\" -D {_DATA} {_server_flags(name, port)}"
+        f"{_node_conf(name, port)}; exec \"$bin/postgres\" -D {_DATA}"
     )
 
 
@@ -81,7 +83,7 @@ def replica_script(name: str, port: int, upstream_port: int) -> str:
         f"if [ ! -s {_DATA}/PG_VERSION ]; then rm -rf {_DATA}; "
         f"\"$bin/pg_basebackup\" -D {_DATA} -d {shlex.quote(source)} -R -X stream -C "
         f"-S {name.replace('-', '_')} --checkpoint=fast --no-sync --no-manifest; fi; "
-        f"exec \"$bin/postgres\" -D {_DATA} {_server_flags(name, port)}"
+        f"{_node_conf(name, port)}; exec \"$bin/postgres\" -D {_DATA}"
     )
 
 
