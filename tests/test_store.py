@@ -289,7 +289,10 @@ def test_promoted_replica_takes_writes_after_rediscovery(cluster_factory: Any) -
     upgrade(private.shards[0].primary.dsn)
     private.wait_caught_up()
     assert private.config_path is not None
-    with PropertyStore(Topology.load(private.config_path)) as store:
+    topology = Topology.load(private.config_path)
+    retry_time = topology.routing.write_retry_time  # what the caller configured
+    assert retry_time == claims.WRITE_RETRY_TIME
+    with PropertyStore(topology) as store:
         token = store.set("acme", "f1", {"v": 1})
         wait_for(lambda: store.read("acme", "f1", after=token).from_replica)
         private.shards[0].primary.kill()
@@ -297,7 +300,6 @@ def test_promoted_replica_takes_writes_after_rediscovery(cluster_factory: Any) -
         with pytest.raises(ShardUnavailableError, match="shard0"):
             store.set("acme", "f1", {"v": 2})
         took = time.monotonic() - started
-        retry_time = store.topology.routing.write_retry_time
         assert retry_time <= took <= retry_time + claims.WRITE_FAILURE_ALLOWANCE
         private.shards[0].replicas[0].promote()
         wait_for(lambda: store.shard_views()[0].primary is not None and
