@@ -300,6 +300,7 @@ def test_promoted_replica_takes_writes_after_rediscovery(cluster_factory: Any) -
         with pytest.raises(ShardUnavailableError, match="shard0"):
             store.set("acme", "f1", {"v": 2})
         took = time.monotonic() - started
+        print(f"promoted: write to the killed primary failed after {took:.3f}s")
         assert retry_time <= took <= retry_time + claims.WRITE_FAILURE_ALLOWANCE
         private.shards[0].replicas[0].promote()
         wait_for(lambda: store.shard_views()[0].primary is not None and
