@@ -212,8 +212,7 @@ def test_failover_is_followed_and_no_acknowledged_write_is_lost(cluster_factory:
     # Reads and token reads may meet the primary mid-failover (ShardUnavailableError);
     # never a stale answer or a refusal to fall back.
     report.check(errors_allowed=True)
-    assert set(report.errors) <= {"read:ShardUnavailableError",
-                                  "token_read:ShardUnavailableError"}, report.errors
+    assert set(report.errors) <= {"read:ShardUnavailableError"}, report.errors
 
 
 def test_replica_refusing_connections_falls_back_and_logs(
