@@ -1,8 +1,12 @@
-"""Every SQL statement propstore sends, prepared once per pooled connection.
+"""Every SQL statement propstore sends, by name.
 
-All values travel as bind parameters (``$n``); nothing is ever formatted into SQL text. The
-statements are prepared on each new connection (``PREPARE``), so a read costs one Bind and
-Execute on the wire and no parse or plan on the server.
+All values travel as bind parameters (``$n``); nothing is ever formatted into SQL text.
+Where a connection keeps its server (direct, TCP proxy, session pooler) the statements are
+prepared once per connection at the protocol level (Parse with a name), so a read costs one
+Bind and Execute and no parse or plan on the server. Behind a transaction pooler each is
+sent as an unnamed statement with its Sync in the same batch (``_wire``): one transaction,
+so one server connection, which PgBouncer 1.18 accepts. SQL ``PREPARE`` is never used by
+the store: PgBouncer passes it through untracked and it collides across server connections.
 """
 
 from __future__ import annotations
@@ -21,6 +25,14 @@ REPLACE: Final = b"propstore_replace"
 UNSET: Final = b"propstore_unset"
 DELETE: Final = b"propstore_delete"
 POLL: Final = b"propstore_poll"
+IDENTITY: Final = b"propstore_identity"
+
+#: Who answers (``proof.ServerRun``) and the server-side backend pid: a pooler shows a
+#: BackendKeyData pid of its own, a direct connection or TCP proxy the server's.
+IDENTITY_COLUMNS: Final = (
+    "(SELECT system_identifier FROM pg_control_system()), inet_server_addr(),"
+    " inet_server_port(), pg_postmaster_start_time()::text, pg_backend_pid()"
+)
 
 # Timelines (REPLAY_LSN, POLL; the text is repeated, not formatted, so that every statement
 # is a literal). A standby's is the receiver's while it runs (WAL replayed on an older
@@ -73,11 +85,14 @@ STATEMENTS: Final[dict[bytes, str]] = {
         " WHERE tenant_id = $1 AND user_id = $2 RETURNING version"
     ),
     DELETE: "DELETE FROM user_properties WHERE tenant_id = $1 AND user_id = $2",
+    IDENTITY: "SELECT " + IDENTITY_COLUMNS,
     # The monitor's poll: role, the LSN that matters for the role, receive position, replay
     # pause and whether a WAL receiver is streaming (a disconnected receiver is not lag 0),
     # the system identifier, the hot-standby parameters (current_setting: cheap, no
     # pg_settings scan: a standby paused with one below its primary's is paused for
     # insufficient settings) and the timeline of the node's WAL.
+    # Then (from column 8) the identity of the server run that answered, so the observation
+    # is a fact about that run and nothing else (``proof``).
     POLL: (
         "SELECT pg_is_in_recovery(),"
         " CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
@@ -95,19 +110,27 @@ STATEMENTS: Final[dict[bytes, str]] = {
         " GREATEST((SELECT timeline_id FROM pg_control_checkpoint()),"
         " (SELECT min_recovery_end_timeline FROM pg_control_recovery())))"
         " ELSE ('x' || substr(pg_walfile_name(pg_current_wal_flush_lsn()), 1, 8))::bit(32)::int"
-        " END"
+        " END,"
+        # = IDENTITY_COLUMNS (written out: SQL is never built by concatenation here)
+        " (SELECT system_identifier FROM pg_control_system()), inet_server_addr(),"
+        " inet_server_port(), pg_postmaster_start_time()::text, pg_backend_pid()"
     ),
 }
 
-#: Statements a pooled read/write connection needs (the monitor prepares only POLL).
-DATA_STATEMENTS: Final = (
-    REPLAY_LSN, FLUSH_LSN, INSERT_LSN, IS_PRIMARY, GET, GET_MANY, MERGE, REPLACE, UNSET,
-    DELETE,
-)
+#: Statement texts as bytes, for unnamed (Parse with an empty name) execution.
+TEXT: Final[dict[bytes, bytes]] = {name: sql.encode() for name, sql in STATEMENTS.items()}
+
+
+#: Statements a pooled read/write connection needs that do not touch the table.
+BASE_STATEMENTS: Final = (REPLAY_LSN, FLUSH_LSN, INSERT_LSN, IS_PRIMARY)
+#: Statements on ``user_properties`` (they fail to prepare before the shard is migrated).
+TABLE_STATEMENTS: Final = (GET, GET_MANY, MERGE, REPLACE, UNSET, DELETE)
+DATA_STATEMENTS: Final = BASE_STATEMENTS + TABLE_STATEMENTS
 
 
 def prepare_sql(name: bytes) -> str:
-    """The ``PREPARE`` command for a statement."""
+    """The SQL ``PREPARE`` command for a statement (for direct connections only; the store
+    prepares at the protocol level instead)."""
     return f"PREPARE {name.decode()} AS {STATEMENTS[name]}"
 
 

@@ -11,7 +11,12 @@ the connection is closed, never cancelled.
 
 Also needed for soundness: pipeline mode sends ``SELECT pg_last_wal_replay_lsn()`` and the
 data query in one round trip, the LSN statement first, so the LSN is read before the data
-query takes its snapshot.
+query takes its snapshot. One Sync ends the batch, so it is one implicit transaction and,
+behind a transaction pooler, runs on one server connection.
+
+Statements go by name (``named=True``: prepared on the connection at the protocol level by
+:func:`prepare`) or unnamed (Parse with the empty name, then Bind/Execute, in the same batch
+as its Sync): the form a transaction pooler that tracks no prepared statements accepts.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from dataclasses import dataclass
 import psycopg
 import psycopg.errors
 from psycopg import pq
+
+from propstore._sql import STATEMENTS, TEXT
 
 _READ = 1
 _WRITE = 2
@@ -46,8 +53,15 @@ class Statement:
     params: Params = ()
 
 
+def _send(pgconn: pq.abc.PGconn, statement: Statement, named: bool) -> None:
+    if named:
+        pgconn.send_query_prepared(statement.name, statement.params)
+    else:
+        pgconn.send_query_params(TEXT[statement.name], statement.params)
+
+
 def _exchange(
-    pgconn: pq.abc.PGconn, statements: Sequence[Statement], commit_each: bool
+    pgconn: pq.abc.PGconn, statements: Sequence[Statement], commit_each: bool, named: bool
 ) -> Generator[int, int, list[pq.abc.PGresult]]:
     """Send ``statements`` in one round trip; return one result per statement.
 
@@ -57,19 +71,33 @@ def _exchange(
     """
     single = len(statements) == 1
     if single:
-        pgconn.send_query_prepared(statements[0].name, statements[0].params)
+        _send(pgconn, statements[0], named)
     else:
         pgconn.enter_pipeline_mode()
         for statement in statements:
-            pgconn.send_query_prepared(statement.name, statement.params)
+            _send(pgconn, statement, named)
             if commit_each:
                 pgconn.pipeline_sync()
         if not commit_each:
             pgconn.pipeline_sync()
+    return (yield from _collect(pgconn, single, len(statements) if commit_each else 1))
+
+
+def _parse_all(pgconn: pq.abc.PGconn, names: Sequence[bytes]
+               ) -> Generator[int, int, list[pq.abc.PGresult]]:
+    """Prepare ``names`` at the protocol level (one Parse each, one Sync, one round trip)."""
+    pgconn.enter_pipeline_mode()
+    for name in names:
+        pgconn.send_prepare(name, STATEMENTS[name].encode())
+    pgconn.pipeline_sync()
+    return (yield from _collect(pgconn, False, 1))
+
+
+def _collect(pgconn: pq.abc.PGconn, single: bool, syncs_expected: int
+             ) -> Generator[int, int, list[pq.abc.PGresult]]:
     while pgconn.flush():
         if (yield _READ | _WRITE) & _READ:
             pgconn.consume_input()
-    syncs_expected = 0 if single else (len(statements) if commit_each else 1)
     syncs = 0
     results: list[pq.abc.PGresult] = []
     done = False
@@ -130,14 +158,33 @@ def execute(
     deadline: float,
     *,
     commit_each: bool = False,
+    named: bool = True,
 ) -> list[pq.abc.PGresult]:
     """Run ``statements`` on a sync connection; ``deadline`` is a ``time.monotonic()`` time.
 
+    ``named``: by their prepared names (see :func:`prepare`), else as unnamed statements.
     Raises :class:`DeadlineExceeded` (after closing the connection) or a ``psycopg.Error``.
     """
+    return _drive(conn, _exchange(conn.pgconn, statements, commit_each, named), deadline)
+
+
+def prepare(conn: psycopg.Connection[object], names: Sequence[bytes], deadline: float
+            ) -> None:
+    """Prepare the statements ``names`` on ``conn`` at the protocol level (Parse by name)."""
+    _drive(conn, _parse_all(conn.pgconn, names), deadline)
+
+
+async def prepare_async(conn: psycopg.AsyncConnection[object], names: Sequence[bytes],
+                        deadline: float) -> None:
+    """:func:`prepare` for asyncio."""
+    await _drive_async(conn, _parse_all(conn.pgconn, names), deadline)
+
+
+def _drive(conn: psycopg.Connection[object],
+           gen: Generator[int, int, list[pq.abc.PGresult]], deadline: float
+           ) -> list[pq.abc.PGresult]:
     pgconn = conn.pgconn
     fd = pgconn.socket
-    gen = _exchange(pgconn, statements, commit_each)
     poller = select.poll()
     try:
         wait = next(gen)
@@ -183,12 +230,20 @@ async def execute_async(
     deadline: float,
     *,
     commit_each: bool = False,
+    named: bool = True,
 ) -> list[pq.abc.PGresult]:
     """:func:`execute` for asyncio: waits on the event loop, never blocks it."""
+    return await _drive_async(
+        conn, _exchange(conn.pgconn, statements, commit_each, named), deadline
+    )
+
+
+async def _drive_async(conn: psycopg.AsyncConnection[object],
+                       gen: Generator[int, int, list[pq.abc.PGresult]], deadline: float
+                       ) -> list[pq.abc.PGresult]:
     pgconn = conn.pgconn
     fd = pgconn.socket
     loop = asyncio.get_running_loop()
-    gen = _exchange(pgconn, statements, commit_each)
     try:
         wait = next(gen)
         while True:

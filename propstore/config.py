@@ -23,6 +23,7 @@ from propstore._limiter import LimiterSettings
 from propstore.degrade import Degrade
 from propstore.errors import ConfigError, InvalidInputError
 from propstore.freshness import Freshness
+from propstore.proof import VIA_CHOICES, Via
 from propstore.sharding import DEFAULT_BUCKET_COUNT, BucketMap, BucketRange, bucket_of
 
 OnStale = Literal["error", "serve"]
@@ -41,11 +42,17 @@ def redact_dsn(dsn: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
-    """One PostgreSQL server: its name, connection string and the role the file expects."""
+    """One PostgreSQL server: its name, connection string and the role the file expects.
+
+    ``via`` says how the DSN reaches the server (``auto``, ``direct``, ``session_pooler``,
+    ``transaction_pooler`` or ``load_balancer``; see docs/deployment.md): it decides which
+    proofs a read on this node may reuse.
+    """
 
     name: str
     dsn: str = field(repr=False)
     role: Literal["primary", "replica"]
+    via: Via = "auto"
 
     @property
     def address(self) -> str:
@@ -165,7 +172,7 @@ class RoutingSettings:
 
 _TOP_KEYS = {"bucket_count", "default_profile", "monitor", "routing", "profiles", "shards"}
 _SHARD_KEYS = {"name", "buckets", "primary", "replicas"}
-_NODE_KEYS = {"name", "dsn"}
+_NODE_KEYS = {"name", "dsn", "via"}
 _PROFILE_KEYS = {"max_staleness", "on_stale", "degrade"}
 _MONITOR_DURATIONS = {"interval", "poll_timeout", "max_backoff"}
 _MONITOR_INTS = {"history_size", "failures_before_down"}
@@ -332,11 +339,13 @@ def _duration(value: object, key: str, source: str) -> float:
 
 def _node(raw: Any, default_name: str, role: Literal["primary", "replica"], where: str,
           source: str, password: str | None) -> NodeConfig:
+    via: Any = "auto"
     if isinstance(raw, str):
         name, dsn = default_name, raw
     else:
         _no_unknown(raw, _NODE_KEYS, source, where)
         name, dsn = raw.get("name", default_name), raw.get("dsn")
+        via = raw.get("via", "auto")
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ConfigError(f"{source}: {where}: node name {name!r} must match {_NAME_RE.pattern}")
     if not isinstance(dsn, str) or not dsn.strip():
@@ -345,9 +354,15 @@ def _node(raw: Any, default_name: str, role: Literal["primary", "replica"], wher
         params = psycopg.conninfo.conninfo_to_dict(dsn)
     except psycopg.ProgrammingError:
         raise ConfigError(f"{source}: {where}: node {name} has an unparsable dsn") from None
+    if via not in VIA_CHOICES:
+        raise ConfigError(
+            f"{source}: {where}: node {name}: via = {via!r} is not one of "
+            f"{', '.join(repr(v) for v in VIA_CHOICES)} (how the dsn reaches the server; "
+            "see docs/deployment.md)"
+        )
     if password and "password" not in params:
         dsn = psycopg.conninfo.make_conninfo(dsn, password=password)
-    return NodeConfig(name=name, dsn=dsn, role=role)
+    return NodeConfig(name=name, dsn=dsn, role=role, via=via)
 
 
 def _shard(raw: Any, index: int, source: str, password: str | None) -> ShardConfig:

@@ -38,6 +38,8 @@ class ClaimsReport:
 
     reads: int = 0
     replica_reads: int = 0
+    #: Budget reads (not token reads) a replica served.
+    budget_replica_reads: int = 0
     token_reads: int = 0
     writes: int = 0
     budget_violations: int = 0
@@ -47,6 +49,10 @@ class ClaimsReport:
     proofs: Counter[str] = field(default_factory=Counter)
     reasons: Counter[str] = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
+    #: Log events captured while the load ran (``structlog.testing.capture_logs``).
+    events: list[dict[str, Any]] = field(default_factory=list)
+    #: Seconds into the load of the first and last ``replica_down`` fallback.
+    down_window: tuple[float, float] | None = None
 
     @property
     def replica_share(self) -> float:
@@ -54,13 +60,21 @@ class ClaimsReport:
         total = self.reads + self.token_reads
         return self.replica_reads / total if total else 0.0
 
+    @property
+    def budget_replica_share(self) -> float:
+        """Share of budget reads a replica served (token reads right after their write
+        often need the primary: the replica may not have replayed it yet)."""
+        return self.budget_replica_reads / self.reads if self.reads else 0.0
+
     def summary(self) -> str:
         """One line for test output."""
         return (f"{self.reads} reads + {self.token_reads} token reads "
-                f"({self.replica_share:.0%} replica), {self.writes} writes, "
+                f"({self.replica_share:.0%} replica, budget reads "
+                f"{self.budget_replica_share:.1%}), {self.writes} writes, "
                 f"violations {self.budget_violations}, false claims {self.false_claims}, "
                 f"missed own writes {self.missed_own_writes}, proofs {dict(self.proofs)}, "
-                f"reasons {dict(self.reasons)}, errors {dict(self.errors)}")
+                f"reasons {dict(self.reasons)}, errors {dict(self.errors)}, "
+                f"replica_down between {self.down_window} s")
 
 
 class _Acks:
@@ -99,6 +113,7 @@ class ClaimsLoad:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._crashes: list[str] = []
+        self._began = time.monotonic()
         owned = [list(users[i::writers]) for i in range(writers)]
         self._threads = [
             *(threading.Thread(target=self._guard, args=(self._writer, mine, i), daemon=True)
@@ -192,8 +207,13 @@ class ClaimsLoad:
                 report = self.report
                 report.reads += 1
                 report.replica_reads += result.from_replica
+                report.budget_replica_reads += result.from_replica
                 report.proofs[result.proof] += 1
                 report.reasons[result.fallback_reason or "fresh"] += 1
+                if result.fallback_reason == "replica_down":
+                    at = round(started - self._began, 3)
+                    first = report.down_window[0] if report.down_window else at
+                    report.down_window = (first, at)
                 floor = self._acks.before(user, started - budget)
                 if got < floor or result.staleness_bound > budget:
                     report.budget_violations += 1

@@ -2,7 +2,8 @@
 
 One coroutine per node, all on one event loop: in the caller's loop for
 :class:`~propstore.AsyncPropertyStore`, or in a background thread for the sync store, so both
-share this code. Each poll is one prepared statement with a hard deadline (``_wire``); an
+share this code. Each poll is one unnamed statement (so it runs behind any pooler) with a
+hard deadline (``_wire``), and reports the server run that answered it (``proof``); an
 unreachable node is reconnected by tenacity with jittered exponential backoff.
 """
 
@@ -35,6 +36,7 @@ from propstore.monitor._state import (
     parse_hot_standby_settings,
     with_timelines,
 )
+from propstore.proof import ServerRun
 from propstore.timeline import TimelineHistory, history_file_name
 
 log = structlog.get_logger("propstore.monitor")
@@ -220,7 +222,6 @@ class LagMonitor:
             connect_timeout=max(2, round(self.topology.routing.connect_timeout)),
             application_name="propstore-monitor",
         )
-        await conn.execute(_sql.prepare_sql(_sql.POLL))
         return conn
 
     async def _watch(
@@ -255,14 +256,14 @@ class LagMonitor:
                 sent_at = clock()
                 try:
                     (result,) = await execute_async(
-                        active, poll, time.monotonic() + settings.poll_timeout
+                        active, poll, time.monotonic() + settings.poll_timeout, named=False
                     )
                 except (DeadlineExceeded, psycopg.Error) as exc:
                     self.state.fail(shard_index, node_index, _describe(exc))
                     await active.close()
                     conn = None
                 else:
-                    row = [result.get_value(0, c) for c in range(8)]
+                    row = [result.get_value(0, c) for c in range(13)]
                     timeline = int(row[7]) if row[7] else None
                     if row[0] != b"t" and self.state.history_missing(shard_index, timeline):
                         # Before the observation: a new primary's history decides which old
@@ -282,6 +283,9 @@ class LagMonitor:
                         system_id=int(row[5]) if row[5] else None,
                         hot_standby_settings=parse_hot_standby_settings(row[6]),
                         timeline=timeline,
+                        run=ServerRun.from_row(tuple(row[8:12])),
+                        pooler_seen=bool(row[12]) and int(row[12] or 0) != (
+                            active.pgconn.backend_pid),
                     ))
                 polled(key)
                 # Jitter so that many processes do not poll a node in step.

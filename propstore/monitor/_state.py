@@ -23,6 +23,7 @@ from typing import Literal
 
 from propstore.config import NodeConfig, ShardConfig
 from propstore.lsn import LSN
+from propstore.proof import ServerRun, Sighting, add_sighting
 from propstore.timeline import TimelineHistory
 
 NodeRole = Literal["primary", "replica"]
@@ -53,6 +54,10 @@ class Observation:
     hot_standby_settings: tuple[int, ...] | None = None
     #: The timeline of the node's WAL (see ``_sql.POLL``); None if the server did not say.
     timeline: int | None = None
+    #: The server run that answered the poll (None when it could not be read).
+    run: ServerRun | None = None
+    #: A pooler sits between the monitor and the server (BackendKeyData pid != backend pid).
+    pooler_seen: bool = False
 
 
 def parse_hot_standby_settings(value: bytes | None) -> tuple[int, ...] | None:
@@ -132,6 +137,12 @@ class NodeView:
     timeline: int | None = None
     #: Seen as a primary, then in recovery: its WAL may hold writes no new primary has.
     demoted: bool = False
+    #: Facts of recent polls, one per server run, newest first: a read reuses one only
+    #: when ``proof.covers`` shows it runs on that run (several behind a load balancer).
+    sightings: tuple[Sighting, ...] = ()
+    #: The server run the latest poll reached, and whether a pooler stood in between.
+    run: ServerRun | None = None
+    pooler_seen: bool = False
     failures: int = 0
     last_error: str | None = None
     last_poll_at: float | None = None
@@ -243,6 +254,10 @@ def apply_observation(
         hot_standby_settings=obs.hot_standby_settings,
         timeline=_timeline(old, role, obs.timeline),
         demoted=old.demoted or (old.role == "primary" and role == "replica"),
+        sightings=old.sightings if obs.run is None else add_sighting(
+            old.sightings, Sighting(obs.run, obs.sent_at, obs.in_recovery, obs.lsn)),
+        run=obs.run,
+        pooler_seen=obs.pooler_seen,
         failures=0,
         last_error=None,
         last_poll_at=obs.sent_at,

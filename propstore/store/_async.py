@@ -32,7 +32,14 @@ from propstore.store._core import (
     StoreCore,
     is_retryable_write_error,
 )
-from propstore.store._pool import SCHEMA_MISSING, AsyncNodeConnection, async_pool, prepare_async
+from propstore.store._pool import (
+    SCHEMA_MISSING,
+    STATEMENT_LOST,
+    AsyncNodeConnection,
+    NodeReach,
+    async_pool,
+    prepare_async,
+)
 from propstore.store._program import Request, Wait
 from propstore.store._sync import _VALIDITY_SLICE, Budget, config_path
 from propstore.timeline import WriteMark
@@ -48,8 +55,10 @@ class AsyncPropertyStore:
         """Prepare the store; :meth:`start` (or ``async with``) opens pools and monitor."""
         self.topology = topology
         self._core = StoreCore(topology)
+        self._reach = {node.name: NodeReach(node)
+                       for shard in topology.shards for node in shard.nodes}
         self._pools: dict[str, AsyncConnectionPool[AsyncNodeConnection]] = {
-            node.name: async_pool(node, topology.routing)
+            node.name: async_pool(node, topology.routing, self._reach[node.name])
             for shard in topology.shards for node in shard.nodes
         }
         self.monitor = LagMonitor(topology, self._core.state)
@@ -188,12 +197,24 @@ class AsyncPropertyStore:
             conn: AsyncNodeConnection | None = None
             try:
                 conn = await self._checkout(pool, op)
+                reach = self._reach[op.node.name]
+                reach.refresh(conn)
                 if conn.propstore_schema_missing and not await prepare_async(conn):
                     raise psycopg.errors.UndefinedTable(SCHEMA_MISSING)
                 statements, commit_each = op.plan(conn)
-                results = await _wire.execute_async(
-                    conn, statements, op.deadline, commit_each=commit_each
-                )
+                try:
+                    results = await _wire.execute_async(
+                        conn, statements, op.deadline, commit_each=commit_each,
+                        named=conn.propstore_named,
+                    )
+                except STATEMENT_LOST as lost:
+                    # See PropertyStore._run: re-plan and resend unnamed (never a write).
+                    reach.lost_statements(conn, lost)
+                    if commit_each:
+                        raise
+                    statements, commit_each = op.plan(conn)
+                    results = await _wire.execute_async(conn, statements, op.deadline,
+                                                        named=False)
             except (psycopg.Error, _wire.DeadlineExceeded) as exc:
                 if conn is not None:
                     await pool.putconn(conn)

@@ -55,11 +55,12 @@ from propstore.errors import (
 from propstore.freshness import STRONG, Freshness, Token, coerce_token
 from propstore.lsn import LSN
 from propstore.monitor import MonitorState, NodeView, ShardView
+from propstore.proof import Proof, known_lsn, primary_proven, remember
 from propstore.router import FallbackLimiter, FallbackReason, RouteDecision, route
 from propstore.store import _degrade
 
 # Re-exported (``X as X``): the drivers and the package import these from here.
-from propstore.store._program import ConnState, Proof, Request, Response, fixed
+from propstore.store._program import ConnState, Request, Response, fixed
 from propstore.store._program import Exec as Exec
 from propstore.store._program import Program as Program
 from propstore.store._program import Props as Props
@@ -409,7 +410,7 @@ class StoreCore:
             def plan(conn: ConnState, node: NodeView = cand.node,
                      proven: list[tuple[LSN, Proof]] = proven
                      ) -> tuple[Sequence[Statement], bool]:
-                known = _known_lsn(node, conn)
+                known = known_lsn(node.sightings, conn)
                 if known is not None:
                     bound = decision.shard.history.bound(known[0], started)
                     if freshness.admits(shard, known[0], bound):
@@ -453,8 +454,7 @@ class StoreCore:
                 if not freshness.admits(shard, lsn, bound):
                     reason = "replica_stale"
                     continue
-                if conn.propstore_verified_lsn is None or lsn > conn.propstore_verified_lsn:
-                    conn.propstore_verified_lsn = lsn
+                remember(conn, lsn)
             # Both views' samples are sound facts; the proof may have used the older one
             # (a new primary's history starts empty).
             bound = min(self.state.view(shard_index).history.bound(lsn, started),
@@ -475,11 +475,9 @@ class StoreCore:
             raise ShardUnavailableError(view.name, f"no primary observed ({_observed_roles(view)})")
 
         def plan(conn: ConnState) -> tuple[Sequence[Statement], bool]:
-            # A connection opened before a poll that saw this node as primary is still on a
-            # primary (demotion needs a restart, which ends it); otherwise check in-line.
-            if node.role == "primary" and node.observed_at is not None and (
-                conn.propstore_opened_at < node.observed_at
-            ):
+            # A poll that saw this connection's server run as a primary after it opened
+            # proves it (demotion needs a restart, which ends it); otherwise check in-line.
+            if primary_proven(node.sightings, conn):
                 return (data,), False
             return (Statement(_sql.IS_PRIMARY), data), False
 
@@ -681,23 +679,6 @@ class StoreCore:
             return InvalidInputError("props", f"refused by the database: {_describe(exc)}")
         # Permissions, a missing table (not migrated), ...: a deployment problem, not input.
         return PropStoreError(f"shard {shard}: write refused by {node.name}: {_describe(exc)}")
-
-
-def _known_lsn(node: NodeView, conn: ConnState) -> tuple[LSN, Proof] | None:
-    """The newest replay LSN provably reached by the server behind ``conn``.
-
-    The monitor's observation counts only if ``conn`` was open before the poll was sent:
-    a crash-restart can reopen a standby *behind* what it showed, but it ends every
-    connection, so a live connection older than the poll is on the same server run.
-    """
-    best: tuple[LSN, Proof] | None = None
-    if conn.propstore_verified_lsn is not None:
-        best = (conn.propstore_verified_lsn, "connection")
-    if node.lsn is not None and node.observed_at is not None and (
-        conn.propstore_opened_at < node.observed_at
-    ) and (best is None or node.lsn > best[0]):
-        best = (node.lsn, "monitor")
-    return best
 
 
 def _on_history(view: ShardView, result: Any, lsn: LSN) -> bool:

@@ -1,29 +1,50 @@
-"""One bounded psycopg-pool per node; connections that remember what they have proven."""
+"""One bounded psycopg-pool per node; connections that know which server run they are on.
+
+When a connection opens it learns, in-band, the identity of the server run that answered
+(``proof.ServerRun``) and whether a pooler sits in between (the BackendKeyData pid libpq got
+differs from ``pg_backend_pid()``: PgBouncer issues keys of its own, a TCP proxy passes the
+server's through). With the node's declared ``via`` that decides whether the connection
+keeps its server for life (facts about that run may prove its reads) and whether its
+statements are prepared by name at the protocol level or sent unnamed (transaction pooling).
+"""
 
 from __future__ import annotations
 
 import math
+import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+import structlog
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from propstore import _sql
+from propstore import _sql, _wire, proof
 from propstore.config import NodeConfig, RoutingSettings
 from propstore.lsn import LSN
 
-_PREPARE = [_sql.prepare_sql(name) for name in _sql.DATA_STATEMENTS]
-_NO_TABLE = [_sql.prepare_sql(name) for name in (_sql.REPLAY_LSN, _sql.FLUSH_LSN,
-                                                  _sql.INSERT_LSN, _sql.IS_PRIMARY)]
+log = structlog.get_logger("propstore.store")
+
+_IDENTITY = [_wire.Statement(_sql.IDENTITY)]
+#: Errors a named statement gets when the connection changed server under it (a pooler
+#: that does not track protocol-level prepared statements, in transaction mode).
+STATEMENT_LOST = (psycopg.errors.InvalidSqlStatementName,
+                  psycopg.errors.DuplicatePreparedStatement)
 
 
 class NodeConnection(psycopg.Connection[Any]):
-    """A pooled connection plus the facts the fast path relies on (see ``_core``)."""
+    """A pooled connection plus what the fast path relies on (see ``proof``)."""
 
     #: ``time.monotonic()`` once the connection was open (an upper bound of its open time).
     propstore_opened_at: float = math.inf
-    #: Newest replay LSN verified *through this connection*: holds for its whole life.
+    #: The server run the connection reached when it opened.
+    propstore_run: proof.ServerRun | None = None
+    #: Whether it provably stays on that run for life (else no connection-scoped facts).
+    propstore_keeps_server: bool = False
+    #: Statements are prepared on it by name (else sent unnamed, with their Sync).
+    propstore_named: bool = False
+    #: Newest replay LSN verified *through this connection* (only where it keeps its server).
     propstore_verified_lsn: LSN | None = None
     #: The database has no ``user_properties`` table (shard not migrated).
     propstore_schema_missing: bool = False
@@ -33,6 +54,9 @@ class AsyncNodeConnection(psycopg.AsyncConnection[Any]):
     """The asyncio twin of :class:`NodeConnection`."""
 
     propstore_opened_at: float = math.inf
+    propstore_run: proof.ServerRun | None = None
+    propstore_keeps_server: bool = False
+    propstore_named: bool = False
     propstore_verified_lsn: LSN | None = None
     propstore_schema_missing: bool = False
 
@@ -43,53 +67,114 @@ SCHEMA_MISSING = (
 )
 
 
-def prepare(conn: NodeConnection) -> bool:
-    """Prepare every statement on ``conn``; False (and flagged) when the table is missing.
+@dataclass
+class NodeReach:
+    """What the store learned about how one node is reached (shared by its pool and reads).
+
+    ``statements_lost``: a named statement failed the way it does when a pooler moves the
+    connection between servers; from then on the node gets no connection-scoped facts and
+    only unnamed statements, and one event says so.
+    """
+
+    node: NodeConfig
+    pooler_seen: bool | None = None
+    statements_lost: bool = False
+    _logged: set[str] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def mode(self) -> str:
+        """How reads on this node are proven, in a few words (for ``propstore lag``)."""
+        return proof.describe_mode(self.node.via, self.pooler_seen, self.statements_lost)
+
+    def learned(self, conn: NodeConnection | AsyncNodeConnection,
+                row: tuple[bytes | None, ...]) -> None:
+        """Record an opened connection's identity row and decide what it may reuse."""
+        conn.propstore_run = proof.ServerRun.from_row(row)
+        backend_pid = int(row[4]) if row[4] else None
+        pooler_seen = backend_pid is not None and backend_pid != conn.pgconn.backend_pid
+        self.pooler_seen = pooler_seen
+        keeps = proof.keeps_server(self.node.via, pooler_seen) and not self.statements_lost
+        conn.propstore_keeps_server = conn.propstore_named = keeps
+        if pooler_seen and self.node.via in ("direct", "load_balancer"):
+            self._once("via_mismatch", log.warning, via=self.node.via,
+                       found="a pooler (the server's backend pid differs from the key "
+                       "libpq received)",
+                       fix='set via = "session_pooler" or "transaction_pooler" for this node; '
+                       "until then every read is verified in its own round trip")
+        elif pooler_seen and self.node.via == "auto":
+            self._once("pooler_detected", log.info,
+                       mode="transaction pooler: per-read proofs only",
+                       fix='if it pools sessions, set via = "session_pooler" to reuse proofs')
+
+    def lost_statements(self, conn: NodeConnection | AsyncNodeConnection,
+                        error: BaseException) -> None:
+        """A named statement failed on ``conn`` as it does behind transaction pooling."""
+        self.statements_lost = True
+        conn.propstore_keeps_server = conn.propstore_named = False
+        conn.propstore_verified_lsn = None
+        self._once("statements_lost", log.warning, error=str(error).strip()[:200],
+                   mode="transaction pooler: per-read proofs only",
+                   fix='set via = "transaction_pooler" for this node (PgBouncer before 1.21 '
+                   "tracks no prepared statements); reads are verified per round trip now")
+
+    def refresh(self, conn: NodeConnection | AsyncNodeConnection) -> None:
+        """Apply a downgrade found on another connection of the node (one check per use)."""
+        if self.statements_lost and conn.propstore_named:
+            conn.propstore_keeps_server = conn.propstore_named = False
+            conn.propstore_verified_lsn = None
+
+    def _once(self, event: str, emit: Any, **fields: Any) -> None:
+        with self._lock:
+            if event in self._logged:
+                return
+            self._logged.add(event)
+        emit(f"node_{event}", node=self.node.name, address=self.node.address, **fields)
+
+
+def _deadline(routing: RoutingSettings) -> float:
+    return time.monotonic() + max(2.0, routing.connect_timeout)
+
+
+def prepare(conn: NodeConnection, routing: RoutingSettings | None = None) -> bool:
+    """Prepare every statement on ``conn`` by name; False (and flagged) when the table is
+    missing. Nothing to do on a connection that sends unnamed statements.
 
     A connection is kept even without the table: failing here would only surface as a pool
     timeout, while a flagged connection lets the store say what is wrong, and re-checks on
     its next use (after a migration it recovers without a reconnect).
     """
-    try:
-        if conn.propstore_schema_missing:
-            conn.execute("DEALLOCATE ALL", prepare=False)
-        for command in _PREPARE:
-            conn.execute(command, prepare=False)
-    except psycopg.errors.UndefinedTable:
+    if not conn.propstore_named:
+        return True
+    deadline = _deadline(routing or RoutingSettings())
+    if conn.propstore_schema_missing:
         conn.execute("DEALLOCATE ALL", prepare=False)
-        for command in _NO_TABLE:
-            conn.execute(command, prepare=False)
-        conn.propstore_schema_missing = True
-        return False
-    conn.propstore_schema_missing = False
-    return True
-
-
-async def prepare_async(conn: AsyncNodeConnection) -> bool:
-    """The asyncio twin of :func:`prepare`."""
+        conn.propstore_schema_missing = False
+    _wire.prepare(conn, _sql.BASE_STATEMENTS, deadline)
     try:
-        if conn.propstore_schema_missing:
-            await conn.execute("DEALLOCATE ALL", prepare=False)
-        for command in _PREPARE:
-            await conn.execute(command, prepare=False)
+        _wire.prepare(conn, _sql.TABLE_STATEMENTS, deadline)
     except psycopg.errors.UndefinedTable:
-        await conn.execute("DEALLOCATE ALL", prepare=False)
-        for command in _NO_TABLE:
-            await conn.execute(command, prepare=False)
         conn.propstore_schema_missing = True
         return False
-    conn.propstore_schema_missing = False
     return True
 
 
-def _configure(conn: NodeConnection) -> None:
-    prepare(conn)
-    conn.propstore_opened_at = time.monotonic()
-
-
-async def _configure_async(conn: AsyncNodeConnection) -> None:
-    await prepare_async(conn)
-    conn.propstore_opened_at = time.monotonic()
+async def prepare_async(conn: AsyncNodeConnection, routing: RoutingSettings | None = None
+                        ) -> bool:
+    """The asyncio twin of :func:`prepare`."""
+    if not conn.propstore_named:
+        return True
+    deadline = _deadline(routing or RoutingSettings())
+    if conn.propstore_schema_missing:
+        await conn.execute("DEALLOCATE ALL", prepare=False)
+        conn.propstore_schema_missing = False
+    await _wire.prepare_async(conn, _sql.BASE_STATEMENTS, deadline)
+    try:
+        await _wire.prepare_async(conn, _sql.TABLE_STATEMENTS, deadline)
+    except psycopg.errors.UndefinedTable:
+        conn.propstore_schema_missing = True
+        return False
+    return True
 
 
 def _kwargs(node: NodeConfig, routing: RoutingSettings) -> dict[str, Any]:
@@ -101,32 +186,49 @@ def _kwargs(node: NodeConfig, routing: RoutingSettings) -> dict[str, Any]:
     }
 
 
-def sync_pool(node: NodeConfig, routing: RoutingSettings) -> ConnectionPool[NodeConnection]:
+def sync_pool(node: NodeConfig, routing: RoutingSettings, reach: NodeReach | None = None
+              ) -> ConnectionPool[NodeConnection]:
     """An unopened pool for a node (open it with ``open(wait=False)``: a down node must not
     stop the store from starting)."""
+    known = reach or NodeReach(node)
+
+    def configure(conn: NodeConnection) -> None:
+        (row,) = _wire.execute(conn, _IDENTITY, _deadline(routing), named=False)
+        known.learned(conn, tuple(row.get_value(0, c) for c in range(5)))
+        prepare(conn, routing)
+        conn.propstore_opened_at = time.monotonic()
+
     return ConnectionPool(
         node.dsn,
         connection_class=NodeConnection,
         kwargs=_kwargs(node, routing),
         min_size=routing.pool_min_size,
         max_size=routing.pool_max_size,
-        configure=_configure,
+        configure=configure,
         name=node.name,
         open=False,
         reconnect_timeout=math.inf,
     )
 
 
-def async_pool(node: NodeConfig, routing: RoutingSettings
+def async_pool(node: NodeConfig, routing: RoutingSettings, reach: NodeReach | None = None
                ) -> AsyncConnectionPool[AsyncNodeConnection]:
     """The asyncio twin of :func:`sync_pool`."""
+    known = reach or NodeReach(node)
+
+    async def configure(conn: AsyncNodeConnection) -> None:
+        (row,) = await _wire.execute_async(conn, _IDENTITY, _deadline(routing), named=False)
+        known.learned(conn, tuple(row.get_value(0, c) for c in range(5)))
+        await prepare_async(conn, routing)
+        conn.propstore_opened_at = time.monotonic()
+
     return AsyncConnectionPool(
         node.dsn,
         connection_class=AsyncNodeConnection,
         kwargs=_kwargs(node, routing),
         min_size=routing.pool_min_size,
         max_size=routing.pool_max_size,
-        configure=_configure_async,
+        configure=configure,
         name=node.name,
         open=False,
         reconnect_timeout=math.inf,

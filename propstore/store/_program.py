@@ -9,22 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any
 
 from propstore._wire import Statement
 from propstore.config import NodeConfig
 from propstore.lsn import LSN
+from propstore.proof import Connection, Proof
 from propstore.router import FallbackReason
 
-Proof = Literal["primary", "monitor", "connection", "pipeline", "unproven"]
 Props = dict[str, Any]
-
-
-class ConnState(Protocol):
-    """What a pooled connection remembers for the fast path (see ``_pool``)."""
-
-    propstore_opened_at: float
-    propstore_verified_lsn: LSN | None
+#: What a pooled connection knows about the server it is on (see ``proof``, ``_pool``).
+ConnState = Connection
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,7 +33,14 @@ from propstore.store._core import (
     StoreCore,
     is_retryable_write_error,
 )
-from propstore.store._pool import SCHEMA_MISSING, NodeConnection, prepare, sync_pool
+from propstore.store._pool import (
+    SCHEMA_MISSING,
+    STATEMENT_LOST,
+    NodeConnection,
+    NodeReach,
+    prepare,
+    sync_pool,
+)
 from propstore.store._program import Request, Wait
 from propstore.timeline import WriteMark
 
@@ -68,9 +75,11 @@ class PropertyStore:
         self.topology = topology
         self._core = StoreCore(topology)
         self._pools: dict[str, ConnectionPool[NodeConnection]] = {}
+        self._reach = {node.name: NodeReach(node)
+                       for shard in topology.shards for node in shard.nodes}
         for shard in topology.shards:
             for node in shard.nodes:
-                pool = sync_pool(node, topology.routing)
+                pool = sync_pool(node, topology.routing, self._reach[node.name])
                 pool.open(wait=False)
                 self._pools[node.name] = pool
         self._executor = ThreadPoolExecutor(
@@ -210,10 +219,23 @@ class PropertyStore:
             conn: NodeConnection | None = None
             try:
                 conn = self._checkout(pool, op)
+                reach = self._reach[op.node.name]
+                reach.refresh(conn)
                 if conn.propstore_schema_missing and not prepare(conn):
                     raise psycopg.errors.UndefinedTable(SCHEMA_MISSING)
                 statements, commit_each = op.plan(conn)
-                results = _wire.execute(conn, statements, op.deadline, commit_each=commit_each)
+                try:
+                    results = _wire.execute(conn, statements, op.deadline,
+                                            commit_each=commit_each, named=conn.propstore_named)
+                except STATEMENT_LOST as lost:
+                    # The pooler moved this connection to another server: no facts about
+                    # it hold any more; re-plan (verified in the round trip) and resend
+                    # unnamed. Never for a write: a later statement of its batch may have run.
+                    reach.lost_statements(conn, lost)
+                    if commit_each:
+                        raise
+                    statements, commit_each = op.plan(conn)
+                    results = _wire.execute(conn, statements, op.deadline, named=False)
             except (psycopg.Error, _wire.DeadlineExceeded) as exc:
                 if conn is not None:
                     pool.putconn(conn)

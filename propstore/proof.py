@@ -1,0 +1,164 @@
+"""When a fact about a server may prove a read: the rule of ``docs/architecture.md``
+("Proofs are about server runs"), in one place, without I/O.
+
+A *fact* (:class:`Sighting`) is what one poll saw on one server run: its replay LSN (or that
+it is a primary) at the time the poll was sent. A read reuses a fact, instead of checking in
+its own round trip, only when :func:`covers` holds: the read's connection learned in-band,
+when it opened, that it is on the same server run as the fact (:class:`ServerRun`), it
+provably stays on that server for its whole life (``keeps_server``), and it was already open
+when the poll was sent. Everything else is verified in the read's own round trip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from propstore.lsn import LSN
+
+#: How a node's DSN reaches its server(s) (``via`` in the topology file, docs/config.md).
+#: ``auto`` = detect: a pooler in between is treated as transaction pooling (the safe case).
+Via = Literal["auto", "direct", "session_pooler", "transaction_pooler", "load_balancer"]
+VIA_CHOICES: tuple[Via, ...] = (
+    "auto", "direct", "session_pooler", "transaction_pooler", "load_balancer",
+)
+Proof = Literal["primary", "monitor", "connection", "pipeline", "unproven"]
+
+@dataclass(frozen=True, slots=True)
+class ServerRun:
+    """The identity of one server run, as a connection learns it in-band.
+
+    ``system_id`` tells clusters apart (physical replicas share their primary's), the
+    address and port tell servers apart on one network (NULL over a Unix socket), and the
+    postmaster's start time (microseconds) tells runs of one server apart across restarts.
+    A crash-reinitialisation under ``restart_after_crash`` keeps the postmaster, so its
+    start time may not change; it ends every backend, though, which is why :func:`covers`
+    also needs the connection to have been open, and alive, since before the fact.
+    """
+
+    system_id: int | None
+    address: str | None
+    port: int | None
+    started_at: str
+
+    @classmethod
+    def from_row(cls, row: tuple[bytes | None, ...]) -> ServerRun:
+        """From the first four text columns of ``_sql.IDENTITY_COLUMNS``."""
+        system_id, address, port, started = row[:4]
+        return cls(
+            int(system_id) if system_id else None,
+            address.decode() if address else None,
+            int(port) if port else None,
+            (started or b"").decode(),
+        )
+
+    def __str__(self) -> str:
+        where = f"{self.address}:{self.port}" if self.address else "unix socket"
+        return f"{where} (system {self.system_id}, up since {self.started_at})"
+
+
+@dataclass(frozen=True, slots=True)
+class Sighting:
+    """A poll's fact: server run ``run`` had replayed ``lsn`` (a replica) or was a primary
+    (``in_recovery`` false) when the poll was sent at ``at`` (monotonic seconds)."""
+
+    run: ServerRun
+    at: float
+    in_recovery: bool
+    lsn: LSN | None
+
+
+class Connection(Protocol):
+    """What a pooled connection learned when it opened, and what it has verified since."""
+
+    propstore_opened_at: float
+    propstore_run: ServerRun | None
+    #: True when the connection provably stays on one server run for its life: a TCP
+    #: stream to the server (direct or through a TCP proxy), or a session-pooled client.
+    propstore_keeps_server: bool
+    propstore_verified_lsn: LSN | None
+
+
+def covers(fact: Sighting, conn: Connection) -> bool:
+    """Whether ``fact`` holds for a read on ``conn`` (the rule; see the module doc)."""
+    return (
+        conn.propstore_keeps_server
+        and conn.propstore_opened_at < fact.at
+        and conn.propstore_run is not None
+        and conn.propstore_run == fact.run
+    )
+
+
+def known_lsn(facts: Iterable[Sighting], conn: Connection) -> tuple[LSN, Proof] | None:
+    """The newest replay LSN proven for the server behind ``conn``, and by what: its own
+    earlier verified read (``connection``) or a monitor poll that covers it (``monitor``)."""
+    if not conn.propstore_keeps_server:
+        return None
+    best: tuple[LSN, Proof] | None = None
+    if conn.propstore_verified_lsn is not None:
+        best = (conn.propstore_verified_lsn, "connection")
+    for fact in facts:
+        if fact.in_recovery and fact.lsn is not None and covers(fact, conn) and (
+            best is None or fact.lsn > best[0]
+        ):
+            best = (fact.lsn, "monitor")
+    return best
+
+
+def primary_proven(facts: Iterable[Sighting], conn: Connection) -> bool:
+    """Whether ``conn`` is proven to be on a primary: a poll saw its server run out of
+    recovery after it opened (a primary becomes a standby only through a restart)."""
+    return any(not fact.in_recovery and covers(fact, conn) for fact in facts)
+
+
+def remember(conn: Connection, lsn: LSN) -> None:
+    """Keep a replay LSN verified on ``conn`` for its later reads, where that is sound."""
+    if conn.propstore_keeps_server and (
+        conn.propstore_verified_lsn is None or lsn > conn.propstore_verified_lsn
+    ):
+        conn.propstore_verified_lsn = lsn
+
+
+def keeps_server(via: Via, pooler_seen: bool) -> bool:
+    """Whether connections of a node reached ``via`` keep their server run for life.
+
+    ``pooler_seen``: the connection's BackendKeyData pid differs from ``pg_backend_pid()``
+    (PgBouncer hands clients keys of its own; a TCP proxy passes the server's through).
+    Transaction pooling cannot be told from session pooling that way, so a detected pooler
+    keeps connection-scoped facts only where the file declares ``session_pooler``.
+    """
+    if via == "transaction_pooler":
+        return False
+    if via == "session_pooler":
+        return True
+    return not pooler_seen
+
+
+def describe_mode(via: Via, pooler_seen: bool | None, statements_lost: bool = False
+                  ) -> str:
+    """The proof mode of a node in a few words (``propstore lag``'s ``proofs`` field)."""
+    if statements_lost or via == "transaction_pooler" or (
+        pooler_seen and via in ("auto", "direct", "load_balancer")
+    ):
+        return "transaction pooler: per-read proofs only"
+    if via == "session_pooler":
+        return "session pooler: proofs tied to the server run"
+    if via == "load_balancer":
+        return "load balancer: monitor facts only for the backend it reached"
+    return "direct: proofs tied to the server run"
+
+
+def add_sighting(facts: tuple[Sighting, ...], new: Sighting, keep: int = 8
+                 ) -> tuple[Sighting, ...]:
+    """``facts`` with ``new`` replacing the older fact about the same run; at most ``keep``
+    runs, newest first (behind a load balancer each poll may reach another backend)."""
+    rest = tuple(f for f in facts if f.run != new.run)
+    return (new, *rest[: keep - 1])
+
+
+__all__ = [
+    "VIA_CHOICES", "Connection", "Proof", "ServerRun", "Sighting", "Via",
+    "add_sighting", "covers", "describe_mode", "keeps_server", "known_lsn", "primary_proven",
+    "remember",
+]
