@@ -135,17 +135,22 @@ def keeps_server(via: Via, pooler_seen: bool) -> bool:
     return not pooler_seen
 
 
-def describe_mode(via: Via, pooler_seen: bool | None, statements_lost: bool = False
-                  ) -> str:
-    """The proof mode of a node in a few words (``propstore lag``'s ``proofs`` field)."""
+def describe_mode(via: Via, pooler_seen: bool | None, statements_lost: bool = False, *,
+                  backend: str | None = None, proxied: bool = False) -> str:
+    """The proof mode of a node in a few words (``propstore lag``'s ``proofs`` field).
+
+    ``backend``: the server the monitor's connection reached; ``proxied``: the DSN names
+    several hosts or the backend's port is not the DSN's (a proxy or load balancer).
+    """
     if statements_lost or via == "transaction_pooler" or (
         pooler_seen and via in ("auto", "direct", "load_balancer")
     ):
         return "transaction pooler: per-read proofs only"
     if via == "session_pooler":
         return "session pooler: proofs tied to the server run"
-    if via == "load_balancer":
-        return "load balancer: monitor facts only for the backend it reached"
+    if via == "load_balancer" or proxied:
+        seen = f" ({backend})" if backend else ""
+        return f"load balancer: figures are of one backend{seen}; others verified per read"
     return "direct: proofs tied to the server run"
 
 

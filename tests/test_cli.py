@@ -27,7 +27,7 @@ from tests.conftest import users_on_shard
 LAG_FIELDS = {
     "shard", "node", "address", "configured_role", "role", "state", "state_seconds", "lsn",
     "receive_lsn", "bytes_behind", "staleness_bound_seconds", "receive_replay_gap_bytes",
-    "eligible", "serves_replica_reads", "last_error",
+    "eligible", "serves_replica_reads", "last_error", "proofs",
 }
 
 

@@ -18,7 +18,8 @@ from typing import Any
 
 from propstore.config import Profile
 from propstore.lsn import LSN
-from propstore.monitor._state import NodeRole, NodeStateName, ShardView
+from propstore.monitor._state import NodeRole, NodeStateName, NodeView, ShardView
+from propstore.proof import describe_mode
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +48,10 @@ class LagRow:
             bound is within the profile's budget); empty for the primary.
         serves_replica_reads: an up replica of this shard's primary.
         last_error: the last poll error, if the last poll failed.
+        proofs: how reads on this node are proven, in a few words: ``direct: proofs tied
+            to the server run``, ``session pooler: ...``, ``transaction pooler: per-read
+            proofs only``, or for a load balancer which backend the figures describe
+            (the monitor watches one backend per DSN).
     """
 
     shard: str
@@ -64,6 +69,7 @@ class LagRow:
     eligible: Mapping[str, bool]
     serves_replica_reads: bool
     last_error: str | None
+    proofs: str = ""
 
     @property
     def is_primary(self) -> bool:
@@ -93,6 +99,7 @@ class LagRow:
             "eligible": dict(self.eligible),
             "serves_replica_reads": self.serves_replica_reads,
             "last_error": self.last_error,
+            "proofs": self.proofs,
         }
 
 
@@ -160,11 +167,29 @@ def lag_report(views: Iterable[ShardView], profiles: Mapping[str, Profile], now:
                 },
                 serves_replica_reads=node.serves_replica_reads,
                 last_error=node.last_error,
+                proofs=_proofs(node),
             ))
     return LagReport(
         at=now, rows=tuple(rows),
         profiles={name: profile.max_staleness for name, profile in profiles.items()},
     )
+
+
+def _proofs(node: NodeView) -> str:
+    backend = None
+    if node.run is not None:
+        backend = f"{node.run.address}:{node.run.port}" if node.run.address else "unix socket"
+    return describe_mode(node.config.via, node.pooler_seen if node.run else None,
+                         backend=backend, proxied=_proxied(node))
+
+
+def _proxied(node: NodeView) -> bool:
+    """Whether the DSN names several hosts, or the monitor's backend reports another port
+    than the DSN's (something forwards the connection). A heuristic for display only."""
+    host, _, port = node.config.address.rpartition(":")
+    if "," in host or "," in port:
+        return True
+    return node.run is not None and node.run.port is not None and str(node.run.port) != port
 
 
 __all__ = ["LagReport", "LagRow", "lag_report"]
