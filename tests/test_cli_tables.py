@@ -80,7 +80,7 @@ def test_lag_table_at_80_columns_keeps_every_essential_column_whole() -> None:
     assert line_of(lines, "shard0-replica2")[:4] == ["shard0-replica2", "replica", "paused",
                                                      "3.07s"]
     assert line_of(lines, "shard0-primary")[0] == "shard0"
-    assert "hidden: address, for, lsn, behind, recv-replay (--wide shows them)" in lines
+    assert "hidden: address, for, lsn, behind, recv-replay, proofs (--wide shows them)" in lines
 
 
 def test_lag_table_at_120_columns_adds_lsn_behind_and_state_time() -> None:

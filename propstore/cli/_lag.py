@@ -108,7 +108,7 @@ def lag_columns(profiles: Mapping[str, float], *, state_time: bool = False
                 ) -> list[Column[LagLine]]:
     """The lag table's columns. At 80 terminal columns shard, node, role, state, staleness
     and the eligibility per profile always show; the rest go by priority (highest first):
-    address, recv-replay, lsn, behind, for."""
+    proofs, address, recv-replay, lsn, behind, for."""
     columns: list[Column[LagLine]] = [
         Column("shard", lambda line: line.row.shard if line.first else ""),
         Column("node", lambda line: line.row.node),
@@ -133,6 +133,8 @@ def lag_columns(profiles: Mapping[str, float], *, state_time: bool = False
     columns += [Column(f"{profile} ({format_duration(budget)})", partial(_eligible, profile),
                        shrink="wrap", justify="center")
                 for profile, budget in profiles.items()]
+    # How the node's reads are proven (direct, session/transaction pooler, load balancer).
+    columns.append(Column("proofs", lambda line: line.row.proofs, priority=6, shrink="wrap"))
     return columns
 
 

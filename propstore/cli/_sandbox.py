@@ -11,6 +11,7 @@ import click
 
 from propstore.cli._signals import signals_as_interrupt
 from propstore.sandbox import SandboxError, default_base_dir, down, status, up
+from propstore.sandbox._poolers import FRONT_KINDS, FrontKind
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -39,9 +40,12 @@ def sandbox() -> None:
 @click.option("--replace", is_flag=True,
               help="If a sandbox of another shape runs in the folder, stop and delete it "
                    "first (without this, that is an error).")
+@click.option("--front", "fronts", multiple=True, type=click.Choice(FRONT_KINDS),
+              help="Put a pooler or proxy in front of every shard's replicas (repeatable); "
+              "the topology file reaches them through it (docs/deployment.md).")
 @_dir_option
 def up_command(shards: int, replicas: int, pg_bin: Path | None, no_migrate: bool,
-               replace: bool, base_dir: Path | None) -> None:
+               replace: bool, fronts: tuple[FrontKind, ...], base_dir: Path | None) -> None:
     """Start the cluster in the background, migrate every shard to head and write its
     topology file.
 
@@ -52,11 +56,13 @@ def up_command(shards: int, replicas: int, pg_bin: Path | None, no_migrate: bool
     try:
         with signals_as_interrupt():
             cluster = up(base_dir, shards, replicas, pg_bin=pg_bin, migrate=not no_migrate,
-                         replace=replace)
+                         replace=replace, fronts=fronts)
     except SandboxError as exc:
         raise click.ClickException(str(exc)) from exc
     for node in cluster.nodes:
         click.echo(f"{node.name:<20} {node.role:<8} {node.dsn}")
+    for front in cluster.fronts:
+        click.echo(f"{front.name:<20} {front.via:<8} {front.dsn}")
     seconds = "" if cluster.startup_seconds is None else f" in {cluster.startup_seconds:.1f}s"
     schema = "" if no_migrate else ", every shard migrated to head"
     click.echo(f"\nPostgreSQL {cluster.pg_version} cluster up{seconds}{schema}: "

@@ -7,6 +7,7 @@ find them again through the state file in the same folder.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from propstore.sandbox._cluster import CONFIG_NAME, LocalCluster
 from propstore.sandbox._errors import SandboxError
 from propstore.sandbox._locations import default_base_dir
 from propstore.sandbox._node import LocalNode
+from propstore.sandbox._poolers import FrontKind, stop_fronts_in
 from propstore.sandbox._state import STATE_NAME
 
 log = structlog.get_logger(__name__)
@@ -31,6 +33,7 @@ def up(
     bucket_count: int = 4096,
     migrate: bool = True,
     replace: bool = False,
+    fronts: Sequence[FrontKind] = (),
 ) -> LocalCluster:
     """Start a daemonised cluster in ``base_dir`` (default :func:`default_base_dir`), with
     every shard migrated to head unless ``migrate`` is false.
@@ -39,6 +42,11 @@ def up(
     it is returned as found, after restarting any of its servers that are down. One of
     another shape is refused with a :class:`SandboxError` naming it, unless ``replace``:
     then it is stopped and its files deleted (:func:`down`) before the new one starts.
+
+    ``fronts``: per kind (``pgbouncer-session``, ``pgbouncer-transaction``,
+    ``pgbouncer-hosts``, ``haproxy``), one pooler or proxy in front of every shard's
+    replicas; the topology file then reaches those replicas through them (with the matching
+    ``via``). :func:`down` stops them too.
     """
     folder = Path(base_dir).absolute() if base_dir is not None else default_base_dir()
     if (folder / STATE_NAME).exists():
@@ -72,6 +80,10 @@ def up(
     try:
         if migrate:
             migrate_to_head(cluster)
+        started = [cluster.front(kind, shard.name) for kind in fronts
+                   for shard in cluster.shards]
+        if started:
+            cluster.write_config(fronts=started)
     except BaseException:
         cluster.stop()
         raise
@@ -141,6 +153,8 @@ def down(base_dir: str | Path | None = None) -> list[str]:
     folder = Path(base_dir).absolute() if base_dir is not None else default_base_dir()
     cluster = LocalCluster.attach(folder)
     running = [node.name for node in cluster.nodes if node.is_running()]
+    running += stop_fronts_in(folder / "fronts")
+    shutil.rmtree(folder / "fronts", ignore_errors=True)
     cluster.stop()
     for node in cluster.nodes:
         shutil.rmtree(node.node_dir, ignore_errors=True)

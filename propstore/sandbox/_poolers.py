@@ -32,7 +32,14 @@ from propstore.sandbox._account import ServerAccount
 from propstore.sandbox._datadir import DATABASE, SUPERUSER, free_port
 from propstore.sandbox._errors import SandboxError
 from propstore.sandbox._node import LocalNode
-from propstore.sandbox._processes import ProcessId, identify, is_alive, signal_process, wait_gone
+from propstore.sandbox._processes import (
+    ProcessId,
+    command_name,
+    identify,
+    is_alive,
+    signal_process,
+    wait_gone,
+)
 from propstore.sandbox._waiting import wait_for
 
 log = structlog.get_logger(__name__)
@@ -87,6 +94,13 @@ class Front:
     def dsn(self) -> str:
         """What a client puts in its topology file to reach the replicas through this."""
         return f"host=127.0.0.1 port={self.port} dbname={DATABASE} user={SUPERUSER}"
+
+    @property
+    def via(self) -> str:
+        """What the topology file should declare for a node reached through this front."""
+        if self.kind == "haproxy":
+            return "load_balancer"
+        return "transaction_pooler" if self.kind == "pgbouncer-transaction" else "session_pooler"
 
     @property
     def pool_mode(self) -> str | None:
@@ -257,6 +271,25 @@ class Front:
             *servers,
             "",
         ])
+
+
+def stop_fronts_in(folder: Path, timeout: float = 10.0) -> list[str]:
+    """Stop every front whose pid file lies under ``folder/*/`` (a detached cluster's
+    ``fronts`` folder), by pid, checking the process is that program; names stopped."""
+    stopped = []
+    for pid_file in sorted(folder.glob("*/*.pid")):
+        try:
+            text = pid_file.read_text().strip()
+        except OSError:
+            continue
+        proc = identify(int(text)) if text.isdigit() else None
+        if proc is None or command_name(proc.pid) != pid_file.stem:
+            continue  # gone, or the pid now belongs to something else
+        signal_process(proc, signal.SIGTERM)
+        if not wait_gone(proc, timeout):
+            signal_process(proc, signal.SIGKILL)
+        stopped.append(pid_file.parent.name)
+    return stopped
 
 
 def _accepts(port: int) -> bool:

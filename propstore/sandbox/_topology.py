@@ -61,7 +61,9 @@ def _quote(text: str) -> str:
 
 
 def _node_table(node: NodeView) -> str:
-    return f"{{ name = {_quote(node.name)}, dsn = {_quote(node.dsn)} }}"
+    via = getattr(node, "via", None)  # fronts say how they reach their servers
+    extra = f", via = {_quote(via)}" if isinstance(via, str) else ""
+    return f"{{ name = {_quote(node.name)}, dsn = {_quote(node.dsn)}{extra} }}"
 
 
 def render_config(shards: Sequence[ShardView], bucket_count: int,

@@ -14,6 +14,7 @@ from _bench.scenarios.monitor import monitor_cost
 from _bench.scenarios.soak import soak
 from _bench.scenarios.startup import cli_startup
 from _bench.scenarios.surge import surge
+from _bench.scenarios.topologies import topologies
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("monitor-cost", monitor_cost),
     Scenario("cli-startup", cli_startup),
     Scenario("surge", surge),
+    Scenario("topologies", topologies),
     Scenario("soak", soak, optional=True),
 )}
 
