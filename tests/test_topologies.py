@@ -24,7 +24,7 @@ from tests._claims_load import BUDGETS, ClaimsLoad, ClaimsReport
 
 pytestmark = pytest.mark.slow
 
-RUN_SECONDS = 3.0
+RUN_SECONDS = 2.5
 USERS = [f"topo-user-{i}" for i in range(24)]
 
 
