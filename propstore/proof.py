@@ -11,6 +11,7 @@ when the poll was sent. Everything else is verified in the read's own round trip
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -44,18 +45,27 @@ class ServerRun:
 
     @classmethod
     def from_row(cls, row: tuple[bytes | None, ...]) -> ServerRun:
-        """From the first four text columns of ``_sql.IDENTITY_COLUMNS``."""
-        system_id, address, port, started = row[:4]
-        return cls(
-            int(system_id) if system_id else None,
-            address.decode() if address else None,
-            int(port) if port else None,
-            (started or b"").decode(),
-        )
+        """From the first four text columns of ``_sql.IDENTITY_COLUMNS``.
+
+        Every poll and every new connection reads its identity; the same server run is
+        parsed once and shared (a bounded cache), so they allocate nothing per poll.
+        """
+        return _run_of(*row[:4])
 
     def __str__(self) -> str:
         where = f"{self.address}:{self.port}" if self.address else "unix socket"
         return f"{where} (system {self.system_id}, up since {self.started_at})"
+
+
+@functools.lru_cache(maxsize=256)
+def _run_of(system_id: bytes | None, address: bytes | None, port: bytes | None,
+            started: bytes | None) -> ServerRun:
+    return ServerRun(
+        int(system_id) if system_id else None,
+        address.decode() if address else None,
+        int(port) if port else None,
+        (started or b"").decode(),
+    )
 
 
 @dataclass(frozen=True, slots=True)
