@@ -142,6 +142,21 @@ def _try_down_replicas() -> None:
     ))
 
 
+def _any_server_run() -> None:
+    """A monitor fact covers any connection opened before it, whatever server it is on."""
+    from propstore import proof
+
+    _patch(proof, "covers", lambda _orig: lambda fact, conn: (
+        conn.propstore_keeps_server and conn.propstore_opened_at < fact.at))
+
+
+def _pooled_facts() -> None:
+    """Connections behind a pooler keep connection-scoped facts (as if it pooled sessions)."""
+    from propstore import proof
+
+    _patch(proof, "keeps_server", lambda _orig: lambda via, pooler_seen: True)
+
+
 _KEPT: list[Any] = []
 
 
@@ -170,6 +185,8 @@ BREAKAGES: dict[str, Callable[[], None]] = {
     "slow-fallback": _slow_fallback,
     "try-down-replicas": _try_down_replicas,
     "leak": _leak,
+    "any-server-run": _any_server_run,
+    "pooled-facts": _pooled_facts,
 }
 
 
