@@ -17,12 +17,11 @@ from typing import Any, NoReturn
 
 import psycopg
 import structlog
-from psycopg import sql
 
 from propstore.sandbox._datadir import DATABASE, NODE_CONF, SUPERUSER, settings_text
 from propstore.sandbox._errors import SandboxError
 from propstore.sandbox._node import LocalNode
-from propstore.sandbox._replication import Role, SqlNode
+from propstore.sandbox._replication import Role, StreamingNode
 from propstore.sandbox._waiting import wait_for
 
 log = structlog.get_logger(__name__)
@@ -87,7 +86,7 @@ def replica_script(name: str, port: int, upstream_port: int) -> str:
     )
 
 
-class ContainerNode(SqlNode):
+class ContainerNode(StreamingNode):
     """A server of a :class:`~propstore.sandbox.ContainerCluster`, one container each.
 
     Freeze and thaw are ``docker pause`` / ``unpause`` (the cgroup freezer: every process of
@@ -121,11 +120,6 @@ class ContainerNode(SqlNode):
     def dsn(self) -> str:
         """``host=127.0.0.1 port=N dbname=propstore user=postgres``."""
         return f"host=127.0.0.1 port={self.port} dbname={DATABASE} user={SUPERUSER}"
-
-    @property
-    def slot_name(self) -> str:
-        """Name of this replica's physical replication slot on its upstream."""
-        return self.name.replace("-", "_")
 
     @property
     def container_id(self) -> str | None:
@@ -273,64 +267,6 @@ class ContainerNode(SqlNode):
                  what=f"{self.name} to leave recovery")
         self.role = "primary"
         log.info("sandbox.node_promoted", node=self.name)
-
-    def repoint(self, primary: ContainerNode, timeout: float = 30.0) -> None:
-        """Stream from ``primary`` instead (ALTER SYSTEM primary_conninfo + reload)."""
-        primary.execute(
-            "SELECT pg_create_physical_replication_slot(%s, true) WHERE NOT EXISTS "
-            "(SELECT 1 FROM pg_replication_slots WHERE slot_name = %s)",
-            (self.slot_name, self.slot_name),
-        )
-        conninfo = (f"host=127.0.0.1 port={primary.port} user={SUPERUSER} "
-                    f"application_name={self.name}")
-        self._set_receiver(conninfo, self.slot_name)
-        self.upstream = primary
-        wait_for(lambda: self.streams_from(primary), timeout=timeout,
-                 what=f"{self.name} to stream from {primary.name}")
-        log.info("sandbox.node_repointed", node=self.name, upstream=primary.name)
-
-    def disconnect_receiver(self, timeout: float = 30.0) -> None:
-        """Cut the WAL receiver: the replica keeps serving reads but receives nothing new."""
-        self._set_receiver("", None)
-        wait_for(lambda: not self._receiver_running(), timeout=timeout,
-                 what=f"{self.name}'s WAL receiver to stop")
-        log.info("sandbox.receiver_disconnected", node=self.name)
-
-    def reconnect_receiver(self, timeout: float = 30.0) -> None:
-        """Undo :meth:`disconnect_receiver`: stream from :attr:`upstream` again."""
-        if self.upstream is None:
-            raise SandboxError(f"{self.name} has no upstream to reconnect to")
-        self.repoint(self.upstream, timeout)
-
-    def streams_from(self, primary: ContainerNode) -> bool:
-        """Whether this replica's WAL receiver is streaming from ``primary`` right now."""
-        rows = self.execute("SELECT status, sender_port FROM pg_stat_wal_receiver")
-        return bool(rows) and rows[0][0] == "streaming" and rows[0][1] == primary.port
-
-    def reset_faults(self, timeout: float = 120.0) -> None:
-        """Undo every fault but a promotion: thaw, start, resume replay, no delay, re-stream."""
-        self.thaw()
-        if not self.is_running():
-            self.start(timeout)
-        if self.role != "replica" or self._original_upstream is None:
-            return
-        if self.is_replay_paused():
-            self.resume_replay()
-        if self.apply_delay() != 0:
-            self.clear_apply_delay()
-        if self.upstream is not self._original_upstream or not self._receiver_running():
-            self.repoint(self._original_upstream, timeout)
-
-    def _receiver_running(self) -> bool:
-        return bool(self.scalar("SELECT count(*) FROM pg_stat_wal_receiver"))
-
-    def _set_receiver(self, conninfo: str, slot: str | None) -> None:
-        with self.connect() as conn:
-            conn.execute(sql.SQL("ALTER SYSTEM SET primary_conninfo = {}").format(
-                sql.Literal(conninfo)))
-            conn.execute(sql.SQL("ALTER SYSTEM SET primary_slot_name = {}").format(
-                sql.Literal(slot or "")))
-            conn.execute("SELECT pg_reload_conf()")
 
 
 def owner_labels(pid: int, start_time: int) -> dict[str, str]:
