@@ -109,9 +109,17 @@ class Profile:
         return Freshness(max_staleness=self.max_staleness, label=self.name)
 
 
+#: How a store's lag monitoring is shared (``[monitor] sharing``): ``host`` = the stores of
+#: every process on this host that use the same topology share one monitor (a per-host agent
+#: polls, the others read its observations; see docs/architecture.md, "Fleets"); ``off`` =
+#: every store polls every node itself.
+Sharing = Literal["host", "off"]
+SHARING_CHOICES: tuple[Sharing, ...] = ("host", "off")
+
+
 @dataclass(frozen=True, slots=True)
 class MonitorSettings:
-    """How the lag monitor polls (seconds)."""
+    """How the lag monitor polls (seconds), and whether processes on a host share it."""
 
     interval: float = 0.1
     poll_timeout: float = 0.25
@@ -120,6 +128,23 @@ class MonitorSettings:
     failures_before_down: int = 2
     #: Longest pause between rechecks of a down node (exponential backoff up to this).
     max_backoff: float = 2.0
+    #: ``host`` (default): share one monitor among the processes on this host that use the
+    #: same topology; ``off``: this store polls every node itself.
+    sharing: Sharing = "host"
+
+    def __post_init__(self) -> None:
+        _sharing(self.sharing, "monitor.sharing")
+
+
+def _sharing(value: object, key: str) -> Sharing:
+    """``value`` as a :data:`Sharing` choice; a clear :class:`ConfigError` otherwise."""
+    if value not in SHARING_CHOICES:
+        raise ConfigError(
+            f"{key} = {value!r} is not one of {', '.join(repr(c) for c in SHARING_CHOICES)} "
+            '("host": the processes on this host that use this topology share one lag '
+            'monitor; "off": each store polls every node itself)'
+        )
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,6 +323,9 @@ class Topology:
         if "PROPSTORE_MONITOR_INTERVAL" in env:
             monitor = replace(monitor, interval=_duration(
                 env["PROPSTORE_MONITOR_INTERVAL"], "PROPSTORE_MONITOR_INTERVAL", source))
+        if "PROPSTORE_MONITOR_SHARING" in env:
+            monitor = replace(monitor, sharing=_sharing(
+                env["PROPSTORE_MONITOR_SHARING"], f"{source}: PROPSTORE_MONITOR_SHARING"))
         if "PROPSTORE_REPLICA_DEADLINE" in env:
             routing = replace(routing, replica_deadline=_duration(
                 env["PROPSTORE_REPLICA_DEADLINE"], "PROPSTORE_REPLICA_DEADLINE", source))
@@ -423,7 +451,7 @@ def _settings(defaults: Any, raw: Any, where: str, durations: set[str], ints: se
         set()
     )
     others = {"on_stale", "degrade", "primary_fallback_adaptive"} if where == "routing" else (
-        set()
+        {"sharing"}
     )
     allowed = durations | ints | floats | others
     _no_unknown(raw, allowed, source, where)
@@ -445,6 +473,8 @@ def _settings(defaults: Any, raw: Any, where: str, durations: set[str], ints: se
             values[key] = value
         elif key == "degrade":
             values[key] = _degrade(raw, where, source)
+        elif key == "sharing":
+            values[key] = _sharing(value, f"{source}: {where}.sharing")
         elif key == "primary_fallback_adaptive":
             if not isinstance(value, bool):
                 raise ConfigError(f"{source}: {where}.{key} must be true or false")
@@ -470,12 +500,14 @@ def _degrade(table: Mapping[str, Any], where: str, source: str) -> Degrade | Non
 
 
 __all__ = [
+    "SHARING_CHOICES",
     "MonitorSettings",
     "NodeConfig",
     "OnStale",
     "Profile",
     "RoutingSettings",
     "ShardConfig",
+    "Sharing",
     "Topology",
     "redact_dsn",
 ]
