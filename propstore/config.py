@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import psycopg.conninfo
 
+from propstore._connections import ConnectionBudget
 from propstore._durations import parse_duration
 from propstore._limiter import LimiterSettings
 from propstore.degrade import Degrade
@@ -168,6 +169,9 @@ class RoutingSettings:
     connect_timeout: float = 2.0
     pool_min_size: int = 1
     pool_max_size: int = 8
+    #: The most connections one store holds to all servers together, monitor included
+    #: (0: the default, 64 or 2 per node if more); see ``Topology.connections``.
+    connection_budget: int = 0
     #: Total time a write may spend retrying while a shard's primary is unreachable.
     write_retry_time: float = 3.0
     #: Total time a write may keep waiting while the monitor observes *no* primary (a
@@ -205,7 +209,8 @@ _ROUTING_DURATIONS = {
     "replica_deadline", "primary_deadline", "connect_timeout", "write_retry_time",
     "write_failover_time",
 }
-_ROUTING_INTS = {"pool_min_size", "pool_max_size", "primary_fallback_max_concurrency"}
+_ROUTING_INTS = {"pool_min_size", "pool_max_size", "primary_fallback_max_concurrency",
+                 "connection_budget"}
 
 
 @dataclass(frozen=True)
@@ -243,6 +248,7 @@ class Topology:
             )
         try:
             self.bucket_map  # noqa: B018 - validates the ranges now, not at first read
+            self.connections  # noqa: B018 - and the connection budget
         except ValueError as exc:
             raise ConfigError(f"{self.source}: {exc}") from None
 
@@ -250,6 +256,16 @@ class Topology:
     def bucket_map(self) -> BucketMap:
         """Bucket to shard index."""
         return BucketMap(self.bucket_count, [s.buckets for s in self.shards])
+
+    @cached_property
+    def connections(self) -> ConnectionBudget:
+        """How a store on this topology plans its connections: the per-process budget
+        (``routing.connection_budget``) split into one monitor connection and one pool per
+        node (see ``propstore._connections``)."""
+        routing = self.routing
+        return ConnectionBudget.plan(sum(len(s.nodes) for s in self.shards),
+                                     routing.connection_budget, routing.pool_min_size,
+                                     routing.pool_max_size)
 
     def shard(self, name: str) -> ShardConfig:
         """The shard called ``name``; raises ``KeyError``."""

@@ -58,7 +58,8 @@ class AsyncPropertyStore:
         self._reach = {node.name: NodeReach(node)
                        for shard in topology.shards for node in shard.nodes}
         self._pools: dict[str, AsyncConnectionPool[AsyncNodeConnection]] = {
-            node.name: async_pool(node, topology.routing, self._reach[node.name])
+            node.name: async_pool(node, topology.routing, self._reach[node.name],
+                                  topology.connections)
             for shard in topology.shards for node in shard.nodes
         }
         self.monitor = LagMonitor(topology, self._core.state)

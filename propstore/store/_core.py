@@ -156,9 +156,10 @@ class StoreCore:
             FallbackLimiter(topology.routing.primary_fallback_rate, now) for _ in topology.shards
         ]
         #: ... and the adaptive concurrency limit driven by its measured latency.
-        self.primary_limiters = [
-            PrimaryLimiter(topology.routing.limiter, clock) for _ in topology.shards
-        ]
+        # Sized by the pools the connection budget actually gives (not pool_max_size).
+        pools = topology.connections.pool_max_size
+        limiter = dataclasses.replace(topology.routing, pool_max_size=pools).limiter
+        self.primary_limiters = [PrimaryLimiter(limiter, clock) for _ in topology.shards]
         #: Wakes reads waiting under a ``Degrade.wait`` policy (monitor news, primary room).
         self.changes = _degrade.Changes(len(topology.shards))
         self.state.listeners.append(self.changes.notify)

@@ -21,6 +21,7 @@ import structlog
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from propstore import _sql, _wire, proof
+from propstore._connections import ConnectionBudget
 from propstore.config import NodeConfig, RoutingSettings
 from propstore.lsn import LSN
 
@@ -186,11 +187,20 @@ def _kwargs(node: NodeConfig, routing: RoutingSettings) -> dict[str, Any]:
     }
 
 
-def sync_pool(node: NodeConfig, routing: RoutingSettings, reach: NodeReach | None = None
-              ) -> ConnectionPool[NodeConnection]:
+def _sizes(routing: RoutingSettings, budget: ConnectionBudget | None) -> tuple[int, int]:
+    """A node pool's (min, max): the budget's split, else the routing settings' bounds."""
+    if budget is None:
+        return routing.pool_min_size, routing.pool_max_size
+    return budget.pool_min_size, budget.pool_max_size
+
+
+def sync_pool(node: NodeConfig, routing: RoutingSettings, reach: NodeReach | None = None,
+              budget: ConnectionBudget | None = None) -> ConnectionPool[NodeConnection]:
     """An unopened pool for a node (open it with ``open(wait=False)``: a down node must not
-    stop the store from starting)."""
+    stop the store from starting), sized by the store's connection ``budget`` (default:
+    the routing settings' own bounds)."""
     known = reach or NodeReach(node)
+    sizes = _sizes(routing, budget)
 
     def configure(conn: NodeConnection) -> None:
         (row,) = _wire.execute(conn, _IDENTITY, _deadline(routing), named=False)
@@ -202,8 +212,8 @@ def sync_pool(node: NodeConfig, routing: RoutingSettings, reach: NodeReach | Non
         node.dsn,
         connection_class=NodeConnection,
         kwargs=_kwargs(node, routing),
-        min_size=routing.pool_min_size,
-        max_size=routing.pool_max_size,
+        min_size=sizes[0],
+        max_size=sizes[1],
         configure=configure,
         name=node.name,
         open=False,
@@ -211,10 +221,12 @@ def sync_pool(node: NodeConfig, routing: RoutingSettings, reach: NodeReach | Non
     )
 
 
-def async_pool(node: NodeConfig, routing: RoutingSettings, reach: NodeReach | None = None
+def async_pool(node: NodeConfig, routing: RoutingSettings, reach: NodeReach | None = None,
+               budget: ConnectionBudget | None = None
                ) -> AsyncConnectionPool[AsyncNodeConnection]:
     """The asyncio twin of :func:`sync_pool`."""
     known = reach or NodeReach(node)
+    sizes = _sizes(routing, budget)
 
     async def configure(conn: AsyncNodeConnection) -> None:
         (row,) = await _wire.execute_async(conn, _IDENTITY, _deadline(routing), named=False)
@@ -226,8 +238,8 @@ def async_pool(node: NodeConfig, routing: RoutingSettings, reach: NodeReach | No
         node.dsn,
         connection_class=AsyncNodeConnection,
         kwargs=_kwargs(node, routing),
-        min_size=routing.pool_min_size,
-        max_size=routing.pool_max_size,
+        min_size=sizes[0],
+        max_size=sizes[1],
         configure=configure,
         name=node.name,
         open=False,

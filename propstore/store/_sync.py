@@ -79,7 +79,8 @@ class PropertyStore:
                        for shard in topology.shards for node in shard.nodes}
         for shard in topology.shards:
             for node in shard.nodes:
-                pool = sync_pool(node, topology.routing, self._reach[node.name])
+                pool = sync_pool(node, topology.routing, self._reach[node.name],
+                                 topology.connections)
                 pool.open(wait=False)
                 self._pools[node.name] = pool
         self._executor = ThreadPoolExecutor(
