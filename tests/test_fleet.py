@@ -23,7 +23,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from propstore import ConfigError, MonitorSettings, PropertyStore, PropStoreError, Topology
+from propstore import ConfigError, PropertyStore, PropStoreError, Topology
 from propstore.sandbox import LocalCluster
 from propstore.sandbox._poolers import front_available, wait_front_serves
 
@@ -163,10 +163,9 @@ def _counting(servers: dict[str, str], pids: list[int]) -> Iterator[ServerCount]
 
 
 def _without_own_sharing(data: dict[str, Any]) -> dict[str, Any]:
-    """The topology with this process polling itself, so its monitor connections are its
-    own (``sharing = "off"``, where the setting exists)."""
-    if "sharing" in MonitorSettings.__dataclass_fields__:
-        data.setdefault("monitor", {})["sharing"] = "off"
+    """The topology with each process polling itself, so that its monitor connections are
+    its own and counted with it (``sharing = "off"``)."""
+    data.setdefault("monitor", {})["sharing"] = "off"
     return data
 
 
