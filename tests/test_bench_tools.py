@@ -3,10 +3,12 @@ generated README tables (no servers: tools/ is imported as the bench runs it).""
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -118,3 +120,51 @@ def test_committed_tables_are_current() -> None:
     stale = [str(path) for path, (have, want) in readme_tables.targets().items()
              if have != want]
     assert not stale, f"stale generated files (run `python tools/readme_tables.py`): {stale}"
+
+
+def _phase(mode: str, count: int, qps: float, conns: int, p99: float = 0.004) -> Any:
+    fleet = importlib.import_module("_bench.scenarios.fleet")
+    return fleet.Phase(
+        mode=mode, count=count, idle_seconds=4, read_seconds=4, idle_monitor_qps=qps,
+        monitor_qps=qps, monitor_qps_mean=qps, monitor_connections=1,
+        client_connections=conns, server_monitor_cpu=1.0, client_cpu_idle=1.0,
+        proxy_cpu=None, reads=100 * count, replica_reads=100 * count, errors=0, p50=0.002,
+        p99=p99, first_error="", top=[])
+
+
+def test_fleet_counts_monitoring_statements_apart_from_reads_and_its_own() -> None:
+    from _bench.scenarios._fleet_servers import (
+        PGPOOL_READ,
+        ServerSnapshot,
+        is_reader,
+        monitoring_calls,
+    )
+
+    from propstore import _sql
+
+    poll, get = _sql.STATEMENTS[_sql.POLL], _sql.STATEMENTS[_sql.GET]
+    lsn, probe = _sql.STATEMENTS[_sql.REPLAY_LSN], "SELECT query FROM pg_stat_statements"
+    before = ServerSnapshot({poll: 10, get: 5, probe: 3}, {}, 0, 0)
+    after = ServerSnapshot({poll: 30, get: 500, lsn: 400, PGPOOL_READ: 90, probe: 9,
+                            "SELECT pg_is_in_recovery()": 2}, {}, 0, 0)
+    assert monitoring_calls(before, after) == 20 + 2  # the polls and Pgpool-style checks
+    assert is_reader("propstore:shard0-replica1") and is_reader("fleet-reader")
+    assert not is_reader("propstore-monitor") and not is_reader("")
+
+
+def test_fleet_bars_judge_the_shared_design_at_64_against_1_process() -> None:
+    fleet = importlib.import_module("_bench.scenarios.fleet")
+    result = ScenarioResult("fleet", "test")
+    fleet._bars(result, [_phase("host", 1, 10.0, 2), _phase("host", 64, 19.0, 66),
+                         _phase("off", 1, 10.0, 2), _phase("off", 64, 640.0, 128)])
+    verdicts = {b.name: b.verdict for b in result.bars}
+    assert verdicts["fleet (host): N=64 vs N=1, monitoring statements/s per server"] == "met"
+    assert verdicts["fleet (host): N=64 vs N=1, client connections per server"] == "met"
+    assert verdicts["fleet (off): N=64 vs N=1, monitoring statements/s per server"] == (
+        "reported")  # today's design is shown beside, not judged
+    worse = ScenarioResult("fleet", "test")
+    fleet._bars(worse, [_phase("host", 1, 10.0, 2), _phase("host", 64, 21.0, 69, p99=0.009)])
+    missed = {b.name for b in worse.bars if b.verdict == "MISSED"}
+    assert missed == {"fleet (host): N=64 vs N=1, monitoring statements/s per server",
+                      "fleet (host): N=64 vs N=1, client connections per server",
+                      "fleet (host): N=64 vs N=1, read latency p99"}

@@ -9,6 +9,7 @@ from _bench.env import BenchEnv
 from _bench.options import Options
 from _bench.results import ScenarioResult
 from _bench.scenarios.faults import frozen_replica, lagging_replica
+from _bench.scenarios.fleet import fleet
 from _bench.scenarios.latency import read_batch, read_fresh, write
 from _bench.scenarios.monitor import monitor_cost
 from _bench.scenarios.soak import soak
@@ -36,6 +37,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("cli-startup", cli_startup),
     Scenario("surge", surge),
     Scenario("topologies", topologies),
+    Scenario("fleet", fleet),
     Scenario("soak", soak, optional=True),
 )}
 

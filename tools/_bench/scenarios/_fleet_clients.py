@@ -1,0 +1,162 @@
+"""The fleet's client processes: forked workers that open a store (or connect through
+Pgpool), idle, then read at a modest open-loop rate and report every read's latency.
+
+Forked rather than spawned: 64 fresh interpreters importing propstore would cost more CPU
+than the whole measurement on a 2-core machine. Each child opens its own connections after
+the fork (nothing of the parent's is used), and leaves by ``os._exit`` (multiprocessing's
+fork start method), so no inherited finalizer touches the parent's connections.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import structlog
+from propstore import PropertyStore, Topology
+
+from _bench.env import TENANT
+from _bench.scenarios._fleet_servers import PGPOOL_READ, READER_NAME
+
+_CTX = multiprocessing.get_context("fork")
+#: Budget of each read (seconds): generous against a 100 ms monitor interval.
+READ_BUDGET = 1.0
+
+
+@dataclass
+class ClientReport:
+    """One process's reads over the reading window."""
+
+    pid: int
+    latencies: list[float]
+    replica_reads: int
+    errors: int
+    first_error: str = ""
+
+
+@dataclass
+class Fleet:
+    """``count`` client processes of one mode (``off``/``host``: a store with that sharing;
+    ``pgpool``: one connection per shard through its Pgpool)."""
+
+    mode: str
+    count: int
+    topology: dict[str, Any]
+    users: list[str]
+    rate: float
+    pgpool_dsns: list[str] = field(default_factory=list)
+    pgpool_primary_ports: list[int] = field(default_factory=list)
+    processes: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._go, self._stop = _CTX.Event(), _CTX.Event()
+        self._out: Any = _CTX.Queue()
+        self._ready: list[Any] = []
+
+    @property
+    def pids(self) -> list[int]:
+        """The client processes' pids."""
+        return [p.pid for p in self.processes if p.pid is not None]
+
+    def start(self, timeout: float) -> None:
+        """Fork the processes and wait until each has opened its store (or connections)."""
+        for index in range(self.count):
+            ready = _CTX.Event()
+            proc = _CTX.Process(target=_client, name=f"fleet-{self.mode}-{index}", args=(
+                self, index, ready, self._go, self._stop, self._out), daemon=True)
+            proc.start()
+            self.processes.append(proc)
+            self._ready.append(ready)
+        deadline = time.monotonic() + timeout
+        for ready, proc in zip(self._ready, self.processes, strict=True):
+            if not ready.wait(max(0.1, deadline - time.monotonic())):
+                raise TimeoutError(f"{proc.name} did not open its store in {timeout:g}s")
+
+    def read(self) -> None:
+        """Every process starts reading."""
+        self._go.set()
+
+    def stop(self, timeout: float = 60.0) -> list[ClientReport]:
+        """Stop reading, collect every report, and end the processes (by their pids)."""
+        self._stop.set()
+        self._go.set()  # a process still waiting to read reports nothing and exits
+        reports: list[ClientReport] = []
+        try:
+            for _ in self.processes:
+                reports.append(self._out.get(timeout=timeout))
+        finally:
+            self.kill()
+        return reports
+
+    def kill(self) -> None:
+        """End every process (joined; SIGKILL by its pid after 10 s)."""
+        self._stop.set()
+        self._go.set()
+        for proc in self.processes:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+
+
+def _client(fleet: Fleet, index: int, ready: Any, go: Any, stop: Any, out: Any) -> None:
+    # 64 processes' info events would drown the report; warnings still show.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    rng = random.Random(index)
+    if fleet.mode == "pgpool":
+        topology = Topology.from_dict(fleet.topology)
+        conns = [psycopg.connect(dsn, autocommit=True, application_name=READER_NAME)
+                 for dsn in fleet.pgpool_dsns]
+
+        def read(user: str) -> bool:
+            shard = topology.shard_index_of(TENANT, user)
+            row = conns[shard].execute(PGPOOL_READ, (TENANT, user)).fetchone()
+            return row is not None and int(row[1]) != fleet.pgpool_primary_ports[shard]
+
+        def close() -> None:
+            for conn in conns:
+                conn.close()
+    else:
+        store = PropertyStore(Topology.from_dict(fleet.topology))
+
+        def read(user: str) -> bool:
+            return store.read(TENANT, user, max_staleness=READ_BUDGET).from_replica
+
+        close = store.close
+    try:
+        ready.set()
+        go.wait()
+        out.put(_read_loop(read, fleet.users, fleet.rate, rng, stop))
+    finally:
+        close()
+
+
+def _read_loop(read: Any, users: list[str], rate: float, rng: random.Random, stop: Any
+               ) -> ClientReport:
+    """Open loop: a read every ``1/rate`` s from a random phase, until ``stop``."""
+    latencies: list[float] = []
+    replica = errors = 0
+    first = ""
+    due = time.monotonic() + rng.uniform(0, 1 / rate)
+    while not stop.is_set():
+        wait = due - time.monotonic()
+        if wait > 0:
+            stop.wait(wait)
+            continue
+        due += 1 / rate
+        started = time.perf_counter()
+        try:
+            from_replica = read(users[rng.randrange(len(users))])
+        except Exception as exc:  # every error is reported, none ends the run
+            errors += 1
+            first = first or f"{type(exc).__name__}: {exc}"[:200]
+            continue
+        latencies.append(time.perf_counter() - started)
+        replica += from_replica
+    return ClientReport(os.getpid(), latencies, replica, errors, first)
