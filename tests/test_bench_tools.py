@@ -144,10 +144,14 @@ def test_fleet_counts_monitoring_statements_apart_from_reads_and_its_own() -> No
 
     poll, get = _sql.STATEMENTS[_sql.POLL], _sql.STATEMENTS[_sql.GET]
     lsn, probe = _sql.STATEMENTS[_sql.REPLAY_LSN], "SELECT query FROM pg_stat_statements"
-    before = ServerSnapshot({poll: 10, get: 5, probe: 3}, {}, 0, 0)
-    after = ServerSnapshot({poll: 30, get: 500, lsn: 400, PGPOOL_READ: 90, probe: 9,
-                            "SELECT pg_is_in_recovery()": 2}, {}, 0, 0)
-    assert monitoring_calls(before, after) == 20 + 2  # the polls and Pgpool-style checks
+    before = ServerSnapshot({1: (poll, 10), 2: (get, 5), 3: (probe, 3), 7: ("SELECT 7", 50)},
+                            {}, 0, 0)
+    after = ServerSnapshot({1: ("", 30), 2: (get, 500), 4: (lsn, 400), 5: (PGPOOL_READ, 90),
+                            3: (probe, 9), 6: ("SELECT pg_is_in_recovery()", 2),
+                            7: ("SELECT 7", 4)}, {}, 0, 0)
+    # The polls (text unreadable at the second look), a Pgpool-style check, and an entry
+    # evicted and made anew (4 new calls, not -46); never the reads or the probe's own.
+    assert monitoring_calls(before, after) == 20 + 2 + 4
     assert is_reader("propstore:shard0-replica1") and is_reader("fleet-reader")
     assert not is_reader("propstore-monitor") and not is_reader("")
 

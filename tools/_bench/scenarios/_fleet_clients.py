@@ -38,6 +38,8 @@ class ClientReport:
     replica_reads: int
     errors: int
     first_error: str = ""
+    #: Why reads went to the primary (``ReadResult.fallback_reason``), by reason.
+    fallbacks: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -114,10 +116,11 @@ def _client(fleet: Fleet, index: int, ready: Any, go: Any, stop: Any, out: Any) 
         conns = [psycopg.connect(dsn, autocommit=True, application_name=READER_NAME)
                  for dsn in fleet.pgpool_dsns]
 
-        def read(user: str) -> bool:
+        def read(user: str) -> str | None:
             shard = topology.shard_index_of(TENANT, user)
             row = conns[shard].execute(PGPOOL_READ, (TENANT, user)).fetchone()
-            return row is not None and int(row[1]) != fleet.pgpool_primary_ports[shard]
+            on_replica = row is not None and int(row[1]) != fleet.pgpool_primary_ports[shard]
+            return None if on_replica else "pgpool"
 
         def close() -> None:
             for conn in conns:
@@ -125,8 +128,9 @@ def _client(fleet: Fleet, index: int, ready: Any, go: Any, stop: Any, out: Any) 
     else:
         store = PropertyStore(Topology.from_dict(fleet.topology))
 
-        def read(user: str) -> bool:
-            return store.read(TENANT, user, max_staleness=READ_BUDGET).from_replica
+        def read(user: str) -> str | None:
+            result = store.read(TENANT, user, max_staleness=READ_BUDGET)
+            return None if result.from_replica else str(result.fallback_reason)
 
         close = store.close
     try:
@@ -139,8 +143,10 @@ def _client(fleet: Fleet, index: int, ready: Any, go: Any, stop: Any, out: Any) 
 
 def _read_loop(read: Any, users: list[str], rate: float, rng: random.Random, stop: Any
                ) -> ClientReport:
-    """Open loop: a read every ``1/rate`` s from a random phase, until ``stop``."""
+    """Open loop: a read every ``1/rate`` s from a random phase, until ``stop``; ``read``
+    returns None for a replica read, else why the primary served it."""
     latencies: list[float] = []
+    fallbacks: dict[str, int] = {}
     replica = errors = 0
     first = ""
     due = time.monotonic() + rng.uniform(0, 1 / rate)
@@ -152,11 +158,14 @@ def _read_loop(read: Any, users: list[str], rate: float, rng: random.Random, sto
         due += 1 / rate
         started = time.perf_counter()
         try:
-            from_replica = read(users[rng.randrange(len(users))])
+            fallback = read(users[rng.randrange(len(users))])
         except Exception as exc:  # every error is reported, none ends the run
             errors += 1
             first = first or f"{type(exc).__name__}: {exc}"[:200]
             continue
         latencies.append(time.perf_counter() - started)
-        replica += from_replica
-    return ClientReport(os.getpid(), latencies, replica, errors, first)
+        if fallback is None:
+            replica += 1
+        else:
+            fallbacks[fallback] = fallbacks.get(fallback, 0) + 1
+    return ClientReport(os.getpid(), latencies, replica, errors, first, fallbacks)

@@ -95,7 +95,9 @@ def tree_cpu(roots: Iterable[int]) -> float:
 class ServerSnapshot:
     """One server at one instant."""
 
-    statements: dict[str, int]
+    #: ``queryid`` -> (text, calls). By id: a text can read as NULL while
+    #: pg_stat_statements compacts its text file, and one text may have several entries.
+    statements: dict[int, tuple[str, int]]
     monitor_cpu: dict[int, float]
     client_connections: int
     monitor_connections: int
@@ -122,8 +124,9 @@ class Probe:
         """Every server's statements, monitoring backends' CPU and connection counts."""
         taken = {}
         for name, conn in self.conns.items():
-            statements = {str(q): int(c) for q, c in conn.execute(
-                "SELECT query, sum(calls) FROM pg_stat_statements GROUP BY query")}
+            statements = {int(i): (str(q or ""), int(c)) for i, q, c in conn.execute(
+                "SELECT queryid, max(query), sum(calls) FROM pg_stat_statements"
+                " GROUP BY queryid")}
             backends = conn.execute(
                 "SELECT pid, coalesce(application_name, '') FROM pg_stat_activity"
                 " WHERE backend_type = 'client backend' AND application_name <> %s",
@@ -134,18 +137,28 @@ class Probe:
         return taken
 
 
+def _deltas(before: ServerSnapshot, after: ServerSnapshot) -> list[tuple[str, int]]:
+    """(text, calls in between) of every monitoring statement. An entry whose count went
+    down was evicted and made anew in between: all its calls are new."""
+    found = []
+    for queryid, (text, calls) in after.statements.items():
+        text = text or before.statements.get(queryid, ("", 0))[0]
+        if not text or reads_sql(text):
+            continue
+        old = before.statements.get(queryid, (text, 0))[1]
+        found.append((text, calls - old if calls >= old else calls))
+    return found
+
+
 def monitoring_calls(before: ServerSnapshot, after: ServerSnapshot) -> int:
     """Monitoring statements a server ran between two snapshots."""
-    return sum(calls - before.statements.get(text, 0)
-               for text, calls in after.statements.items() if not reads_sql(text))
+    return sum(calls for _, calls in _deltas(before, after))
 
 
 def top_monitoring(before: ServerSnapshot, after: ServerSnapshot, count: int = 3
                    ) -> list[tuple[str, int]]:
     """The monitoring statements that ran most between two snapshots (for the notes)."""
-    deltas = [(text, calls - before.statements.get(text, 0))
-              for text, calls in after.statements.items() if not reads_sql(text)]
-    return sorted((d for d in deltas if d[1] > 0), key=lambda d: -d[1])[:count]
+    return sorted((d for d in _deltas(before, after) if d[1] > 0), key=lambda d: -d[1])[:count]
 
 
 def monitor_cpu(before: ServerSnapshot, after: ServerSnapshot) -> float:

@@ -28,7 +28,8 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,7 @@ class Phase:
     p99: float
     first_error: str
     top: list[tuple[str, int]]
+    fallbacks: dict[str, int] = field(default_factory=dict)
 
     @property
     def replica_share(self) -> float:
@@ -153,6 +155,9 @@ def fleet(env: Any, options: Options) -> ScenarioResult:
         if phase.top:
             result.notes.append(f"{phase.mode} N={phase.count} top monitoring statements: "
                                 + "; ".join(f"{n}x {t[:60]!r}" for t, n in phase.top))
+        if phase.fallbacks and phase.mode != "pgpool":
+            result.notes.append(f"{phase.mode} N={phase.count} primary reads by reason: "
+                                + ", ".join(f"{k} {v}" for k, v in phase.fallbacks.items()))
         if phase.first_error:
             result.notes.append(f"{phase.mode} N={phase.count}: {phase.errors} read errors, "
                                 f"first: {phase.first_error}")
@@ -297,7 +302,15 @@ def _phase_figures(mode: str, count: int, idle: float, reading: float,
         errors=sum(r.errors for r in reports),
         p50=_quantile(latencies, 0.5), p99=_quantile(latencies, 0.99),
         first_error=errors[0].first_error if errors else "",
-        top=top_monitoring(s2[worst], s3[worst]))
+        top=top_monitoring(s2[worst], s3[worst]), fallbacks=_sum(r.fallbacks for r in reports))
+
+
+def _sum(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for one in counts:
+        for key, value in one.items():
+            total[key] = total.get(key, 0) + value
+    return dict(sorted(total.items(), key=lambda kv: -kv[1]))
 
 
 def _quantile(ordered: list[float], q: float) -> float:
