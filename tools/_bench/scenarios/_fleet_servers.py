@@ -150,6 +150,13 @@ def _deltas(before: ServerSnapshot, after: ServerSnapshot) -> list[tuple[str, in
     return found
 
 
+def evicted(before: ServerSnapshot, after: ServerSnapshot) -> int:
+    """Entries whose count went down in between (pg_stat_statements evicted and remade
+    them; their calls before the eviction are lost to the figures)."""
+    return sum(1 for queryid, (_, calls) in after.statements.items()
+               if calls < before.statements.get(queryid, ("", 0))[1])
+
+
 def monitoring_calls(before: ServerSnapshot, after: ServerSnapshot) -> int:
     """Monitoring statements a server ran between two snapshots."""
     return sum(calls for _, calls in _deltas(before, after))

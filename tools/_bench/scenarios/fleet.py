@@ -45,6 +45,7 @@ from _bench.scenarios._fleet_clients import READ_BUDGET, ClientReport, Fleet
 from _bench.scenarios._fleet_servers import (
     Probe,
     ServerSnapshot,
+    evicted,
     monitor_cpu,
     monitoring_calls,
     processes_mentioning,
@@ -89,6 +90,7 @@ class Phase:
     first_error: str
     top: list[tuple[str, int]]
     fallbacks: dict[str, int] = field(default_factory=dict)
+    evictions: int = 0
 
     @property
     def replica_share(self) -> float:
@@ -158,6 +160,10 @@ def fleet(env: Any, options: Options) -> ScenarioResult:
         if phase.fallbacks and phase.mode != "pgpool":
             result.notes.append(f"{phase.mode} N={phase.count} primary reads by reason: "
                                 + ", ".join(f"{k} {v}" for k, v in phase.fallbacks.items()))
+        if phase.evictions:
+            result.notes.append(f"{phase.mode} N={phase.count}: {phase.evictions} "
+                                "pg_stat_statements entries evicted while reading (their "
+                                "earlier calls are missing from the figures)")
         if phase.first_error:
             result.notes.append(f"{phase.mode} N={phase.count}: {phase.errors} read errors, "
                                 f"first: {phase.first_error}")
@@ -302,7 +308,8 @@ def _phase_figures(mode: str, count: int, idle: float, reading: float,
         errors=sum(r.errors for r in reports),
         p50=_quantile(latencies, 0.5), p99=_quantile(latencies, 0.99),
         first_error=errors[0].first_error if errors else "",
-        top=top_monitoring(s2[worst], s3[worst]), fallbacks=_sum(r.fallbacks for r in reports))
+        top=top_monitoring(s2[worst], s3[worst]), fallbacks=_sum(r.fallbacks for r in reports),
+        evictions=sum(evicted(s2[n], s3[n]) for n in s3))
 
 
 def _sum(counts: Iterable[dict[str, int]]) -> dict[str, int]:
