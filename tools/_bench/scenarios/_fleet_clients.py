@@ -21,10 +21,12 @@ import psycopg
 import structlog
 from propstore import PropertyStore, Topology
 
+from _bench import affinity
 from _bench.env import TENANT
 from _bench.scenarios._fleet_servers import PGPOOL_READ, READER_NAME
 
 _CTX = multiprocessing.get_context("fork")
+EVERYWHERE = affinity.server_cpus() | {affinity.CLIENT_CPU}
 #: Budget of each read (seconds): generous against a 100 ms monitor interval.
 READ_BUDGET = 1.0
 
@@ -110,6 +112,8 @@ class Fleet:
 def _client(fleet: Fleet, index: int, ready: Any, go: Any, stop: Any, out: Any) -> None:
     # 64 processes' info events would drown the report; warnings still show.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    if hasattr(os, "sched_setaffinity"):  # the bench process is pinned; a fleet is not
+        os.sched_setaffinity(0, EVERYWHERE)
     rng = random.Random(index)
     if fleet.mode == "pgpool":
         topology = Topology.from_dict(fleet.topology)

@@ -37,7 +37,8 @@ from propstore import MonitorSettings, Topology
 from propstore.migrate import upgrade
 from propstore.sandbox import LocalCluster
 
-from _bench.env import load_users, wait_caught_up
+from _bench import affinity
+from _bench.env import load_users, pin_cluster, wait_caught_up
 from _bench.options import Options
 from _bench.pgpool import Backend, PgpoolProcess, PgpoolUnavailable
 from _bench.results import Bar, ScenarioResult, reported
@@ -57,6 +58,9 @@ from _bench.scenarios._fleet_servers import (
 #: environment, so the name is repeated here rather than imported from a build that may
 #: not have it).
 AGENT_DIR_ENV = "PROPSTORE_AGENT_DIR"
+#: Every CPU: the fleet, its servers and Pgpool run where the scheduler puts them (the
+#: bench process itself is pinned to one CPU, which its forks would inherit).
+EVERYWHERE = affinity.server_cpus() | {affinity.CLIENT_CPU}
 SHAPE = (4, 2)
 COUNTS = (1, 8, 32, 64)
 MODES = ("off", "host", "pgpool")
@@ -132,6 +136,8 @@ def fleet(env: Any, options: Options) -> ScenarioResult:
     os.environ[AGENT_DIR_ENV] = str(agents)
     with LocalCluster(shards=SHAPE[0], replicas=SHAPE[1]) as cluster:
         _prepare(cluster)
+        if affinity.available():  # a fleet is a host's worth of processes: unpinned
+            pin_cluster(cluster, EVERYWHERE)
         assert cluster.config_path is not None
         topology = Topology.load(cluster.config_path)
         users, _ = load_users(topology, USERS)
@@ -173,7 +179,8 @@ def fleet(env: Any, options: Options) -> ScenarioResult:
     result.notes.append(
         f"stores: routing.connection_budget = {2 * _nodes(topology)} (one pooled connection "
         f"per node); servers: max_connections = {MAX_CONNECTIONS}; windows of {seconds:g} s "
-        f"idle then {seconds:g} s reading after {options.warmup:g} s of warm-up")
+        f"idle then {seconds:g} s reading after {options.warmup:g} s of warm-up; nothing "
+        "pinned (clients, servers and Pgpool on every CPU)")
     return result
 
 
@@ -229,8 +236,9 @@ def _pgpools(cluster: LocalCluster, count: int) -> list[PgpoolProcess]:
                 # One child per client process (each holds its connection for the run).
                 "num_init_children": count + 2,
             }
-            started.append(PgpoolProcess(Backend.from_dsn(shard.primary.dsn),
-                                         Backend.from_dsn(first.dsn), extra=extra).start())
+            started.append(PgpoolProcess(
+                Backend.from_dsn(shard.primary.dsn), Backend.from_dsn(first.dsn), extra=extra,
+                cpus=EVERYWHERE if affinity.available() else None).start())
     except BaseException:
         for process in started:
             process.stop()
