@@ -26,6 +26,8 @@ from _bench.env import TENANT
 from _bench.scenarios._fleet_servers import PGPOOL_READ, READER_NAME
 
 _CTX = multiprocessing.get_context("fork")
+#: Every CPU: the fleet, its servers and Pgpool run where the scheduler puts them (the
+#: bench process itself is pinned to one CPU, which its forks would inherit).
 EVERYWHERE = affinity.server_cpus() | {affinity.CLIENT_CPU}
 #: Budget of each read (seconds): generous against a 100 ms monitor interval.
 READ_BUDGET = 1.0

@@ -42,7 +42,7 @@ from _bench.env import load_users, pin_cluster, wait_caught_up
 from _bench.options import Options
 from _bench.pgpool import Backend, PgpoolProcess, PgpoolUnavailable
 from _bench.results import Bar, ScenarioResult, reported
-from _bench.scenarios._fleet_clients import READ_BUDGET, ClientReport, Fleet
+from _bench.scenarios._fleet_clients import EVERYWHERE, READ_BUDGET, ClientReport, Fleet
 from _bench.scenarios._fleet_servers import (
     Probe,
     ServerSnapshot,
@@ -58,9 +58,6 @@ from _bench.scenarios._fleet_servers import (
 #: environment, so the name is repeated here rather than imported from a build that may
 #: not have it).
 AGENT_DIR_ENV = "PROPSTORE_AGENT_DIR"
-#: Every CPU: the fleet, its servers and Pgpool run where the scheduler puts them (the
-#: bench process itself is pinned to one CPU, which its forks would inherit).
-EVERYWHERE = affinity.server_cpus() | {affinity.CLIENT_CPU}
 SHAPE = (4, 2)
 COUNTS = (1, 8, 32, 64)
 MODES = ("off", "host", "pgpool")
