@@ -29,6 +29,7 @@ from propstore.sharding import DEFAULT_BUCKET_COUNT, BucketMap, BucketRange, buc
 
 OnStale = Literal["error", "serve"]
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
+_URL_RE = re.compile(r"^https?://[^/\s:]+(:[0-9]{1,5})?/?$")
 
 
 def redact_dsn(dsn: str) -> str:
@@ -47,13 +48,17 @@ class NodeConfig:
 
     ``via`` says how the DSN reaches the server (``auto``, ``direct``, ``session_pooler``,
     ``transaction_pooler`` or ``load_balancer``; see docs/deployment.md): it decides which
-    proofs a read on this node may reuse.
+    proofs a read on this node may reuse. ``patroni`` is the member's Patroni REST API
+    (``http://host:8008``), when an HA manager says who leads (``propstore.discovery``).
+    A shard given as ``members`` has no fixed roles: the first member's ``role`` is only
+    the starting guess until the monitor (and the source) observe the roles.
     """
 
     name: str
     dsn: str = field(repr=False)
     role: Literal["primary", "replica"]
     via: Via = "auto"
+    patroni: str | None = None
 
     @property
     def address(self) -> str:
@@ -85,6 +90,11 @@ class ShardConfig:
     def bucket_total(self) -> int:
         """How many buckets this shard owns."""
         return sum(len(r) for r in self.buckets)
+
+    @property
+    def patroni_endpoints(self) -> tuple[str, ...]:
+        """The Patroni REST endpoints of the shard's members (empty: no HA source)."""
+        return tuple(node.patroni for node in self.nodes if node.patroni)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +159,18 @@ def _sharing(value: object, key: str) -> Sharing:
 
 
 @dataclass(frozen=True, slots=True)
+class DiscoverySettings:
+    """How an HA manager source (Patroni's REST API) is asked who leads (seconds)."""
+
+    #: Between two answers while the leader is stable.
+    interval: float = 1.0
+    #: Between two asks while no running leader is known or it changed (a failover).
+    fast_interval: float = 0.2
+    #: Longest wait for one endpoint's answer (then the next endpoint is asked).
+    timeout: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
 class RoutingSettings:
     """How reads and writes are routed (seconds unless stated)."""
 
@@ -199,9 +221,12 @@ class RoutingSettings:
         )
 
 
-_TOP_KEYS = {"bucket_count", "default_profile", "monitor", "routing", "profiles", "shards"}
-_SHARD_KEYS = {"name", "buckets", "primary", "replicas"}
-_NODE_KEYS = {"name", "dsn", "via"}
+_TOP_KEYS = {
+    "bucket_count", "default_profile", "monitor", "routing", "profiles", "shards", "discovery",
+}
+_SHARD_KEYS = {"name", "buckets", "primary", "replicas", "members"}
+_NODE_KEYS = {"name", "dsn", "via", "patroni"}
+_DISCOVERY_DURATIONS = {"interval", "fast_interval", "timeout"}
 _PROFILE_KEYS = {"max_staleness", "on_stale", "degrade"}
 _MONITOR_DURATIONS = {"interval", "poll_timeout", "max_backoff"}
 _MONITOR_INTS = {"history_size", "failures_before_down"}
@@ -223,6 +248,7 @@ class Topology:
     default_profile: str | None = None
     monitor: MonitorSettings = MonitorSettings()
     routing: RoutingSettings = RoutingSettings()
+    discovery: DiscoverySettings = DiscoverySettings()
     source: str = field(default="<memory>", compare=False)
 
     def __post_init__(self) -> None:
@@ -336,6 +362,12 @@ class Topology:
             RoutingSettings(), data.get("routing", {}), "routing",
             _ROUTING_DURATIONS, _ROUTING_INTS, source,
         )
+        discovery = _settings(
+            DiscoverySettings(), data.get("discovery", {}), "discovery",
+            _DISCOVERY_DURATIONS, set(), source,
+        )
+        if min(discovery.interval, discovery.fast_interval, discovery.timeout) <= 0:
+            raise ConfigError(f"{source}: [discovery] intervals and timeout must be > 0")
         if "PROPSTORE_MONITOR_INTERVAL" in env:
             monitor = replace(monitor, interval=_duration(
                 env["PROPSTORE_MONITOR_INTERVAL"], "PROPSTORE_MONITOR_INTERVAL", source))
@@ -358,7 +390,8 @@ class Topology:
             raise ConfigError(f"{source}: default_profile must be a profile name")
         return cls(
             shards=shards, bucket_count=bucket_count, profiles=profiles,
-            default_profile=default_profile, monitor=monitor, routing=routing, source=source,
+            default_profile=default_profile, monitor=monitor, routing=routing,
+            discovery=discovery, source=source,
         )
 
 
@@ -384,12 +417,13 @@ def _duration(value: object, key: str, source: str) -> float:
 def _node(raw: Any, default_name: str, role: Literal["primary", "replica"], where: str,
           source: str, password: str | None) -> NodeConfig:
     via: Any = "auto"
+    patroni: Any = None
     if isinstance(raw, str):
         name, dsn = default_name, raw
     else:
         _no_unknown(raw, _NODE_KEYS, source, where)
         name, dsn = raw.get("name", default_name), raw.get("dsn")
-        via = raw.get("via", "auto")
+        via, patroni = raw.get("via", "auto"), raw.get("patroni")
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ConfigError(f"{source}: {where}: node name {name!r} must match {_NAME_RE.pattern}")
     if not isinstance(dsn, str) or not dsn.strip():
@@ -404,9 +438,15 @@ def _node(raw: Any, default_name: str, role: Literal["primary", "replica"], wher
             f"{', '.join(repr(v) for v in VIA_CHOICES)} (how the dsn reaches the server; "
             "see docs/deployment.md)"
         )
+    if patroni is not None and not (isinstance(patroni, str) and _URL_RE.match(patroni)):
+        raise ConfigError(
+            f"{source}: {where}: node {name}: patroni = {patroni!r} must be the member's "
+            "Patroni REST API as http(s)://host:port (see docs/config.md)"
+        )
     if password and "password" not in params:
         dsn = psycopg.conninfo.make_conninfo(dsn, password=password)
-    return NodeConfig(name=name, dsn=dsn, role=role, via=via)
+    return NodeConfig(name=name, dsn=dsn, role=role, via=via,
+                      patroni=patroni.rstrip("/") if patroni else None)
 
 
 def _shard(raw: Any, index: int, source: str, password: str | None) -> ShardConfig:
@@ -425,8 +465,10 @@ def _shard(raw: Any, index: int, source: str, password: str | None) -> ShardConf
         ranges = tuple(BucketRange.parse(str(b)) for b in buckets)
     except ValueError as exc:
         raise ConfigError(f"{source}: {where}: {exc}") from None
+    if "members" in raw:
+        return _members_shard(raw, name, ranges, where, source, password)
     if "primary" not in raw:
-        raise ConfigError(f"{source}: {where}: no primary")
+        raise ConfigError(f"{source}: {where}: no primary (or members)")
     primary = _node(raw["primary"], f"{name}-primary", "primary", where, source, password)
     raw_replicas = raw.get("replicas", [])
     if not isinstance(raw_replicas, list):
@@ -436,6 +478,23 @@ def _shard(raw: Any, index: int, source: str, password: str | None) -> ShardConf
         for i, r in enumerate(raw_replicas)
     )
     return ShardConfig(name=name, buckets=ranges, primary=primary, replicas=replicas)
+
+
+def _members_shard(raw: Any, name: str, ranges: tuple[BucketRange, ...], where: str,
+                   source: str, password: str | None) -> ShardConfig:
+    """A shard given as ``members`` (an HA manager moves the roles): the first member is
+    only the starting guess for the primary, until the roles are observed."""
+    if "primary" in raw or "replicas" in raw:
+        raise ConfigError(f"{source}: {where}: give members, or primary and replicas, not both")
+    members = raw["members"]
+    if not isinstance(members, list) or not members:
+        raise ConfigError(f"{source}: {where}: members must list the shard's servers")
+    nodes = [
+        _node(m, f"{name}-member{i + 1}", "primary" if i == 0 else "replica", where, source,
+              password)
+        for i, m in enumerate(members)
+    ]
+    return ShardConfig(name=name, buckets=ranges, primary=nodes[0], replicas=tuple(nodes[1:]))
 
 
 def _profiles(raw: Any, source: str) -> dict[str, Profile]:
@@ -517,6 +576,7 @@ def _degrade(table: Mapping[str, Any], where: str, source: str) -> Degrade | Non
 
 __all__ = [
     "SHARING_CHOICES",
+    "DiscoverySettings",
     "MonitorSettings",
     "NodeConfig",
     "OnStale",

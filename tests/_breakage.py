@@ -173,6 +173,15 @@ def _leak() -> None:
     _patch(StoreCore, "record", make)
 
 
+def _zombie_primary() -> None:
+    """Any node answering as a primary may be the primary: neither the HA manager's word nor
+    a newer timeline elsewhere rules out an ex-leader that still accepts writes."""
+    from propstore.monitor import ShardView
+
+    _patch(ShardView, "admits", lambda _orig: lambda self, node: node.role == "primary")
+    _patch(ShardView, "ruled_out", lambda _orig: lambda self, node: node.role == "replica")
+
+
 BREAKAGES: dict[str, Callable[[], None]] = {
     "no-proof": _no_proof,
     "lying-bound": _lying_bound,
@@ -187,6 +196,7 @@ BREAKAGES: dict[str, Callable[[], None]] = {
     "leak": _leak,
     "any-server-run": _any_server_run,
     "pooled-facts": _pooled_facts,
+    "zombie-primary": _zombie_primary,
 }
 
 

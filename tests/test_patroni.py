@@ -1,13 +1,17 @@
 """Failover as users run it: a 3-member Patroni cluster (etcd, pg_rewind, asynchronous
 replication unless stated), the topology file naming the first leader as primary.
 
-One cluster for the module, the tests in order: a switchover, a failover that loses the
-writes the standbys never received, the diverged ex-leader rejoining, synchronous mode.
-Each asserts on the data: which acknowledged writes the new leader holds.
+One cluster for the module, the tests in order: switchovers, failovers that lose the writes
+the standbys never received (the diverged ex-leader rejoining), each followed with Patroni's
+REST API as discovery source (``members`` with ``patroni`` endpoints in the file) and
+without one (the file naming the first leader as primary; roles observed in-band); a leader
+whose Patroni hangs while its server keeps accepting writes; synchronous mode. Each asserts
+on the data: which acknowledged writes the new leader holds.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -49,10 +53,18 @@ def patroni() -> Iterator[PatroniCluster]:
         yield cluster
 
 
-def _topology(cluster: PatroniCluster) -> Topology:
-    # The file as it was written when the cluster started: the first leader is "primary".
+SOURCES = [pytest.param(True, id="patroni-source"), pytest.param(False, id="no-source")]
+
+
+def _topology(cluster: PatroniCluster, source: bool = False) -> Topology:
+    # Without a source: the file as it was written when the cluster started (the first
+    # leader is "primary"). With one: the members and their REST endpoints, no roles.
     assert cluster.config_path is not None
-    topology = Topology.load(cluster.config_path)
+    path = cluster.config_path
+    if source:
+        path = cluster.write_config(path.with_name("propstore-discovery.toml"), discovery=True)
+    topology = Topology.load(path)
+    assert bool(topology.shards[0].patroni_endpoints) == source
     return replace(topology, routing=replace(topology.routing,
                                              write_failover_time=FAILOVER_WINDOW))
 
@@ -67,6 +79,8 @@ class _Writes:
     """One new user per write, so that whether a write survived is a fact of the data."""
 
     acked: list[tuple[str, float, Token]] = field(default_factory=list)
+    #: When each acknowledged write was sent.
+    started: dict[str, float] = field(default_factory=dict)
     errors: int = 0
     longest: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -86,6 +100,7 @@ class _Writes:
             now = time.monotonic()
             with self.lock:
                 self.acked.append((user, now, token))
+                self.started[user] = started
                 self.longest = max(self.longest, now - started)
 
 
@@ -106,17 +121,19 @@ def _surviving(store: PropertyStore, writes: _Writes) -> set[str]:
     return {user for user, props in found.items() if props is not None}
 
 
+@pytest.mark.parametrize("source", SOURCES)
 def test_switchover_is_followed_writes_wait_and_no_read_breaks_its_budget(
-    patroni: PatroniCluster,
+    patroni: PatroniCluster, source: bool,
 ) -> None:
+    patroni.wait_streaming(120)
     users = [f"sw-{i}" for i in range(20)]
-    with PropertyStore(_topology(patroni)) as store:
+    with PropertyStore(_topology(patroni, source)) as store:
         for user in users:
             store.replace("acme", user, {"seq": 0})
         stop = threading.Event()
         writes = _Writes()
         with Workload(store, users, budgets=(0.5, 1.0, 5.0)) as load:
-            threads = _run_writers(store, writes, stop, "swx")
+            threads = _run_writers(store, writes, stop, f"swx{source:d}")
             load.wait(1.0)
             started = time.monotonic()
             new = patroni.switchover()
@@ -129,7 +146,8 @@ def test_switchover_is_followed_writes_wait_and_no_read_breaks_its_budget(
             report = load.stop()
         survived = _surviving(store, writes)
     lost = [user for user, _, _ in writes.acked if user not in survived]
-    print(f"patroni switchover: followed in {followed:.1f}s; writes {len(writes.acked)} "
+    print(f"patroni switchover ({'source' if source else 'no source'}): followed in "
+          f"{followed:.1f}s; writes {len(writes.acked)} "
           f"acknowledged, {writes.errors} failed, longest {writes.longest:.2f}s, {len(lost)} "
           f"lost; workload {report.writes} writes, {report.reads} reads, "
           f"{report.violations} violations, errors {dict(report.errors)}")
@@ -140,11 +158,12 @@ def test_switchover_is_followed_writes_wait_and_no_read_breaks_its_budget(
     assert writes.longest < FAILOVER_WINDOW
 
 
+@pytest.mark.parametrize("source", SOURCES)
 def test_failover_lost_writes_raise_and_the_diverged_ex_leader_never_serves(
-    patroni: PatroniCluster,
+    patroni: PatroniCluster, source: bool,
 ) -> None:
     patroni.wait_streaming(120)  # the previous leader has rejoined
-    with PropertyStore(_topology(patroni)) as store:
+    with PropertyStore(_topology(patroni, source)) as store:
         leader = patroni.leader()
         assert leader is not None
         old_name: str = leader
@@ -173,7 +192,7 @@ def test_failover_lost_writes_raise_and_the_diverged_ex_leader_never_serves(
                     continue
                 reads.append((user, started, budget, result.props is not None, result.node))
 
-        threads = _run_writers(store, writes, stop, "fo") + [
+        threads = _run_writers(store, writes, stop, f"fo{source:d}-") + [
             threading.Thread(target=reader, args=(i,), daemon=True) for i in range(2)]
         for thread in threads[2:]:
             thread.start()
@@ -219,7 +238,8 @@ def test_failover_lost_writes_raise_and_the_diverged_ex_leader_never_serves(
                   and acked_at[r[0]] < r[1] - r[2]]
     # Before the crash the old leader held those writes: only later reads must not see them.
     phantom = [r for r in reads if r[3] and r[0] not in survived and r[1] > followed_at]
-    print(f"patroni failover: write unavailability {writes.longest:.1f}s (leader crash to "
+    print(f"patroni failover ({'source' if source else 'no source'}): write unavailability "
+          f"{writes.longest:.1f}s (leader crash to "
           f"new leader observed {outage:.1f}s), ex-leader rejoined in {rejoined:.1f}s; "
           f"{len(writes.acked)} writes acknowledged, {writes.errors} failed, {len(lost)} lost; "
           f"lost-write tokens detected {sum(detected.values())}/{len(lost)} {detected}; "
@@ -231,6 +251,84 @@ def test_failover_lost_writes_raise_and_the_diverged_ex_leader_never_serves(
     assert writes.errors == 0 and writes.longest < FAILOVER_WINDOW
 
 
+@pytest.mark.parametrize("source", SOURCES if os.environ.get("PROPSTORE_TEST_PATRONI_ALL")
+                         else SOURCES[:1])
+def test_a_leader_whose_patroni_hangs_is_dropped_when_another_takes_the_lock(
+    patroni: PatroniCluster, source: bool,
+) -> None:
+    # The leader cut off from the other members (its Patroni frozen, its WAL senders
+    # stopped) but not from clients: its server still answers as a primary and accepts
+    # writes after the lock expired and another member was promoted (no watchdog). The
+    # source says who holds the lock; the promoted member's newer timeline says it too.
+    patroni.wait_streaming(120)
+    with PropertyStore(_topology(patroni, source)) as store:
+        leader = patroni.leader()
+        assert leader is not None
+        old_name: str = leader
+        wait_for(lambda: _leader_observed(store, old_name), timeout=30)
+        old = patroni.member(old_name)
+        stop = threading.Event()
+        writes = _Writes()
+        threads = _run_writers(store, writes, stop, f"zombie{source:d}-")
+        wait_for(lambda: len(writes.acked) > 20, timeout=30)
+        assert old.hold_replication() >= 2 and old.freeze_patroni()
+        try:
+            new = wait_for(lambda: (name := patroni.leader()) not in (None, old_name) and name,
+                           timeout=60)
+            promoted_at = time.monotonic()
+            wait_for(lambda: _leader_observed(store, new), timeout=30)
+            followed_at = time.monotonic()
+            still_primary = old.scalar("SELECT NOT pg_is_in_recovery()")
+            wait_for(lambda: writes.acked and writes.acked[-1][1] > followed_at, timeout=30)
+            time.sleep(0.5)
+            stop.set()
+            for thread in threads:
+                thread.join(60)
+        finally:
+            # Fenced at last (killed), then restarted: Patroni rewinds it to the new leader.
+            patroni.crash_member(old)
+            patroni.start_member(old)
+        patroni.wait_streaming(120)
+        survived = _surviving(store, writes)
+        lost = [(user, at, token) for user, at, token in writes.acked if user not in survived]
+        detected = 0
+        for user, _, token in lost:
+            with pytest.raises((WriteLostError, StaleReadError)):
+                store.read("acme", user, after=str(token))
+            detected += 1
+    late = [user for user, _, _ in lost if writes.started[user] > followed_at]
+    print(f"patroni hung leader agent ({'source' if source else 'no source'}): new leader "
+          f"{new} followed {followed_at - promoted_at:.2f}s "
+          f"after the promotion (old server still primary: {still_primary}); "
+          f"{len(writes.acked)} writes acknowledged, {writes.errors} failed, {len(lost)} lost "
+          f"(written to the old server before the switch was known), tokens detected "
+          f"{detected}/{len(lost)}, {len(late)} lost after the new leader was observed")
+    assert still_primary, "the fault must leave the old server accepting writes"
+    assert writes.errors == 0 and late == []
+    assert detected == len(lost)
+
+
+def test_migrate_acts_on_the_observed_primary_not_the_files(patroni: PatroniCluster) -> None:
+    from propstore.migrate import RollingMigration, plan, shard_status
+
+    patroni.wait_streaming(120)
+    stale = _topology(patroni)  # names the first leader as primary
+    if patroni.leader() == stale.shards[0].primary.name:
+        patroni.switchover()
+        patroni.wait_streaming(120)
+    leader = patroni.leader()
+    assert leader is not None and leader != stale.shards[0].primary.name
+    for topology in (stale, _topology(patroni, source=True)):
+        (status,) = shard_status(topology)
+        assert status.error is None and status.primary == leader
+        assert status.current == status.head and status.current is not None
+        assert len(status.replicas) == 2 and all(r.state != "down" for r in status.replicas)
+        (planned,) = plan(topology)
+        assert planned.error is None and planned.nothing_to_do
+        report = RollingMigration(topology, wait_timeout=30).run()
+        assert report.ok and report.results[0].outcome == "already at target", report
+
+
 def test_synchronous_mode_loses_no_acknowledged_write(patroni: PatroniCluster) -> None:
     patroni.wait_streaming(120)
     patroni.set_dynamic(synchronous_mode=True)
@@ -238,7 +336,7 @@ def test_synchronous_mode_loses_no_acknowledged_write(patroni: PatroniCluster) -
     assert leader is not None
     wait_for(lambda: patroni.member(leader).scalar(
         "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'") == 1, timeout=60)
-    with PropertyStore(_topology(patroni)) as store:
+    with PropertyStore(_topology(patroni, source=True)) as store:
         wait_for(lambda: _leader_observed(store, leader), timeout=30)
         stop = threading.Event()
         writes = _Writes()

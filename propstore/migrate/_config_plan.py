@@ -23,6 +23,7 @@ from psycopg.rows import dict_row
 
 from propstore.config import NodeConfig, ShardConfig, Topology
 from propstore.errors import ConfigError, MigrationError
+from propstore.migrate._primary import observed_topology
 from propstore.migrate._settings import (
     HOT_STANDBY_PARAMETERS,
     Effect,
@@ -276,6 +277,10 @@ def plan_config_change(
         MigrationError: a node could not be read, a restart is needed and
             ``can_restart`` is false, or no order keeps every standby running.
     """
+    key = change.key(topology)  # names the journal: the file's nodes, whoever leads now
+    # Roles as observed now (an HA manager moves them): "primaries", and the primary-last
+    # order, mean the node that is the primary, not the one the file calls so.
+    topology = observed_topology(topology, change.shards or None)
     targets = change.targets(topology)
     names = sorted(set(change.settings) | set(HOT_STANDBY_PARAMETERS))
     shards = list(dict.fromkeys(shard.name for shard, _ in targets))
@@ -314,7 +319,7 @@ def plan_config_change(
             applied = all(same_value(s.info, live[s.name].setting, s.after)
                           and not live[s.name].pending_restart for s in settings)
             steps.append(ConfigStep(len(steps) + 1, shard, node, settings, effect, applied))
-    return ConfigPlan(change, tuple(steps), tuple(notes), change.key(topology))
+    return ConfigPlan(change, tuple(steps), tuple(notes), key)
 
 
 def _node_setting(node: NodeConfig, name: str, value: str, infos: Mapping[str, SettingInfo],

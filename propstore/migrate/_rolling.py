@@ -24,6 +24,7 @@ from propstore.errors import MigrationError
 from propstore.migrate import _alembic
 from propstore.migrate._alembic import Direction, PlannedRevision, ScriptLocation
 from propstore.migrate._lag import Clock, ReplicaLag, ShardLag, ShardProbe
+from propstore.migrate._primary import observed_shard
 from propstore.migrate._status import ShardPlan, plan_shard, select_shards
 
 log = structlog.get_logger("propstore.migrate")
@@ -230,6 +231,13 @@ class RollingMigration:
 
     def _shard(self, shard: ShardConfig, target: str | None) -> ShardResult:
         began = self.clock()
+        try:
+            shard = observed_shard(shard, self.topology.routing.connect_timeout,
+                                   self.topology.discovery)
+        except MigrationError as exc:
+            self._emit("shard_failed", shard.name, "plan", str(exc))
+            return ShardResult(shard.name, "failed", step="plan", error=str(exc),
+                               seconds=self.clock() - began)
         planned = self._plan(shard)
         before = planned.current if planned.error is None else None
         if planned.nothing_to_do:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import psycopg
 import sqlalchemy as sa
 
-from propstore.config import ShardConfig, Topology
+from propstore.config import DiscoverySettings, ShardConfig, Topology
 from propstore.errors import MigrationError
 from propstore.lsn import LSN
 from propstore.migrate._alembic import (
@@ -24,6 +24,7 @@ from propstore.migrate._alembic import (
     script_directory,
 )
 from propstore.migrate._lag import Clock, ReplicaLag, ShardLag, ShardProbe
+from propstore.migrate._primary import observed_shard
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +33,7 @@ class ShardMigrationStatus:
 
     Attributes:
         shard: the shard's name.
-        primary: the configured primary's name.
+        primary: the observed primary's name (``migrate._primary``).
         current: the primary's alembic revision (None: never migrated, or unreachable).
         head: the script directory's head revision.
         error: why the primary could not be read (None when it could).
@@ -106,6 +107,15 @@ def shard_status(
     head = script_directory(script_location).get_current_head()
     result = []
     for shard in select_shards(topology, shards):
+        try:
+            shard = observed_shard(shard, topology.routing.connect_timeout, topology.discovery)
+        except MigrationError as exc:
+            result.append(ShardMigrationStatus(
+                shard=shard.name, primary="none observed", current=None, head=head,
+                error=str(exc),
+                replicas=(), primary_lsn=None,
+            ))
+            continue
         with ShardProbe(shard, connect_timeout=topology.routing.connect_timeout) as probe:
             lag = settled_lag(probe, settle)
         current, error = None, lag.primary_error
@@ -164,10 +174,17 @@ class ShardPlan:
 def plan_shard(
     shard: ShardConfig, revision: str = "head", *, direction: Direction = "up",
     sql: bool = False, script_location: ScriptLocation = None, connect_timeout: float = 2.0,
+    discovery: DiscoverySettings | None = None,
 ) -> ShardPlan:
-    """The :class:`ShardPlan` of one shard (reads its primary's current revision)."""
+    """The :class:`ShardPlan` of one shard (reads its primary's current revision; with
+    ``discovery``, the primary observed now rather than the file's)."""
     script = script_directory(script_location)
     target = resolve_target(script, revision)
+    if discovery is not None:
+        try:
+            shard = observed_shard(shard, connect_timeout, discovery)
+        except MigrationError as exc:
+            return ShardPlan(shard.name, None, target, (), direction, error=str(exc))
     try:
         current = current_revision(shard.primary.dsn, connect_timeout)
     except (psycopg.Error, sa.exc.SQLAlchemyError) as exc:
@@ -203,6 +220,7 @@ def plan(
     return [
         plan_shard(shard, revision, direction=direction, sql=sql,
                    script_location=script_location,
-                   connect_timeout=topology.routing.connect_timeout)
+                   connect_timeout=topology.routing.connect_timeout,
+                   discovery=topology.discovery)
         for shard in select_shards(topology, shards)
     ]

@@ -25,12 +25,14 @@ from tenacity.wait import wait_exponential_jitter
 from propstore import _sql
 from propstore._wire import DeadlineExceeded, Statement, execute_async
 from propstore.config import Profile, Topology
+from propstore.discovery import Leadership, PatroniSource
 from propstore.lsn import LSN
 from propstore.monitor._state import (
     NodeView,
     Observation,
     ShardView,
     apply_failure,
+    apply_leadership,
     apply_observation,
     initial_views,
     parse_hot_standby_settings,
@@ -95,6 +97,30 @@ class MonitorState:
                 del known[min(known)]
             old = self._views[shard_index]
             self._publish(old, with_timelines(old, history, self.clock()))
+
+    def lead(self, shard_index: int, leadership: Leadership | None) -> list[int]:
+        """Record the HA manager's answer (None: it did not answer). Returns the nodes to
+        poll now: the named leader not yet observed as the primary, and a primary it no
+        longer names (to see it stop or demote)."""
+        with self._lock:
+            old = self._views[shard_index]
+            new = apply_leadership(old, leadership, self.clock(), self._histories[shard_index])
+            if new is old:
+                return []
+            self._publish(old, new)
+        if leadership is None or leadership.leader is None:
+            return []
+        return [i for i, node in enumerate(new.nodes)
+                if (node.name == leadership.leader and new.primary is not node)
+                or (node.role == "primary" and node.name != leadership.leader)]
+
+    def history_wanted(self, shard_index: int, timeline: int | None) -> bool:
+        """Whether a history of ``timeline`` would decide more than the one recorded (none
+        yet, or one whose ancestry could not be read)."""
+        if timeline is None or timeline <= 1:
+            return False
+        known = self._histories[shard_index].get(timeline)
+        return known is None or not known.complete
 
     def fail(self, shard_index: int, node_index: int, error: str) -> None:
         """Record a failed poll or a read that timed out on a node."""
@@ -169,6 +195,8 @@ class LagMonitor:
         self.topology = topology
         self.state = state or MonitorState(topology)
         self._thread: threading.Thread | None = None
+        #: Set to cut a node's pause between polls short (the HA manager named a change).
+        self._wake: dict[tuple[int, int], asyncio.Event] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._first_round: asyncio.Event | None = None
@@ -189,9 +217,14 @@ class LagMonitor:
             if not pending and self._first_round is not None:
                 self._first_round.set()
 
+        self._wake = {key: asyncio.Event() for key in pending}
         tasks = [
             asyncio.create_task(self._watch(s, n, polled), name=f"propstore-poll-{s}-{n}")
             for s, n in sorted(pending)
+        ] + [
+            asyncio.create_task(self._discover(s, PatroniSource(shard, self.topology.discovery)),
+                                name=f"propstore-discovery-{s}")
+            for s, shard in enumerate(self.topology.shards) if shard.patroni_endpoints
         ]
         log.debug("monitor_started", nodes=len(tasks), interval=settings.interval)
         try:
@@ -289,10 +322,42 @@ class LagMonitor:
                     ))
                 polled(key)
                 # Jitter so that many processes do not poll a node in step.
-                await asyncio.sleep(settings.interval * jitter.uniform(0.9, 1.1))
+                await self._pause(key, settings.interval * jitter.uniform(0.9, 1.1))
         finally:
             if conn is not None:
                 await conn.close()
+
+    async def _pause(self, key: tuple[int, int], delay: float) -> None:
+        wake = self._wake.get(key)
+        if wake is None:
+            await asyncio.sleep(delay)
+            return
+        try:
+            async with asyncio.timeout(delay):
+                await wake.wait()
+        except TimeoutError:
+            pass
+        wake.clear()
+
+    async def _discover(self, shard_index: int, source: PatroniSource) -> None:
+        """Ask the shard's HA manager who leads: every ``discovery.interval`` while the
+        leader it names is the observed primary, every ``fast_interval`` otherwise."""
+        settings = self.topology.discovery
+        while True:
+            leadership = await source.leadership()
+            for node_index in self.state.lead(shard_index, leadership):
+                self._wake[(shard_index, node_index)].set()
+            if leadership is not None and self.state.history_wanted(
+                shard_index, leadership.timeline
+            ):
+                history = await source.history(leadership)
+                if history is not None:
+                    self.state.record_history(shard_index, history)
+            primary = self.state.view(shard_index).primary
+            settled = leadership is not None and primary is not None and (
+                primary.name == leadership.leader
+            )
+            await asyncio.sleep(settings.interval if settled else settings.fast_interval)
 
     async def _read_history(self, conn: psycopg.AsyncConnection[object], shard_index: int,
                             timeline: int) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from propstore.config import NodeConfig, ShardConfig
+from propstore.discovery import Leadership
 from propstore.lsn import LSN
 from propstore.proof import ServerRun, Sighting, add_sighting
 from propstore.timeline import TimelineHistory
@@ -178,6 +179,14 @@ class ShardView:
     primary_index: int | None = None
     #: The history of the observed primary's timeline (None before one was observed).
     timelines: TimelineHistory | None = None
+    #: The HA manager's latest answer (None: no source, or it did not answer): a node it
+    #: does not name as the running leader is never the primary.
+    leadership: Leadership | None = None
+    #: ``(system identifier, timeline)``: the newest timeline a node last seen as a primary
+    #: writes on. A primary on an older one of the same cluster is an ex-leader still
+    #: accepting writes after another was promoted (its HA agent hung): not the primary
+    #: while the newer one may still be one (until it is seen in recovery).
+    newest_primary: tuple[int | None, int] | None = None
 
     @property
     def name(self) -> str:
@@ -190,7 +199,27 @@ class ShardView:
         if self.primary_index is None:
             return None
         node = self.nodes[self.primary_index]
-        return node if node.up and node.role == "primary" else None
+        return node if node.up and self.admits(node) else None
+
+    def admits(self, node: NodeView) -> bool:
+        """Whether ``node`` may be the primary: its last poll said so and the HA manager
+        (if one answers) names it as the running leader."""
+        return node.role == "primary" and (
+            self.leadership is None or self.leadership.admits(node.name)
+        ) and not self._superseded(node)
+
+    def _superseded(self, node: NodeView) -> bool:
+        newest = self.newest_primary
+        return newest is not None and node.timeline is not None and (
+            node.system_id == newest[0] and node.timeline < newest[1]
+        )
+
+    def ruled_out(self, node: NodeView) -> bool:
+        """Whether ``node`` is known not to be the primary (observed in recovery, or the HA
+        manager says another member leads, or none does): nothing is sent to it as one."""
+        return node.role == "replica" or (
+            self.leadership is not None and not self.leadership.admits(node.name)
+        ) or self._superseded(node)
 
     @property
     def primary_lsn(self) -> LSN | None:
@@ -264,7 +293,37 @@ def apply_observation(
     )
     nodes = list(view.nodes)
     nodes[node_index] = node
+    view = replace(view, newest_primary=_newest_primary(nodes))
     primary_index = _choose_primary(view, nodes, node_index)
+    return _with_primary(view, nodes, primary_index, node_index, obs, history_size, histories)
+
+
+def apply_leadership(view: ShardView, leadership: Leadership | None, at: float,
+                     histories: Mapping[int, TimelineHistory] | None = None) -> ShardView:
+    """The shard after the HA manager answered (or failed to: ``None``). A primary it does
+    not name is dropped at once; the node it names becomes the primary only once its own
+    poll says it is one (already said, or the next poll)."""
+    if leadership == view.leadership:
+        return view
+    new = replace(view, leadership=leadership)
+    nodes = list(new.nodes)
+    current = new.primary_index
+    if current is None or not new.admits(nodes[current]):
+        for i, node in enumerate(nodes):
+            if node.up and new.admits(node):
+                current = i
+                break
+    if current != new.primary_index and current is not None:
+        return restate(_with_primary(new, nodes, current, None, None, 0, histories), at)
+    return restate(new, at)
+
+
+def _with_primary(view: ShardView, nodes: list[NodeView], primary_index: int | None,
+                  node_index: int | None, obs: Observation | None, history_size: int,
+                  histories: Mapping[int, TimelineHistory] | None) -> ShardView:
+    """The shard with ``primary_index`` chosen: its timeline history and samples carried
+    over, and ``obs`` (the poll of ``node_index``) recorded as a sample if it is the
+    primary's."""
     history = view.history
     primary = nodes[primary_index] if primary_index is not None else None
     timelines = view.timelines
@@ -280,11 +339,11 @@ def apply_observation(
         history = LagHistory()  # another server's LSNs: old samples prove nothing here
     # With no primary observed the samples are kept: every write a later primary accepts
     # is acknowledged after the last sample was sent, so the growing bounds stay sound.
-    if primary_index == node_index and obs.lsn is not None:
+    if obs is not None and primary_index == node_index and obs.lsn is not None:
         history = history.record(obs.sent_at, obs.lsn, history_size)
     new = replace(view, nodes=tuple(nodes), history=history, primary_index=primary_index,
                   timelines=timelines)
-    return restate(new, obs.sent_at)
+    return new if obs is None else restate(new, obs.sent_at)
 
 
 def with_timelines(view: ShardView, timelines: TimelineHistory, at: float) -> ShardView:
@@ -319,22 +378,36 @@ def apply_failure(
     return replace(view, nodes=tuple(nodes))
 
 
+def _newest_primary(nodes: list[NodeView]) -> tuple[int | None, int] | None:
+    """The newest timeline among nodes last seen as primaries (down ones included: they
+    may come back as primaries), with its cluster's system identifier."""
+    newest: tuple[int | None, int] | None = None
+    for node in nodes:
+        if node.role == "primary" and node.timeline is not None and (
+            newest is None or node.timeline > newest[1]
+        ):
+            newest = (node.system_id, node.timeline)
+    return newest
+
+
 def _choose_primary(view: ShardView, nodes: list[NodeView], polled: int) -> int | None:
-    """The shard's primary: sticky while it stays a reachable primary, else the first
-    reachable node that says it is one."""
+    """The shard's primary: sticky while it stays a reachable primary (that the HA manager,
+    if it answers, names), else the first reachable node that says it is one."""
     current = view.primary_index
     polled_node = nodes[polled]
-    if current is not None and current != polled and nodes[current].role == "primary" and (
+    if current is not None and current != polled and view.admits(nodes[current]) and (
         nodes[current].state != "down"
     ):
         return current
-    if polled_node.role == "primary":
+    if view.admits(polled_node):
         return polled
-    if current == polled:  # the primary we knew is in recovery now (demoted or re-cloned)
+    if current == polled or (current is not None and not view.admits(nodes[current])):
+        # The primary we knew is in recovery now (demoted or re-cloned), or the HA manager
+        # says another member leads.
         for i, node in enumerate(nodes):
-            if node.role == "primary" and node.up:
+            if view.admits(node) and node.up:
                 return i
-        return None
+        return current if current != polled or polled_node.role == "primary" else None
     return current
 
 
@@ -364,7 +437,7 @@ def _state_of(node: NodeView, primary: NodeView | None, view: ShardView) -> Node
     if (node.state == "down" and node.failures > 0) or node.role is None:
         return node.state
     if node.role == "primary":
-        return "up" if primary is node else "wrong role"
+        return "up" if primary is node and view.admits(node) else "wrong role"
     if primary is not None and None not in (primary.system_id, node.system_id) and (
         primary.system_id != node.system_id
     ):

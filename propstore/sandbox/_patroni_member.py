@@ -51,6 +51,8 @@ class PatroniMember:
     rest_port: int
     member_dir: Path
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    #: WAL senders stopped by :meth:`hold_replication`.
+    held: list[ProcessId] = field(default_factory=list, repr=False)
 
     @property
     def dsn(self) -> str:
@@ -151,7 +153,9 @@ class PatroniMember:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the member cleanly (SIGTERM to Patroni: it shuts PostgreSQL down)."""
+        self.release_replication()
         if self.process is not None:
+            self.thaw_patroni()  # a stopped process would only die of the SIGKILL
             terminate(self.process, timeout)
             self.process = None
         self._kill_postmaster()  # left behind only if Patroni itself was killed
@@ -163,6 +167,7 @@ class PatroniMember:
             self.process.kill()
             self.process.wait(10)
             self.process = None
+        self.held.clear()  # killed with the rest
         proc = self.postmaster()
         if proc is not None:
             children = [p for p in map(identify, descendants(proc.pid)) if p is not None]
@@ -175,17 +180,37 @@ class PatroniMember:
     def hold_replication(self) -> int:
         """SIGSTOP the member's WAL senders: it keeps acknowledging (asynchronous) commits
         that no standby receives, as when the network to the standbys stalls. Returns how
-        many were stopped; :meth:`crash` ends them."""
+        many were stopped; :meth:`crash` ends them, :meth:`release_replication` resumes them."""
         proc = self.postmaster()
         if proc is None:
             raise SandboxError(f"{self.name} is not running")
-        stopped = 0
         for pid in descendants(proc.pid):
             if "walsender" in _cmdline(pid):
                 child = identify(pid)
                 if child is not None and signal_process(child, signal.SIGSTOP):
-                    stopped += 1
-        return stopped
+                    self.held.append(child)
+        return len(self.held)
+
+    def release_replication(self) -> None:
+        """SIGCONT the WAL senders :meth:`hold_replication` stopped (a stopped one would
+        hold up the server's shutdown)."""
+        for child in self.held:
+            signal_process(child, signal.SIGCONT)
+        self.held.clear()
+
+    def freeze_patroni(self) -> bool:
+        """SIGSTOP the member's Patroni only (a hung HA agent): its PostgreSQL keeps running
+        and, on the leader, keeps accepting writes while the lock expires and another member
+        is promoted (what Patroni's watchdog exists to prevent). :meth:`thaw_patroni` undoes
+        it; Patroni then demotes and rewinds the server. Returns whether it was stopped."""
+        proc = identify(self.process.pid) if self.process is not None else None
+        return proc is not None and signal_process(proc, signal.SIGSTOP)
+
+    def thaw_patroni(self) -> None:
+        """SIGCONT the member's Patroni (after :meth:`freeze_patroni`)."""
+        proc = identify(self.process.pid) if self.process is not None else None
+        if proc is not None:
+            signal_process(proc, signal.SIGCONT)
 
     def _kill_postmaster(self) -> None:
         proc = self.postmaster()

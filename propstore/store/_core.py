@@ -470,9 +470,9 @@ class StoreCore:
                       ) -> Generator[Exec, Response, tuple[Any, str]]:
         view = self.state.view(shard_index)
         node = _primary_node(view)
-        if view.primary is None and node.role == "replica":
-            # Observed in recovery and no primary seen since: say so instead of blaming the
-            # node the file (or the last poll) named for not being a primary.
+        if view.primary is None and view.ruled_out(node):
+            # Observed in recovery (or not the HA manager's leader) and no primary seen
+            # since: say so instead of blaming the node the file (or the last poll) named.
             raise ShardUnavailableError(view.name, f"no primary observed ({_observed_roles(view)})")
 
         def plan(conn: ConnState) -> tuple[Sequence[Statement], bool]:
@@ -531,7 +531,7 @@ class StoreCore:
         node = view.primary
         if node is None:
             node = _primary_node(view)
-            if node.role == "replica":
+            if view.ruled_out(node):
                 raise PrimaryGone(f"no primary observed ({_observed_roles(view)})")
         window.last_node = node.name
         began = time.monotonic()
@@ -621,7 +621,7 @@ class StoreCore:
         if primary is not None:
             return primary.name == name
         last = _primary_node(view)  # down (maybe restarting), or not polled yet: keep waiting
-        return last.name == name and last.role != "replica"
+        return last.name == name and not view.ruled_out(last)
 
     def write_exhausted(self, shard_index: int, window: WriteWindow) -> bool:
         """Whether a failed write stops retrying now (see :class:`WriteWindow`)."""
@@ -691,12 +691,15 @@ def _on_history(view: ShardView, result: Any, lsn: LSN) -> bool:
 
 
 def _observed_roles(view: ShardView) -> str:
-    """Every node's observed role and state, e.g. ``m1 replica up, m2 down``."""
+    """Every node's observed role and state, e.g. ``m1 replica up, m2 down``, with the HA
+    manager's view of it when a source answers (``m1 primary wrong role, patroni replica
+    stopping``)."""
+    leadership = view.leadership
     return ", ".join(
         f"{node.name} ({node.config.address}) " + (
             node.state if node.role is None or node.state == "down"
             else f"{node.role} {node.state}"
-        )
+        ) + ("" if leadership is None else f", {leadership.member(node.name) or 'not in patroni'}")
         for node in view.nodes
     )
 

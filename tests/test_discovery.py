@@ -1,0 +1,168 @@
+"""The HA manager source (``propstore.discovery``) as values: parsing Patroni's answers, the
+topology file's ``members``/``patroni`` keys, and what an answer does to a shard's view
+(driven by explicit times; the real cluster is in tests/test_patroni.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from propstore import ConfigError, Topology
+from propstore.discovery import Leadership, history_of, parse_cluster
+from propstore.lsn import LSN
+from propstore.monitor import Observation
+from propstore.monitor._state import apply_leadership, apply_observation, initial_views
+
+MEMBERS = """
+bucket_count = 16
+
+[discovery]
+interval = "2s"
+
+[[shards]]
+name = "s"
+buckets = ["0-15"]
+members = [
+  { name = "m1", dsn = "host=127.0.0.1 port=6001", patroni = "http://127.0.0.1:8008" },
+  { name = "m2", dsn = "host=127.0.0.1 port=6002", patroni = "http://127.0.0.1:8009/" },
+  { name = "m3", dsn = "host=127.0.0.1 port=6003 dbname=propstore" },
+]
+"""
+TOPO = Topology.from_toml(MEMBERS, environ={})
+NODES = TOPO.shards[0].nodes
+
+
+def _cluster(*members: tuple[str, str, str], port_of: dict[str, int] | None = None
+             ) -> dict[str, Any]:
+    return {"members": [
+        {"name": name, "role": role, "state": state, "host": "127.0.0.1",
+         "port": (port_of or {}).get(name, 0), "timeline": 2, "lag": 0}
+        for name, role, state in members
+    ]}
+
+
+def _leads(leader: str | None) -> Leadership:
+    members = [(n, "leader" if n == leader else "replica", "running") for n in ("m1", "m2")]
+    return parse_cluster(_cluster(*members), NODES, "http://127.0.0.1:8008")
+
+
+def primary(at: float, lsn: int) -> Observation:
+    return Observation(at, False, LSN(lsn), None, False, False, 1, timeline=1)
+
+
+def replica(at: float, lsn: int) -> Observation:
+    return Observation(at, True, LSN(lsn), LSN(lsn), False, True, 1, timeline=1)
+
+
+def test_members_give_no_fixed_roles_and_name_their_patroni_endpoints() -> None:
+    shard = TOPO.shards[0]
+    assert [n.name for n in shard.nodes] == ["m1", "m2", "m3"]
+    assert shard.patroni_endpoints == ("http://127.0.0.1:8008", "http://127.0.0.1:8009")
+    assert TOPO.discovery.interval == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ('patroni = "http://127.0.0.1:8008" }', "must be the member's Patroni REST API"),
+    ('patroni = "ftp://x:1" }', "must be the member's Patroni REST API"),
+])
+def test_a_bad_patroni_endpoint_is_refused_naming_the_node(change: str, message: str) -> None:
+    text = MEMBERS.replace('patroni = "http://127.0.0.1:8008" }', change.replace(
+        "http://127.0.0.1:8008", "127.0.0.1:8008"))
+    with pytest.raises(ConfigError, match=f"node m1: .*{message}"):
+        Topology.from_toml(text, environ={})
+
+
+def test_members_and_fixed_roles_together_are_refused() -> None:
+    text = MEMBERS.replace('buckets = ["0-15"]', 'buckets = ["0-15"]\nprimary = "host=x"')
+    with pytest.raises(ConfigError, match="members, or primary and replicas, not both"):
+        Topology.from_toml(text, environ={})
+    with pytest.raises(ConfigError, match=r"\[discovery\] intervals"):
+        Topology.from_toml(MEMBERS.replace('interval = "2s"', "timeout = 0"), environ={})
+
+
+def test_members_map_by_name_else_address_and_only_a_running_leader_leads() -> None:
+    found = parse_cluster(_cluster(("m1", "replica", "streaming"), ("pg3", "leader", "running"),
+                                   port_of={"pg3": 6003}), NODES, "e")
+    assert found.leader == "m3" and found.timeline == 2
+    assert found.member("m1") is not None and str(found.member("m1")) == "patroni replica streaming"
+    stopping = parse_cluster(_cluster(("m1", "leader", "stopping"), ("m2", "replica", "running")),
+                             NODES, "e")
+    assert stopping.leader is None  # holds the lock but is shutting down: nobody leads
+    stranger = parse_cluster(_cluster(("x9", "leader", "running")), NODES, "e")
+    assert stranger.leader is None  # a member the file does not name is never written to
+    with pytest.raises(ValueError, match="not a Patroni /cluster answer"):
+        parse_cluster({"error": "no such page"}, NODES, "e")
+
+
+def test_history_is_complete_only_when_every_earlier_timeline_is_listed() -> None:
+    full = history_of(3, [[1, 100, "r", "t", "m2"], [2, 4096, "r", "t", "m1"]])
+    assert full.complete and full.switch_of(2) == LSN(4096)
+    assert not history_of(3, [[2, 4096, "r", "t", "m1"]]).complete
+    with pytest.raises(ValueError, match="malformed"):
+        history_of(2, [["x"]])
+
+
+def test_a_primary_the_source_no_longer_names_is_dropped_at_once() -> None:
+    view = initial_views(TOPO.shards, 0.0)[0]
+    view = apply_observation(view, 0, primary(0.0, 100), 16)
+    view = apply_observation(view, 1, replica(0.0, 100), 16)
+    view = apply_leadership(view, _leads("m1"), 0.1)
+    assert view.primary is not None and view.primary.name == "m1"
+    # Patroni says m2 leads: m1 is dropped before any poll of it (it still answers as primary).
+    view = apply_leadership(view, _leads("m2"), 0.2)
+    assert view.primary is None and view.ruled_out(view.nodes[0])
+    assert view.nodes[0].state == "wrong role"
+    view = apply_observation(view, 0, primary(0.3, 120), 16)
+    assert view.primary is None  # its own poll alone does not bring it back
+    # m2 becomes the primary only once its own poll says so (the in-band check decides).
+    view = apply_observation(view, 1, primary(0.4, 130), 16)
+    assert view.primary is not None and view.primary.name == "m2"
+
+
+def test_a_source_naming_a_replica_or_not_answering_never_makes_a_primary() -> None:
+    view = initial_views(TOPO.shards, 0.0)[0]
+    view = apply_observation(view, 0, primary(0.0, 100), 16)
+    view = apply_observation(view, 1, replica(0.0, 100), 16)
+    view = apply_leadership(view, _leads("m2"), 0.1)  # stale or wrong: m2 is in recovery
+    assert view.primary is None
+    view = apply_observation(view, 1, replica(0.2, 100), 16)
+    assert view.primary is None
+    # The source stops answering: the in-band observation alone decides again.
+    view = apply_leadership(view, None, 0.3)
+    assert view.primary is not None and view.primary.name == "m1"
+    # Nobody leads (a failover under way): no primary, replicas still serve on their bound.
+    view = apply_leadership(view, _leads(None), 0.4)
+    assert view.primary is None and view.nodes[1].serves_replica_reads
+
+
+def test_a_primary_on_an_older_timeline_than_another_is_never_the_primary() -> None:
+    # An ex-leader whose HA agent hung keeps writing on its timeline after another member
+    # was promoted (a newer timeline): with or without a source, it is never chosen again.
+    view = initial_views(TOPO.shards, 0.0)[0]
+    view = apply_observation(view, 0, primary(0.0, 100), 16)
+    view = apply_observation(view, 1, replica(0.0, 100), 16)
+    promoted = Observation(0.5, False, LSN(200), None, False, False, 1, timeline=2)
+    view = apply_observation(view, 1, promoted, 16)
+    view = apply_observation(view, 0, primary(0.6, 300), 16)  # still answers as a primary
+    assert view.primary is not None and view.primary.name == "m2"
+    assert view.ruled_out(view.nodes[0]) and view.nodes[0].state == "wrong role"
+    # A stale source naming the old leader does not bring it back.
+    view = apply_leadership(view, _leads("m1"), 0.7)
+    assert view.primary is None and view.ruled_out(view.nodes[0])
+    # Once the newer one is seen in recovery (the HA manager went back), it may lead again.
+    view = apply_leadership(view, None, 0.8)
+    view = apply_observation(view, 1, replica(0.9, 300), 16)
+    view = apply_observation(view, 0, primary(1.0, 310), 16)
+    assert view.primary is not None and view.primary.name == "m1"
+
+
+def test_the_documented_members_example_loads() -> None:
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs" / "config.md").read_text()
+    block = text.split("### A shard run by an HA manager", 1)[1].split("```toml", 1)[1]
+    topology = Topology.from_toml(block.split("```", 1)[0], environ={})
+    assert [n.patroni for n in topology.shards[0].nodes] == [
+        f"http://10.0.0.{i}:8008" for i in (1, 2, 3)]
+    assert topology.discovery.fast_interval == pytest.approx(0.2)
