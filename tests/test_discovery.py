@@ -166,3 +166,46 @@ def test_the_documented_members_example_loads() -> None:
     assert [n.patroni for n in topology.shards[0].nodes] == [
         f"http://10.0.0.{i}:8008" for i in (1, 2, 3)]
     assert topology.discovery.fast_interval == pytest.approx(0.2)
+
+
+def test_the_source_asks_the_next_endpoint_and_ignores_what_is_not_patroni() -> None:
+    import http.server
+    import json
+    import threading
+
+    from propstore.config import DiscoverySettings
+    from propstore.discovery import PatroniSource
+    from propstore.sandbox._datadir import free_port
+
+    answers: dict[str, object] = {"/cluster": _cluster(("m1", "replica", "streaming"),
+                                                        ("m2", "leader", "running"))}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps(answers.get(self.path, {"error": "no"})).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+        live = f"http://127.0.0.1:{server.server_address[1]}"
+        text = MEMBERS.replace("http://127.0.0.1:8008", dead).replace(
+            "http://127.0.0.1:8009/", live)
+        shard = Topology.from_toml(text, environ={}).shards[0]
+        source = PatroniSource(shard, DiscoverySettings(timeout=0.5))
+        found = source.leadership_now()
+        assert found is not None and found.leader == "m2" and found.endpoint == live
+        answers["/cluster"] = ["not", "a", "cluster"]  # a wrong URL: never "no leader"
+        assert source.leadership_now() is None
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)

@@ -71,7 +71,7 @@ def parse_cluster(doc: Mapping[str, Any], nodes: Sequence[NodeConfig], endpoint:
     Raises ``ValueError`` when the document is not one (so a wrong URL is never read as
     "no leader").
     """
-    raw = doc.get("members")
+    raw = doc.get("members") if isinstance(doc, Mapping) else None
     if not isinstance(raw, list):
         raise ValueError("not a Patroni /cluster answer (no members list)")
     by_name = {node.name: node.name for node in nodes}

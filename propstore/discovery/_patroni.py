@@ -11,6 +11,7 @@ gets ``discovery.timeout``; the next is asked after it).
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import urllib.request
 from typing import Any
@@ -47,7 +48,7 @@ class PatroniSource:
             try:
                 doc = _fetch_json(endpoint + "/cluster", self.settings.timeout)
                 found = parse_cluster(doc, self.shard.nodes, endpoint)
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, http.client.HTTPException) as exc:
                 errors.append(f"{endpoint}: {type(exc).__name__}: {exc}"[:200])
                 continue
             if endpoint != self._endpoints[0]:  # ask the one that answers first next time
@@ -73,7 +74,7 @@ class PatroniSource:
             if not isinstance(entries, list):
                 return None
             history = history_of(timeline, entries)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, http.client.HTTPException) as exc:
             log.info("discovery_history_unreadable", shard=self.shard.name,
                      error=f"{type(exc).__name__}: {exc}"[:200])
             return None

@@ -344,15 +344,20 @@ class LagMonitor:
         leader it names is the observed primary, every ``fast_interval`` otherwise."""
         settings = self.topology.discovery
         while True:
-            leadership = await source.leadership()
-            for node_index in self.state.lead(shard_index, leadership):
-                self._wake[(shard_index, node_index)].set()
-            if leadership is not None and self.state.history_wanted(
-                shard_index, leadership.timeline
-            ):
-                history = await source.history(leadership)
-                if history is not None:
-                    self.state.record_history(shard_index, history)
+            leadership: Leadership | None = None
+            try:
+                leadership = await source.leadership()
+                for node_index in self.state.lead(shard_index, leadership):
+                    self._wake[(shard_index, node_index)].set()
+                if leadership is not None and self.state.history_wanted(
+                    shard_index, leadership.timeline
+                ):
+                    history = await source.history(leadership)
+                    if history is not None:
+                        self.state.record_history(shard_index, history)
+            except Exception:  # a source must never stop the polls: they alone decide then
+                log.exception("discovery_failed", shard=self.topology.shards[shard_index].name)
+                self.state.lead(shard_index, None)
             primary = self.state.view(shard_index).primary
             settled = leadership is not None and primary is not None and (
                 primary.name == leadership.leader
