@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 # The names below load on first use (PEP 562), so that importing a submodule, e.g. the CLI
 # for `propstore --help`, does not pay for psycopg, SQLAlchemy and the store (about 0.7 s).
 _EXPORTS = {
+    "DiscoverySettings": "propstore.config",
     "MonitorSettings": "propstore.config", "Profile": "propstore.config",
     "RoutingSettings": "propstore.config", "Topology": "propstore.config",
     "Degrade": "propstore.degrade",
@@ -34,7 +35,13 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
-    from propstore.config import MonitorSettings, Profile, RoutingSettings, Topology
+    from propstore.config import (
+        DiscoverySettings,
+        MonitorSettings,
+        Profile,
+        RoutingSettings,
+        Topology,
+    )
     from propstore.degrade import Degrade
     from propstore.errors import (
         ConfigError,
@@ -76,6 +83,7 @@ __all__ = [
     "AsyncPropertyStore",
     "ConfigError",
     "Degrade",
+    "DiscoverySettings",
     "Freshness",
     "InvalidInputError",
     "InvalidTokenError",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import propstore
 
 EXPECTED = {
-    "LSN", "STRONG", "AsyncPropertyStore", "ConfigError", "Degrade", "Freshness",
+    "LSN", "STRONG", "AsyncPropertyStore", "ConfigError", "Degrade", "DiscoverySettings",
+    "Freshness",
     "InvalidInputError",
     "InvalidTokenError", "LagMonitor", "MigrationError", "MonitorSettings", "NodeView",
     "Profile", "PropStoreError", "PropertyStore", "ReadResult", "RouteDecision",
