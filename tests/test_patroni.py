@@ -29,7 +29,7 @@ from propstore import (
     Topology,
     WriteLostError,
 )
-from propstore.sandbox._patroni import PatroniCluster, patroni_available
+from propstore.sandbox._patroni import PatroniCluster, PatroniMember, patroni_available
 from tests._workload import Workload
 from tests.test_store import wait_for
 
@@ -72,6 +72,20 @@ def _topology(cluster: PatroniCluster, source: bool = False) -> Topology:
 def _leader_observed(store: PropertyStore, name: str) -> bool:
     primary = store.shard_views()[0].primary
     return primary is not None and primary.name == name
+
+
+def _observed_leader(patroni: PatroniCluster, store: PropertyStore) -> PatroniMember:
+    """The current leader, once the store holds it as the primary."""
+    name = patroni.leader()
+    assert name is not None
+    wait_for(lambda: _leader_observed(store, name), timeout=30)
+    return patroni.member(name)
+
+
+def _new_leader(patroni: PatroniCluster, old: str) -> str:
+    """Wait for Patroni to name a running leader other than ``old``."""
+    return str(wait_for(lambda: (name := patroni.leader()) not in (None, old) and name,
+                        timeout=60))
 
 
 @dataclass
@@ -164,11 +178,8 @@ def test_failover_lost_writes_raise_and_the_diverged_ex_leader_never_serves(
 ) -> None:
     patroni.wait_streaming(120)  # the previous leader has rejoined
     with PropertyStore(_topology(patroni, source)) as store:
-        leader = patroni.leader()
-        assert leader is not None
-        old_name: str = leader
-        wait_for(lambda: _leader_observed(store, old_name), timeout=30)
-        old = patroni.member(old_name)
+        old = _observed_leader(patroni, store)
+        old_name = old.name
         stop = threading.Event()
         writes = _Writes()
         reads: list[tuple[str, float, float, bool, str]] = []
@@ -201,8 +212,7 @@ def test_failover_lost_writes_raise_and_the_diverged_ex_leader_never_serves(
         time.sleep(1.0)
         crashed_at = time.monotonic()
         patroni.crash_member(old)
-        new = wait_for(lambda: (name := patroni.leader()) not in (None, old_name) and name,
-                       timeout=60)
+        new = _new_leader(patroni, old_name)
         wait_for(lambda: _leader_observed(store, new), timeout=60)
         followed_at = time.monotonic()
         outage = followed_at - crashed_at
@@ -262,19 +272,15 @@ def test_a_leader_whose_patroni_hangs_is_dropped_when_another_takes_the_lock(
     # source says who holds the lock; the promoted member's newer timeline says it too.
     patroni.wait_streaming(120)
     with PropertyStore(_topology(patroni, source)) as store:
-        leader = patroni.leader()
-        assert leader is not None
-        old_name: str = leader
-        wait_for(lambda: _leader_observed(store, old_name), timeout=30)
-        old = patroni.member(old_name)
+        old = _observed_leader(patroni, store)
+        old_name = old.name
         stop = threading.Event()
         writes = _Writes()
         threads = _run_writers(store, writes, stop, f"zombie{source:d}-")
         wait_for(lambda: len(writes.acked) > 20, timeout=30)
         assert old.hold_replication() >= 2 and old.freeze_patroni()
         try:
-            new = wait_for(lambda: (name := patroni.leader()) not in (None, old_name) and name,
-                           timeout=60)
+            new = _new_leader(patroni, old_name)
             promoted_at = time.monotonic()
             wait_for(lambda: _leader_observed(store, new), timeout=30)
             followed_at = time.monotonic()
@@ -345,8 +351,7 @@ def test_synchronous_mode_loses_no_acknowledged_write(patroni: PatroniCluster) -
         patroni.hold_replication(patroni.member(leader))  # commits now wait in SyncRep
         time.sleep(0.5)
         patroni.crash_member(patroni.member(leader))
-        new = wait_for(lambda: (name := patroni.leader()) not in (None, leader) and name,
-                       timeout=60)
+        new = _new_leader(patroni, leader)
         wait_for(lambda: _leader_observed(store, new), timeout=60)
         wait_for(lambda: len(writes.acked) > 0 and writes.acked[-1][1] > time.monotonic() - 1,
                  timeout=FAILOVER_WINDOW)
