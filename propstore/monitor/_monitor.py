@@ -332,12 +332,13 @@ class LagMonitor:
         if wake is None:
             await asyncio.sleep(delay)
             return
+        # The timer sets the same event: no cancellation, no exception per poll.
+        timer = asyncio.get_running_loop().call_later(delay, wake.set)
         try:
-            async with asyncio.timeout(delay):
-                await wake.wait()
-        except TimeoutError:
-            pass
-        wake.clear()
+            await wake.wait()
+        finally:
+            timer.cancel()
+            wake.clear()
 
     async def _discover(self, shard_index: int, source: PatroniSource) -> None:
         """Ask the shard's HA manager who leads: every ``discovery.interval`` while the
