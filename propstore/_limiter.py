@@ -7,21 +7,25 @@ them:
 
 * ``recent``: an exponential average of the last few dozen samples (what the primary is
   doing now);
-* ``baseline``: the primary's normal latency. It follows ``recent`` up only slowly (time
-  constant ``baseline_window`` seconds) and down ten times faster, so an overload lasting
-  seconds does not become the new normal, while a primary whose normal latency really
-  changed is relearned within a few windows.
+* ``baseline``: the primary's normal latency. It follows ``recent`` down ten times faster
+  than up (time constant ``baseline_window`` seconds up), and up only from reads that
+  finished with at most ``baseline_in_flight`` reads in flight (none of them queued for a
+  connection of ours): a surge's queueing must not become the new normal, while a primary
+  whose normal latency really changed is relearned within a few windows.
 
-The primary is *healthy* while ``recent <= max(tolerance * baseline, latency_floor)``. While
-healthy the limit follows demand: a read that finds the limit full raises it (up to the
-configured ceiling) and is admitted, so **no read is shed while the primary is healthy**.
-Once latency leaves the band, each sample cuts the limit by the gradient
-``band / recent`` (at most by half per sample, never below ``min_limit``), as in Netflix's
-*concurrency-limits* Gradient2 limiter: the limit settles where the in-flight load keeps the
-primary's latency at the top of its band, which is Little's law's way of saying "as much as
-it can serve without queueing". A concurrency limit rather than a rate because it needs no
-capacity figure: a slower primary completes fewer reads per second at the same in-flight
-count, and the limit holds without being told.
+The *band* is ``max(tolerance * baseline, latency_floor)``. The primary is **congested**
+only when every read for ``standing_time`` seconds took longer than the band (a standing
+queue, as in CoDel: a burst that drains, or one slow answer on a noisy machine, is not
+one) **and** this process has ``min_queue`` reads queued by Vegas's estimate. Until then
+the limit follows demand: a read that finds the limit full raises it (up to the configured
+ceiling) and is admitted, so **no read is shed while the primary's latency stays in its
+band, or leaves it only briefly**. While congested, each sample cuts the limit by the
+gradient ``band / recent`` (at most by half per sample, never below ``min_limit``), as in
+Netflix's *concurrency-limits* Gradient2 limiter: the limit settles where the in-flight load
+keeps the primary's latency at the top of its band, which is Little's law's way of saying
+"as much as it can serve without queueing". A concurrency limit rather than a rate because
+it needs no capacity figure: a slower primary completes fewer reads per second at the same
+in-flight count, and the limit holds without being told.
 
 Priority reads (strong, and token reads: only the primary can serve them) are always
 admitted; they count in flight, so under pressure it is the budgeted reads that give way to
@@ -56,6 +60,10 @@ class LimiterSettings:
         min_queue: shed only while at least this many of this process's reads queue at
             the primary (Vegas's estimate ``in_flight * (1 - baseline / recent)``): slow
             answers to a few reads are the machine's noise, not load this process can shed.
+        standing_time: congestion is latency above the band for every read over this
+            long (CoDel's *interval*): shorter excursions are bursts that drain, or noise.
+        baseline_in_flight: only reads finishing with at most this many in flight (no
+            queue of ours in their latency) may raise the baseline.
         min_limit: the adaptive limit never falls below this many reads in flight.
         initial_limit: the limit before any demand raised it.
     """
@@ -66,6 +74,8 @@ class LimiterSettings:
     latency_floor: float = 0.005
     min_queue: int = 8
     baseline_window: float = 60.0
+    standing_time: float = 1.0
+    baseline_in_flight: int = 8
     min_limit: int = 2
     initial_limit: int = 16
 
@@ -110,23 +120,44 @@ class LimiterState:
 class _Latency:
     """Smoothed recent and normal latency of one kind of work on the primary."""
 
-    __slots__ = ("at", "baseline", "recent")
+    __slots__ = ("above_since", "at", "baseline", "recent")
 
     def __init__(self) -> None:
         self.recent: float | None = None
         self.baseline: float | None = None
         self.at = -math.inf
+        #: When the current run of samples above the band began (None: the last was in it).
+        self.above_since: float | None = None
 
-    def learn(self, seconds: float, now: float, window: float) -> None:
+    def learn(self, seconds: float, now: float, window: float, rise: bool = True) -> None:
+        """One sample; ``rise``: it may raise the baseline (no queue of ours in it)."""
         elapsed, self.at = max(0.0, now - self.at), now
         if self.recent is None or self.baseline is None:
             self.recent = self.baseline = seconds
             return
         self.recent += (seconds - self.recent) * PrimaryLimiter.RECENT_WEIGHT
+        if self.recent > self.baseline and not rise:
+            return
         # Down ten times faster than up; not at once, or a quiet moment on a busy machine
         # would set a baseline that ordinary noise then exceeds by the tolerance.
         tau = window if self.recent > self.baseline else window / 10
         self.baseline += (self.recent - self.baseline) * -math.expm1(-elapsed / tau)
+
+    def band(self, tolerance: float, floor: float) -> float:
+        """The top of the normal band (seconds)."""
+        return max(tolerance * (self.baseline or 0.0), floor)
+
+    def mark(self, seconds: float, band: float, now: float) -> None:
+        """Track the run of samples above ``band`` (CoDel's "first above time")."""
+        if seconds <= band:
+            self.above_since = None
+        elif self.above_since is None:
+            self.above_since = now
+
+    def standing(self, standing_time: float, now: float) -> bool:
+        """Every sample for ``standing_time`` was above the band, and one came lately."""
+        return (self.above_since is not None and now - self.above_since >= standing_time
+                and now - self.at <= _FORGET_AFTER)
 
     def excess(self, tolerance: float, floor: float, now: float) -> float:
         """``recent`` over the top of the normal band (<= 1 is healthy)."""
@@ -193,10 +224,15 @@ class PrimaryLimiter:
 
     def done(self, seconds: float) -> None:
         """A read admitted by :meth:`admit` finished after ``seconds``."""
+        s = self.settings
         with self._lock:
+            queued_behind = self.in_flight > s.baseline_in_flight
             self.in_flight = max(0, self.in_flight - 1)
             if _usable(seconds):
-                self._reads.learn(seconds, self._clock(), self.settings.baseline_window)
+                reads, now = self._reads, self._clock()
+                # Judged against the band before this sample moves it.
+                reads.mark(seconds, reads.band(s.tolerance, s.latency_floor), now)
+                reads.learn(seconds, now, s.baseline_window, rise=not queued_behind)
                 self._adapt()
 
     def sample(self, seconds: float) -> None:
@@ -218,16 +254,17 @@ class PrimaryLimiter:
 
     @property
     def healthy(self) -> bool:
-        """Whether the primary's recent latency is within its normal band (reads are shed
-        only when it is not *and* enough of them queue: see ``min_queue``)."""
+        """Whether the primary is not congested (no standing queue above its normal band;
+        reads are shed only when it is congested *and* enough of them queue: see
+        ``min_queue``)."""
         with self._lock:
-            return self._excess() <= 1.0
+            return not self._overloaded()
 
     def state(self) -> LimiterState:
         """A snapshot for ``propstore route``, the lag report and metrics."""
         with self._lock:
             return LimiterState(self.limit, self.in_flight, self._reads.recent,
-                                self._reads.baseline, self._excess() <= 1.0,
+                                self._reads.baseline, not self._overloaded(),
                                 tuple(sorted(self._shed.items())), self._writes.recent,
                                 self._writes.baseline)
 
@@ -247,8 +284,16 @@ class PrimaryLimiter:
                                      now)
         return max(reads, writes)
 
+    def _overloaded(self) -> bool:
+        """A standing queue above the reads' band, or writes far beyond theirs."""
+        s, now = self.settings, self._clock()
+        if self._reads.standing(s.standing_time, now):
+            return True
+        return self._writes.excess(s.tolerance * _WRITE_BAND, s.latency_floor * _WRITE_BAND,
+                                   now) > 1.0
+
     def _congested(self) -> bool:
-        if self._excess() <= 1.0:
+        if not self._overloaded():
             return False
         reads = self._reads
         if reads.recent is None or reads.baseline is None:
@@ -260,7 +305,7 @@ class PrimaryLimiter:
         s = self.settings
         if not s.adaptive or not self._congested():
             return
-        excess = self._excess()
+        excess = max(1.0, self._excess())
         # Cut from what is really in flight: a limit raised by an earlier burst would
         # otherwise take many samples to come down to the load causing the latency.
         limit = min(self._limit, float(max(self.in_flight, s.min_limit)))

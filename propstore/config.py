@@ -218,6 +218,9 @@ class RoutingSettings:
             # process's few reads would not relieve it. Two pools' worth queued is a backlog
             # (tools/ surge on a CPU-starved client shed at one pool's worth: see RESULTS).
             min_queue=2 * self.pool_max_size,
+            # More reads in flight than connections: some waited for one, so their latency
+            # holds our own queue, not the primary's normal latency.
+            baseline_in_flight=self.pool_max_size,
         )
 
 

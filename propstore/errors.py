@@ -7,7 +7,8 @@ Every error a caller may want to catch derives from :class:`PropStoreError`::
     ├── InvalidInputError       a tenant, user id, property document or key was refused
     │   └── InvalidTokenError   a token string is malformed or names an unknown shard
     ├── StaleReadError          no node could serve the read within its freshness budget
-    ├── ShardUnavailableError   the shard's primary cannot be reached (writes, strong reads)
+    ├── ShardUnavailableError   the shard's primary cannot be reached (writes, strong and
+    │                           token reads; a budgeted read gets StaleReadError instead)
     ├── WriteLostError          a token's write is provably not in the shard's history
     └── MigrationError          a rolling migration stopped (pre-flight, failure, catch-up)
 
@@ -49,15 +50,18 @@ class InvalidTokenError(InvalidInputError):
 class StaleReadError(PropStoreError):
     """No replica was provably within the budget and the primary could not take the read.
 
-    Raised for a budgeted read when the shard primary's limiter shed it (the primary's
-    latency left its normal band, or a configured ceiling was reached) and every step of
+    Raised for a budgeted read when the shard primary did not serve it (its limiter shed
+    it: the primary's latency left its normal band, or a configured ceiling was reached; or
+    the primary read failed: connection lost, restarting, failing over) and every step of
     the read's degrade policy failed too. The message names the shard, the budget, the
-    primary's state and what was tried; the same facts are attributes.
+    primary's state and what was tried; the same facts are attributes. A failed primary
+    read is also the exception's ``__cause__`` (a :class:`ShardUnavailableError`).
 
     Attributes:
         shard: the shard's name.
         budget: the read's budget, as text.
-        reason: why the primary declined: ``primary_overloaded`` or ``fallback_ceiling``.
+        reason: why the primary did not serve it: ``primary_overloaded``,
+            ``fallback_ceiling`` or ``primary_unavailable``.
         tried: what the read tried, in order, one line each.
     """
 

@@ -12,7 +12,8 @@ once with ``after=token``. Readers read with random budgets. For every read:
 
 ``start`` is taken before the store is called, so each check is, if anything, lenient by the
 call's own latency, never strict by it. A thread that raises anything but a
-``PropStoreError`` fails :meth:`ClaimsLoad.stop`.
+``PropStoreError`` fails :meth:`ClaimsLoad.stop` (the threads are
+:class:`propstore.sandbox.LoadThreads`, as the ``surge`` benchmark's are).
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ import bisect
 import random
 import threading
 import time
-import traceback
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from propstore import PropertyStore, PropStoreError
+from propstore.sandbox import LoadThreads
 
 BUDGETS = (0.1, 0.5, 1.0)
 
@@ -111,44 +112,29 @@ class ClaimsLoad:
         self.report = ClaimsReport()
         self._acks = _Acks(users)
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._crashes: list[str] = []
+        self._load = LoadThreads("claims")
+        self._stop = self._load.stopping
         self._began = time.monotonic()
-        owned = [list(users[i::writers]) for i in range(writers)]
-        self._threads = [
-            *(threading.Thread(target=self._guard, args=(self._writer, mine, i), daemon=True)
-              for i, mine in enumerate(owned)),
-            *(threading.Thread(target=self._guard, args=(self._reader, list(users), i),
-                               daemon=True) for i in range(readers)),
-        ]
+        self._users, self._writers, self._readers = list(users), writers, readers
 
     def __enter__(self) -> ClaimsLoad:
-        for thread in self._threads:
-            thread.start()
+        for i in range(self._writers):
+            self._load.start(self._writer, self._users[i::self._writers], i)
+        for i in range(self._readers):
+            self._load.start(self._reader, self._users, i)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=30)
+        self._load.__exit__(*exc)
 
     def wait(self, seconds: float) -> None:
         """Let the load run for ``seconds`` of the test's own clock."""
         self._stop.wait(seconds)
 
     def stop(self) -> ClaimsReport:
-        """Stop every thread; fail if one died."""
-        self.__exit__()
-        assert not any(t.is_alive() for t in self._threads), "load threads did not stop"
-        assert not self._crashes, self._crashes[0]
+        """Stop every thread; fail (:class:`~propstore.sandbox.LoadCrashed`) if one died."""
+        self._load.stop()
         return self.report
-
-    def _guard(self, body: Any, *args: Any) -> None:
-        try:
-            body(*args)
-        except BaseException:  # reported by stop()
-            self._crashes.append(traceback.format_exc())
-            self._stop.set()
 
     def _note(self, text: str) -> None:
         if len(self.report.examples) < 8:

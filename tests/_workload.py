@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import math
 import random
 import threading
 import time
@@ -38,7 +39,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from propstore import PropertyStore, PropStoreError, Token
+from propstore import Degrade, PropertyStore, PropStoreError, Token
 from tests.claims import WORKLOAD_BUDGETS
 
 BUDGETS = WORKLOAD_BUDGETS
@@ -61,6 +62,9 @@ class WorkloadReport:
     token_reads: int = 0
     replica_reads: int = 0
     violations: int = 0
+    #: Budget reads answered past their budget under ``Degrade.serve_stale``
+    #: (``within_budget=False``): each checked against its own staleness bound instead.
+    stale_reads: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     expected_errors: Counter[str] = field(default_factory=Counter)
     worst_read: float = 0.0
@@ -86,6 +90,7 @@ class WorkloadReport:
         return (f"{self.reads} reads ({self.replica_share:.0%} from replicas, "
                 f"{self.token_reads} token reads), {self.writes} writes, "
                 f"{self.error_count} errors, {self.violations} violations, "
+                f"{self.stale_reads} served stale, "
                 f"worst read {self.worst_read * 1000:.1f} ms, checked per budget "
                 f"{dict(sorted(self.checked.items()))}, reasons {dict(self.reasons)}")
 
@@ -155,10 +160,15 @@ class Workload:
 
     def __init__(self, store: PropertyStore, users: Sequence[str], *, writers: int = 2,
                  readers: int = 4, tenant: str = "acme", budgets: Sequence[float] = BUDGETS,
-                 expect_write_errors: bool = False) -> None:
+                 expect_write_errors: bool = False, degrade: Degrade | None = None) -> None:
         if not users or writers < 1 or readers < 1:
             raise ValueError("need users, at least one writer and one reader")
         self.store, self.tenant, self.budgets = store, tenant, tuple(budgets)
+        #: The budget reads' degrade policy (None: the store's default). Their errors are
+        #: counted as ``read(<policy>):<error>``, apart from the token reads'.
+        self.degrade = degrade
+        self._options: dict[str, Any] = {} if degrade is None else {"degrade": degrade}
+        self._read_kind = "read" if degrade is None else f"read({degrade})"
         self.expect_write_errors = expect_write_errors
         self.report = WorkloadReport()
         self.acked = AckHistory(users)
@@ -290,9 +300,10 @@ class Workload:
                 started = time.monotonic()
                 self._inflight[index] = started
             try:
-                result = self.store.read(self.tenant, user, max_staleness=budget)
+                result = self.store.read(self.tenant, user, max_staleness=budget,
+                                         **self._options)
             except PropStoreError as exc:
-                self._error("read", exc)
+                self._error(self._read_kind, exc)
                 continue
             finally:
                 with self._lock:
@@ -314,6 +325,17 @@ class Workload:
                 report.slowest = sorted(
                     [*report.slowest, (elapsed, result.node, result.fallback_reason or "-")],
                     reverse=True)[:5]
+                if not result.within_budget:
+                    # Served stale on purpose: its own bound must be true on the data.
+                    report.stale_reads += 1
+                    bound = result.staleness_bound
+                    floor = None if math.isinf(bound) else self.acked.floor(user,
+                                                                            started - bound)
+                    if floor is not None and seq < floor:
+                        report.violations += 1
+                        self._example(f"false stale bound: {user} seq {seq} < {floor} "
+                                      f"{result}")
+                    continue
                 if floor is not None:
                     report.checked[budget] += 1
                 if (floor is not None and seq < floor) or result.staleness_bound > budget:

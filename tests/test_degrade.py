@@ -7,6 +7,7 @@ bounds; a refusal says what happened and is counted; the limiter's memory stays 
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -17,7 +18,14 @@ from typing import Any
 
 import pytest
 
-from propstore import Degrade, PropertyStore, PropStoreError, StaleReadError, Topology
+from propstore import (
+    Degrade,
+    PropertyStore,
+    PropStoreError,
+    ShardUnavailableError,
+    StaleReadError,
+    Topology,
+)
 from propstore.sandbox import LocalCluster
 from tests._workload import Workload
 from tests.conftest import users_on_shard
@@ -306,3 +314,134 @@ def test_async_wait_policy_is_woken_by_the_monitor_without_blocking_the_loop(
     result, elapsed, ticks = asyncio.run(main())
     assert result.from_replica and result.within_budget and result.props == {"v": 2}
     assert 0.3 <= elapsed < 5.0 and ticks >= 20
+
+
+def test_a_budgeted_read_whose_primary_is_down_follows_its_degrade_policy(
+    cluster: LocalCluster, topology: Topology
+) -> None:
+    (user,) = users_on_shard(topology, topology.shards[0].name, 1, prefix="primdown")
+    primary = cluster.shards[0].primary
+    with PropertyStore(topology) as store:
+        store.set("acme", user, {"v": 1})
+        cluster.wait_caught_up()
+        pause_all_replicas(cluster)
+        store.set("acme", user, {"v": 2})
+        acked = time.monotonic()  # v2, which the replicas lack, was acknowledged by now
+        primary.kill()
+        wait_for(lambda: not store.route("acme", user, max_staleness=0.2).candidates)
+        began = time.monotonic()
+        with pytest.raises(StaleReadError) as refused:
+            store.read("acme", user, max_staleness=0.2)
+        # Once the monitor sees the primary down, budgeted reads do not wait for its pool
+        # to reconnect (up to primary_deadline): their policy answers at once.
+        wait_for(lambda: store.shard_views()[0].nodes[0].state == "down", timeout=10)
+        started = time.monotonic()
+        stale = store.read("acme", user, max_staleness=0.2, degrade=Degrade.serve_stale())
+        took_stale = time.monotonic() - started
+        print(f"primary down: refused after {started - began:.3f}s, served stale after "
+              f"{took_stale:.3f}s")
+        with pytest.raises(ShardUnavailableError):
+            store.read("acme", user, consistency="strong")
+        refusals = dict(store.stats.refusals)
+        # wait(): answered once the primary is back (a restart takes about a second).
+        restart = threading.Thread(target=primary.start)
+        restart.start()
+        asked = time.monotonic()
+        waited = store.read("acme", user, max_staleness=0.2, degrade=Degrade.wait(30))
+        took = time.monotonic() - asked
+        restart.join()
+    error = refused.value
+    print(f"primary down, budgeted read: {error}")
+    # Tried and failed, or already seen down by the monitor (then not tried): either way
+    # the read's policy, and the message says why.
+    assert error.reason == "primary_unavailable"
+    if error.__cause__ is not None:
+        assert isinstance(error.__cause__, ShardUnavailableError)
+        assert "did not answer" in str(error)
+    else:
+        assert "shard0-primary observed down" in str(error)
+    assert [t.split(" ")[0] for t in error.tried] == ["replicas", "primary"]
+    assert refusals == {("shard0", "max_staleness", "primary_unavailable"): 1}
+    # Served stale with its true bound: it lacks a write acknowledged (started - acked)
+    # before the read began.
+    assert stale.from_replica and not stale.within_budget and stale.props == {"v": 1}
+    assert stale.staleness_bound >= started - acked and stale.staleness_bound > 0.2
+    assert took_stale < topology.routing.primary_deadline
+    print(f"primary down: wait(30s) answered after {took:.2f}s by {waited.node}")
+    assert waited.within_budget and waited.props == {"v": 2} and took < 30
+
+
+def test_no_serve_stale_read_fails_while_the_primary_restarts_and_every_bound_is_true(
+    cluster_factory: Any,
+) -> None:
+    from propstore.migrate import upgrade
+
+    private = cluster_factory(shards=1, replicas=1)
+    upgrade(private.shards[0].primary.dsn)
+    private.wait_caught_up()
+    assert private.config_path is not None
+    topology = Topology.load(private.config_path)
+    users = [f"restart-{i}" for i in range(20)]
+    budgets = (0.1, 0.5)
+    policy = Degrade.serve_stale()
+    with PropertyStore(topology) as store, Workload(
+            store, users, budgets=budgets, degrade=policy, expect_write_errors=True) as load:
+        load.wait_until_every_budget_checked()
+        before = load.report.reads
+        private.shards[0].primary.restart()  # in place: a fast shutdown, then start
+        wait_for(lambda: store.shard_views()[0].primary is not None, timeout=30)
+        load.wait(1.0)
+        report = load.stop()
+    print(f"primary restart under serve_stale readers: {report.summary()}; "
+          f"{report.reads - before} reads since the restart began; errors "
+          f"{dict(report.errors)}; expected {dict(report.expected_errors)}")
+    report.check(budgets=budgets, errors_allowed=True)
+    assert report.stale_reads > 0, "no read met the restart: nothing was tested"
+    # Budgeted reads: never an error (served stale with a bound true on the data instead:
+    # a false bound counts as a violation, checked by report.check()). Token reads, which
+    # only the primary can serve while the replica lacks the write, may say it is down.
+    assert not [k for k in report.errors if k.startswith(f"read({policy})")], report.examples
+    assert set(report.errors) <= {"read:ShardUnavailableError"}, report.examples
+
+
+def test_refusals_are_counted_per_profile_and_reason_in_lag_and_route(
+    cluster: LocalCluster, topology: Topology
+) -> None:
+    from datetime import UTC, datetime
+
+    from click.testing import CliRunner
+
+    from propstore.cli import main
+    from propstore.cli._lag import current_report, lag_document, lag_refusals, refusals_of
+
+    (user,) = users_on_shard(topology, topology.shards[0].name, 1, prefix="lagrefuse")
+    raised: Counter[tuple[str, str]] = Counter()
+    with PropertyStore(shed_everything(topology)) as store:
+        store.set("acme", user, {"v": 1})
+        pause_all_replicas(cluster)
+        store.set("acme", user, {"v": 2})
+        wait_for(lambda: not store.route("acme", user, profile="workflow").candidates)
+        store.read("acme", user, max_staleness=0.2)  # takes the one token
+        for options in [{"profile": "workflow"}] * 3 + [{"max_staleness": 0.2}] * 2:
+            try:
+                store.read("acme", user, degrade=Degrade.refuse(), **options)
+            except StaleReadError as exc:
+                raised[(str(options.get("profile", "max_staleness")), exc.reason)] += 1
+        refusals = refusals_of(store)
+        document = lag_document(current_report(store), None, datetime.now(UTC), refusals)
+    text = lag_refusals(refusals)
+    print(f"refused: {dict(raised)}; lag: {text}")
+    assert raised == {("workflow", "fallback_ceiling"): 3, ("max_staleness", "fallback_ceiling"): 2}
+    shard0 = {"max_staleness": {"fallback_ceiling": 2}, "workflow": {"fallback_ceiling": 3}}
+    assert refusals == {"shard0": shard0, "shard1": {}}
+    assert document["refusals"] == refusals
+    assert text is not None and text.plain == (
+        "shard0: reads refused by this process: max_staleness: fallback_ceiling 2; "
+        "workflow: fallback_ceiling 3")
+    # The CLI's own store refused nothing, and says so; route prints the line too.
+    route = CliRunner().invoke(main, ["--config", topology.source, "route", "acme", user,
+                                      "--profile", "workflow"])
+    assert route.exit_code == 0, route.output
+    assert "  reads refused by this process: none" in route.stdout
+    lag = CliRunner().invoke(main, ["--config", topology.source, "lag", "--json"])
+    assert json.loads(lag.stdout)["refusals"] == {"shard0": {}, "shard1": {}}

@@ -134,3 +134,19 @@ def test_limiter_memory_does_not_grow_with_traffic() -> None:
     grown = sum(stat.size_diff for stat in after.compare_to(before, "filename")
                 if stat.traceback[0].filename.endswith("_limiter.py"))
     assert grown < 2048
+
+
+def test_a_short_excursion_above_the_band_sheds_nothing_a_standing_queue_does() -> None:
+    clock = Clock()
+    settings = LimiterSettings(min_queue=4)
+    limiter = PrimaryLimiter(settings, clock)
+    run(limiter, clock, demand=4, latency=0.002, seconds=2)  # normal: 2 ms
+    # A burst (or a stall of the machine): 40 reads at 10x the normal latency, shorter
+    # than standing_time. Every read is admitted, the limit follows the demand.
+    burst = run(limiter, clock, demand=40, latency=0.02, seconds=settings.standing_time * 0.8)
+    assert burst["shed"] == 0 and burst["admitted"] > 0
+    run(limiter, clock, demand=4, latency=0.002, seconds=0.5)  # it drained
+    # The same latency for longer than standing_time: a standing queue, shed.
+    lasting = run(limiter, clock, demand=40, latency=0.02, seconds=settings.standing_time * 3)
+    assert lasting["shed"] > 0
+    assert not limiter.healthy

@@ -158,7 +158,26 @@ def lag_errors(report: LagReport) -> Text | None:
     return Text("\n".join(f"{row.node}: {row.last_error}" for row in failed), style="red")
 
 
-def lag_document(report: LagReport, check: LagCheck | None, generated_at: datetime
+def refusals_of(store: PropertyStore) -> dict[str, dict[str, dict[str, int]]]:
+    """Reads the store refused, per shard: ``{shard: {profile: {reason: count}}}``."""
+    return {shard.name: store.stats.refused(shard.name) for shard in store.topology.shards}
+
+
+def refusal_text(refused: Mapping[str, Mapping[str, int]]) -> str:
+    """``workflow: primary_overloaded 3; token: ...`` (``none`` when empty)."""
+    return "; ".join(f"{profile}: " + ", ".join(f"{reason} {n}" for reason, n in reasons.items())
+                     for profile, reasons in refused.items()) or "none"
+
+
+def lag_refusals(refusals: Mapping[str, Mapping[str, Mapping[str, int]]]) -> Text | None:
+    """One line per shard where this process refused reads (None when it refused none)."""
+    lines = [f"{shard}: reads refused by this process: {refusal_text(refused)}"
+             for shard, refused in refusals.items() if refused]
+    return Text("\n".join(lines), style="yellow") if lines else None
+
+
+def lag_document(report: LagReport, check: LagCheck | None, generated_at: datetime,
+                 refusals: Mapping[str, Mapping[str, Mapping[str, int]]] | None = None,
                  ) -> dict[str, Any]:
     """``lag --json``: the documented, stable shape (see docs/operating.md)."""
     return {
@@ -167,6 +186,8 @@ def lag_document(report: LagReport, check: LagCheck | None, generated_at: dateti
                      for name, budget in report.profiles.items()},
         "nodes": [row.to_dict() for row in report.rows],
         "check": None if check is None else check.to_dict(),
+        "refusals": {shard: {p: dict(r) for p, r in refused.items()}
+                     for shard, refused in (refusals or {}).items()},
     }
 
 
@@ -226,31 +247,35 @@ def lag_command(ctx: click.Context, state: CliState, as_json: bool, watch: bool,
             )
             return report, check
 
+        refusals = partial(refusals_of, store)
         if watch:
-            check = _watch(snapshot, as_json=as_json, interval=interval, count=count,
-                           wide=wide)
+            check = _watch(snapshot, refusals, as_json=as_json, interval=interval,
+                           count=count, wide=wide)
         else:
             report, check = snapshot()
-            _print_once(report, check, as_json=as_json, wide=wide)
+            _print_once(report, check, refusals(), as_json=as_json, wide=wide)
     ctx.exit(EXIT_OK if check is None or check.ok else EXIT_CHECK_FAILED)
 
 
-def _print_once(report: LagReport, check: LagCheck | None, *, as_json: bool, wide: bool
-                ) -> None:
+def _print_once(report: LagReport, check: LagCheck | None,
+                refusals: Mapping[str, Mapping[str, Mapping[str, int]]], *, as_json: bool,
+                wide: bool) -> None:
     if as_json:
-        click.echo(json.dumps(lag_document(report, check, datetime.now(UTC)), indent=2))
+        click.echo(json.dumps(lag_document(report, check, datetime.now(UTC), refusals),
+                              indent=2))
         return
     console = output_console(wide)
     emit(console, lag_table(report, wide=wide))
-    errors = lag_errors(report)
-    if errors is not None:
-        emit(console, errors)
+    for extra in (lag_errors(report), lag_refusals(refusals)):
+        if extra is not None:
+            emit(console, extra)
     if check is not None:
         console.print(check.describe(), style="green" if check.ok else "bold red")
 
 
-def _watch(snapshot: Callable[[], tuple[LagReport, LagCheck | None]], *, as_json: bool,
-           interval: float, count: int | None, wide: bool) -> LagCheck | None:
+def _watch(snapshot: Callable[[], tuple[LagReport, LagCheck | None]],
+           refusals: Callable[[], Mapping[str, Mapping[str, Mapping[str, int]]]], *,
+           as_json: bool, interval: float, count: int | None, wide: bool) -> LagCheck | None:
     """Refresh until Ctrl-C (or ``count`` refreshes); returns the last check."""
     console = output_console(wide)
     live = console.is_terminal and not as_json
@@ -265,9 +290,8 @@ def _watch(snapshot: Callable[[], tuple[LagReport, LagCheck | None]], *, as_json
             report, state_time=True, wide=wide, title=f"propstore lag, {stamp} (every "
             f"{format_duration(interval)}, Ctrl-C to stop)",
         )]
-        errors = lag_errors(report)
-        if errors is not None:
-            parts.append(errors)
+        parts += [extra for extra in (lag_errors(report), lag_refusals(refusals()))
+                  if extra is not None]
         if check is not None:
             parts.append(Text(check.describe(), style="green" if check.ok else "bold red"))
         return Group(*parts)
@@ -287,7 +311,8 @@ def _watch(snapshot: Callable[[], tuple[LagReport, LagCheck | None]], *, as_json
                         time.sleep(interval)
                     if as_json:
                         report, check = snapshot()
-                        click.echo(json.dumps(lag_document(report, check, datetime.now(UTC))))
+                        click.echo(json.dumps(lag_document(report, check, datetime.now(UTC),
+                                                           refusals())))
                     else:
                         emit(console, view())
                         click.echo()

@@ -136,6 +136,15 @@ class ReadStats:
         with self._lock:
             self.refusals[(shard, profile, reason)] += 1
 
+    def refused(self, shard: str) -> dict[str, dict[str, int]]:
+        """This store's ``StaleReadError`` on ``shard`` so far: ``{profile: {reason: n}}``."""
+        with self._lock:
+            items = sorted((k, n) for k, n in self.refusals.items() if k[0] == shard)
+        by_profile: dict[str, dict[str, int]] = {}
+        for (_shard, profile, reason), count in items:
+            by_profile.setdefault(profile, {})[reason] = count
+        return by_profile
+
     def record_wait(self, shard: str, profile: str) -> None:
         """Count one read served after waiting under its degrade policy."""
         with self._lock:

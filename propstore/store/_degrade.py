@@ -10,6 +10,11 @@ exhausted. The order in which reads give way, and why, is in ``docs/architecture
    always while the primary's latency is in its normal band;
 3. past that, the policy's steps in order (``propstore.degrade``), then
    :class:`~propstore.StaleReadError`.
+
+A budgeted read whose primary read *fails* (connection lost, the primary restarting or shut
+down, a failover under way) takes the same path as one the limiter shed: a replica problem
+plus a primary restart is no reason to hand a serve-stale reader an error. Strong and token
+reads keep the primary's own :class:`~propstore.ShardUnavailableError`.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Generator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import psycopg
 
@@ -28,7 +33,7 @@ from propstore import _sql
 from propstore._limiter import ShedReason
 from propstore._wire import DeadlineExceeded, Statement
 from propstore.degrade import Degrade, WaitStep
-from propstore.errors import StaleReadError
+from propstore.errors import ShardUnavailableError, StaleReadError
 from propstore.freshness import Freshness
 from propstore.lsn import LSN
 from propstore.router import FallbackReason, RouteDecision
@@ -37,9 +42,13 @@ from propstore.store._program import Exec, ReadResult, Request, Response, Wait, 
 if TYPE_CHECKING:
     from propstore.store._core import StoreCore
 
-_SHED_TEXT: dict[ShedReason, str] = {
+#: Why the primary did not serve a budgeted read: shed by its limiter, or failed.
+RefusalReason = ShedReason | Literal["primary_unavailable"]
+
+_SHED_TEXT: dict[RefusalReason, str] = {
     "primary_overloaded": "shed: its latency is above its normal band",
     "fallback_ceiling": "shed: at the configured fallback ceiling",
+    "primary_unavailable": "failed",
 }
 
 
@@ -65,10 +74,19 @@ def fallback(
     """Serve ``data`` on the shard's primary if its limiter admits it, else per ``policy``."""
     freshness = decision.freshness
     priority = freshness.strong or freshness.after is not None
-    shed = _admit(core, shard_index, priority)
+    failed: ShardUnavailableError | None = None
+    down = None if priority else _observed_down(core, shard_index)
+    shed: RefusalReason | None = "primary_unavailable" if down else _admit(core, shard_index,
+                                                                            priority)
     if shed is None:
-        return (yield from _on_primary(core, shard_index, data, decode, reason))
-    tried = [f"replicas ({reason})", f"primary ({_SHED_TEXT[shed]})"]
+        try:
+            return (yield from _on_primary(core, shard_index, data, decode, reason))
+        except ShardUnavailableError as exc:
+            if priority:
+                raise  # only the primary can serve it: its own error says why not
+            shed, failed = "primary_unavailable", exc
+    why = f": {failed}" if failed else f": {down}" if down else ""
+    tried = [f"replicas ({reason})", f"primary ({_SHED_TEXT[shed]}{why})"]
     for step in policy.steps:
         if isinstance(step, WaitStep):
             waited = yield from _wait(core, shard_index, freshness, step.max_wait, data, decode,
@@ -91,7 +109,7 @@ def fallback(
         f"{_primary_name(core, shard_index)} is {_primary_state(core, shard_index, shed)}; "
         f"tried: {'; '.join(tried)}",
         budget=str(freshness), reason=shed, tried=tuple(tried),
-    )
+    ) from failed
 
 
 def _admit(core: StoreCore, shard_index: int, priority: bool) -> ShedReason | None:
@@ -135,9 +153,29 @@ def _wait(
                                                   failures, started)
             if isinstance(served, tuple):
                 return served
-        if _admit(core, shard_index, False) is None:
-            return (yield from _on_primary(core, shard_index, data, decode, reason))
+        if _observed_down(core, shard_index) is None and _admit(core, shard_index,
+                                                                False) is None:
+            # A primary that failed (restarting, failing over) is tried again once the
+            # monitor sees it up, within the same max_wait.
+            with contextlib.suppress(ShardUnavailableError):
+                return (yield from _on_primary(core, shard_index, data, decode, reason))
     return None
+
+
+def _observed_down(core: StoreCore, shard_index: int) -> str | None:
+    """Why the monitor sees the shard's primary down, None unless it does.
+
+    A budgeted read does not try a primary the monitor saw down: its pool would hold the
+    read up to the primary deadline (2 s by default) reconnecting, where the read's policy
+    answers now. The monitor sees a restarted primary up within a poll interval.
+    """
+    view = core.state.view(shard_index)
+    if view.primary is not None:
+        return None
+    node = view.nodes[view.primary_index if view.primary_index is not None else 0]
+    if node.state != "down":
+        return None  # not polled yet, or in a state the primary read itself explains
+    return f"{node.name} observed down ({node.last_error or 'no answer'})"
 
 
 def _serve_stale(
@@ -173,7 +211,9 @@ def _primary_name(core: StoreCore, shard_index: int) -> str:
     return f"{primary.name} ({primary.config.address})" if primary else "(none reachable)"
 
 
-def _primary_state(core: StoreCore, shard_index: int, shed: ShedReason) -> str:
+def _primary_state(core: StoreCore, shard_index: int, shed: RefusalReason) -> str:
+    if shed == "primary_unavailable":
+        return "unavailable"
     if shed == "fallback_ceiling":
         routing = core.routing
         caps = []
