@@ -32,7 +32,7 @@ import psycopg
 from propstore import _sql
 from propstore._limiter import ShedReason
 from propstore._wire import DeadlineExceeded, Statement
-from propstore.degrade import Degrade, WaitStep
+from propstore.degrade import Degrade, ServeStaleStep, WaitStep
 from propstore.errors import ShardUnavailableError, StaleReadError
 from propstore.freshness import Freshness
 from propstore.lsn import LSN
@@ -75,7 +75,11 @@ def fallback(
     freshness = decision.freshness
     priority = freshness.strong or freshness.after is not None
     failed: ShardUnavailableError | None = None
-    down = None if priority else _observed_down(core, shard_index)
+    # Only a reader that prefers a stale answer to waiting skips a primary seen down: the
+    # monitor also marks a primary down that is merely too slow for its polls (a busy
+    # machine), and any other reader is better served by trying it.
+    serve_stale_first = bool(policy.steps) and isinstance(policy.steps[0], ServeStaleStep)
+    down = _observed_down(core, shard_index) if serve_stale_first and not priority else None
     shed: RefusalReason | None = "primary_unavailable" if down else _admit(core, shard_index,
                                                                             priority)
     if shed is None:
@@ -165,9 +169,10 @@ def _wait(
 def _observed_down(core: StoreCore, shard_index: int) -> str | None:
     """Why the monitor sees the shard's primary down, None unless it does.
 
-    A budgeted read does not try a primary the monitor saw down: its pool would hold the
-    read up to the primary deadline (2 s by default) reconnecting, where the read's policy
-    answers now. The monitor sees a restarted primary up within a poll interval.
+    A serve-stale read does not try a primary the monitor saw down, nor does a waiting read
+    retry it: its pool would hold the read up to the primary deadline (2 s by default)
+    reconnecting, where the read's policy answers now. The monitor sees a restarted primary
+    up within a poll interval.
     """
     view = core.state.view(shard_index)
     if view.primary is not None:
