@@ -13,7 +13,7 @@ once with ``after=token``. Readers read with random budgets. For every read:
 ``start`` is taken before the store is called, so each check is, if anything, lenient by the
 call's own latency, never strict by it. A thread that raises anything but a
 ``PropStoreError`` fails :meth:`ClaimsLoad.stop` (the threads are
-:class:`propstore.sandbox.LoadThreads`, as the ``surge`` benchmark's are).
+:class:`propstore.sandbox._load.LoadThreads`, as the ``surge`` benchmark's are).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from propstore import PropertyStore, PropStoreError
-from propstore.sandbox import LoadThreads
+from propstore.sandbox._load import LoadThreads
 
 BUDGETS = (0.1, 0.5, 1.0)
 
@@ -132,7 +132,7 @@ class ClaimsLoad:
         self._stop.wait(seconds)
 
     def stop(self) -> ClaimsReport:
-        """Stop every thread; fail (:class:`~propstore.sandbox.LoadCrashed`) if one died."""
+        """Stop every thread; fail (:class:`~propstore.sandbox._load.LoadCrashed`) if one died."""
         self._load.stop()
         return self.report
 

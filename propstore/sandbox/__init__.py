@@ -5,8 +5,7 @@ replication on loopback ports, writes the topology file for them, and injects fa
 single servers: paused replay, apply delay, frozen processes, crashes, promotion, a cut WAL
 receiver; ``LocalNodeController`` restarts its servers for a configuration rollout.
 ``up`` / ``status`` / ``down`` are the daemonised variant behind ``propstore sandbox``.
-``ContainerCluster`` offers the same shape on Docker (testcontainers). ``LoadThreads`` runs
-the threads of a test's or benchmark's load and fails the run when one of them dies.
+``ContainerCluster`` offers the same shape on Docker (testcontainers).
 """
 
 from propstore.sandbox._cluster import LocalCluster
@@ -14,21 +13,17 @@ from propstore.sandbox._commands import down, status, up
 from propstore.sandbox._containers import ContainerCluster, docker_available
 from propstore.sandbox._controller import LocalNodeController
 from propstore.sandbox._errors import SandboxError
-from propstore.sandbox._load import LoadCrashed, LoadThreads, StopLoop
 from propstore.sandbox._locations import default_base_dir
 from propstore.sandbox._node import LocalNode
 from propstore.sandbox._shard import LocalShard
 
 __all__ = [
     "ContainerCluster",
-    "LoadCrashed",
-    "LoadThreads",
     "LocalCluster",
     "LocalNode",
     "LocalNodeController",
     "LocalShard",
     "SandboxError",
-    "StopLoop",
     "default_base_dir",
     "docker_available",
     "down",

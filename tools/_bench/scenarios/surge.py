@@ -37,7 +37,7 @@ from propstore import (
     StaleReadError,
     Topology,
 )
-from propstore.sandbox import LoadThreads, StopLoop
+from propstore.sandbox._load import LoadThreads, StopLoop
 
 from _bench.env import BenchEnv, wait_caught_up
 from _bench.options import Options
