@@ -15,7 +15,7 @@ profiles, ``degrade = "wait(200ms) | serve_stale"``) is what ``str()`` prints an
 is ``serve_stale()``.
 
 Strong and token reads never reach a policy: only the primary can serve them, so the
-limiter never sheds them (see ``docs/architecture.md``).
+limiter never sheds them (see ``docs/degrade.md``).
 """
 
 from __future__ import annotations

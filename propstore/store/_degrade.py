@@ -3,7 +3,7 @@ admits the read, else the read's degrade policy (wait, serve stale), else a clea
 
 A program in the same shape as ``_core``'s (it yields :class:`Exec` and :class:`Wait`
 requests), which ``StoreCore._read`` hands over to once its replica candidates are
-exhausted. The order in which reads give way, and why, is in ``docs/architecture.md``:
+exhausted. The order in which reads give way, and why, is in ``docs/degrade.md``:
 
 1. strong and token reads always go to the primary (nothing else can serve them);
 2. budgeted reads go to the primary while its limiter (``propstore._limiter``) admits them:
