@@ -16,8 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-import psycopg.conninfo
-
+from propstore import _conninfo
 from propstore._connections import ConnectionBudget
 from propstore._durations import parse_duration
 from propstore._limiter import LimiterSettings
@@ -35,11 +34,11 @@ _URL_RE = re.compile(r"^https?://[^/\s:]+(:[0-9]{1,5})?/?$")
 def redact_dsn(dsn: str) -> str:
     """The DSN with any password removed (safe for logs, errors and output)."""
     try:
-        params = psycopg.conninfo.conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError:
+        params = _conninfo.parse(dsn)
+    except _conninfo.DsnSyntaxError:
         return "<unparsable dsn>"
     params.pop("password", None)
-    return psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in params.items()})
+    return _conninfo.make(params)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +62,7 @@ class NodeConfig:
     @property
     def address(self) -> str:
         """``host:port`` for display."""
-        params = psycopg.conninfo.conninfo_to_dict(self.dsn)
+        params = _conninfo.parse(self.dsn)
         return f"{params.get('host') or 'localhost'}:{params.get('port') or 5432}"
 
     @property
@@ -432,8 +431,8 @@ def _node(raw: Any, default_name: str, role: Literal["primary", "replica"], wher
     if not isinstance(dsn, str) or not dsn.strip():
         raise ConfigError(f"{source}: {where}: node {name} needs a dsn")
     try:
-        params = psycopg.conninfo.conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError:
+        params = _conninfo.parse(dsn)
+    except _conninfo.DsnSyntaxError:
         raise ConfigError(f"{source}: {where}: node {name} has an unparsable dsn") from None
     if via not in VIA_CHOICES:
         raise ConfigError(
@@ -447,7 +446,7 @@ def _node(raw: Any, default_name: str, role: Literal["primary", "replica"], wher
             "Patroni REST API as http(s)://host:port (see docs/config.md)"
         )
     if password and "password" not in params:
-        dsn = psycopg.conninfo.make_conninfo(dsn, password=password)
+        dsn = _conninfo.make({**params, "password": password})
     return NodeConfig(name=name, dsn=dsn, role=role, via=via,
                       patroni=patroni.rstrip("/") if patroni else None)
 

@@ -1,8 +1,8 @@
 """The CLI starts fast because it imports only what the command needs: ``--help``,
-``--version`` and ``shards`` never load the store, the driver's pools, SQLAlchemy, alembic or
-structlog (the time itself is measured in tools/, scenario ``cli-startup``). The command list
-is declared, so help still shows every command, and each declared summary is the command's
-own."""
+``--version``, ``shards`` and every subcommand's ``--help`` never load the store, psycopg,
+SQLAlchemy, alembic or structlog (the time itself is measured in tools/, scenario
+``cli-startup``). The command list is declared, so help still shows every command, and each
+declared summary is the command's own."""
 
 from __future__ import annotations
 
@@ -71,19 +71,50 @@ def test_a_commands_help_loads_only_that_command() -> None:
     assert "propstore.cli._shards" in modules and "propstore.cli._demo" not in modules
 
 
+def every_command_path() -> list[list[str]]:
+    """``[command]`` and ``[group, subcommand]`` for everything ``propstore`` offers."""
+    paths = []
+    for entry in COMMANDS:
+        command = load(entry)
+        paths.append([entry.name])
+        if isinstance(command, click.Group):
+            paths += [[entry.name, sub] for sub in command.commands]
+    return paths
+
+
+@pytest.mark.parametrize("path", every_command_path(), ids=" ".join)
+def test_every_commands_help_loads_neither_the_driver_nor_the_library_stack(
+        path: list[str]) -> None:
+    status, modules = loaded_by(*path, "--help")
+    assert status == 0
+    assert heavy(modules) == []
+    assert not [m for m in modules if m.split(".")[0] in ("psycopg", "psycopg_binary")]
+
+
 def test_shards_loads_no_store_pool_sqlalchemy_alembic_or_structlog(tmp_path: Path) -> None:
     config = tmp_path / "propstore.toml"
     config.write_text(_TOPOLOGY)
     status, modules = loaded_by("--config", str(config), "shards")
     assert status == 0
     assert heavy(modules) == []
-    # The DSNs are checked by libpq's own parser (psycopg.conninfo): that much is needed.
+    # The DSNs are checked by libpq's own parser, called without psycopg (tests/test_conninfo.py).
     assert "propstore.config" in modules and "propstore.cli._lag" not in modules
+    assert "psycopg" not in modules and "propstore._conninfo" in modules
 
 
-def test_a_command_that_needs_the_store_loads_it_so_the_probe_sees_imports() -> None:
-    status, modules = loaded_by("lag", "--help")
-    assert status == 0 and "propstore.store" in modules
+def test_a_command_that_needs_the_library_loads_it_so_the_probe_sees_imports(
+        tmp_path: Path) -> None:
+    config = tmp_path / "propstore.toml"
+    config.write_text(_TOPOLOGY)
+    status, modules = loaded_by("config", "diff", "--no-check", str(config), str(config))
+    assert status == 0 and "propstore.migrate" in modules and "structlog" in modules
+
+
+def test_the_sandbox_front_choices_are_the_sandboxes() -> None:
+    from propstore.cli._sandbox import FRONT_CHOICES
+    from propstore.sandbox._poolers import FRONT_KINDS
+
+    assert FRONT_CHOICES == FRONT_KINDS
 
 
 def test_importing_propstore_loads_nothing_until_a_name_is_used() -> None:

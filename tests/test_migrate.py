@@ -23,7 +23,8 @@ from structlog.testing import capture_logs
 import propstore.migrate
 from propstore import MigrationError, Topology
 from propstore.cli import main
-from propstore.cli._migrate import _Display
+from propstore.cli._live import LiveRollout
+from propstore.cli._migrate import _show
 from propstore.migrate import (
     MigrationEvent,
     RollingMigration,
@@ -329,19 +330,20 @@ def test_terminal_display_is_a_live_table_and_piped_output_is_plain_lines() -> N
         MigrationEvent("shard_done", "shard1", None, "0001 -> 0002 in 1.00s"),
     ]
     screen = io.StringIO()
-    display = _Display(Console(file=screen, force_terminal=True, width=120))
+    display = LiveRollout(Console(file=screen, force_terminal=True, width=120),
+                          ("shard", "step", "status", "replica lag"))
     with display.running():
         for event in events:
-            display(event)
+            _show(display)(event)
     assert display.rows["shard1"][0] == "done"
     assert "shard1" in screen.getvalue() and "step" in screen.getvalue()
 
     runner = CliRunner()
     with runner.isolation() as (out, _err, _input):
-        plain = _Display(Console())
+        plain = LiveRollout(Console(), ("shard", "step", "status", "replica lag"))
         with plain.running():
             for event in events:
-                plain(event)
+                _show(plain)(event)
         lines = out.getvalue().decode().splitlines()
     assert lines == ["shard1 pre-flight: waiting: replica paused [4.20s left]",
                      "shard1: 0001 -> 0002 in 1.00s"]

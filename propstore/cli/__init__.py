@@ -12,8 +12,10 @@ psycopg's connection machinery, SQLAlchemy, alembic or the store (about 1 s of i
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import sys
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +43,8 @@ class CommandEntry:
         summary: what ``propstore --help`` shows: the first sentence of the command's
             help (a test keeps the two equal).
         light: the command uses no part of the library that logs (``shards``), so the
-            log set-up (structlog) is not loaded for it.
+            log set-up (structlog) is not loaded for it. Other commands set logging up
+            when their body runs (not for their ``--help``).
     """
 
     name: str
@@ -152,12 +155,40 @@ def entry_of(name: str) -> CommandEntry | None:
 
 
 def load(entry: CommandEntry) -> click.Command:
-    """Import the command (once) and give it, and its subcommands, the global options."""
+    """Import the command (once) and give it, and its subcommands, the global options (and,
+    unless it is light, the log set-up when it runs)."""
     command = getattr(importlib.import_module(entry.module), entry.attribute)
     if not isinstance(command, click.Command):
         raise TypeError(f"{entry.module}.{entry.attribute} is not a click command")
     add_global_options(command)
+    if not entry.light:
+        _log_while_running(command)
     return command
+
+
+_LOGGING: weakref.WeakSet[click.Command] = weakref.WeakSet()
+
+
+def _log_while_running(command: click.Command) -> None:
+    """Set up logging when the body of ``command`` (or of each of its subcommands) runs:
+    not before, because the root's and a group's callbacks also run for a subcommand's
+    ``--help``, which must not load structlog."""
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _log_while_running(sub)
+        return
+    body = command.callback
+    if body is None or command in _LOGGING:
+        return
+
+    @functools.wraps(body)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        ctx.find_root().call_on_close(ctx.ensure_object(CliState).start_logging())
+        return body(*args, **kwargs)
+
+    command.callback = run
+    _LOGGING.add(command)
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
@@ -182,9 +213,6 @@ def main(ctx: click.Context, config: str | None, debug: bool) -> None:
     """
     state = ctx.ensure_object(CliState)
     state.config, state.debug = config, debug
-    entry = entry_of(ctx.invoked_subcommand or "")
-    if entry is None or not entry.light:
-        ctx.call_on_close(state.start_logging())
 
 
 __all__ = ["COMMANDS", "CommandEntry", "main"]

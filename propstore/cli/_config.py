@@ -1,38 +1,27 @@
 """``propstore config plan|apply NAME=VALUE ...``: parse, call :mod:`propstore.migrate`'s
 configuration rollout, print (a live table on a terminal, one line per event when piped,
-``--json`` for programs).
+``--json`` for programs). :mod:`propstore.migrate` is imported by the commands' bodies, so
+their ``--help`` does not load it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from rich.console import Console
-from rich.live import Live
-from rich.table import Table
 
-from propstore._durations import format_duration
 from propstore.cli._context import DURATION, EXIT_CHECK_FAILED, output_console
-from propstore.cli._migrate import _config_path, _lag_text, _topology, config_group
-from propstore.config import Topology
+from propstore.cli._live import LiveRollout
+from propstore.cli._migrate import _config_path, _topology, config_group
 from propstore.errors import ConfigError, MigrationError
-from propstore.migrate import (
-    CommandController,
-    ConfigChange,
-    ConfigEvent,
-    ConfigJournal,
-    ConfigPlan,
-    ConfigRollout,
-    NodeController,
-    plan_config_change,
-)
-from propstore.migrate._config_plan import journal_path
+
+if TYPE_CHECKING:
+    from propstore.config import Topology
+    from propstore.migrate import ConfigChange, ConfigEvent, ConfigPlan, NodeController
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -66,6 +55,8 @@ def _controller(ctx: click.Context, restart_command: str | None, sandbox: bool
     if restart_command and sandbox:
         raise click.UsageError("pass --restart-command or --sandbox, not both")
     if restart_command:
+        from propstore.migrate import CommandController
+
         try:
             return CommandController(restart_command)
         except ConfigError as exc:
@@ -84,6 +75,8 @@ def _controller(ctx: click.Context, restart_command: str | None, sandbox: bool
 
 
 def _journal(topology: Topology, change: ConfigChange, journal: str | None) -> Path:
+    from propstore.migrate._config_plan import journal_path
+
     if journal:
         return Path(journal)
     state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
@@ -93,6 +86,8 @@ def _journal(topology: Topology, change: ConfigChange, journal: str | None) -> P
 def _plan(ctx: click.Context, assignments: tuple[str, ...], role: str,
           shards: tuple[str, ...], nodes: tuple[str, ...], controller: NodeController | None,
           journal: str | None) -> tuple[Topology, ConfigPlan, Path]:
+    from propstore.migrate import ConfigChange, ConfigJournal, plan_config_change
+
     topology = _topology(ctx)
     try:
         change = ConfigChange.parse(assignments, role=role, shards=shards, nodes=nodes)
@@ -124,50 +119,13 @@ def plan_command(ctx: click.Context, assignments: tuple[str, ...], role: str,
         click.echo(str(plan))
 
 
-class _Display:
-    """Rollout events: a live table per step on a terminal, plain lines otherwise."""
+def _show(display: LiveRollout) -> Callable[[ConfigEvent], None]:
+    def show(event: ConfigEvent) -> None:
+        end = {"step_done": "done", "step_skipped": "already applied",
+               "reverted": "reverted", "step_failed": f"FAILED at {event.phase}"}.get(event.kind)
+        display.show(event, event.node, end or event.phase)
 
-    def __init__(self, console: Console, quiet: bool) -> None:
-        self.console = console
-        self.quiet = quiet
-        self.rows: dict[str, tuple[str, str, str]] = {}
-        self._live: Live | None = None
-
-    @contextmanager
-    def running(self) -> Iterator[_Display]:
-        if self.quiet or not self.console.is_terminal:
-            yield self
-            return
-        with Live(self._table(), console=self.console, refresh_per_second=8) as live:
-            self._live = live
-            try:
-                yield self
-            finally:
-                self._live = None
-
-    def __call__(self, event: ConfigEvent) -> None:
-        if self.quiet:
-            return
-        if self._live is None:
-            click.echo(str(event))
-            return
-        if event.node is None:
-            return
-        countdown = "" if event.remaining is None else (
-            f" ({format_duration(max(0.0, event.remaining))} left)")
-        lag = ", ".join(_lag_text(r) for r in event.replicas)
-        previous = self.rows.get(event.node, ("", "", ""))
-        phase = {"step_done": "done", "step_skipped": "already applied",
-                 "reverted": "reverted", "step_failed": f"FAILED at {event.phase}"}.get(
-            event.kind, event.phase or previous[0])
-        self.rows[event.node] = (phase, event.message + countdown, lag or previous[2])
-        self._live.update(self._table())
-
-    def _table(self) -> Table:
-        table = Table("node", "phase", "status", "shard's replicas")
-        for node, (phase, status, lag) in self.rows.items():
-            table.add_row(node, phase, status, lag)
-        return table
+    return show
 
 
 @config_group.command("apply")
@@ -195,15 +153,18 @@ def apply_command(ctx: click.Context, assignments: tuple[str, ...], role: str,
     Exit status 1 when a step failed or the change was reverted (the report says why and
     what was restored); re-running continues where an interrupted run stopped.
     """
+    from propstore.migrate import ConfigRollout
+
     controller = _controller(ctx, restart_command, sandbox)
     topology, plan, path = _plan(ctx, assignments, role, shards, nodes, controller, journal)
-    display = _Display(output_console(), quiet=as_json)
+    display = LiveRollout(output_console(), ("node", "phase", "status", "shard's replicas"),
+                          quiet=as_json)
     if not as_json:
         click.echo(str(plan))
     try:
         rollout = ConfigRollout(topology, plan, controller, max_lag=max_lag, bake=bake,
                                 wait_timeout=wait_timeout, settle_timeout=settle_timeout,
-                                canary=canary, journal=path, on_event=display)
+                                canary=canary, journal=path, on_event=_show(display))
         with display.running():
             report = rollout.run()
     except MigrationError as exc:

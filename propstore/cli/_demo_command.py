@@ -9,10 +9,9 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
-from rich.live import Live
 
 from propstore.cli._context import (
     DURATION,
@@ -24,10 +23,13 @@ from propstore.cli._context import (
     output_console,
     pass_state,
 )
-from propstore.cli._demo import DemoReport, run_demo
-from propstore.cli._demo_view import demo_document, live_view, progress_printer, summary
 from propstore.cli._signals import signals_as_interrupt
-from propstore.sandbox import LocalCluster, SandboxError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from propstore.cli._demo import DemoReport
+    from propstore.sandbox import LocalCluster
 
 
 @click.command("demo")
@@ -67,6 +69,12 @@ def demo_command(ctx: click.Context, state: CliState, duration: float, users: in
 
     Exit status 0 when there was no violation, 1 when there was one, 130 when interrupted.
     """
+    # Here, not at the top: `demo --help` must not load the sandbox and the store.
+    from rich.console import Console
+
+    from propstore.cli._demo_view import demo_document, summary
+    from propstore.sandbox import LocalCluster, SandboxError
+
     if state.config and base_dir is not None:
         raise click.UsageError("--dir is for a cluster the demo starts; --config names a "
                                "running one")
@@ -123,6 +131,11 @@ def _say(console: Console, text: str) -> None:
 def _run(console: Console, cluster: LocalCluster, config: str | None, duration: float,
          users: int, rate: float, metrics_port: int | None, *, live: bool, wide: bool
          ) -> DemoReport:
+    from rich.live import Live
+
+    from propstore.cli._demo import run_demo
+    from propstore.cli._demo_view import live_view, progress_printer
+
     if metrics_port is not None:
         _say(console, f"Metrics: http://127.0.0.1:{metrics_port}/metrics")
     if not (live and console.is_terminal):

@@ -1,5 +1,9 @@
 """``propstore lag``: every node's lag, as the router sees it; a table, JSON, a live view, or a
-monitoring check (exit status 1 when some shard has no replica within a budget)."""
+monitoring check (exit status 1 when some shard has no replica within a budget).
+
+rich, the monitor and the store are imported where they are used: `lag --help` loads
+neither (the CLI's start-up time, tools/ scenario cli-startup).
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Group, RenderableType
-from rich.live import Live
-from rich.text import Text
 
 from propstore._durations import format_bound, format_bytes, format_duration
 from propstore.cli._budget import BUDGET_RULES, profile_option, read_budget, staleness_option
@@ -30,10 +31,15 @@ from propstore.cli._context import (
     pass_state,
 )
 from propstore.cli._signals import signals_as_interrupt
-from propstore.cli._table import Column, FittedTable
-from propstore.config import Topology
-from propstore.monitor import LagReport, LagRow, lag_report
-from propstore.store import PropertyStore
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+    from rich.text import Text
+
+    from propstore.cli._table import Column, FittedTable
+    from propstore.config import Topology
+    from propstore.monitor import LagReport, LagRow
+    from propstore.store import PropertyStore
 
 _STATE_STYLES = {
     "up": "green", "paused": "yellow", "paused (settings)": "bold yellow",
@@ -71,6 +77,8 @@ class LagCheck:
 
 def current_report(store: PropertyStore) -> LagReport:
     """The lag report of a store's monitor now."""
+    from propstore.monitor import lag_report
+
     return lag_report(store.shard_views(), store.topology.profiles,
                       store.monitor.state.clock())
 
@@ -85,6 +93,8 @@ class LagLine:
 
 
 def _bound_text(line: LagLine) -> Text:
+    from rich.text import Text
+
     row, budgets = line.row, line.budgets
     if row.is_primary:
         return Text("-")
@@ -98,6 +108,8 @@ def _bound_text(line: LagLine) -> Text:
 
 
 def _eligible(profile: str, line: LagLine) -> str | Text:
+    from rich.text import Text
+
     if profile not in line.row.eligible:
         return "-"
     ok = line.row.eligible[profile]
@@ -109,6 +121,10 @@ def lag_columns(profiles: Mapping[str, float], *, state_time: bool = False
     """The lag table's columns. At 80 terminal columns shard, node, role, state, staleness
     and the eligibility per profile always show; the rest go by priority (highest first):
     proofs, address, recv-replay, lsn, behind, for."""
+    from rich.text import Text
+
+    from propstore.cli._table import Column
+
     columns: list[Column[LagLine]] = [
         Column("shard", lambda line: line.row.shard if line.first else ""),
         Column("node", lambda line: line.row.node),
@@ -143,6 +159,8 @@ def lag_table(report: LagReport, *, state_time: bool = False, title: str | None 
     """The lag report as a table, a section per shard, fitted to the width it is drawn at
     (``wide``: every column). Colours are dropped by a console that is not a terminal, so
     the same table serves both."""
+    from propstore.cli._table import FittedTable
+
     budgets = tuple(report.profiles.values())
     sections = [[LagLine(row, i == 0, budgets) for i, row in enumerate(report.rows_of(shard))]
                 for shard in report.shards]
@@ -152,6 +170,8 @@ def lag_table(report: LagReport, *, state_time: bool = False, title: str | None 
 
 def lag_errors(report: LagReport) -> Text | None:
     """The last poll error of every node whose last poll failed, one line each."""
+    from rich.text import Text
+
     failed = [row for row in report.rows if row.last_error]
     if not failed:
         return None
@@ -277,6 +297,10 @@ def _watch(snapshot: Callable[[], tuple[LagReport, LagCheck | None]],
            refusals: Callable[[], Mapping[str, Mapping[str, Mapping[str, int]]]], *,
            as_json: bool, interval: float, count: int | None, wide: bool) -> LagCheck | None:
     """Refresh until Ctrl-C (or ``count`` refreshes); returns the last check."""
+    from rich.console import Group
+    from rich.live import Live
+    from rich.text import Text
+
     console = output_console(wide)
     live = console.is_terminal and not as_json
     check: LagCheck | None = None

@@ -8,7 +8,6 @@ import click
 
 from propstore.cli._context import CliState, pass_state
 from propstore.cli._signals import signals_as_interrupt
-from propstore.metrics import StoreMetrics
 
 
 @click.command("metrics")
@@ -26,6 +25,8 @@ def metrics_command(state: CliState, port: int, host: str) -> None:
     a service embedding propstore exports them with propstore.metrics.StoreMetrics. Metric
     names: docs/operating.md. State changes are logged to stderr.
     """
+    from propstore.metrics import StoreMetrics  # not for `metrics --help`
+
     state.show_events()
     with state.open_store(settle=False) as store:
         server = StoreMetrics(store).serve(port, host)

@@ -4,42 +4,32 @@
 The topology file comes from the root command's ``--config`` option (read from
 ``ctx.find_root().params``), else from ``ctx.obj``, else ``$PROPSTORE_CONFIG``. Server
 setting rollouts (``config plan``/``apply``) live in :mod:`propstore.cli._config`. On a terminal
-a rollout shows a live table (shard, step, lag, countdown); piped, one line per event.
+a rollout shows a live table (shard, step, lag, countdown); piped, one line per event
+(:mod:`propstore.cli._live`). :mod:`propstore.migrate` (SQLAlchemy, alembic, psycopg) is
+imported by the commands' bodies, so their ``--help`` does not load it.
 """
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from rich.console import Console
-from rich.live import Live
-from rich.table import Table
 
-from propstore._durations import format_duration
 from propstore.cli._context import DURATION, EXIT_CHECK_FAILED, output_console
+from propstore.cli._live import LiveRollout, replica_lag_text
 from propstore.config import Topology
 from propstore.errors import ConfigError, MigrationError
-from propstore.migrate import (
-    MigrationEvent,
-    MigrationReport,
-    ReplicaLag,
-    RollingMigration,
-    ShardMigrationStatus,
-    diff_topologies,
-    plan,
-    shard_status,
-)
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from propstore.migrate import MigrationEvent, MigrationReport, ShardMigrationStatus
 
 F = TypeVar("F", bound=Callable[..., Any])
 _SCRIPTS_KEY = "propstore.migrate.script_location"
-
-
 
 
 def _config_path(ctx: click.Context) -> str | None:
@@ -85,6 +75,8 @@ def migrate(ctx: click.Context, script_location: str | None) -> None:
 @click.pass_context
 def status_command(ctx: click.Context, shards: tuple[str, ...]) -> None:
     """Per shard: current revision vs head, and the replicas' lag now."""
+    from propstore.migrate import shard_status
+
     try:
         rows = shard_status(_topology(ctx), script_location=_scripts(ctx),
                             shards=shards or None)
@@ -100,23 +92,16 @@ def status_command(ctx: click.Context, shards: tuple[str, ...]) -> None:
         ctx.exit(EXIT_CHECK_FAILED)
 
 
-def _lag_text(replica: ReplicaLag) -> str:
-    if replica.state == "down":
-        return f"{replica.name} down"
-    bound = "unproven" if math.isinf(replica.staleness) else (
-        f"≤ {format_duration(replica.staleness)}")
-    state = "" if replica.up else f" {replica.state}"
-    return f"{replica.name}{state} {bound}"
-
-
 def _status_table(rows: Sequence[ShardMigrationStatus]) -> Table:
+    from rich.table import Table
+
     table = Table("shard", "revision", "head", "replicas (proven staleness)")
     for row in rows:
         current = (f"[red]unreachable: {row.error}[/]" if not row.reachable
                    else f"[green]{row.current}[/]" if row.at_head
                    else f"[yellow]{row.current or 'base'}[/]")
         table.add_row(row.shard, current, row.head or "base",
-                      "\n".join(_lag_text(r) for r in row.replicas) or "-")
+                      "\n".join(replica_lag_text(r) for r in row.replicas) or "-")
     return table
 
 
@@ -128,6 +113,8 @@ def _status_table(rows: Sequence[ShardMigrationStatus]) -> Table:
 def plan_command(ctx: click.Context, revision: str, with_sql: bool,
                  shards: tuple[str, ...]) -> None:
     """What `migrate up REVISION` would run on each shard, in order."""
+    from propstore.migrate import plan
+
     try:
         plans = plan(_topology(ctx), revision, sql=with_sql, shards=shards or None,
                      script_location=_scripts(ctx))
@@ -160,59 +147,26 @@ def _rollout_options(function: F) -> F:
     return function
 
 
-class _Display:
-    """Shows events: a live table on a terminal, plain lines otherwise."""
-
-    def __init__(self, console: Console) -> None:
-        self.console = console
-        self.rows: dict[str, tuple[str, str, str]] = {}
-        self._live: Live | None = None
-
-    @contextmanager
-    def running(self) -> Iterator[_Display]:
-        if not self.console.is_terminal:
-            yield self
-            return
-        with Live(self._table(), console=self.console, refresh_per_second=8,
-                  transient=False) as live:
-            self._live = live
-            try:
-                yield self
-            finally:
-                self._live = None
-
-    def __call__(self, event: MigrationEvent) -> None:
-        if self._live is None:
-            click.echo(str(event))
-            return
-        if event.shard is None:
-            return
-        countdown = "" if event.remaining is None else (
-            f" ({format_duration(max(0.0, event.remaining))} left)")
-        lag = ", ".join(_lag_text(r) for r in event.replicas)
-        previous = self.rows.get(event.shard, ("", "", ""))
-        step = {"shard_done": "done", "already_at_target": "at target",
+def _show(display: LiveRollout) -> Callable[[MigrationEvent], None]:
+    def show(event: MigrationEvent) -> None:
+        done = {"shard_done": "done", "already_at_target": "at target",
                 "shard_failed": f"FAILED at {event.step}"}.get(event.kind)
-        self.rows[event.shard] = (
-            step or event.step or previous[0], event.message + countdown, lag or previous[2])
-        self._live.update(self._table())
+        display.show(event, event.shard, done or event.step)
 
-    def _table(self) -> Table:
-        table = Table("shard", "step", "status", "replica lag")
-        for shard, (step, status, lag) in self.rows.items():
-            table.add_row(shard, step, status, lag)
-        return table
+    return show
 
 
 def _rollout(ctx: click.Context, revision: str, direction: str, max_lag: float,
              wait_timeout: float, catchup_timeout: float, canary: int | None,
              shards: tuple[str, ...]) -> MigrationReport:
-    display = _Display(output_console())
+    from propstore.migrate import RollingMigration
+
+    display = LiveRollout(output_console(), ("shard", "step", "status", "replica lag"))
     try:
         migration = RollingMigration(
             _topology(ctx), revision, max_lag=max_lag, wait_timeout=wait_timeout,
             catchup_timeout=catchup_timeout, canary=canary, shards=shards or None,
-            direction="up" if direction == "up" else "down", on_event=display,
+            direction="up" if direction == "up" else "down", on_event=_show(display),
             script_location=_scripts(ctx),
         )
         with display.running():
@@ -249,6 +203,8 @@ def down_command(ctx: click.Context, revision: str, max_lag: float, wait_timeout
                  catchup_timeout: float, canary: int | None, shards: tuple[str, ...],
                  yes: bool) -> None:
     """Downgrade shard by shard to REVISION (an id, or base); asks first unless --yes."""
+    from propstore.migrate import plan
+
     try:
         plans = plan(_topology(ctx), revision, direction="down", shards=shards or None,
                      script_location=_scripts(ctx))
@@ -282,6 +238,8 @@ def config_group() -> None:
 @click.pass_context
 def diff_command(ctx: click.Context, old: str, new: str, no_check: bool) -> None:
     """Show what changes from topology file OLD to NEW; exit 1 if anything is unsafe."""
+    from propstore.migrate import diff_topologies
+
     try:
         diff = diff_topologies(old, new, check=not no_check)
     except ConfigError as exc:

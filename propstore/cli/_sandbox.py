@@ -1,19 +1,28 @@
-"""``propstore sandbox up|status|down``: parse, call :mod:`propstore.sandbox`, print."""
+"""``propstore sandbox up|status|down``: parse, call :mod:`propstore.sandbox`, print.
+
+:mod:`propstore.sandbox` is imported by the commands' bodies: importing it loads psycopg and
+the whole sandbox, which ``sandbox up --help`` does not need.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from propstore.cli._signals import signals_as_interrupt
-from propstore.sandbox import SandboxError, default_base_dir, down, status, up
-from propstore.sandbox._poolers import FRONT_KINDS, FrontKind
+
+if TYPE_CHECKING:
+    from propstore.sandbox._poolers import FrontKind
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: ``--front`` choices: propstore.sandbox._poolers.FRONT_KINDS, spelled here so that help
+#: does not import the sandbox (tests/test_cli_startup.py keeps the two equal).
+FRONT_CHOICES = ("pgbouncer-session", "pgbouncer-transaction", "pgbouncer-hosts", "haproxy")
 
 
 def _dir_option(function: F) -> F:
@@ -40,7 +49,7 @@ def sandbox() -> None:
 @click.option("--replace", is_flag=True,
               help="If a sandbox of another shape runs in the folder, stop and delete it "
                    "first (without this, that is an error).")
-@click.option("--front", "fronts", multiple=True, type=click.Choice(FRONT_KINDS),
+@click.option("--front", "fronts", multiple=True, type=click.Choice(FRONT_CHOICES),
               help="Put a pooler or proxy in front of every shard's replicas (repeatable); "
               "the topology file reaches them through it (docs/deployment.md).")
 @_dir_option
@@ -53,6 +62,8 @@ def up_command(shards: int, replicas: int, pg_bin: Path | None, no_migrate: bool
     shape is an error naming it, unless --replace. Ctrl-C, SIGTERM or SIGHUP while it
     starts stop the servers started so far.
     """
+    from propstore.sandbox import SandboxError, up
+
     try:
         with signals_as_interrupt():
             cluster = up(base_dir, shards, replicas, pg_bin=pg_bin, migrate=not no_migrate,
@@ -80,6 +91,8 @@ def up_command(shards: int, replicas: int, pg_bin: Path | None, no_migrate: bool
 @_dir_option
 def status_command(as_json: bool, base_dir: Path | None) -> None:
     """Show every node: role, port, pid, whether it runs, its WAL position."""
+    from propstore.sandbox import SandboxError, default_base_dir, status
+
     folder = base_dir if base_dir is not None else default_base_dir()
     try:
         rows = status(folder)
@@ -101,6 +114,8 @@ def status_command(as_json: bool, base_dir: Path | None) -> None:
 @_dir_option
 def down_command(base_dir: Path | None) -> None:
     """Stop every server of the cluster and delete its files."""
+    from propstore.sandbox import SandboxError, down
+
     try:
         stopped = down(base_dir)
     except SandboxError as exc:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from propstore._durations import format_bound
 from propstore.cli._budget import BUDGET_RULES, budget_options, read_budget
 from propstore.cli._context import CliState, pass_state
-from propstore.freshness import Token
-from propstore.store import ReadResult
+
+if TYPE_CHECKING:
+    from propstore.freshness import Token
+    from propstore.store import ReadResult
 
 
 @click.command("route", epilog=BUDGET_RULES)
