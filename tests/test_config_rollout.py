@@ -397,6 +397,86 @@ def test_an_interrupted_run_continues_where_it_stopped_and_remembers_the_origina
     assert not journal.exists()
 
 
+def interrupt_during_the_bake_of(step: int, events: list[ConfigEvent]
+                                 ) -> Callable[[ConfigEvent], None]:
+    """An ``on_event`` that records events and stops the run at ``step``'s first bake
+    sample (the node runs with its new values, its bake has begun and not ended)."""
+    def on_event(event: ConfigEvent) -> None:
+        events.append(event)
+        if event.kind == "baking" and event.step == step:
+            raise _Interrupted
+
+    return on_event
+
+
+def test_a_step_interrupted_during_its_bake_is_baked_again_on_resume(
+    cluster_factory: Callable[..., LocalCluster], tmp_path: Path
+) -> None:
+    private = cluster_factory(shards=1, replicas=2)
+    topology = topology_of(private)
+    journal = tmp_path / "journal.json"
+    change = ConfigChange({"checkpoint_completion_target": "0.7"})
+    first: list[ConfigEvent] = []
+    with pytest.raises(_Interrupted):
+        ConfigRollout(topology, plan_config_change(topology, change), bake=1.0,
+                      journal=journal, on_event=interrupt_during_the_bake_of(1, first)).run()
+    assert not [e for e in first if e.kind == "step_done"]
+    assert setting(private.shards[0].replicas[0], "checkpoint_completion_target") == "0.7"
+
+    resumed_plan = plan_config_change(topology, change,
+                                      originals=ConfigJournal(journal).originals)
+    assert [s.applied for s in resumed_plan.steps] == [True, False, False]
+    events: list[ConfigEvent] = []
+    resumed = ConfigRollout(topology, resumed_plan, bake=1.0, journal=journal,
+                            on_event=events.append).run()
+    assert resumed.complete, str(resumed)
+    step1 = resumed.result("shard0-replica1")
+    assert step1.outcome == "done" and step1.rebaked and step1.seconds >= 1.0
+    assert "baked again" in str(resumed) and resumed.to_dict()["steps"][0]["rebaked"]
+    # Watched: the shard's replicas were sampled during step 1's new bake, before step 2.
+    kinds = [(e.kind, e.step) for e in events]
+    assert ("step_rebaking", 1) in kinds
+    bake_samples = [e for e in events if e.kind == "baking" and e.step == 1]
+    assert bake_samples and all(len(e.replicas) == 2 for e in bake_samples)
+    assert kinds.index(("step_done", 1)) < kinds.index(("step_started", 2))
+    assert [setting(node, "checkpoint_completion_target") for node in private.nodes] == [
+        "0.7"] * 3
+    assert not journal.exists()
+
+
+def test_a_regression_present_when_an_interrupted_bake_resumes_is_reverted(
+    cluster_factory: Callable[..., LocalCluster], tmp_path: Path
+) -> None:
+    private = cluster_factory(shards=1, replicas=2)
+    topology = topology_of(private)
+    primary, first, second = (private.shards[0].primary, *private.shards[0].replicas)
+    before = {node.name: auto_conf(node) for node in private.nodes}
+    journal = tmp_path / "journal.json"
+    change = ConfigChange({"recovery_min_apply_delay": "3s"}, role="replicas")
+    with writing(primary):
+        with pytest.raises(_Interrupted):
+            ConfigRollout(topology, plan_config_change(topology, change), max_lag=1.0,
+                          bake=6.0, journal=journal,
+                          on_event=interrupt_during_the_bake_of(1, [])).run()
+        assert setting(first, "recovery_min_apply_delay") == "3000"
+        resumed_plan = plan_config_change(topology, change,
+                                          originals=ConfigJournal(journal).originals)
+        # A short pre-flight: skipping the bake would leave step 2 waiting on replica1.
+        report = ConfigRollout(topology, resumed_plan, max_lag=1.0, bake=6.0,
+                               wait_timeout=3.0, journal=journal).run()
+    assert report.reverted and not report.ok, str(report)
+    assert report.regression is not None and report.regression.step == 1
+    assert "shard0-replica1" in report.regression.measurement
+    step1 = report.result("shard0-replica1")
+    assert step1.outcome == "reverted" and step1.rebaked
+    assert report.result("shard0-replica2").outcome == "not started"
+    assert report.restored == ("shard0-replica1 recovery_min_apply_delay=0ms",)
+    for node in (first, second):
+        assert setting(node, "recovery_min_apply_delay") == "0"
+    assert {node.name: auto_conf(node) for node in private.nodes} == before
+    assert not journal.exists()
+
+
 # -- the CLI -----------------------------------------------------------------------------
 
 def test_cli_plan_refuses_bad_input_and_apply_rolls_out_with_canary_then_resumes(

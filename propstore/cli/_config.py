@@ -122,7 +122,8 @@ def plan_command(ctx: click.Context, assignments: tuple[str, ...], role: str,
 def _show(display: LiveRollout) -> Callable[[ConfigEvent], None]:
     def show(event: ConfigEvent) -> None:
         end = {"step_done": "done", "step_skipped": "already applied",
-               "reverted": "reverted", "step_failed": f"FAILED at {event.phase}"}.get(event.kind)
+               "step_rebaking": "baking again", "reverted": "reverted",
+               "step_failed": f"FAILED at {event.phase}"}.get(event.kind)
         display.show(event, event.node, end or event.phase)
 
     return show

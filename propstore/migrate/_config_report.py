@@ -12,7 +12,8 @@ from propstore.migrate._lag import ReplicaLag
 Phase = Literal["pre-flight", "apply", "verify", "settle", "bake", "revert"]
 StepOutcome = Literal["done", "already applied", "failed", "reverted", "not started"]
 ConfigEventKind = Literal[
-    "run_started", "step_started", "step_skipped", "preflight_waiting", "preflight_passed",
+    "run_started", "step_started", "step_skipped", "step_rebaking", "preflight_waiting",
+    "preflight_passed",
     "applying", "restarting", "applied", "verified", "settling", "baking", "step_done",
     "regression", "reverting", "reverted", "step_failed", "canary_reached", "run_finished",
 ]
@@ -63,6 +64,8 @@ class StepResult:
         error: why it failed or was not started.
         seconds: time spent on the step (pre-flight to the end of the bake).
         unavailable: seconds the node did not answer during its restart (None: no restart).
+        rebaked: the step had been applied by an earlier run that stopped before the end of
+            its bake, so this run settled and baked it again (``seconds`` is that bake).
     """
 
     step: int
@@ -73,11 +76,14 @@ class StepResult:
     error: str | None = None
     seconds: float = 0.0
     unavailable: float | None = None
+    rebaked: bool = False
 
     def __str__(self) -> str:
         text = f"{self.step:>2}. {self.node:<18} {self.outcome}"
         if self.outcome == "done" or (self.outcome == "reverted" and not self.error):
             text += f" in {format_duration(self.seconds)}"
+        if self.rebaked:
+            text += " (baked again: the run that applied it stopped during its bake)"
         if self.unavailable is not None:
             text += f" (restart: down {format_duration(self.unavailable)})"
         if self.outcome == "failed" or (self.outcome == "reverted" and self.error):
@@ -93,7 +99,7 @@ class StepResult:
                 "outcome": self.outcome, "phase": self.phase, "error": self.error,
                 "seconds": round(self.seconds, 3),
                 "unavailable_seconds": None if self.unavailable is None
-                else round(self.unavailable, 3)}
+                else round(self.unavailable, 3), "rebaked": self.rebaked}
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,8 +9,10 @@ ready again (a restarted node answers, its replicas stream and are within ``max_
 (5) bake — for ``bake`` seconds the shard must stay ready: a paused replay (either kind),
 a bound past ``max_lag``, a node down or not streaming is a regression. A regression
 reverts every node this change has touched, newest first (the reverse of a safe order is
-safe), and stops with a report. The servers tell a re-run which nodes are done; the
-:class:`ConfigJournal` keeps the values they had before.
+safe), and stops with a report. The servers tell a re-run which nodes run with the new
+values; the :class:`ConfigJournal` keeps the values they had before, and which of them passed
+their bake: a step applied by a run that stopped before the end of its bake is settled and
+baked again before the re-run goes on (and reverted like any other on a regression).
 """
 
 from __future__ import annotations
@@ -128,7 +130,8 @@ class ConfigRollout:
                     results.append(StepResult(step.number, step.shard.name, step.node.name,
                                               "not started", error=stopped))
                     continue
-                if step.applied:
+                rebake = step.applied and journal.unbaked(step.node.name)
+                if step.applied and not rebake:
                     self._emit("step_skipped", step, None, "already applied (servers show "
                                "every new value)")
                     results.append(StepResult(step.number, step.shard.name, step.node.name,
@@ -138,12 +141,13 @@ class ConfigRollout:
                 if probe is None:
                     probe = probes[step.shard.name] = self._probe(step.shard)
                 try:
-                    result = self._step(step, probe, journal)
+                    result = (self._rebake(step, probe, journal) if rebake
+                              else self._step(step, probe, journal))
                 except _Regressed as failure:
                     regression = failure.regression
                     results.append(StepResult(step.number, step.shard.name, step.node.name,
                                               "failed", regression.phase,
-                                              regression.measurement))
+                                              regression.measurement, rebaked=rebake))
                     stopped = f"regression at step {step.number} ({step.node.name})"
                     continue
                 results.append(result)
@@ -190,10 +194,25 @@ class ConfigRollout:
             raise _Regressed(Regression(step.number, step.node.name, failure.phase,
                                         str(failure), self.clock() - began)) from None
         self._settle_and_bake(step, probe)
+        journal.baked(step.node.name)
         seconds = self.clock() - began
         self._emit("step_done", step, None, f"applied and baked in {format_duration(seconds)}")
         return StepResult(step.number, step.shard.name, step.node.name, "done",
                           seconds=seconds, unavailable=unavailable)
+
+    def _rebake(self, step: ConfigStep, probe: ShardProbe, journal: ConfigJournal
+                ) -> StepResult:
+        """``step`` runs with its new values, but the run that applied them stopped before
+        its bake passed: settle and bake it now (a regression reverts, as in a first run)."""
+        began = self.clock()
+        self._emit("step_rebaking", step, "settle", "applied by an interrupted run that "
+                   "stopped before the end of its bake: baking it again")
+        self._settle_and_bake(step, probe)
+        journal.baked(step.node.name)
+        seconds = self.clock() - began
+        self._emit("step_done", step, None, f"baked again in {format_duration(seconds)}")
+        return StepResult(step.number, step.shard.name, step.node.name, "done",
+                          seconds=seconds, rebaked=True)
 
     def _set(self, step: ConfigStep, settings: Sequence[NodeSetting], phase: Phase, *,
              revert: bool) -> float | None:
