@@ -7,8 +7,7 @@ import shutil
 import tempfile
 import time
 import weakref
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from types import TracebackType
@@ -28,6 +27,7 @@ from propstore.sandbox._poolers import Front, FrontKind, make_front
 from propstore.sandbox._processes import ProcessId, identify
 from propstore.sandbox._replication import Role
 from propstore.sandbox._shard import LocalShard
+from propstore.sandbox._sharded import ShardedCluster, run_parallel
 from propstore.sandbox._topology import bucket_ranges, render_config
 from propstore.sandbox._waiting import wait_for
 
@@ -39,7 +39,7 @@ _MAX_SOCKET_DIR = 80
 _PORT_ATTEMPTS = 5
 
 
-class LocalCluster:
+class LocalCluster(ShardedCluster[LocalNode]):
     """A local replicated PostgreSQL cluster for tests, benchmarks and the CLI sandbox.
 
     Each shard has one primary and ``replicas`` hot standbys fed by streaming replication,
@@ -47,7 +47,8 @@ class LocalCluster:
     temporary folder, in ``/dev/shm`` when possible, removed on :meth:`stop`). Use as a
     context manager, or call :meth:`start` and :meth:`stop`; servers still running when the
     interpreter exits are shut down unless the cluster was :meth:`detach`-ed (daemon mode,
-    see :func:`up`).
+    see :func:`up`). Node lookup, :meth:`wait_caught_up` and :meth:`reset_faults` are
+    :class:`~propstore.sandbox._sharded.ShardedCluster`'s.
 
     Args:
         shards: number of shards (``shard0`` ...).
@@ -102,18 +103,6 @@ class LocalCluster:
         """The bin folder actually used (a readable copy when running as root)."""
         return self._install.bindir
 
-    @property
-    def nodes(self) -> list[LocalNode]:
-        """Every node, shard by shard, primary first."""
-        return [node for shard in self.shards for node in shard.nodes]
-
-    def node(self, name: str) -> LocalNode:
-        """The node called ``name`` (``shard1-replica2``)."""
-        for node in self.nodes:
-            if node.name == name:
-                return node
-        raise SandboxError(f"no node named {name!r} (have {[n.name for n in self.nodes]})")
-
     def __repr__(self) -> str:
         return (f"<LocalCluster {self.shard_count}x{self.replica_count} pg{self.pg_version} "
                 f"at {self.base_dir}>")
@@ -157,8 +146,8 @@ class LocalCluster:
             self._finalizer = weakref.finalize(
                 self, emergency_stop, list(self.nodes), self._disposable_dirs()
             )
-            _run_parallel([partial(self._start_shard, shard, template, timeout)
-                           for shard in self.shards])
+            run_parallel([partial(self._start_shard, shard, template, timeout)
+                          for shard in self.shards])
             self._wait_streaming(timeout)
             self.config_path = self.write_config()
             self._save_state()
@@ -178,7 +167,7 @@ class LocalCluster:
         for front in self.fronts:
             front.stop()
         self.fronts = []
-        _run_parallel([node.stop for node in nodes])
+        run_parallel([node.stop for node in nodes])
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
@@ -283,31 +272,6 @@ class LocalCluster:
         self.fronts.append(front)
         return front
 
-    # -- waiting and faults ---------------------------------------------------------------
-
-    def wait_caught_up(self, timeout: float = 60.0) -> None:
-        """Wait until every replica of every shard has replayed its primary's flushed WAL."""
-        for shard in self.shards:
-            shard.wait_caught_up(timeout)
-
-    def reset_faults(self, timeout: float = 120.0) -> None:
-        """Undo every injected fault (freeze, kill, paused replay, delay, repoint) and catch up.
-
-        A promotion cannot be undone: that raises, and such tests belong on their own cluster.
-        """
-        promoted = [node.name for shard in self.shards for node in shard.replicas
-                    if node.role != "replica"]
-        for node in self.nodes:
-            node.thaw()
-        # Primaries first: a replica can only stream again once its upstream is back.
-        _run_parallel([partial(shard.primary.reset_faults, timeout) for shard in self.shards])
-        _run_parallel([partial(node.reset_faults, timeout)
-                       for shard in self.shards for node in shard.replicas])
-        if promoted:
-            raise SandboxError(f"promoted replicas {promoted} cannot be demoted; "
-                               "run promotion tests on a cluster of their own")
-        self.wait_caught_up(timeout)
-
     # -- start-up internals ---------------------------------------------------------------
 
     def _prepare_base_dir(self) -> Path:
@@ -361,7 +325,7 @@ class LocalCluster:
             replica.init_from_backup(timeout)
             _start_with_free_port(replica, timeout)
 
-        _run_parallel([partial(clone, replica) for replica in shard.replicas])
+        run_parallel([partial(clone, replica) for replica in shard.replicas])
 
     def _wait_streaming(self, timeout: float) -> None:
         # pg_ctl -w returns once a standby accepts connections; its WAL receiver may connect
@@ -412,25 +376,3 @@ def _start_with_free_port(node: LocalNode, timeout: float) -> None:
             log.warning("sandbox.port_taken", node=node.name, port=node.port)
             node.log_file.unlink(missing_ok=True)
             node.change_port(free_port())
-
-
-def _run_parallel(tasks: Sequence[Callable[[], object]]) -> None:
-    """Run callables on threads; wait for all, then raise the first failure."""
-    if len(tasks) <= 1:
-        for task in tasks:
-            task()
-        return
-    with ThreadPoolExecutor(max_workers=len(tasks)) as pool:
-        futures = [pool.submit(task) for task in tasks]
-        try:
-            wait(futures)
-        except BaseException:
-            # An interrupt (Ctrl-C, SIGTERM, SIGHUP) reaches the main thread only; the tasks
-            # run on. Let them finish, so that the caller's clean-up (stop()) finds every
-            # server they started rather than racing a server still coming up.
-            wait(futures)
-            raise
-    for future in futures:
-        error = future.exception()
-        if error is not None:
-            raise error

@@ -30,7 +30,7 @@ from typing import Any
 import structlog
 from psycopg import sql
 
-from propstore.sandbox._cluster import CONFIG_NAME, LocalCluster, _run_parallel
+from propstore.sandbox._cluster import CONFIG_NAME, LocalCluster
 from propstore.sandbox._container_node import (
     LABEL,
     CapabilityMissing,
@@ -42,7 +42,7 @@ from propstore.sandbox._datadir import DATABASE, free_port
 from propstore.sandbox._errors import SandboxError
 from propstore.sandbox._locations import scratch_root
 from propstore.sandbox._processes import ProcessId, identify, is_alive
-from propstore.sandbox._replication import wait_caught_up
+from propstore.sandbox._sharded import ShardedCluster, StreamingShard, run_parallel
 from propstore.sandbox._topology import bucket_ranges, render_config
 from propstore.sandbox._waiting import wait_for
 
@@ -77,7 +77,7 @@ def docker_available(timeout: float = 2.0) -> tuple[bool, str]:
     return True, "Docker engine answered"
 
 
-class ContainerShard:
+class ContainerShard(StreamingShard[ContainerNode]):
     """Primary, replicas and bucket range of one containerised shard."""
 
     def __init__(self, name: str, primary: ContainerNode, replicas: list[ContainerNode],
@@ -87,18 +87,8 @@ class ContainerShard:
         self.replicas = replicas
         self.buckets = buckets
 
-    @property
-    def nodes(self) -> list[ContainerNode]:
-        """Primary first, then replicas."""
-        return [self.primary, *self.replicas]
 
-    def wait_caught_up(self, timeout: float = 60.0) -> None:
-        """Wait until every replica replayed the primary's current flushed WAL (seconds)."""
-        replicas = [node for node in self.replicas if node.role == "replica"]
-        wait_caught_up(self.primary, replicas, timeout)
-
-
-class ContainerCluster:
+class ContainerCluster(ShardedCluster[ContainerNode]):
     """Like :class:`~propstore.sandbox.LocalCluster`, but every server is a container.
 
     Same node names, topology file and fault methods; what only a local process allows (pids,
@@ -140,18 +130,6 @@ class ContainerCluster:
             missing("cluster", name, "a LocalCluster feature needing local server processes "
                     "(binaries, folders, daemon mode, poolers)")
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-    @property
-    def nodes(self) -> list[ContainerNode]:
-        """Every node, shard by shard, primary first."""
-        return [node for shard in self.shards for node in shard.nodes]
-
-    def node(self, name: str) -> ContainerNode:
-        """The node called ``name`` (``shard1-replica2``)."""
-        for node in self.nodes:
-            if node.name == name:
-                return node
-        raise SandboxError(f"no node named {name!r} (have {[n.name for n in self.nodes]})")
 
     @property
     def pg_version(self) -> int:
@@ -196,7 +174,7 @@ class ContainerCluster:
         self._finalizer = weakref.finalize(self, _remove_all, list(self.nodes),
                                            self._config_dir)
         try:
-            _run_parallel([partial(self._start_shard, shard, timeout) for shard in self.shards])
+            run_parallel([partial(self._start_shard, shard, timeout) for shard in self.shards])
             for shard in self.shards:
                 wait_for(partial(_streaming, shard), timeout=timeout,
                          what=f"{shard.name}'s replicas to stream")
@@ -235,10 +213,10 @@ class ContainerCluster:
         _create_with_free_port(shard.primary, timeout)
         shard.primary.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)),
                               dbname="postgres")
-        _run_parallel([partial(_create_with_free_port, replica, timeout)
-                       for replica in shard.replicas])
+        run_parallel([partial(_create_with_free_port, replica, timeout)
+                      for replica in shard.replicas])
 
-    # -- topology file, waiting, faults ---------------------------------------------------
+    # -- topology file ---------------------------------------------------------------------
 
     def write_config(self, path: str | Path | None = None) -> Path:
         """Write the topology TOML (docs/config.md); by default into a temporary folder.
@@ -251,28 +229,6 @@ class ContainerCluster:
         target.write_text(render_config(self.shards, self.bucket_count))
         self.config_path = target
         return target
-
-    def wait_caught_up(self, timeout: float = 60.0) -> None:
-        """Wait until every replica of every shard has caught up (seconds)."""
-        for shard in self.shards:
-            shard.wait_caught_up(timeout)
-
-    def reset_faults(self, timeout: float = 120.0) -> None:
-        """Undo every injected fault (freeze, kill, paused replay, delay, repoint) and catch up.
-
-        A promotion cannot be undone: that raises, and such tests belong on their own cluster.
-        """
-        promoted = [node.name for shard in self.shards for node in shard.replicas
-                    if node.role != "replica"]
-        for node in self.nodes:
-            node.thaw()
-        _run_parallel([partial(shard.primary.reset_faults, timeout) for shard in self.shards])
-        _run_parallel([partial(node.reset_faults, timeout)
-                       for shard in self.shards for node in shard.replicas])
-        if promoted:
-            raise SandboxError(f"promoted replicas {promoted} cannot be demoted; "
-                               "run promotion tests on a cluster of their own")
-        self.wait_caught_up(timeout)
 
 
 def _create_with_free_port(node: ContainerNode, timeout: float) -> None:

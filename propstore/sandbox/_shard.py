@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from propstore.sandbox._node import LocalNode
-from propstore.sandbox._replication import wait_caught_up
+from propstore.sandbox._sharded import StreamingShard
 
 
 @dataclass
-class LocalShard:
+class LocalShard(StreamingShard[LocalNode]):
     """One shard: a primary, its replicas and the inclusive bucket range it owns.
 
     ``primary`` is the node created as primary; after a replica's :meth:`LocalNode.promote`
@@ -20,13 +20,3 @@ class LocalShard:
     primary: LocalNode
     replicas: list[LocalNode] = field(default_factory=list)
     buckets: tuple[int, int] = (0, 0)
-
-    @property
-    def nodes(self) -> list[LocalNode]:
-        """Primary first, then replicas."""
-        return [self.primary, *self.replicas]
-
-    def wait_caught_up(self, timeout: float = 60.0) -> None:
-        """Wait until every replica has replayed the primary's current flushed WAL (seconds)."""
-        replicas = [node for node in self.replicas if node.role == "replica"]
-        wait_caught_up(self.primary, replicas, timeout)
