@@ -193,12 +193,8 @@ class ConfigRollout:
         except _StepFailed as failure:
             raise _Regressed(Regression(step.number, step.node.name, failure.phase,
                                         str(failure), self.clock() - began)) from None
-        self._settle_and_bake(step, probe)
-        journal.baked(step.node.name)
-        seconds = self.clock() - began
-        self._emit("step_done", step, None, f"applied and baked in {format_duration(seconds)}")
-        return StepResult(step.number, step.shard.name, step.node.name, "done",
-                          seconds=seconds, unavailable=unavailable)
+        return self._bake(step, probe, journal, began, "applied and baked",
+                          unavailable=unavailable)
 
     def _rebake(self, step: ConfigStep, probe: ShardProbe, journal: ConfigJournal
                 ) -> StepResult:
@@ -207,12 +203,17 @@ class ConfigRollout:
         began = self.clock()
         self._emit("step_rebaking", step, "settle", "applied by an interrupted run that "
                    "stopped before the end of its bake: baking it again")
+        return self._bake(step, probe, journal, began, "baked again", rebaked=True)
+
+    def _bake(self, step: ConfigStep, probe: ShardProbe, journal: ConfigJournal,
+              began: float, what: str, *, unavailable: float | None = None,
+              rebaked: bool = False) -> StepResult:
         self._settle_and_bake(step, probe)
-        journal.baked(step.node.name)
+        journal.baked(step.node.name)  # before step_done: a stop after it skips the node
         seconds = self.clock() - began
-        self._emit("step_done", step, None, f"baked again in {format_duration(seconds)}")
+        self._emit("step_done", step, None, f"{what} in {format_duration(seconds)}")
         return StepResult(step.number, step.shard.name, step.node.name, "done",
-                          seconds=seconds, rebaked=True)
+                          seconds=seconds, unavailable=unavailable, rebaked=rebaked)
 
     def _set(self, step: ConfigStep, settings: Sequence[NodeSetting], phase: Phase, *,
              revert: bool) -> float | None:
