@@ -6,6 +6,7 @@ declared summary is the command's own."""
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
 import json
 import subprocess
@@ -170,3 +171,54 @@ def test_every_subcommand_accepts_the_global_options() -> None:
         for command in walk(load(entry)):
             names = {param.name for param in command.params}
             assert {"config", "debug"} <= names, command.name
+
+
+def runtime_uses_of_type_checking_names(source: str) -> list[str]:
+    """``line: name`` for every name imported only under ``if TYPE_CHECKING:`` that a function
+    body uses at run time without importing it itself (annotations aside)."""
+    tree = ast.parse(source)
+    only_typing: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            only_typing |= {alias.asname or alias.name.split(".")[0]
+                            for sub in ast.walk(node)
+                            if isinstance(sub, ast.ImportFrom | ast.Import)
+                            for alias in sub.names}
+    found: list[str] = []
+
+    def imported_in(function: ast.AST) -> set[str]:
+        return {alias.asname or alias.name.split(".")[0] for sub in ast.walk(function)
+                if isinstance(sub, ast.ImportFrom | ast.Import) for alias in sub.names}
+
+    def visit(node: ast.AST, local: set[str]) -> None:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            inner = local | imported_in(node)
+            for child in [*node.decorator_list, *node.body]:
+                visit(child, inner)
+            return
+        if isinstance(node, ast.AnnAssign):
+            if node.value is not None:
+                visit(node.value, local)
+            return
+        if isinstance(node, ast.arg):
+            return
+        if (isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)
+                and node.id in only_typing and node.id not in local):
+            found.append(f"{node.lineno}: {node.id}")
+        for child in ast.iter_child_nodes(node):
+            visit(child, local)
+
+    visit(tree, set())
+    return found
+
+
+def test_no_cli_module_uses_a_lazily_imported_name_without_importing_it() -> None:
+    # The heavy imports of the CLI live under TYPE_CHECKING and inside the functions that use
+    # them; a function using one without its own import fails only when it runs.
+    folder = Path(propstore.__file__).parent / "cli"
+    found = {path.name: runtime_uses_of_type_checking_names(path.read_text())
+             for path in sorted(folder.glob("*.py"))}
+    assert {name: uses for name, uses in found.items() if uses} == {}
+    assert runtime_uses_of_type_checking_names(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from rich.text import Text\n"
+        "def f() -> Text:\n    return Text('x')\n") == ["5: Text"]

@@ -191,6 +191,8 @@ def refusal_text(refused: Mapping[str, Mapping[str, int]]) -> str:
 
 def lag_refusals(refusals: Mapping[str, Mapping[str, Mapping[str, int]]]) -> Text | None:
     """One line per shard where this process refused reads (None when it refused none)."""
+    from rich.text import Text
+
     lines = [f"{shard}: reads refused by this process: {refusal_text(refused)}"
              for shard, refused in refusals.items() if refused]
     return Text("\n".join(lines), style="yellow") if lines else None
