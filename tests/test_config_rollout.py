@@ -461,9 +461,10 @@ def test_a_regression_present_when_an_interrupted_bake_resumes_is_reverted(
         assert setting(first, "recovery_min_apply_delay") == "3000"
         resumed_plan = plan_config_change(topology, change,
                                           originals=ConfigJournal(journal).originals)
-        # A short pre-flight: skipping the bake would leave step 2 waiting on replica1.
+        # Short waits: replica1 is past max_lag already, so its settle fails when the timeout
+        # ends (a regression); skipping the bake would leave step 2's pre-flight waiting.
         report = ConfigRollout(topology, resumed_plan, max_lag=1.0, bake=6.0,
-                               wait_timeout=3.0, journal=journal).run()
+                               wait_timeout=3.0, settle_timeout=3.0, journal=journal).run()
     assert report.reverted and not report.ok, str(report)
     assert report.regression is not None and report.regression.step == 1
     assert "shard0-replica1" in report.regression.measurement
