@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from propstore import (
+    Degrade,
     PropertyStore,
     PropStoreError,
     StaleReadError,
@@ -187,6 +188,7 @@ def test_failover_lost_writes_raise_and_the_diverged_ex_leader_never_serves(
         stop = threading.Event()
         writes = _Writes()
         reads: list[tuple[str, float, float, bool, str]] = []
+        stale_served = [0]
         read_errors: dict[str, int] = {}
 
         def reader(seed: int) -> None:
@@ -199,13 +201,20 @@ def test_failover_lost_writes_raise_and_the_diverged_ex_leader_never_serves(
                     stop.wait(0.01)
                     continue
                 budget = rng.choice((1.0, 5.0))
+                # Half the reads would rather have stale data than an error (docs/degrade.md).
+                policy = rng.choice(("refuse", "serve_stale"))
                 started = time.monotonic()
                 try:
-                    result = store.read("acme", user, max_staleness=budget)
+                    result = store.read("acme", user, max_staleness=budget,
+                                        degrade=Degrade.parse(policy))
                 except PropStoreError as exc:
-                    read_errors[type(exc).__name__] = read_errors.get(type(exc).__name__, 0) + 1
+                    key = f"{policy}:{type(exc).__name__}"
+                    read_errors[key] = read_errors.get(key, 0) + 1
                     continue
-                reads.append((user, started, budget, result.props is not None, result.node))
+                # The bound the read claims: its budget, or (served stale) its proven bound.
+                claimed = budget if result.within_budget else result.staleness_bound
+                stale_served[0] += not result.within_budget
+                reads.append((user, started, claimed, result.props is not None, result.node))
 
         threads = _run_writers(store, writes, stop, f"fo{source:d}-") + [
             threading.Thread(target=reader, args=(i,), daemon=True) for i in range(2)]
@@ -258,7 +267,8 @@ def test_failover_lost_writes_raise_and_the_diverged_ex_leader_never_serves(
           f"{len(writes.acked)} writes acknowledged, {writes.errors} failed, {len(lost)} lost; "
           f"lost-write tokens detected {sum(detected.values())}/{len(lost)} {detected}; "
           f"{len(reads)} reads, {len(violations)} violations, {len(phantom)} served lost "
-          f"data, read errors {read_errors}")
+          f"data, read errors {read_errors}, {stale_served[0]} served stale (within_budget "
+          f"False, with their proven bound)")
     assert reads and writes.acked and lost, "the fault must lose writes to test anything"
     assert sum(detected.values()) == len(lost)
     assert violations == [] and phantom == []
