@@ -426,6 +426,16 @@ def test_a_step_interrupted_during_its_bake_is_baked_again_on_resume(
     resumed_plan = plan_config_change(topology, change,
                                       originals=ConfigJournal(journal).originals)
     assert [s.applied for s in resumed_plan.steps] == [True, False, False]
+    from click.testing import CliRunner
+
+    from propstore.cli import main
+
+    shown = CliRunner().invoke(main, ["--config", str(private.config_path), "config", "plan",
+                                      "checkpoint_completion_target=0.7", "--journal",
+                                      str(journal)])
+    assert shown.exit_code == 0, shown.output
+    assert ("step 1 (shard0-replica1): applied by a run that stopped during its bake; baked "
+            "again before the next step") in shown.output
     events: list[ConfigEvent] = []
     resumed = ConfigRollout(topology, resumed_plan, bake=1.0, journal=journal,
                             on_event=events.append).run()

@@ -99,6 +99,18 @@ def _plan(ctx: click.Context, assignments: tuple[str, ...], role: str,
         raise click.ClickException(str(exc)) from exc
 
 
+def _plan_text(plan: ConfigPlan, journal: Path) -> str:
+    """The plan, and which already-applied steps the run bakes again (their bake was cut
+    short: the journal recorded the node and not the end of its bake)."""
+    from propstore.migrate import ConfigJournal
+
+    recorded = ConfigJournal(journal)
+    again = [f"  step {step.number} ({step.node.name}): applied by a run that stopped during "
+             "its bake; baked again before the next step"
+             for step in plan.steps if step.applied and recorded.unbaked(step.node.name)]
+    return "\n".join([str(plan), *again])
+
+
 @config_group.command("plan")
 @_change_options
 @click.pass_context
@@ -112,11 +124,11 @@ def plan_command(ctx: click.Context, assignments: tuple[str, ...], role: str,
     or value is refused naming the node and what is allowed.
     """
     controller = _controller(ctx, restart_command, sandbox)
-    plan = _plan(ctx, assignments, role, shards, nodes, controller, journal)[1]
+    plan, path = _plan(ctx, assignments, role, shards, nodes, controller, journal)[1:]
     if as_json:
         click.echo(json.dumps(plan.to_dict(), indent=2))
     else:
-        click.echo(str(plan))
+        click.echo(_plan_text(plan, path))
 
 
 def _show(display: LiveRollout) -> Callable[[ConfigEvent], None]:
@@ -161,7 +173,7 @@ def apply_command(ctx: click.Context, assignments: tuple[str, ...], role: str,
     display = LiveRollout(output_console(), ("node", "phase", "status", "shard's replicas"),
                           quiet=as_json)
     if not as_json:
-        click.echo(str(plan))
+        click.echo(_plan_text(plan, path))
     try:
         rollout = ConfigRollout(topology, plan, controller, max_lag=max_lag, bake=bake,
                                 wait_timeout=wait_timeout, settle_timeout=settle_timeout,
