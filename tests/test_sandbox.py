@@ -359,11 +359,28 @@ def test_failed_start_leaves_no_server_and_no_folder(monkeypatch: pytest.MonkeyP
     assert doomed.base_dir is not None and not doomed.base_dir.exists()
 
 
+#: The child starts the fronts it can (PgBouncer, HAProxy): they must go with the servers.
+_FRONTS = """
+    from propstore.sandbox._poolers import front_available
+    fronts = [cluster.front(kind) for kind in ("pgbouncer-transaction", "haproxy")
+              if front_available(kind) is None]
+    pids += [front.pid for front in fronts]
+"""
+
+
+
+def _fronts_here() -> int:
+    from propstore.sandbox._poolers import front_available
+
+    return sum(front_available(kind) is None for kind in ("pgbouncer-transaction", "haproxy"))
+
+
 _ABANDON = textwrap.dedent("""
     import json, sys
     from propstore.sandbox import LocalCluster
     cluster = LocalCluster(shards=1, replicas=1).start()
     pids = [cluster.nodes[0].pid, cluster.nodes[1].pid]
+""" + _FRONTS + """
     print("REPORT", json.dumps({"pids": pids, "base_dir": str(cluster.base_dir)}), flush=True)
     if sys.argv[1] == "raise":
         raise RuntimeError("a test crashed")
@@ -376,6 +393,7 @@ def test_interpreter_exit_stops_a_cluster_nobody_stopped(ending: str) -> None:
                             text=True, timeout=300, env=os.environ.copy())
     assert (result.returncode == 0) == (ending == "exit"), result.stderr
     report = json.loads(_report(result.stdout))
+    assert len(report["pids"]) == 2 + _fronts_here()
     assert _all_gone(report["pids"])
     assert not Path(report["base_dir"]).exists()
 
@@ -385,6 +403,7 @@ _KILLED = textwrap.dedent("""
     from propstore.sandbox import LocalCluster
     cluster = LocalCluster(shards=1, replicas=1).start()
     pids = [node.pid for node in cluster.nodes]
+""" + _FRONTS + """
     print("REPORT", json.dumps({"pids": pids, "base_dir": str(cluster.base_dir)}), flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 """)
@@ -397,6 +416,7 @@ def test_cluster_of_a_killed_process_is_reaped_by_the_next_start(
                             timeout=300)
     assert result.returncode == -9, result.stderr
     report = json.loads(_report(result.stdout))
+    assert len(report["pids"]) == 2 + _fronts_here()
     assert not _all_gone(report["pids"])  # no finalizer ran: the servers are orphans
 
     cluster_factory(shards=1, replicas=0)

@@ -80,6 +80,8 @@ class LocalCluster(ShardedCluster[LocalNode]):
         self.shards: list[LocalShard] = []
         #: Poolers and proxies started by :meth:`front`, stopped by :meth:`stop`.
         self.fronts: list[Front] = []
+        # Every front ever started here (the exit finalizer's list, so it sees later ones).
+        self._started_fronts: list[Front] = []
         self.startup_seconds: float | None = None
         self._account = ServerAccount.for_this_process()
         self._install: PgInstall = find_install(pg_bin)
@@ -144,7 +146,8 @@ class LocalCluster(ShardedCluster[LocalNode]):
             # Registered before the first server exists, so a failure half-way, or an exit
             # without stop(), still cleans up.
             self._finalizer = weakref.finalize(
-                self, emergency_stop, list(self.nodes), self._disposable_dirs()
+                self, emergency_stop, list(self.nodes), self._disposable_dirs(),
+                self._started_fronts,
             )
             run_parallel([partial(self._start_shard, shard, template, timeout)
                           for shard in self.shards])
@@ -164,9 +167,10 @@ class LocalCluster(ShardedCluster[LocalNode]):
     def stop(self) -> None:
         """Stop every server (thawing frozen ones first) and remove a temporary base_dir."""
         nodes = self.nodes
-        for front in self.fronts:
-            front.stop()
+        for front in [*self.fronts, *self._started_fronts]:
+            front.stop()  # idempotent: a front stopped (and dropped from fronts) is a no-op
         self.fronts = []
+        self._started_fronts.clear()
         run_parallel([node.stop for node in nodes])
         if self._finalizer is not None:
             self._finalizer.detach()
@@ -268,6 +272,8 @@ class LocalCluster(ShardedCluster[LocalNode]):
         name = f"{found.name}-via-{kind}-{len(self.fronts) + 1}"
         front = make_front(kind, name, chosen, self.base_dir / "fronts" / name, self._account)
         self._account.make_dir(self.base_dir / "fronts", 0o755)
+        # Registered before it starts: the exit finalizer stops it even if nobody else does.
+        self._started_fronts.append(front)
         front.start()
         self.fronts.append(front)
         return front

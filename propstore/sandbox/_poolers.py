@@ -122,6 +122,11 @@ class Front:
     def _pid_file(self) -> Path:
         return self.folder / f"{self._program_name}.pid"
 
+    @property
+    def pid(self) -> int | None:
+        """The process id of the running program (None when not started or stopped)."""
+        return None if self._process is None else self._process.pid
+
     def is_running(self) -> bool:
         """Whether the process started by :meth:`start` is alive."""
         return self._process is not None and is_alive(self._process)
