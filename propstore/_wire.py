@@ -37,6 +37,10 @@ _READ = 1
 _WRITE = 2
 _ExecStatus = pq.ExecStatus
 _ERROR_STATUSES = frozenset({_ExecStatus.FATAL_ERROR, _ExecStatus.PIPELINE_ABORTED})
+#: What a wait for ``_READ`` / ``_WRITE`` / both asks ``poll`` for.
+_READABLE = select.POLLIN | select.POLLERR | select.POLLHUP
+_POLL_MASKS = {_READ: select.POLLIN, _WRITE: select.POLLOUT,
+               _READ | _WRITE: select.POLLIN | select.POLLOUT}
 
 Params = Sequence[bytes | None]
 
@@ -71,7 +75,11 @@ def _exchange(
     """
     single = len(statements) == 1
     if single:
-        _send(pgconn, statements[0], named)
+        statement = statements[0]
+        if named:
+            pgconn.send_query_prepared(statement.name, statement.params)
+        else:
+            pgconn.send_query_params(TEXT[statement.name], statement.params)
     else:
         pgconn.enter_pipeline_mode()
         for statement in statements:
@@ -98,8 +106,17 @@ def _collect(pgconn: pq.abc.PGconn, single: bool, syncs_expected: int
     while pgconn.flush():
         if (yield _READ | _WRITE) & _READ:
             pgconn.consume_input()
-    syncs = 0
     results: list[pq.abc.PGresult] = []
+    if single:  # the common case (a read proven by a fact): one result, then None
+        while True:
+            yield _READ
+            pgconn.consume_input()
+            while not pgconn.is_busy():
+                result = pgconn.get_result()
+                if result is None:
+                    return results
+                results.append(result)
+    syncs = 0
     done = False
     while not done:
         yield _READ
@@ -107,9 +124,6 @@ def _collect(pgconn: pq.abc.PGconn, single: bool, syncs_expected: int
         while not pgconn.is_busy():
             result = pgconn.get_result()
             if result is None:
-                if single:
-                    done = True
-                    break
                 if syncs == syncs_expected:
                     done = True
                     break
@@ -121,8 +135,7 @@ def _collect(pgconn: pq.abc.PGconn, single: bool, syncs_expected: int
                     break
             else:
                 results.append(result)
-    if not single:
-        pgconn.exit_pipeline_mode()
+    pgconn.exit_pipeline_mode()
     return results
 
 
@@ -183,34 +196,27 @@ async def prepare_async(conn: psycopg.AsyncConnection[object], names: Sequence[b
 def _drive(conn: psycopg.Connection[object],
            gen: Generator[int, int, list[pq.abc.PGresult]], deadline: float
            ) -> list[pq.abc.PGresult]:
-    pgconn = conn.pgconn
-    fd = pgconn.socket
+    fd = conn.pgconn.socket
     poller = select.poll()
+    monotonic = time.monotonic
     try:
         wait = next(gen)
         registered = 0
         while True:
-            remaining = deadline - time.monotonic()
+            remaining = deadline - monotonic()
             if remaining <= 0:
                 raise DeadlineExceeded
-            mask = (select.POLLIN if wait & _READ else 0) | (
-                select.POLLOUT if wait & _WRITE else 0
-            )
+            mask = _POLL_MASKS[wait]
             if mask != registered:
                 poller.register(fd, mask)
                 registered = mask
             # poll() rounds a float timeout *up* to the next millisecond; rounding down
             # keeps the deadline a deadline (the sub-millisecond rest is a few poll(0)s).
             events = poller.poll(int(remaining * 1000.0))
-            if not events:
-                continue
-            ready = 0
-            for _, event in events:
-                if event & (select.POLLIN | select.POLLERR | select.POLLHUP):
-                    ready |= _READ
-                if event & select.POLLOUT:
-                    ready |= _WRITE
-            wait = gen.send(ready)
+            if events:  # one descriptor: one event
+                event = events[0][1]
+                wait = gen.send((_READ if event & _READABLE else 0)
+                                | (_WRITE if event & select.POLLOUT else 0))
     except StopIteration as stop:
         return _checked(stop.value)
     except DeadlineExceeded:

@@ -12,6 +12,7 @@ when the poll was sent. Everything else is verified in the read's own round trip
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -24,7 +25,8 @@ Via = Literal["auto", "direct", "session_pooler", "transaction_pooler", "load_ba
 VIA_CHOICES: tuple[Via, ...] = (
     "auto", "direct", "session_pooler", "transaction_pooler", "load_balancer",
 )
-Proof = Literal["primary", "monitor", "connection", "pipeline", "unproven"]
+Proof = Literal["primary", "monitor", "connection", "run", "pipeline", "unproven"]
+
 
 @dataclass(frozen=True, slots=True)
 class ServerRun:
@@ -96,13 +98,16 @@ def covers(fact: Sighting, conn: Connection) -> bool:
         conn.propstore_keeps_server
         and conn.propstore_opened_at < fact.at
         and conn.propstore_run is not None
-        and conn.propstore_run == fact.run
+        # Runs are shared objects (``ServerRun.from_row``): identity first, then equality.
+        and (conn.propstore_run is fact.run or conn.propstore_run == fact.run)
     )
 
 
-def known_lsn(facts: Iterable[Sighting], conn: Connection) -> tuple[LSN, Proof] | None:
+def known_lsn(facts: Iterable[Sighting], conn: Connection, runs: RunFacts | None = None
+              ) -> tuple[LSN, Proof] | None:
     """The newest replay LSN proven for the server behind ``conn``, and by what: its own
-    earlier verified read (``connection``) or a monitor poll that covers it (``monitor``)."""
+    earlier verified read (``connection``), a monitor poll that covers it (``monitor``), or
+    a read verified on another connection to the same server run (``run``, from ``runs``)."""
     if not conn.propstore_keeps_server:
         return None
     best: tuple[LSN, Proof] | None = None
@@ -113,6 +118,12 @@ def known_lsn(facts: Iterable[Sighting], conn: Connection) -> tuple[LSN, Proof] 
             best is None or fact.lsn > best[0]
         ):
             best = (fact.lsn, "monitor")
+    if runs is not None and conn.propstore_run is not None:
+        verified = runs.get(conn.propstore_run)
+        if verified is not None and verified.lsn is not None and covers(verified, conn) and (
+            best is None or verified.lsn > best[0]
+        ):
+            best = (verified.lsn, "run")
     return best
 
 
@@ -128,6 +139,54 @@ def remember(conn: Connection, lsn: LSN) -> None:
         conn.propstore_verified_lsn is None or lsn > conn.propstore_verified_lsn
     ):
         conn.propstore_verified_lsn = lsn
+
+
+class RunFacts:
+    """Replay LSNs that reads verified in their own round trip, one fact per server run.
+
+    A read whose pipelined check returned replay LSN ``L`` from server run ``R``, in a round
+    trip *sent* at ``at``, proves "``R`` had replayed ``L`` by ``at``'s observation" exactly
+    as a poll sent at ``at`` would: :func:`covers` lets another connection reuse it under
+    the same rule (same run, keeps its server, open before ``at``); see docs/architecture.md
+    ("Verified reads are facts too"). In-process, thread-safe, bounded (``size`` runs, the
+    least recently refreshed dropped) and monotonic: a fact is replaced only by one newer in
+    both LSN and time, so no reader ever sees a run's fact go back.
+    """
+
+    __slots__ = ("_facts", "_lock", "size")
+
+    def __init__(self, size: int = 256) -> None:
+        self._facts: dict[ServerRun, Sighting] = {}
+        self._lock = threading.Lock()
+        self.size = size
+
+    def get(self, run: ServerRun) -> Sighting | None:
+        """The newest verified fact about ``run`` (None: none kept)."""
+        return self._facts.get(run)
+
+    def observe(self, run: ServerRun, at: float, lsn: LSN) -> Sighting | None:
+        """Record that ``run`` had replayed ``lsn`` when a round trip sent at ``at``
+        (``time.monotonic()``) read it; the new fact, or None when the kept one is as new."""
+        old = self._facts.get(run)
+        if old is not None and old.lsn is not None and old.lsn >= lsn:
+            return None  # the common case, decided without the lock
+        fact = Sighting(run, at, True, lsn)
+        with self._lock:
+            old = self._facts.get(run)
+            if old is not None and (
+                (old.lsn is not None and old.lsn >= lsn) or old.at > at
+            ):
+                return None
+            self._facts.pop(run, None)
+            self._facts[run] = fact
+            while len(self._facts) > self.size:
+                del self._facts[next(iter(self._facts))]
+        return fact
+
+    def snapshot(self) -> tuple[Sighting, ...]:
+        """Every kept fact (for publishing them elsewhere, e.g. the host's observations)."""
+        with self._lock:
+            return tuple(self._facts.values())
 
 
 def keeps_server(via: Via, pooler_seen: bool) -> bool:
@@ -173,7 +232,7 @@ def add_sighting(facts: tuple[Sighting, ...], new: Sighting, keep: int = 8
 
 
 __all__ = [
-    "VIA_CHOICES", "Connection", "Proof", "ServerRun", "Sighting", "Via",
+    "VIA_CHOICES", "Connection", "Proof", "RunFacts", "ServerRun", "Sighting", "Via",
     "add_sighting", "covers", "describe_mode", "keeps_server", "known_lsn", "primary_proven",
     "remember",
 ]

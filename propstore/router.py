@@ -7,6 +7,7 @@ out-of-date view can cost a fallback, never a stale answer.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from dataclasses import dataclass
@@ -148,6 +149,86 @@ def route(view: ShardView, freshness: Freshness, at: float, rotation: int = 0) -
     )
 
 
+class DecisionCache:
+    """Decisions of :func:`route` for budgets without a token, reused while provably equal.
+
+    A decision depends on the shard view (a new snapshot on every monitor observation), the
+    budget and the time, and on the time only through the candidates' bounds, which grow
+    with it: rejections stay rejected, and every candidate stays admitted until its bound
+    reaches ``max_staleness``. So until then (``valid_until``) ``route`` on the same view
+    would return the same candidates and rejections; only the bounds differ, and the store
+    recomputes the bound it reports from the data it read. Token budgets are never cached
+    (each write's token differs). Rotations are kept per entry, so a cached decision costs
+    no allocation. Bounded: at most ``size`` budgets per shard.
+    """
+
+    __slots__ = ("_entries", "size")
+
+    def __init__(self, shards: int, size: int = 8) -> None:
+        self._entries: list[list[_Slot]] = [[] for _ in range(shards)]
+        self.size = size
+
+    def decide(self, view: ShardView, freshness: Freshness, at: float, rotation: int
+               ) -> RouteDecision:
+        """``route(view, freshness, at, rotation)``, from the cache when it provably holds."""
+        if freshness.after is not None:
+            return route(view, freshness, at, rotation)
+        # Found by identity (budgets repeat as the same object: the store memoises them),
+        # in a few slots updated in place: a read that hits allocates nothing.
+        slots = self._entries[view.index]
+        for slot in slots:
+            if slot.freshness is freshness:
+                break
+        else:
+            slot = _Slot(freshness)
+            if len(slots) >= self.size:
+                del slots[0]
+            slots.append(slot)
+        decision = slot.decision
+        if decision is None or slot.view is not view or not slot.at <= at < slot.valid_until:
+            decision = route(view, freshness, at)
+            slot.view, slot.at, slot.decision = view, at, decision
+            slot.valid_until = _valid_until(decision, at)
+            slot.rotations = _rotations(decision)
+        rotations = slot.rotations
+        if rotations is None:
+            return decision
+        return rotations[rotation % len(rotations)]
+
+
+class _Slot:
+    """One budget's cached decision (mutable: refreshed in place)."""
+
+    __slots__ = ("at", "decision", "freshness", "rotations", "valid_until", "view")
+
+    def __init__(self, freshness: Freshness) -> None:
+        self.freshness = freshness
+        self.view: ShardView | None = None
+        self.at = math.inf
+        self.valid_until = -math.inf
+        self.decision: RouteDecision | None = None
+        #: The decision with its candidates rotated by 0..n-1 (None: fewer than two).
+        self.rotations: tuple[RouteDecision, ...] | None = None
+
+
+def _valid_until(decision: RouteDecision, at: float) -> float:
+    limit = decision.freshness.max_staleness
+    if not decision.candidates or limit is None:
+        return math.inf
+    # bound(t) = t - covered_since grows at most as fast as t: a candidate admitted at
+    # ``at`` with bound b stays admitted until at + (limit - b), at least.
+    return min(at + (limit - c.staleness_bound) for c in decision.candidates)
+
+
+def _rotations(decision: RouteDecision) -> tuple[RouteDecision, ...] | None:
+    cands = decision.candidates
+    if len(cands) < 2:
+        return None
+    return tuple(decision if not shift else
+                 dataclasses.replace(decision, candidates=cands[shift:] + cands[:shift])
+                 for shift in range(len(cands)))
+
+
 def _reason(rejected: list[Rejection]) -> FallbackReason:
     if any(r.reason == "replica_stale" for r in rejected):
         return "replica_stale"
@@ -183,6 +264,7 @@ class FallbackLimiter:
 
 __all__ = [
     "Candidate",
+    "DecisionCache",
     "FallbackLimiter",
     "FallbackReason",
     "Rejection",

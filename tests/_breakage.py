@@ -157,6 +157,22 @@ def _pooled_facts() -> None:
     _patch(proof, "keeps_server", lambda _orig: lambda via, pooler_seen: True)
 
 
+def _run_facts_any_run() -> None:
+    """A replay LSN a read verified is credited to every server run, not only its own."""
+    from propstore import proof
+
+    def make(_orig: Any) -> Any:
+        def get(self: Any, run: Any) -> Any:
+            facts = self.snapshot()
+            if not facts:
+                return None
+            newest = max(facts, key=lambda fact: fact.lsn)
+            return proof.Sighting(run, newest.at, True, newest.lsn)
+        return get
+
+    _patch(proof.RunFacts, "get", make)
+
+
 _KEPT: list[Any] = []
 
 
@@ -197,6 +213,7 @@ BREAKAGES: dict[str, Callable[[], None]] = {
     "any-server-run": _any_server_run,
     "pooled-facts": _pooled_facts,
     "zombie-primary": _zombie_primary,
+    "run-facts-any-run": _run_facts_any_run,
 }
 
 

@@ -9,6 +9,7 @@ import pytest
 from propstore import ConfigError, Topology
 from propstore.lsn import LSN
 from propstore.proof import (
+    RunFacts,
     ServerRun,
     Sighting,
     add_sighting,
@@ -111,3 +112,31 @@ def test_via_is_read_from_the_node_table() -> None:
 def test_an_unknown_via_is_a_clear_config_error() -> None:
     with pytest.raises(ConfigError, match=r"via = 'pgbouncer' is not one of"):
         Topology.from_dict(_config("pgbouncer"), environ={})
+
+
+def test_a_verified_reads_fact_covers_other_connections_to_its_run_opened_before_its_send(
+) -> None:
+    runs = RunFacts()
+    runs.observe(RUN_A, 2.0, LSN(500))  # a round trip sent at 2.0 read replay LSN 500
+    assert known_lsn((), Conn(propstore_opened_at=1.0), runs) == (LSN(500), "run")
+    # Opened after the send (the answer may predate it): not covered; nor another run,
+    # nor a connection that does not keep its server.
+    assert known_lsn((), Conn(propstore_opened_at=2.5), runs) is None
+    assert known_lsn((), Conn(propstore_run=RUN_A_RESTARTED), runs) is None
+    assert known_lsn((), Conn(propstore_keeps_server=False), runs) is None
+    # The newest proven LSN wins, whoever proved it.
+    facts = (Sighting(RUN_A, 2.0, True, LSN(600)),)
+    assert known_lsn(facts, Conn(), runs) == (LSN(600), "monitor")
+
+
+def test_run_facts_are_monotonic_and_bounded() -> None:
+    runs = RunFacts(size=4)
+    assert runs.observe(RUN_A, 2.0, LSN(500)) is not None
+    assert runs.observe(RUN_A, 3.0, LSN(400)) is None      # older LSN: kept the newer
+    assert runs.observe(RUN_A, 1.0, LSN(900)) is None      # sent before the kept one
+    fact = runs.get(RUN_A)
+    assert fact is not None and (fact.lsn, fact.at) == (LSN(500), 2.0)
+    assert runs.observe(RUN_A, 3.0, LSN(700)) is not None
+    for i in range(10):
+        runs.observe(ServerRun(7, f"10.0.1.{i}", 5432, "t"), 4.0, LSN(i + 1))
+    assert len(runs.snapshot()) == 4 and runs.get(RUN_A) is None

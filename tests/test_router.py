@@ -59,3 +59,28 @@ def test_streaming_replica_short_of_a_token_is_tried_tentatively() -> None:
     ]
     paused = route(shard_with_replica(140, paused=True), Freshness.after_token(token), 1.0)
     assert paused.tentative == ()  # a paused replica will not catch up: straight to primary
+
+
+def test_a_cached_decision_equals_route_until_a_candidate_could_leave_the_budget() -> None:
+    from propstore.router import DecisionCache
+
+    cache, view, budget = DecisionCache(1), shard_with_replica(100), Freshness.bounded(1.0)
+    # Replica at the primary's newest sample (sent at 1.0): admitted until t = 2.0.
+    for at in (1.1, 1.5, 1.99, 2.01, 2.5):
+        cached, fresh = cache.decide(view, budget, at, 0), route(view, budget, at)
+        assert [c.node.name for c in cached.candidates] == [
+            c.node.name for c in fresh.candidates], at
+        assert cached.fallback_reason == fresh.fallback_reason, at
+    assert cache.decide(view, budget, 2.01, 0).candidates == ()  # past it: re-decided
+    # A new view (the monitor's next observation) is never answered from the old one.
+    later = apply_observation(view, 1, replica_poll(3.0, 100), 16)
+    assert cache.decide(later, budget, 3.0, 0).shard is later
+
+
+def test_token_budgets_are_never_served_from_the_decision_cache() -> None:
+    from propstore.router import DecisionCache
+
+    cache, view = DecisionCache(1), shard_with_replica(149)
+    budget = Freshness.after_token(Token.of({"a": 150}))
+    assert cache.decide(view, budget, 1.0, 0).candidates == ()
+    assert cache.decide(shard_with_replica(150), budget, 1.0, 0).candidates

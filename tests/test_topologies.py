@@ -216,6 +216,23 @@ def test_reads_sound_across_a_replica_crash_restart_behind_the_front(
     _assert_sound(_run(fresh, reached, crash), some_down=True)
 
 
+@pytest.mark.parametrize("kind", ["haproxy", "pgbouncer-hosts"])
+def test_verified_reads_lend_their_run_facts_soundly_to_other_connections(
+        fresh: LocalCluster, kind: str) -> None:
+    """Reads verified in their own round trip refresh their server run's fact, and other
+    connections to that run reuse it (proof ``run``) -- never for another server: with the
+    backend the monitor is not on paused, every claim stays true."""
+    reached = _reach(fresh, kind)
+
+    def pause(load: ClaimsLoad, victim: LocalNode) -> None:
+        victim.pause_replay()
+        load.wait(RUN_SECONDS)
+
+    report = _run(fresh, reached, pause)
+    _assert_sound(report)
+    assert report.proofs["run"] > 0, report.summary()
+
+
 @pytest.mark.parametrize("kind", ["pgbouncer-session", "pgbouncer-session-declared",
                                   "pgbouncer-transaction"])
 def test_token_reads_see_own_writes_after_a_reload_repoints_the_entry(

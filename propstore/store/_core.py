@@ -55,8 +55,14 @@ from propstore.errors import (
 from propstore.freshness import STRONG, Freshness, Token, coerce_token
 from propstore.lsn import LSN
 from propstore.monitor import MonitorState, NodeView, ShardView
-from propstore.proof import Proof, known_lsn, primary_proven, remember
-from propstore.router import FallbackLimiter, FallbackReason, RouteDecision, route
+from propstore.proof import Proof, RunFacts, known_lsn, primary_proven, remember
+from propstore.router import (
+    DecisionCache,
+    FallbackLimiter,
+    FallbackReason,
+    RouteDecision,
+    route,
+)
 from propstore.store import _degrade
 
 # Re-exported (``X as X``): the drivers and the package import these from here.
@@ -69,6 +75,10 @@ from propstore.store._program import ReadResult as ReadResult
 from propstore.timeline import WriteMark, timeline_of_wal_file
 
 log = structlog.get_logger("propstore.store")
+
+_REPLAY_LSN = Statement(_sql.REPLAY_LSN)
+_JSON = json.JSONDecoder()
+_set_field = object.__setattr__
 
 
 class PrimaryGone(DeadlineExceeded):
@@ -102,6 +112,8 @@ RetryingT = TypeVar("RetryingT", Retrying, AsyncRetrying)
 
 _BUDGET_ORDER = ("max_staleness", "after", "profile", "consistency", "on_stale", "degrade")
 _BUDGET_KEYS = frozenset(_BUDGET_ORDER)
+#: Entries of the budget and tenant memos (cleared when full: a service uses a few).
+_MEMO_SIZE = 256
 
 
 class ReadStats:
@@ -175,10 +187,16 @@ class StoreCore:
         self.shard_names = tuple(s.name for s in topology.shards)
         self.stats = ReadStats()
         self._rotation = itertools.count()
+        #: Route decisions reused while provably unchanged (the read path's first step).
+        self.decisions = DecisionCache(len(topology.shards))
+        #: Replay LSNs verified by reads, per server run (``proof.RunFacts``): a read on
+        #: another connection to that run may reuse one instead of checking in-line.
+        self.runs = RunFacts()
         self.observers: list[ReadObserver] = []
-        self._budgets = functools.lru_cache(maxsize=256)(
-            lambda key: self.freshness(*key[0])
-        )
+        #: keyword given (None: none) -> type of its value -> value -> budget.
+        self._budgets: dict[str | None, dict[type, dict[Any, tuple[Freshness, Degrade]]]] = {}
+        self._combined_budgets: dict[Any, tuple[Freshness, Degrade]] = {}
+        self._tenants: dict[object, str] = {}
 
     # ------------------------------------------------------------ arguments
 
@@ -233,23 +251,62 @@ class StoreCore:
         """:meth:`freshness` from the keyword arguments of a read; refuses unknown ones.
 
         Budgets without a token repeat (a service uses a few), so they are resolved once and
-        kept in a small bounded cache; token budgets differ per write and are not cached.
+        kept in small bounded memos; token budgets differ per write and are not kept. A read
+        giving one keyword (or none) finds its budget without allocating: the memo is keyed
+        by the keyword, the value's type (1 == 1.0 == True, but True is refused) and value.
         """
+        name: str | None = None
+        value: Any = None
+        several = False
+        for key, given in options.items():
+            if given is not None:
+                if name is not None:
+                    several = True
+                    break
+                name, value = key, given
+        if not several:
+            by_type = self._budgets.get(name)
+            if by_type is not None:
+                by_value = by_type.get(type(value))
+                if by_value is not None:
+                    try:
+                        found = by_value.get(value)
+                    except TypeError:  # unhashable: freshness() refuses it below
+                        found = None
+                    if found is not None:
+                        return found
         if not _BUDGET_KEYS.issuperset(options):
             unknown = sorted(set(options) - _BUDGET_KEYS)
             raise InvalidInputError("budget", f"unknown keyword(s) {unknown}")
         args = tuple(options.get(key) for key in _BUDGET_ORDER)
         if args[1] is not None:
             return self.freshness(*args)
+        if several:
+            try:
+                key_all = (args, tuple(map(type, args)))
+                found = self._combined_budgets.get(key_all)
+            except TypeError:
+                return self.freshness(*args)
+            if found is None:
+                found = self.freshness(*args)
+                _bounded_put(self._combined_budgets, key_all, found)
+            return found
+        resolved = self.freshness(*args)
         try:
-            # Types in the key: lru_cache holds 1 == 1.0 == True, but True is refused.
-            return self._budgets((args, tuple(map(type, args))))
-        except TypeError:  # an unhashable argument: let freshness() refuse it clearly
-            return self.freshness(*args)
+            hash(value)
+        except TypeError:
+            return resolved
+        by_value = self._budgets.setdefault(name, {}).setdefault(type(value), {})
+        _bounded_put(by_value, value, resolved)
+        return resolved
 
     def locate(self, tenant: object, user_id: object) -> tuple[str, str, int, int]:
         """Check the ids; return them with the user's bucket and shard index."""
-        tenant_s = check_tenant(tenant)
+        # Tenants are few: each is checked once (the memo is bounded); user ids every time.
+        tenant_s = self._tenants.get(tenant) if type(tenant) is str else None
+        if tenant_s is None:
+            tenant_s = check_tenant(tenant)
+            _bounded_put(self._tenants, tenant_s, tenant_s)
         user_s = check_id("user_id", user_id)
         bucket = self.topology.bucket_of(tenant_s, user_s)
         return tenant_s, user_s, bucket, self.topology.bucket_map.shard_index(bucket)
@@ -269,7 +326,7 @@ class StoreCore:
     def record(self, result: ReadResult, started: float) -> ReadResult:
         """Count a read and tell observers (metrics)."""
         self.stats.record(result)
-        if result.fallback_reason not in (None, "strong"):
+        if result.fallback_reason is not None and result.fallback_reason != "strong":
             log.debug("read_fallback", shard=result.shard, node=result.node,
                       reason=result.fallback_reason)
         if self.observers:
@@ -290,14 +347,14 @@ class StoreCore:
         tenant_s, user_s, _bucket, shard = self.locate(tenant, user_id)
         freshness, policy = self.budget(options)
         data = Statement(_sql.GET, (tenant_s.encode(), user_s.encode()))
-        (props, version), r = yield from self.read_program(
+        (props, version), result = yield from self.read_program(
             shard, freshness, policy, data, decode_one
         )
-        # Built field by field: dataclasses.replace costs more than the rest of the routing.
-        return self.record(ReadResult(
-            props, version, r.shard, r.node, r.from_replica, r.replay_lsn, r.staleness_bound,
-            r.fallback_reason, r.proof, r.within_budget,
-        ), started)
+        # The program built this result for this read alone and nothing else holds it yet:
+        # filling in the two fields costs a tenth of building another (frozen, 10 fields).
+        _set_field(result, "props", props)
+        _set_field(result, "version", version)
+        return self.record(result, started)
 
     def batch_reads(self, tenant: object, user_ids: object, options: dict[str, Any]
                     ) -> tuple[dict[str, Props | None], list[Program]]:
@@ -363,38 +420,35 @@ class StoreCore:
     ) -> Generator[Request, Response, tuple[Any, ReadResult]]:
         """Serve one query on one shard within ``freshness``; returns (decoded rows, result).
 
-        Replica failures are reported to the monitor (and logged) only once the read is
-        answered: that bookkeeping must not add to the latency of the read that hit them.
+        The common case is one straight line: a cached route decision (``DecisionCache``),
+        one connection whose facts prove the budget (``proof.known_lsn``), one statement,
+        one round trip. Replica failures are reported to the monitor (and logged) only once
+        the read is answered: that bookkeeping must not add to the latency of the read that
+        hit them.
         """
-        failures: list[tuple[int, str]] = []
-        self.check_token(shard_index, freshness)
-        try:
-            return (yield from self._read(shard_index, freshness, policy, data, decode,
-                                          failures))
-        finally:
-            shard = self.shard_names[shard_index]
-            for index, error in failures:
-                self.state.fail(shard_index, index, error)
-                log.info("replica_read_failed", shard=shard,
-                         node=self.topology.shards[shard_index].nodes[index].name, error=error)
-
-    def _read(
-        self,
-        shard_index: int,
-        freshness: Freshness,
-        policy: Degrade,
-        data: Statement,
-        decode: Callable[[Any], Any],
-        failures: list[tuple[int, str]],
-    ) -> Generator[Request, Response, tuple[Any, ReadResult]]:
+        if freshness.after is not None:
+            self.check_token(shard_index, freshness)
         started = self.clock()
-        decision = self.decide(shard_index, freshness)
-        served = yield from self.replica_read(shard_index, decision, data, decode, failures,
-                                              started)
-        if isinstance(served, tuple):
-            return served
-        return (yield from _degrade.fallback(self, shard_index, decision, served, policy,
-                                             data, decode, started, failures))
+        decision = self.decisions.decide(self.state.view(shard_index), freshness, started,
+                                         next(self._rotation))
+        failures: list[tuple[int, str]] = []
+        try:
+            served = yield from self.replica_read(shard_index, decision, data, decode,
+                                                  failures, started)
+            if isinstance(served, tuple):
+                return served
+            return (yield from _degrade.fallback(self, shard_index, decision, served, policy,
+                                                 data, decode, started, failures))
+        finally:
+            if failures:
+                self._report_failures(shard_index, failures)
+
+    def _report_failures(self, shard_index: int, failures: list[tuple[int, str]]) -> None:
+        shard = self.shard_names[shard_index]
+        for index, error in failures:
+            self.state.fail(shard_index, index, error)
+            log.info("replica_read_failed", shard=shard,
+                     node=self.topology.shards[shard_index].nodes[index].name, error=error)
 
     def replica_read(
         self,
@@ -407,28 +461,39 @@ class StoreCore:
     ) -> Generator[Exec, Response, tuple[Any, ReadResult] | FallbackReason]:
         """Try the decision's replicas in turn; (rows, result) from the first that proves
         the budget, else why none did (failures are appended to ``failures``)."""
+        reason = decision.fallback_reason
+        candidates = decision.candidates or decision.tentative
+        if not candidates:
+            assert reason is not None
+            return reason
         freshness = decision.freshness
         shard = self.shard_names[shard_index]
-        reason = decision.fallback_reason
+        history = decision.shard.history
+        runs = self.runs
         deadline = time.monotonic() + self.routing.replica_deadline
-        for cand in decision.candidates or decision.tentative:
+        for cand in candidates:
             if time.monotonic() >= deadline:
                 reason = "replica_timeout"
                 break
-            proven: list[tuple[LSN, Proof]] = []
+            # What the plan chose, for the connection it got: the fact that proves the read,
+            # or the time the verifying round trip was sent. The last entry counts (the
+            # driver re-plans when a pooler lost the connection's statements).
+            chosen: list[tuple[LSN, Proof, float] | float] = []
 
             def plan(conn: ConnState, node: NodeView = cand.node,
-                     proven: list[tuple[LSN, Proof]] = proven
+                     chosen: list[tuple[LSN, Proof, float] | float] = chosen
                      ) -> tuple[Sequence[Statement], bool]:
-                known = known_lsn(node.sightings, conn)
+                known = known_lsn(node.sightings, conn, runs)
                 if known is not None:
-                    bound = decision.shard.history.bound(known[0], started)
+                    bound = history.bound(known[0], started)
                     if freshness.admits(shard, known[0], bound):
-                        proven.append(known)
+                        chosen.append((*known, bound))
                         return (data,), False
                 # The LSN statement runs first, so the data query's snapshot is at least as
-                # new as the LSN it reports (one combined statement would not be).
-                return (Statement(_sql.REPLAY_LSN), data), False
+                # new as the LSN it reports (one combined statement would not be). Taken
+                # just before the send: the LSN is read after it (docs/architecture.md).
+                chosen.append(time.monotonic())
+                return (_REPLAY_LSN, data), False
 
             try:
                 conn, results = yield Exec(cand.node.config, deadline, plan)
@@ -448,32 +513,46 @@ class StoreCore:
                 reason = "replica_down"
                 failures.append((cand.index, f"read failed: {type(exc).__name__}"))
                 continue
-            if proven:
-                lsn, proof = proven[0]
+            mark = chosen[-1]
+            view = self.state.view(shard_index)
+            if isinstance(mark, tuple):
+                lsn, proof, bound = mark
                 rows = results[0]
+                if view.history is not history:  # a poll since: its samples are facts too
+                    bound = min(bound, view.history.bound(lsn, started))
             else:
                 lsn_value = results[0].get_value(0, 0)
                 if lsn_value is None:  # not in recovery any more (promoted): prove nothing
                     reason = "replica_stale"
                     continue
                 lsn, proof, rows = LSN.parse(lsn_value), "pipeline", results[1]
-                if not _on_history(self.state.view(shard_index), results[0], lsn):
+                if not _on_history(view, results[0], lsn):
                     reason = "replica_stale"  # switched timeline since the poll: unproven
                     continue
-                bound = self.state.view(shard_index).history.bound(lsn, started)
+                self.verified(conn, mark, lsn)
+                bound = view.history.bound(lsn, started)
                 if not freshness.admits(shard, lsn, bound):
                     reason = "replica_stale"
                     continue
-                remember(conn, lsn)
-            # Both views' samples are sound facts; the proof may have used the older one
-            # (a new primary's history starts empty).
-            bound = min(self.state.view(shard_index).history.bound(lsn, started),
-                        decision.shard.history.bound(lsn, started))
+                # Both views' samples are sound facts; the proof may have used the older
+                # one (a new primary's history starts empty).
+                if view.history is not history:
+                    bound = min(bound, history.bound(lsn, started))
             return decode(rows), ReadResult(
                 None, None, shard, cand.node.name, True, lsn, bound, None, proof
             )
         assert reason is not None
         return reason
+
+    def verified(self, conn: ConnState, sent_at: float, lsn: LSN) -> None:
+        """A read on ``conn`` verified replay LSN ``lsn`` in a round trip sent at
+        ``sent_at``: keep it for the connection's later reads and, where the connection
+        keeps its server, as a fact about its server run for every connection to that run
+        (``proof.RunFacts``; sound as a poll sent at ``sent_at`` is)."""
+        remember(conn, lsn)
+        run = conn.propstore_run
+        if conn.propstore_keeps_server and run is not None:
+            self.runs.observe(run, sent_at, lsn)
 
     def _primary_read(self, shard_index: int, data: Statement
                       ) -> Generator[Exec, Response, tuple[Any, str]]:
@@ -691,6 +770,12 @@ class StoreCore:
         return PropStoreError(f"shard {shard}: write refused by {node.name}: {_describe(exc)}")
 
 
+def _bounded_put(memo: dict[Any, Any], key: Any, value: Any) -> None:
+    if len(memo) >= _MEMO_SIZE:
+        memo.clear()
+    memo[key] = value
+
+
 def _on_history(view: ShardView, result: Any, lsn: LSN) -> bool:
     """Whether a pipelined ``REPLAY_LSN`` row places the replica on the primary's history
     (its timeline is read in the same statement: a standby switches timelines without
@@ -734,7 +819,8 @@ def decode_one(result: Any) -> tuple[Props | None, int | None]:
     """Rows of ``GET``: the document and its version, or (None, None)."""
     if not result.ntuples:
         return None, None
-    return json.loads(result.get_value(0, 0)), int(result.get_value(0, 1))
+    # What json.loads does with a str, minus its argument checks (a read's hottest call).
+    return _JSON.decode(result.get_value(0, 0).decode()), int(result.get_value(0, 1))
 
 
 def decode_many(result: Any) -> dict[str, Props]:

@@ -40,7 +40,9 @@ class ReadResult:
             did not: ``replica_stale``, ``replica_down``, ``replica_timeout``,
             ``no_replica`` or ``strong``.
         proof: how freshness was established: ``pipeline`` (LSN read in the same round trip),
-            ``monitor`` or ``connection`` (an earlier observation that provably still holds),
+            ``monitor``, ``connection`` or ``run`` (an earlier observation that provably
+            still holds: a poll, this connection's own verified read, or a read verified on
+            another connection to the same server run),
             ``primary``, or ``unproven`` (a stale replica served under
             ``Degrade.serve_stale()`` with no provable bound).
         within_budget: False only for a stale replica served under ``Degrade.serve_stale()``
@@ -59,7 +61,7 @@ class ReadResult:
     within_budget: bool = True
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per request, and frozen costs its __init__ 3x
 class Exec:
     """A request from a program: run ``plan(conn)``'s statements on ``node`` by ``deadline``.
 
