@@ -216,7 +216,7 @@ def test_reads_sound_across_a_replica_crash_restart_behind_the_front(
     _assert_sound(_run(fresh, reached, crash), some_down=True)
 
 
-@pytest.mark.parametrize("kind", ["haproxy", "pgbouncer-hosts"])
+@pytest.mark.parametrize("kind", ["haproxy", "libpq-multihost"])
 def test_verified_reads_lend_their_run_facts_soundly_to_other_connections(
         fresh: LocalCluster, kind: str) -> None:
     """Reads verified in their own round trip refresh their server run's fact, and other
