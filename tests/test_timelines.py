@@ -7,6 +7,7 @@ them). The other standby had received them: its WAL is not a prefix of the new h
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
@@ -92,3 +93,21 @@ def test_lost_writes_raise_and_a_diverged_standby_never_serves(cluster_factory: 
 
 def _node(store: PropertyStore, name: str) -> Any:
     return next(n for n in store.shard_views()[0].nodes if n.name == name)
+
+
+def test_a_token_read_right_after_start_waits_for_the_first_primary_poll(
+    topology: Topology,
+) -> None:
+    # The monitor's first round can outlast start-up on a busy host: until it has seen the
+    # primary, a token's timeline cannot be placed. The read waits for it (bounded by
+    # primary_deadline) instead of refusing what the healthy primary can serve.
+    with PropertyStore(topology, start_monitor=False) as store:
+        token = store.set("acme", "first-poll", {"v": 1})
+        shard = topology.shard_index_of("acme", "first-poll")
+        assert store.shard_views()[shard].timelines is None
+        starter = threading.Timer(0.3, store.monitor.start)
+        starter.start()
+        try:
+            assert store.get("acme", "first-poll", after=token) == {"v": 1}
+        finally:
+            starter.join(10)

@@ -66,7 +66,7 @@ from propstore.router import (
 from propstore.store import _degrade
 
 # Re-exported (``X as X``): the drivers and the package import these from here.
-from propstore.store._program import ConnState, Request, Response, fixed
+from propstore.store._program import ConnState, Request, Response, Wait, fixed
 from propstore.store._program import Exec as Exec
 from propstore.store._program import Program as Program
 from propstore.store._program import Props as Props
@@ -427,6 +427,15 @@ class StoreCore:
         hit them.
         """
         if freshness.after is not None:
+            if self._token_unplaced(shard_index, freshness):
+                # Just started: a token's timeline can be placed once the monitor has seen
+                # the primary (its first round may outlast start-up on a busy host). Wait
+                # for that, bounded, rather than refuse a read the healthy primary serves.
+                until = time.monotonic() + self.routing.primary_deadline
+                while self._token_unplaced(shard_index, freshness) and (
+                    time.monotonic() < until
+                ):
+                    yield Wait(shard_index, until)
             self.check_token(shard_index, freshness)
         started = self.clock()
         decision = self.decisions.decide(self.state.view(shard_index), freshness, started,
@@ -641,6 +650,13 @@ class StoreCore:
             timeline_of_wal_file(wal_file.decode()) if wal_file else None,
             LSN.parse(after.get_value(0, 0)), LSN.parse(start.get_value(0, 0)),
         )
+
+    def _token_unplaced(self, shard_index: int, freshness: Freshness) -> bool:
+        """A token read whose timelines cannot be placed yet: no primary observed so far."""
+        if freshness.after is None or self.state.view(shard_index).timelines is not None:
+            return False
+        marks = freshness.after.marks_for(self.shard_names[shard_index])
+        return any(mark.timeline is not None for mark in marks)
 
     def check_token(self, shard_index: int, freshness: Freshness) -> None:
         """Refuse a token read that no node of the shard can prove: the token's write was
