@@ -173,6 +173,36 @@ def _run_facts_any_run() -> None:
     _patch(proof.RunFacts, "get", make)
 
 
+def _stale_shared() -> None:
+    """A store whose host agent is gone keeps the agent's last observations as current
+    (re-stamped every interval) instead of polling for itself."""
+    import asyncio
+
+    from propstore.monitor._shared import SharedMonitor
+    from propstore.monitor._state import Observation
+
+    def make(_orig: Any) -> Any:
+        async def own_until_joined(self: Any, paths: Any, polled: Any) -> Any:
+            self.source, self.agent_pid = "own", None
+            while True:
+                await asyncio.sleep(self.topology.monitor.interval)
+                now = self.state.clock()
+                for s, view in enumerate(self.state.views):
+                    for n, node in enumerate(view.nodes):
+                        if node.role is not None and node.run is not None:
+                            self.state.observe(s, n, Observation(
+                                now, node.role == "replica", node.lsn, node.receive_lsn,
+                                node.replay_paused, node.receiver_streaming, node.system_id,
+                                node.hot_standby_settings, node.timeline, node.run,
+                                node.pooler_seen))
+                link = await self._join(paths, 0.2)
+                if link is not None:
+                    return link
+        return own_until_joined
+
+    _patch(SharedMonitor, "_own_until_joined", make)
+
+
 _KEPT: list[Any] = []
 
 
@@ -214,6 +244,7 @@ BREAKAGES: dict[str, Callable[[], None]] = {
     "pooled-facts": _pooled_facts,
     "zombie-primary": _zombie_primary,
     "run-facts-any-run": _run_facts_any_run,
+    "stale-shared": _stale_shared,
 }
 
 

@@ -72,6 +72,15 @@ BACKFILL_ALLOWANCE = 0.15
 MEMORY_READS = 100_000
 MEMORY_GROWTH_BYTES = 16 * 1024
 
+#: Worker processes on one topology in the shared-monitoring test, and the most monitoring
+#: transactions per second any server may count from all of them, as a multiple of one
+#: monitor's (1 / ``monitor.interval``): the issue's bar is 2x the one-process figure.
+SHARE_PROCESSES = 4
+FLEET_QUERY_RATIO = 2.0
+#: Worker processes of the chaos run in every ``pytest`` (paused replay, an apply delay, a
+#: stuck and then a killed agent); ``PROPSTORE_CHAOS_PROCESSES=32`` runs the issue's size.
+CHAOS_PROCESSES = 8
+
 
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:g} ms"

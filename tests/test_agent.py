@@ -3,9 +3,21 @@ share one lag monitor, and every read stays proven within its budget."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
 import pytest
 
 from propstore import ConfigError, MonitorSettings, Topology
+from propstore.sandbox import LocalCluster
+from tests._agent_worker import Fleet, Status, agent_dir
+from tests.claims import FLEET_QUERY_RATIO, SHARE_PROCESSES
 
 TOPOLOGY = """
 [[shards]]
@@ -31,3 +43,155 @@ def test_bad_sharing_is_a_clear_config_error(text: str) -> None:
         Topology.from_toml(TOPOLOGY, environ={"PROPSTORE_MONITOR_SHARING": "yes"})
     with pytest.raises(ConfigError, match="is not one of"):
         MonitorSettings(sharing="process")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- on real clusters
+#
+# Every figure below is counted on the servers themselves (``pg_stat_activity``,
+# ``pg_stat_database``), never taken from the store's own report; every read is checked on
+# the data against the acknowledged writes of its process (``tests/_workload.py``).
+
+MONITORS = ("propstore-monitor", "propstore-agent")
+
+
+def _monitoring_connections(topology: Topology) -> dict[str, Counter[str]]:
+    """Per node: the monitoring connections its server has, by application name."""
+    found: dict[str, Counter[str]] = {}
+    for shard in topology.shards:
+        for node in shard.nodes:
+            with psycopg.connect(node.dsn, autocommit=True) as conn:
+                rows = conn.execute(
+                    "SELECT application_name, count(*) FROM pg_stat_activity "
+                    "WHERE application_name = ANY(%s) GROUP BY 1", (list(MONITORS),)
+                ).fetchall()
+            found[node.name] = Counter({str(name): int(n) for name, n in rows})
+    return found
+
+
+def _transactions(topology: Topology) -> dict[str, int]:
+    """Per node: transactions its server counted in the store's database so far."""
+    counts = {}
+    for shard in topology.shards:
+        for node in shard.nodes:
+            with psycopg.connect(node.dsn, autocommit=True) as conn:
+                row = conn.execute("SELECT xact_commit + xact_rollback FROM pg_stat_database"
+                                   " WHERE datname = current_database()").fetchone()
+            assert row is not None
+            counts[node.name] = int(row[0])
+    return counts
+
+
+def _query_rates(topology: Topology, seconds: float) -> dict[str, float]:
+    """Per node: transactions per second over ``seconds`` of idle stores (the monitoring;
+    our own two counting queries are taken off). Backends flush their counters within about
+    a second, so the window is several seconds long."""
+    before, t0 = _transactions(topology), time.monotonic()
+    time.sleep(seconds)  # a measuring window, not a wait for a condition
+    after, elapsed = _transactions(topology), time.monotonic() - t0
+    return {name: (after[name] - before[name] - 2) / elapsed for name in before}
+
+
+def _all_shared(statuses: list[Status]) -> bool:
+    pids = {s.agent_pid for s in statuses}
+    return all(s.source == "agent" for s in statuses) and len(pids) == 1
+
+
+@pytest.fixture
+def agents(tmp_path: Path) -> Iterator[Path]:
+    """A private agent folder for this test's stores and workers (agents of other tests
+    and engineers never answer them); agents left at the end are ended here."""
+    with agent_dir(tmp_path / "agents") as folder:
+        yield folder
+    _end_agents(folder)
+
+
+def _agent_pids(folder: Path) -> set[int]:
+    """Pids of the agents whose lock files are in ``folder`` (``/proc/locks`` owners)."""
+    inodes = {os.stat(p).st_ino for p in folder.glob("*.lock")}
+    pids = set()
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[4].isdigit() and (
+            int(fields[5].split(":")[-1]) in inodes
+        ):
+            pids.add(int(fields[4]))
+    return pids
+
+
+def _end_agents(folder: Path) -> None:
+    for pid in _agent_pids(folder):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_processes_on_one_topology_share_one_monitor_on_every_server(
+    topology: Topology, cluster_config: Path, agents: Path,
+) -> None:
+    interval = topology.monitor.interval
+    with Fleet(cluster_config, SHARE_PROCESSES) as fleet:
+        statuses = fleet.wait_for(_all_shared, 30, "every worker follows one agent")
+        assert all(s.states and set(s.states) == {"up"} for s in statuses), statuses
+        connections = _monitoring_connections(topology)
+        rates = _query_rates(topology, 4.0)
+        statuses = fleet.statuses()
+        fleet.stop()
+    assert _all_shared(statuses), statuses  # still one agent at the end of the window
+    for node, seen in connections.items():
+        assert seen == Counter({"propstore-agent": 1}), (node, connections)
+    # Polls of one monitor, not of SHARE_PROCESSES: at most 2x one monitor's rate.
+    for node, rate in rates.items():
+        assert rate <= FLEET_QUERY_RATIO / interval, (node, rates)
+        assert rate > 0.2 / interval, (node, rates)  # the agent did poll
+
+
+@pytest.mark.slow
+def test_sharing_off_gives_every_process_its_own_monitor(
+    topology: Topology, cluster_config: Path, agents: Path,
+) -> None:
+    with Fleet(cluster_config, 3, sharing="off") as fleet:
+        fleet.wait_for(lambda st: all(set(s.states) == {"up"} for s in st), 30,
+                       "every worker's monitor sees every node up")
+        connections = _monitoring_connections(topology)
+        fleet.stop()
+    for node, seen in connections.items():
+        assert seen == Counter({"propstore-monitor": 3}), (node, connections)
+    assert not list(agents.glob("*.sock")), "sharing = off started an agent"
+
+
+def _users(topology: Topology, worker: int, count: int = 6) -> list[str]:
+    return [f"agent-w{worker}-{i}" for i in range(count)]
+
+
+@pytest.mark.slow
+def test_killed_agent_readers_fall_back_then_share_again_with_no_read_outside_budget(
+    topology: Topology, cluster: LocalCluster, cluster_config: Path, agents: Path,
+) -> None:
+    replica = cluster.shards[0].replicas[0]
+    with Fleet(cluster_config, 3, users=lambda i: _users(topology, i)) as fleet:
+        first = fleet.wait_for(_all_shared, 30, "every worker follows one agent")
+        old = first[0].agent_pid
+        assert old is not None and old in _agent_pids(agents)
+        fleet.wait_for(lambda st: all(s.replica_reads > 20 and s.every_budget_checked
+                                      for s in st), 30,
+                       "replicas serve every worker, every budget checked")
+        # A paused replica around the kill: a store that kept trusting the dead agent's
+        # last word (instead of polling, or of letting the bound grow) would read stale.
+        replica.pause_replay()
+        os.kill(old, signal.SIGKILL)
+        fleet.wait_for(lambda st: all(s.fallbacks >= 1 for s in st), 30,
+                       "every worker notices the agent is gone")
+        again = fleet.wait_for(
+            lambda st: _all_shared(st) and st[0].agent_pid != old, 30,
+            "every worker follows a new agent")
+        replica.resume_replay()
+        fleet.wait_for(lambda st: all(s.replica_reads > r.replica_reads + 20
+                                      for s, r in zip(st, again, strict=True)), 30,
+                       "replicas serve every worker again")
+        connections = _monitoring_connections(topology)
+        reports = fleet.stop()
+    for node, seen in connections.items():
+        assert seen == Counter({"propstore-agent": 1}), (node, connections)
+    for report in reports:
+        report.check(errors_allowed=False)

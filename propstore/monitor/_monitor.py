@@ -122,12 +122,15 @@ class MonitorState:
         known = self._histories[shard_index].get(timeline)
         return known is None or not known.complete
 
-    def fail(self, shard_index: int, node_index: int, error: str) -> None:
-        """Record a failed poll or a read that timed out on a node."""
+    def fail(self, shard_index: int, node_index: int, error: str, at: float | None = None
+             ) -> None:
+        """Record a failed poll or a read that timed out on a node (at ``at``, default now:
+        the host agent's failures carry the time its poll failed)."""
         with self._lock:
             old = self._views[shard_index]
             threshold = self.topology.monitor.failures_before_down
-            new = apply_failure(old, node_index, self.clock(), error, threshold)
+            new = apply_failure(old, node_index, self.clock() if at is None else at, error,
+                                threshold)
             self._publish(old, new)
 
     def _publish(self, old: ShardView, new: ShardView) -> None:
@@ -191,6 +194,9 @@ def _lsn(value: bytes | None) -> LSN | None:
 class LagMonitor:
     """Polls every node of a topology; start with :meth:`run` (async) or :meth:`start`."""
 
+    #: What the servers see in ``pg_stat_activity.application_name`` for the polls.
+    application_name = "propstore-monitor"
+
     def __init__(self, topology: Topology, state: MonitorState | None = None) -> None:
         self.topology = topology
         self.state = state or MonitorState(topology)
@@ -205,8 +211,12 @@ class LagMonitor:
 
     async def run(self) -> None:
         """Poll until cancelled."""
-        settings = self.topology.monitor
         self._first_round = asyncio.Event()
+        await self._poll_all(self._round_tracker())
+
+    def _round_tracker(self) -> Callable[[tuple[int, int]], None]:
+        """A callback to call with ``(shard, node)`` after each poll (or failure) of a node;
+        sets the first-round event once every node had one."""
         pending = {
             (s, n) for s, shard in enumerate(self.topology.shards)
             for n in range(len(shard.nodes))
@@ -217,10 +227,17 @@ class LagMonitor:
             if not pending and self._first_round is not None:
                 self._first_round.set()
 
-        self._wake = {key: asyncio.Event() for key in pending}
+        return polled
+
+    async def _poll_all(self, polled: Callable[[tuple[int, int]], None]) -> None:
+        """Poll every node until cancelled (this process's own monitoring)."""
+        settings = self.topology.monitor
+        keys = [(s, n) for s, shard in enumerate(self.topology.shards)
+                for n in range(len(shard.nodes))]
+        self._wake = {key: asyncio.Event() for key in keys}
         tasks = [
             asyncio.create_task(self._watch(s, n, polled), name=f"propstore-poll-{s}-{n}")
-            for s, n in sorted(pending)
+            for s, n in keys
         ] + [
             asyncio.create_task(self._discover(s, PatroniSource(shard, self.topology.discovery)),
                                 name=f"propstore-discovery-{s}")
@@ -253,7 +270,7 @@ class LagMonitor:
         conn = await psycopg.AsyncConnection.connect(
             node.dsn, autocommit=True,
             connect_timeout=max(2, round(self.topology.routing.connect_timeout)),
-            application_name="propstore-monitor",
+            application_name=self.application_name,
         )
         return conn
 

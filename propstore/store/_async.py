@@ -19,7 +19,7 @@ from propstore._limiter import LimiterState
 from propstore.config import Topology
 from propstore.degrade import Degrade
 from propstore.freshness import Token
-from propstore.monitor import LagMonitor, ShardView
+from propstore.monitor import LagMonitor, ShardView, monitor_for
 from propstore.router import RouteDecision
 from propstore.store._core import (
     Exec,
@@ -62,7 +62,7 @@ class AsyncPropertyStore:
                                   topology.connections)
             for shard in topology.shards for node in shard.nodes
         }
-        self.monitor = LagMonitor(topology, self._core.state)
+        self.monitor: LagMonitor = monitor_for(topology, self._core.state)
         self._monitor_task: asyncio.Task[None] | None = None
 
     @classmethod

@@ -20,7 +20,7 @@ from propstore.config import Topology
 from propstore.degrade import Degrade
 from propstore.errors import ConfigError
 from propstore.freshness import Token
-from propstore.monitor import LagMonitor, ShardView
+from propstore.monitor import LagMonitor, ShardView, monitor_for
 from propstore.router import RouteDecision
 from propstore.store._core import (
     Exec,
@@ -86,7 +86,7 @@ class PropertyStore:
         self._executor = ThreadPoolExecutor(
             max_workers=min(len(topology.shards), 32), thread_name_prefix="propstore-shard"
         )
-        self.monitor = LagMonitor(topology, self._core.state)
+        self.monitor: LagMonitor = monitor_for(topology, self._core.state)
         if start_monitor:
             self.monitor.start()
 

@@ -1,0 +1,195 @@
+"""What the host's lag agent tells its readers, as bytes. Pure; no I/O.
+
+The agent (``_agent``) forwards the *raw* results of its polls — an :class:`Observation`,
+a failed poll, a timeline history read — and each reader applies them to its own
+:class:`~propstore.monitor.MonitorState` with the same code its own monitor would use
+(``MonitorState.observe``/``fail``/``record_history``). So a reader derives its views,
+bounds and facts from the same polls exactly as if it had sent them itself, and every fact
+keeps the :class:`~propstore.proof.ServerRun` it was observed on: the rule of
+``proof.covers`` applies unchanged. Times are ``time.monotonic()`` (``CLOCK_MONOTONIC``),
+which is one clock for every process of a Linux host (of one time namespace: the agent's
+key names it, see ``_shared.agent_key``).
+
+One message per line, JSON (stdlib; small and never executed, unlike pickle).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from propstore import __version__
+from propstore.config import Topology
+from propstore.lsn import LSN
+from propstore.monitor._state import Observation
+from propstore.proof import ServerRun
+from propstore.timeline import TimelineHistory
+
+#: Bump on any change of the messages below (it is part of the agent's key, so readers and
+#: agents of different versions never meet).
+PROTOCOL = 1
+VERSION = f"{__version__}/{PROTOCOL}"
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """The agent's first line: who it is and its clock when it wrote it."""
+
+    pid: int
+    now: float
+    version: str
+
+
+@dataclass(frozen=True, slots=True)
+class Beat:
+    """The agent is alive and its loop runs (sent every monitor interval)."""
+
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Polled:
+    """A successful poll of node ``node`` of shard ``shard``."""
+
+    shard: int
+    node: int
+    observation: Observation
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """A failed poll of a node at ``at`` (the agent's clock)."""
+
+    shard: int
+    node: int
+    at: float
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRead:
+    """The timeline history the agent read from a shard's primary."""
+
+    shard: int
+    history: TimelineHistory
+
+
+Message = Hello | Beat | Polled | Failed | HistoryRead
+
+
+def encode(message: Message) -> bytes:
+    """One line of JSON for ``message``."""
+    return (json.dumps(_to_json(message), separators=(",", ":")) + "\n").encode()
+
+
+def decode(line: bytes) -> Message:
+    """The message of one line; ``ValueError`` on anything malformed."""
+    try:
+        data = json.loads(line)
+        return _from_json(data)
+    except (KeyError, TypeError, IndexError, json.JSONDecodeError) as exc:
+        raise ValueError(f"malformed agent message: {exc}") from None
+
+
+def timestamp(message: Message) -> float | None:
+    """The agent's clock reading the message carries (None for a history)."""
+    if isinstance(message, Hello | Beat):
+        return message.now
+    if isinstance(message, Polled):
+        return message.observation.sent_at
+    if isinstance(message, Failed):
+        return message.at
+    return None
+
+
+def _lsn(value: LSN | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def _unlsn(value: Any) -> LSN | None:
+    return None if value is None else LSN.parse(str(value))
+
+
+def _to_json(message: Message) -> dict[str, Any]:
+    if isinstance(message, Hello):
+        return {"k": "hello", "pid": message.pid, "now": message.now, "v": message.version}
+    if isinstance(message, Beat):
+        return {"k": "beat", "now": message.now}
+    if isinstance(message, Failed):
+        return {"k": "fail", "s": message.shard, "n": message.node, "at": message.at,
+                "err": message.error}
+    if isinstance(message, HistoryRead):
+        h = message.history
+        return {"k": "hist", "s": message.shard, "tl": h.timeline, "ok": h.complete,
+                "anc": [[tli, str(lsn)] for tli, lsn in h.ancestors]}
+    o = message.observation
+    run = o.run
+    return {
+        "k": "obs", "s": message.shard, "n": message.node, "at": o.sent_at,
+        "rec": o.in_recovery, "lsn": _lsn(o.lsn), "rcv": _lsn(o.receive_lsn),
+        "pause": o.replay_paused, "stream": o.receiver_streaming, "sys": o.system_id,
+        "hs": None if o.hot_standby_settings is None else list(o.hot_standby_settings),
+        "tl": o.timeline, "pool": o.pooler_seen,
+        "run": None if run is None else [run.system_id, run.address, run.port, run.started_at],
+    }
+
+
+def _from_json(d: Mapping[str, Any]) -> Message:
+    kind = d["k"]
+    if kind == "hello":
+        return Hello(int(d["pid"]), float(d["now"]), str(d["v"]))
+    if kind == "beat":
+        return Beat(float(d["now"]))
+    if kind == "fail":
+        return Failed(int(d["s"]), int(d["n"]), float(d["at"]), str(d["err"]))
+    if kind == "hist":
+        return HistoryRead(int(d["s"]), TimelineHistory(
+            int(d["tl"]), tuple((int(t), LSN.parse(str(lsn))) for t, lsn in d["anc"]),
+            bool(d["ok"])))
+    if kind != "obs":
+        raise KeyError(f"kind {kind!r}")
+    run = d["run"]
+    return Polled(int(d["s"]), int(d["n"]), Observation(
+        sent_at=float(d["at"]), in_recovery=bool(d["rec"]), lsn=_unlsn(d["lsn"]),
+        receive_lsn=_unlsn(d["rcv"]), replay_paused=bool(d["pause"]),
+        receiver_streaming=bool(d["stream"]),
+        system_id=None if d["sys"] is None else int(d["sys"]),
+        hot_standby_settings=None if d["hs"] is None else tuple(int(x) for x in d["hs"]),
+        timeline=None if d["tl"] is None else int(d["tl"]),
+        run=None if run is None else ServerRun(
+            None if run[0] is None else int(run[0]), run[1],
+            None if run[2] is None else int(run[2]), str(run[3])),
+        pooler_seen=bool(d["pool"]),
+    ))
+
+
+def topology_document(topology: Topology) -> dict[str, Any]:
+    """What the agent needs of a topology, in the form ``Topology.from_dict`` reads: the
+    nodes (DSNs with any password already in them), the monitor settings, the connect
+    timeout. Sent on the agent's stdin, never its command line (``ps`` shows that)."""
+    m = topology.monitor
+
+    def node(n: Any) -> dict[str, str]:
+        return {"name": n.name, "dsn": n.dsn, "via": n.via}
+
+    return {
+        "bucket_count": topology.bucket_count,
+        "monitor": {"interval": m.interval, "poll_timeout": m.poll_timeout,
+                    "history_size": m.history_size,
+                    "failures_before_down": m.failures_before_down,
+                    "max_backoff": m.max_backoff, "sharing": "off"},
+        "routing": {"connect_timeout": topology.routing.connect_timeout},
+        "shards": [
+            {"name": s.name, "buckets": [str(b) for b in s.buckets], "primary": node(s.primary),
+             "replicas": [node(r) for r in s.replicas]}
+            for s in topology.shards
+        ],
+    }
+
+
+__all__ = [
+    "PROTOCOL", "VERSION", "Beat", "Failed", "Hello", "HistoryRead", "Message", "Polled",
+    "decode", "encode", "timestamp", "topology_document",
+]

@@ -1,0 +1,382 @@
+"""Monitoring shared by the processes of a host (``[monitor] sharing = "host"``).
+
+:class:`SharedMonitor` is the :class:`LagMonitor` a store runs by default. It follows the
+host's lag agent for its topology (``_agent``; it spawns one when there is none) and applies
+the agent's raw polls to its own state with the code its own polls would use, so every
+bound and every fact is the one it would have derived itself (``_messages``). When the agent
+is gone (its socket closes: a crash) or stuck (nothing, not even a heartbeat, for
+:func:`stale_after` seconds), the store polls for itself — costlier, equally sound — and
+joins an agent again as soon as one answers (spawning a replacement when none holds the
+lock). Soundness never rests on the agent being alive or on time: a late poll is an old
+fact, and an old fact only proves a larger bound. It rests on the agent's facts being true:
+same poll code, same host clock (checked on every message: a timestamp from the future
+means another clock, and ends sharing for this store), same OS user (the socket lives in a
+``0700`` directory).
+
+The agent is keyed by a hash of what it polls and how (nodes, DSNs, monitor settings), the
+OS user, the time namespace and the protocol version: stores that agree on all of them
+share one agent, others never meet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import random
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+import propstore
+from propstore.config import Topology
+from propstore.monitor._messages import (
+    VERSION,
+    Beat,
+    Failed,
+    Hello,
+    HistoryRead,
+    Polled,
+    decode,
+    timestamp,
+    topology_document,
+)
+from propstore.monitor._monitor import LagMonitor, MonitorState
+
+log = structlog.get_logger("propstore.monitor")
+
+Tracker = Callable[[tuple[int, int]], None]
+
+#: Environment variable naming the folder of agents' sockets (default: a ``propstore``
+#: folder in ``$XDG_RUNTIME_DIR``, else ``/tmp/propstore-<uid>``).
+AGENT_DIR_ENV = "PROPSTORE_AGENT_DIR"
+#: Longest a store waits at start for an agent (one it spawned, or one starting) before
+#: it polls for itself; it keeps trying to join in the background.
+JOIN_WAIT = 2.0
+#: Mean seconds between attempts to join an agent while polling for itself.
+REJOIN_EVERY = 1.0
+
+
+class AgentUnavailable(Exception):
+    """No agent can be used (the socket folder is not private, or the clock differs)."""
+
+
+def stale_after(interval: float) -> float:
+    """Seconds of silence after which a reader takes its agent for stuck: the agent sends
+    at least a heartbeat every ``interval``; twenty of them missing is not a scheduling
+    hiccup on a loaded host."""
+    return max(2.0, 20 * interval)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentPaths:
+    """Where the agent of one key listens, locks and logs."""
+
+    socket: Path
+    lock: Path
+    spawn_lock: Path
+    log: Path
+
+    @classmethod
+    def of(cls, topology: Topology) -> AgentPaths:
+        """The paths for this topology's agent (the folder is created private)."""
+        folder = agent_dir()
+        key = agent_key(topology)
+        return cls(folder / f"{key}.sock", folder / f"{key}.lock", folder / f"{key}.spawn",
+                   folder / f"{key}.log")
+
+
+def agent_dir() -> Path:
+    """The private folder of this user's agents (created ``0700``); refuses a folder
+    another user owns or can write, since anyone who can write there could feed this
+    process facts."""
+    configured = os.environ.get(AGENT_DIR_ENV)
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if configured:
+        folder = Path(configured)
+    elif runtime:
+        folder = Path(runtime) / "propstore"
+    else:
+        folder = Path(tempfile.gettempdir()) / f"propstore-{os.getuid()}"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = folder.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or (
+        info.st_mode & 0o077
+    ):
+        raise AgentUnavailable(
+            f"{folder} must be a directory owned by uid {os.getuid()} with mode 0700 "
+            f"(it is {oct(info.st_mode & 0o777)}, uid {info.st_uid})"
+        )
+    return folder
+
+
+def agent_key(topology: Topology) -> str:
+    """The key of the agent that may serve this topology (see the module doc)."""
+    try:
+        time_ns = os.readlink("/proc/self/ns/time")
+    except OSError:
+        time_ns = "none"
+    data = json.dumps({
+        "topology": topology_document(topology), "uid": os.getuid(), "time_ns": time_ns,
+        "version": VERSION,
+    }, sort_keys=True)
+    # Not a secret (the DSNs are hashed so that no password appears in a file name).
+    return hashlib.sha256(data.encode()).hexdigest()[:32]
+
+
+@dataclass(slots=True)
+class _Link:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    hello: Hello
+    #: Bytes read but not yet a whole line.
+    rest: bytes = b""
+
+
+class SharedMonitor(LagMonitor):
+    """A :class:`LagMonitor` whose polls come from the host's agent while one answers, and
+    its own otherwise (see the module doc)."""
+
+    def __init__(self, topology: Topology, state: MonitorState | None = None) -> None:
+        super().__init__(topology, state)
+        #: Where this store's figures come from now: ``agent`` (the host's agent, pid
+        #: :attr:`agent_pid`), ``own`` (this process polls) or ``starting``.
+        self.source = "starting"
+        self.agent_pid: int | None = None
+        #: How often this store fell back to its own polls, and joined an agent.
+        self.fallbacks = 0
+        self.joins = 0
+        self._floor: dict[tuple[int, int], float] = {}
+        self._agent_proc: subprocess.Popen[bytes] | None = None
+
+    async def run(self) -> None:
+        """Follow the host's agent (own polls while there is none) until cancelled."""
+        self._first_round = asyncio.Event()
+        polled = self._round_tracker()
+        try:
+            if self.state.clock is not time.monotonic:
+                raise AgentUnavailable("the store's clock is not time.monotonic")
+            paths = AgentPaths.of(self.topology)
+        except (AgentUnavailable, OSError) as exc:
+            log.warning("monitor_sharing_unavailable", error=str(exc))
+            self.source = "own"
+            await self._poll_all(polled)
+            return
+        link = await self._join(paths, JOIN_WAIT)
+        while True:
+            if link is not None:
+                try:
+                    await self._follow(link, polled)
+                except AgentUnavailable as exc:
+                    log.error("monitor_sharing_stopped", error=str(exc))
+                    self.source = "own"
+                    await self._poll_all(polled)
+                    return
+                self.fallbacks += 1
+            link = await self._own_until_joined(paths, polled)
+
+    async def _own_until_joined(self, paths: AgentPaths,
+                                polled: Tracker) -> _Link:
+        """Poll for ourselves until an agent answers; returns its link."""
+        self.source, self.agent_pid = "own", None
+        own = asyncio.create_task(self._poll_all(polled), name="propstore-own-monitor")
+        jitter = random.Random()  # spreads the herd that lost one agent; not for security
+        try:
+            while True:
+                await asyncio.sleep(REJOIN_EVERY * jitter.uniform(0.5, 1.5))
+                if own.done():
+                    own.result()  # our own poller died: let it be seen
+                link = await self._join(paths, JOIN_WAIT)
+                if link is not None:
+                    return link
+        finally:
+            own.cancel()
+            await asyncio.gather(own, return_exceptions=True)
+            # Replayed polls older than what our own polls saw are not applied.
+            for s, view in enumerate(self.state.views):
+                for n, node in enumerate(view.nodes):
+                    if node.last_poll_at is not None:
+                        self._floor[(s, n)] = max(self._floor.get((s, n), 0.0),
+                                                  node.last_poll_at)
+
+    # ------------------------------------------------------------ joining
+
+    async def _join(self, paths: AgentPaths, wait: float) -> _Link | None:
+        """A link to the agent, spawning one when none holds the lock; None if none
+        answered within ``wait`` seconds."""
+        deadline = time.monotonic() + wait
+        spawning: int | None = None  # the spawn lock, held until our agent answers
+        try:
+            while True:
+                link = await self._dial(paths)
+                if link is not None:
+                    self.joins += 1
+                    self.source, self.agent_pid = "agent", link.hello.pid
+                    log.info("monitor_sharing_joined", agent_pid=link.hello.pid,
+                             socket=str(paths.socket))
+                    return link
+                if spawning is None:
+                    spawning = self._spawn(paths)
+                if time.monotonic() >= deadline:
+                    return None
+                await asyncio.sleep(0.02)
+        finally:
+            if spawning is not None and spawning >= 0:
+                os.close(spawning)
+
+    async def _dial(self, paths: AgentPaths) -> _Link | None:
+        sent = self.state.clock()
+        try:
+            async with asyncio.timeout(1.0):
+                reader, writer = await asyncio.open_unix_connection(str(paths.socket))
+                try:
+                    line = await reader.readline()
+                except BaseException:
+                    writer.close()
+                    raise
+        except (OSError, TimeoutError):
+            return None
+        try:
+            hello = decode(line)
+        except ValueError:
+            hello = None
+        if not isinstance(hello, Hello) or hello.version != VERSION or not (
+            hello.now <= self.state.clock()
+        ):
+            writer.close()
+            log.warning("monitor_agent_refused", reason="bad hello", sent_at=sent)
+            return None
+        return _Link(reader, writer, hello)
+
+    def _spawn(self, paths: AgentPaths) -> int | None:
+        """Start an agent unless one holds its lock or another store is starting one.
+
+        Returns the spawn lock's descriptor to hold while the new agent starts (so the herd
+        of stores that lost one agent starts one, not one each), -1 when another store or
+        agent is already on it, None to try again on the next attempt.
+        """
+        if self._agent_proc is not None and self._agent_proc.poll() is None:
+            return -1  # ours is still starting (or stuck: then we poll ourselves)
+        spawn_fd = os.open(paths.spawn_lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(spawn_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(spawn_fd)
+            return -1  # another store is spawning one
+        lock_fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(spawn_fd)
+            return -1  # an agent runs (starting, or stuck: then we poll ourselves)
+        finally:
+            os.close(lock_fd)
+        try:
+            self._agent_proc = _start_agent(self.topology, paths)
+        except OSError as exc:
+            os.close(spawn_fd)
+            log.warning("monitor_agent_spawn_failed", error=str(exc))
+            return -1
+        log.info("monitor_agent_spawned", pid=self._agent_proc.pid)
+        return spawn_fd
+
+    # ------------------------------------------------------------ following
+
+    async def _follow(self, link: _Link, polled: Tracker) -> None:
+        """Apply the agent's messages until it is gone or stuck."""
+        limit = stale_after(self.topology.monitor.interval)
+        clock = self.state.clock
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(limit):
+                        data = await link.reader.read(1 << 16)
+                except TimeoutError:
+                    log.warning("monitor_agent_stuck", agent_pid=link.hello.pid,
+                                silent_seconds=limit)
+                    return
+                except OSError as exc:
+                    log.warning("monitor_agent_gone", agent_pid=link.hello.pid, error=str(exc))
+                    return
+                if not data:
+                    log.warning("monitor_agent_gone", agent_pid=link.hello.pid)
+                    return
+                *lines, link.rest = (link.rest + data).split(b"\n")
+                now = clock()
+                for line in lines:
+                    self._apply(line, now, polled)
+        finally:
+            link.writer.close()
+
+    def _apply(self, line: bytes, now: float, polled: Tracker) -> None:
+        try:
+            message = decode(line)
+        except ValueError as exc:
+            log.warning("monitor_agent_message_bad", error=str(exc))
+            return
+        at = timestamp(message)
+        if at is not None and at > now:
+            raise AgentUnavailable(
+                f"the agent's clock is ahead of this process's ({at:.6f} > {now:.6f}): "
+                "not one host clock, so its facts cannot be timed here"
+            )
+        if isinstance(message, Beat | Hello):
+            return
+        if isinstance(message, HistoryRead):
+            self.state.record_history(message.shard, message.history)
+            return
+        key = (message.shard, message.node)
+        assert at is not None
+        if at <= self._floor.get(key, -1.0):
+            return  # already known (a replay after joining again)
+        self._floor[key] = at
+        if isinstance(message, Polled):
+            self.state.observe(message.shard, message.node, message.observation)
+        elif isinstance(message, Failed):
+            self.state.fail(message.shard, message.node, message.error, message.at)
+        polled(key)
+
+
+def _start_agent(topology: Topology, paths: AgentPaths) -> subprocess.Popen[bytes]:
+    package_root = str(Path(propstore.__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (package_root, env.get("PYTHONPATH")) if p
+    )
+    # stderr: what the agent prints before its log is set up (a crash at start); one
+    # run's worth, truncated at each start.
+    with open(paths.log.with_suffix(".err"), "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "propstore.monitor._agent",
+             str(paths.socket), str(paths.lock), str(paths.log)],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err,
+            # Its own session: a Ctrl-C meant for the worker that spawned it does not end
+            # the host's agent; it ends by itself once idle.
+            start_new_session=True, close_fds=True, env=env,
+        )
+    assert proc.stdin is not None
+    with contextlib.closing(proc.stdin):
+        proc.stdin.write(json.dumps(topology_document(topology)).encode())
+    return proc
+
+
+def monitor_for(topology: Topology, state: MonitorState | None = None) -> LagMonitor:
+    """The monitor a store runs: shared with the host's processes (``sharing = "host"``,
+    the default) or its own polls (``"off"``)."""
+    if topology.monitor.sharing == "off":
+        return LagMonitor(topology, state)
+    return SharedMonitor(topology, state)
+
+
+__all__ = ["AGENT_DIR_ENV", "AgentPaths", "AgentUnavailable", "SharedMonitor", "agent_dir",
+           "agent_key", "monitor_for", "stale_after"]

@@ -1,0 +1,163 @@
+"""A client process for the shared-monitoring tests: one store, optionally a workload.
+
+Started with ``multiprocessing`` (spawn) by :class:`Fleet`; each worker opens its own
+:class:`PropertyStore` on the topology file, runs a :class:`~tests._workload.Workload` on
+users of its own (so every read is checked against the acknowledged writes of that
+process), answers status requests, and sends its report when told to stop. The deliberate
+breakages of ``PROPSTORE_TEST_BREAK`` apply in the workers too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import multiprocessing
+import time
+from collections.abc import Callable, Iterator, Sequence
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from propstore import PropertyStore, Topology
+
+
+@dataclasses.dataclass(frozen=True)
+class Status:
+    """What a worker's store says about its monitoring."""
+
+    pid: int
+    source: str
+    agent_pid: int | None
+    fallbacks: int
+    joins: int
+    reads: int
+    replica_reads: int
+    #: Every node's state as this worker's store sees it.
+    states: tuple[str, ...] = ()
+    #: Whether a read of every budget was checked against an acknowledged write.
+    every_budget_checked: bool = False
+
+
+def _status(store: PropertyStore, load: Any) -> Status:
+    import os
+
+    monitor = store.monitor
+    report = load.report if load is not None else None
+    return Status(
+        os.getpid(), getattr(monitor, "source", "own"), getattr(monitor, "agent_pid", None),
+        getattr(monitor, "fallbacks", 0), getattr(monitor, "joins", 0),
+        report.reads if report else 0, report.replica_reads if report else 0,
+        tuple(n.state for v in store.shard_views() for n in v.nodes),
+        report is not None and all(report.checked[b] for b in load.budgets),
+    )
+
+
+def run(config: str, sharing: str, users: Sequence[str], readers: int,
+        pipe: Connection) -> None:
+    """The worker's body (see the module doc)."""
+    from tests import _breakage
+    from tests._workload import Workload
+
+    _breakage.apply_from_environment()
+    topology = Topology.load(config)
+    topology = dataclasses.replace(
+        topology, monitor=dataclasses.replace(topology.monitor, sharing=sharing))  # type: ignore[arg-type]
+    with PropertyStore(topology) as store:
+        load = Workload(store, users, writers=1, readers=readers) if users else None
+        with load if load is not None else contextlib.nullcontext():
+            while True:
+                command = pipe.recv()
+                if command == "status":
+                    pipe.send(_status(store, load))
+                elif command == "stop":
+                    break
+        if load is not None:
+            report = load.stop()
+            pipe.send(dataclasses.replace(report, slowest=list(report.slowest)))
+        else:
+            pipe.send(None)
+
+
+class Fleet:
+    """Worker processes on one topology file; ``with Fleet(...) as fleet``."""
+
+    def __init__(self, config: Path, count: int, *, sharing: str = "host",
+                 users: Callable[[int], Sequence[str]] | None = None,
+                 readers: int = 1) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._pipes: list[Connection] = []
+        self.processes = []
+        for i in range(count):
+            mine, theirs = ctx.Pipe()
+            process = ctx.Process(
+                target=run, name=f"agent-worker-{i}", daemon=True,
+                args=(str(config), sharing, list(users(i)) if users else [], readers, theirs))
+            self._pipes.append(mine)
+            self.processes.append(process)
+
+    def __enter__(self) -> Fleet:
+        for process in self.processes:
+            process.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for process in self.processes:
+            if process.is_alive():
+                process.kill()
+            process.join(10)
+
+    def statuses(self, timeout: float = 60.0) -> list[Status]:
+        """Every worker's status (raises if a worker died or does not answer)."""
+        for pipe in self._pipes:
+            pipe.send("status")
+        return [self._recv(pipe, i, timeout) for i, pipe in enumerate(self._pipes)]
+
+    def wait_for(self, condition: Callable[[list[Status]], bool], timeout: float,
+                 what: str) -> list[Status]:
+        """Poll the statuses until ``condition`` holds (AssertionError at the deadline)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            statuses = self.statuses()
+            if condition(statuses):
+                return statuses
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what} within {timeout} s: {statuses}")
+            time.sleep(0.1)
+
+    def stop(self, timeout: float = 60.0) -> list[Any]:
+        """Stop the workers; their workload reports (None for workers without one)."""
+        for pipe in self._pipes:
+            pipe.send("stop")
+        reports = [self._recv(pipe, i, timeout) for i, pipe in enumerate(self._pipes)]
+        for process in self.processes:
+            process.join(30)
+        return reports
+
+    def _recv(self, pipe: Connection, index: int, timeout: float) -> Any:
+        if not pipe.poll(timeout):
+            raise AssertionError(f"worker {index} did not answer within {timeout} s "
+                                 f"(alive: {self.processes[index].is_alive()})")
+        try:
+            return pipe.recv()
+        except EOFError:
+            raise AssertionError(
+                f"worker {index} died (exit code {self.processes[index].exitcode})"
+            ) from None
+
+
+@contextlib.contextmanager
+def agent_dir(path: Path) -> Iterator[Path]:
+    """Point this process (and the workers it starts) at a private agent folder."""
+    import os
+
+    from propstore.monitor._shared import AGENT_DIR_ENV
+
+    old = os.environ.get(AGENT_DIR_ENV)
+    os.environ[AGENT_DIR_ENV] = str(path)
+    try:
+        yield path
+    finally:
+        if old is None:
+            del os.environ[AGENT_DIR_ENV]
+        else:
+            os.environ[AGENT_DIR_ENV] = old
