@@ -188,6 +188,30 @@ CLAIMS: tuple[Claim, ...] = (
         "byte per read would be 98 KiB); a replica served them",
         ("test_store.py::test_monitor_and_store_memory_stay_flat_across_100k_reads",),
     ),
+    Claim(
+        f"{SHARE_PROCESSES} processes on one host and topology (`sharing = \"host\"`, the "
+        "default)",
+        "one `propstore-agent` connection per server and no other monitoring connection; "
+        f"monitoring transactions per server ≤ {FLEET_QUERY_RATIO:g}x one monitor's (both "
+        "counted on the servers); `sharing = \"off\"`: one `propstore-monitor` connection "
+        "per process",
+        ("test_agent.py::test_processes_on_one_topology_share_one_monitor_on_every_server",
+         "test_agent.py::test_sharing_off_gives_every_process_its_own_monitor"),
+    ),
+    Claim(
+        "the host's lag agent SIGKILLed under load, a replica paused",
+        "every process falls back to its own polls, then follows a new agent; 0 errors, "
+        "0 budget violations; one agent connection per server after",
+        ("test_agent.py::test_killed_agent_readers_fall_back_then_share_again_with_no_read_"
+         "outside_budget",),
+    ),
+    Claim(
+        f"{CHAOS_PROCESSES} processes: paused replay, an apply delay, the agent stopped "
+        "(SIGSTOP) then killed",
+        "0 errors, 0 budget violations in every process, every budget checked; all share "
+        "one agent again after (32 processes: `PROPSTORE_CHAOS_PROCESSES=32`)",
+        ("test_agent.py::test_chaos_of_many_processes_serves_no_read_outside_its_budget",),
+    ),
 )
 
 def render_reliability_table() -> str:

@@ -17,7 +17,7 @@ import pytest
 from propstore import ConfigError, MonitorSettings, Topology
 from propstore.sandbox import LocalCluster
 from tests._agent_worker import Fleet, Status, agent_dir
-from tests.claims import FLEET_QUERY_RATIO, SHARE_PROCESSES
+from tests.claims import CHAOS_PROCESSES, FLEET_QUERY_RATIO, SHARE_PROCESSES
 
 TOPOLOGY = """
 [[shards]]
@@ -195,3 +195,43 @@ def test_killed_agent_readers_fall_back_then_share_again_with_no_read_outside_bu
         assert seen == Counter({"propstore-agent": 1}), (node, connections)
     for report in reports:
         report.check(errors_allowed=False)
+
+
+@pytest.mark.slow
+def test_chaos_of_many_processes_serves_no_read_outside_its_budget(
+    topology: Topology, cluster: LocalCluster, cluster_config: Path, agents: Path,
+) -> None:
+    """Paused replay, an apply delay, a stopped agent, a killed agent: every read of every
+    process stays within its budget, and the processes end up sharing one agent again."""
+    count = int(os.environ.get("PROPSTORE_CHAOS_PROCESSES", CHAOS_PROCESSES))
+    paused = cluster.shards[0].replicas[0]
+    delayed = cluster.shards[-1].replicas[-1]
+    with Fleet(cluster_config, count, users=lambda i: _users(topology, i, 4)) as fleet:
+        first = fleet.wait_for(_all_shared, 60, "every worker follows one agent")
+        agent = first[0].agent_pid
+        assert agent is not None
+        fleet.wait_for(lambda st: all(s.every_budget_checked and s.replica_reads > 5
+                                      for s in st), 60, "every budget checked everywhere")
+        paused.pause_replay()
+        delayed.set_apply_delay(1.0)
+        os.kill(agent, signal.SIGSTOP)  # stuck: silent, but holding its lock
+        try:
+            fleet.wait_for(lambda st: all(s.fallbacks >= 1 for s in st), 60,
+                           "every worker takes the stopped agent for stuck")
+        finally:
+            os.kill(agent, signal.SIGCONT)
+        fleet.wait_for(lambda st: _all_shared(st) and st[0].agent_pid == agent, 60,
+                       "every worker follows the resumed agent")
+        os.kill(agent, signal.SIGKILL)
+        fleet.wait_for(lambda st: all(s.fallbacks >= 2 for s in st), 60,
+                       "every worker notices the agent is gone")
+        again = fleet.wait_for(lambda st: _all_shared(st) and st[0].agent_pid != agent, 60,
+                               "every worker follows a new agent")
+        paused.resume_replay()
+        delayed.clear_apply_delay()
+        fleet.wait_for(lambda st: all(s.reads > r.reads + 10
+                                      for s, r in zip(st, again, strict=True)), 60,
+                       "every worker reads on")
+        reports = fleet.stop()
+    for report in reports:
+        report.check()

@@ -53,6 +53,15 @@ def pause_shard0_and_write(cluster: LocalCluster, store: PropertyStore, topology
 
 
 @pytest.fixture
+def own_cli_monitor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CLI commands poll for themselves (``[monitor] sharing = "off"``): the tests that use
+    this read what a monitor *new* to the pause can prove (nothing, since it never saw the
+    primary before the writes). A command sharing the host's agent gets its older polls and
+    proves the true, small bound until the pause outlasts the budget (tests/test_agent.py)."""
+    monkeypatch.setenv("PROPSTORE_MONITOR_SHARING", "off")
+
+
+@pytest.fixture
 def config(topology: Topology) -> str:
     """The session cluster's topology file, schema migrated, tables empty."""
     return topology.source
@@ -90,7 +99,8 @@ def test_lag_json_has_the_documented_fields_and_matches_the_table(config: str) -
 
 
 def test_lag_check_exits_1_while_a_shards_replicas_are_paused_and_0_after_resume(
-    config: str, cluster: LocalCluster, store: PropertyStore, topology: Topology
+    config: str, cluster: LocalCluster, store: PropertyStore, topology: Topology,
+    own_cli_monitor: None,
 ) -> None:
     assert run(config, "lag", "--max-staleness", "2s").exit_code == 0
     pause_shard0_and_write(cluster, store, topology)
@@ -140,7 +150,8 @@ def test_conflicting_options_are_a_usage_error(config: str) -> None:
 
 
 def test_route_names_the_primary_while_the_replicas_are_paused(
-    config: str, cluster: LocalCluster, store: PropertyStore, topology: Topology
+    config: str, cluster: LocalCluster, store: PropertyStore, topology: Topology,
+    own_cli_monitor: None,
 ) -> None:
     (user,) = users_on_shard(topology, topology.shards[0].name, 1)
     bucket = topology.bucket_of("acme", user)

@@ -23,7 +23,7 @@ from propstore.cli._table import Column, FittedTable
 from propstore.lsn import LSN
 from propstore.monitor import LagReport, LagRow
 from propstore.sandbox import LocalCluster
-from tests.test_cli import pause_shard0_and_write
+from tests.test_cli import own_cli_monitor, pause_shard0_and_write  # noqa: F401 - fixture
 
 ESSENTIAL = ["shard", "node", "role", "state", "staleness", "personalisation (5.00s)",
              "workflow (500.0ms)"]
@@ -175,6 +175,7 @@ def test_lag_at_80_columns_on_the_cluster_shows_the_paused_replicas(
     assert "recv-replay" in piped.stdout and "hidden:" not in piped.stdout  # piped: all
 
 
+@pytest.mark.usefixtures("own_cli_monitor")
 def test_an_unprovable_bound_is_spelled_unproven_by_lag_and_route(
     topology: Topology, cluster: LocalCluster, store: PropertyStore
 ) -> None:
