@@ -60,10 +60,10 @@ Tracker = Callable[[tuple[int, int]], None]
 #: Environment variable naming the folder of agents' sockets (default: a ``propstore``
 #: folder in ``$XDG_RUNTIME_DIR``, else ``/tmp/propstore-<uid>``).
 AGENT_DIR_ENV = "PROPSTORE_AGENT_DIR"
-#: Longest a store waits at start for an agent (one it spawned, or one starting) before
-#: it polls for itself; it keeps trying to join in the background.
+#: Seconds after a store starts, or spawns an agent, during which it tries to join every
+#: 50 ms (it polls for itself meanwhile, so a first store starts as fast as an unshared one).
 JOIN_WAIT = 2.0
-#: Mean seconds between attempts to join an agent while polling for itself.
+#: Mean seconds between attempts to join an agent otherwise, while polling for itself.
 REJOIN_EVERY = 1.0
 
 
@@ -158,6 +158,14 @@ class SharedMonitor(LagMonitor):
         self.joins = 0
         self._floor: dict[tuple[int, int], float] = {}
         self._agent_proc: subprocess.Popen[bytes] | None = None
+        #: Agents this store spawned that ended before anyone joined them in a row, and
+        #: when it may spawn again (an agent that cannot start is not retried every second).
+        self._spawn_failures = 0
+        self._next_spawn = 0.0
+        #: The spawn lock, held from spawning an agent until it answers (or ends), so that
+        #: a herd of stores that lost one agent starts one, not one each.
+        self._spawn_fd: int | None = None
+        self._fast_until = 0.0
 
     async def run(self) -> None:
         """Follow the host's agent (own polls while there is none) until cancelled."""
@@ -172,31 +180,35 @@ class SharedMonitor(LagMonitor):
             self.source = "own"
             await self._poll_all(polled)
             return
-        link = await self._join(paths, JOIN_WAIT)
-        while True:
-            if link is not None:
-                try:
-                    await self._follow(link, polled)
-                except AgentUnavailable as exc:
-                    log.error("monitor_sharing_stopped", error=str(exc))
-                    self.source = "own"
-                    await self._poll_all(polled)
-                    return
-                self.fallbacks += 1
-            link = await self._own_until_joined(paths, polled)
+        self._fast_until = time.monotonic() + JOIN_WAIT
+        link = await self._join(paths)
+        try:
+            while True:
+                if link is not None:
+                    try:
+                        await self._follow(link, polled)
+                    except AgentUnavailable as exc:
+                        log.error("monitor_sharing_stopped", error=str(exc))
+                        self.source = "own"
+                        await self._poll_all(polled)
+                        return
+                    self.fallbacks += 1
+                link = await self._own_until_joined(paths, polled)
+        finally:
+            self._release_spawn_lock()
 
-    async def _own_until_joined(self, paths: AgentPaths,
-                                polled: Tracker) -> _Link:
+    async def _own_until_joined(self, paths: AgentPaths, polled: Tracker) -> _Link:
         """Poll for ourselves until an agent answers; returns its link."""
         self.source, self.agent_pid = "own", None
         own = asyncio.create_task(self._poll_all(polled), name="propstore-own-monitor")
         jitter = random.Random()  # spreads the herd that lost one agent; not for security
         try:
             while True:
-                await asyncio.sleep(REJOIN_EVERY * jitter.uniform(0.5, 1.5))
+                fast = time.monotonic() < self._fast_until
+                await asyncio.sleep(0.05 if fast else REJOIN_EVERY * jitter.uniform(0.5, 1.5))
                 if own.done():
                     own.result()  # our own poller died: let it be seen
-                link = await self._join(paths, JOIN_WAIT)
+                link = await self._join(paths)
                 if link is not None:
                     return link
         finally:
@@ -211,28 +223,24 @@ class SharedMonitor(LagMonitor):
 
     # ------------------------------------------------------------ joining
 
-    async def _join(self, paths: AgentPaths, wait: float) -> _Link | None:
-        """A link to the agent, spawning one when none holds the lock; None if none
-        answered within ``wait`` seconds."""
-        deadline = time.monotonic() + wait
-        spawning: int | None = None  # the spawn lock, held until our agent answers
-        try:
-            while True:
-                link = await self._dial(paths)
-                if link is not None:
-                    self.joins += 1
-                    self.source, self.agent_pid = "agent", link.hello.pid
-                    log.info("monitor_sharing_joined", agent_pid=link.hello.pid,
-                             socket=str(paths.socket))
-                    return link
-                if spawning is None:
-                    spawning = self._spawn(paths)
-                if time.monotonic() >= deadline:
-                    return None
-                await asyncio.sleep(0.02)
-        finally:
-            if spawning is not None and spawning >= 0:
-                os.close(spawning)
+    async def _join(self, paths: AgentPaths) -> _Link | None:
+        """A link to the agent if one answers now; else spawn one (when none holds the
+        lock and no other store is starting one) and return None."""
+        link = await self._dial(paths)
+        if link is None:
+            self._spawn(paths)
+            return None
+        self.joins += 1
+        self._spawn_failures = 0
+        self._release_spawn_lock()
+        self.source, self.agent_pid = "agent", link.hello.pid
+        log.info("monitor_sharing_joined", agent_pid=link.hello.pid, socket=str(paths.socket))
+        return link
+
+    def _release_spawn_lock(self) -> None:
+        if self._spawn_fd is not None:
+            os.close(self._spawn_fd)
+            self._spawn_fd = None
 
     async def _dial(self, paths: AgentPaths) -> _Link | None:
         sent = self.state.clock()
@@ -258,27 +266,34 @@ class SharedMonitor(LagMonitor):
             return None
         return _Link(reader, writer, hello)
 
-    def _spawn(self, paths: AgentPaths) -> int | None:
-        """Start an agent unless one holds its lock or another store is starting one.
-
-        Returns the spawn lock's descriptor to hold while the new agent starts (so the herd
-        of stores that lost one agent starts one, not one each), -1 when another store or
-        agent is already on it, None to try again on the next attempt.
-        """
-        if self._agent_proc is not None and self._agent_proc.poll() is None:
-            return -1  # ours is still starting (or stuck: then we poll ourselves)
+    def _spawn(self, paths: AgentPaths) -> None:
+        """Start an agent unless one holds its lock, another store is starting one, or
+        ours is still starting; an agent that ended without answering backs spawning off."""
+        if self._agent_proc is not None:
+            if self._agent_proc.poll() is None:
+                return  # ours is still starting (or stuck: then we poll ourselves)
+            if self._agent_proc.returncode != 0:
+                self._spawn_failures += 1
+                self._next_spawn = time.monotonic() + min(60.0, 2.0 ** self._spawn_failures)
+                log.warning("monitor_agent_failed", pid=self._agent_proc.pid,
+                            exit_code=self._agent_proc.returncode,
+                            log=str(paths.log.with_suffix(".err")))
+            self._agent_proc = None
+            self._release_spawn_lock()
+        if time.monotonic() < self._next_spawn:
+            return
         spawn_fd = os.open(paths.spawn_lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(spawn_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(spawn_fd)
-            return -1  # another store is spawning one
+            return  # another store is starting one
         lock_fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(spawn_fd)
-            return -1  # an agent runs (starting, or stuck: then we poll ourselves)
+            return  # an agent runs (starting, or stuck: then we poll ourselves)
         finally:
             os.close(lock_fd)
         try:
@@ -286,9 +301,10 @@ class SharedMonitor(LagMonitor):
         except OSError as exc:
             os.close(spawn_fd)
             log.warning("monitor_agent_spawn_failed", error=str(exc))
-            return -1
+            return
+        self._spawn_fd = spawn_fd
+        self._fast_until = time.monotonic() + JOIN_WAIT
         log.info("monitor_agent_spawned", pid=self._agent_proc.pid)
-        return spawn_fd
 
     # ------------------------------------------------------------ following
 
