@@ -15,7 +15,22 @@ import psycopg
 import pytest
 
 from propstore import ConfigError, MonitorSettings, Topology
+from propstore.lsn import LSN
+from propstore.monitor import Observation
+from propstore.monitor._messages import (
+    VERSION,
+    Beat,
+    Failed,
+    Hello,
+    HistoryRead,
+    Message,
+    Polled,
+    decode,
+    encode,
+)
+from propstore.proof import ServerRun
 from propstore.sandbox import LocalCluster
+from propstore.timeline import TimelineHistory
 from tests._agent_worker import Fleet, Status, agent_dir
 from tests.claims import CHAOS_PROCESSES, FLEET_QUERY_RATIO, SHARE_PROCESSES
 
@@ -235,3 +250,19 @@ def test_chaos_of_many_processes_serves_no_read_outside_its_budget(
         reports = fleet.stop()
     for report in reports:
         report.check()
+
+
+def test_agent_messages_round_trip_every_fact_with_its_server_run() -> None:
+    run = ServerRun(7, "127.0.0.1", 5432, "2026-12-02 00:00:00.123456+00")
+    messages: list[Message] = [
+        Hello(42, 1.5, VERSION), Beat(2.0),
+        Polled(1, 2, Observation(3.0, True, LSN(100), LSN(200), True, False, 7,
+                                 (100, 64, 0, 10, 8), 2, run, True)),
+        Polled(0, 0, Observation(3.5, False, None, None, False, False)),
+        Failed(0, 1, 4.0, "poll timed out"),
+        HistoryRead(1, TimelineHistory(3, ((1, LSN(5)), (2, LSN(9))))),
+    ]
+    for message in messages:
+        assert decode(encode(message)) == message
+    with pytest.raises(ValueError, match="malformed"):
+        decode(b'{"k": "obs"}')

@@ -15,6 +15,7 @@ One message per line, JSON (stdlib; small and never executed, unlike pickle).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -95,7 +96,7 @@ def decode(line: bytes) -> Message:
 
 def timestamp(message: Message) -> float | None:
     """The agent's clock reading the message carries (None for a history)."""
-    if isinstance(message, Hello | Beat):
+    if isinstance(message, (Hello, Beat)):  # a constant tuple: no object per call
         return message.now
     if isinstance(message, Polled):
         return message.observation.sent_at
@@ -130,9 +131,11 @@ def _to_json(message: Message) -> dict[str, Any]:
         "k": "obs", "s": message.shard, "n": message.node, "at": o.sent_at,
         "rec": o.in_recovery, "lsn": _lsn(o.lsn), "rcv": _lsn(o.receive_lsn),
         "pause": o.replay_paused, "stream": o.receiver_streaming, "sys": o.system_id,
-        "hs": None if o.hot_standby_settings is None else list(o.hot_standby_settings),
+        "hs": None if o.hot_standby_settings is None else ",".join(
+            str(v) for v in o.hot_standby_settings),
         "tl": o.timeline, "pool": o.pooler_seen,
-        "run": None if run is None else [run.system_id, run.address, run.port, run.started_at],
+        "run": None if run is None else json.dumps(
+            [run.system_id, run.address, run.port, run.started_at]),
     }
 
 
@@ -156,13 +159,26 @@ def _from_json(d: Mapping[str, Any]) -> Message:
         receive_lsn=_unlsn(d["rcv"]), replay_paused=bool(d["pause"]),
         receiver_streaming=bool(d["stream"]),
         system_id=None if d["sys"] is None else int(d["sys"]),
-        hot_standby_settings=None if d["hs"] is None else tuple(int(x) for x in d["hs"]),
+        hot_standby_settings=None if d["hs"] is None else _settings(str(d["hs"])),
         timeline=None if d["tl"] is None else int(d["tl"]),
-        run=None if run is None else ServerRun(
-            None if run[0] is None else int(run[0]), run[1],
-            None if run[2] is None else int(run[2]), str(run[3])),
+        run=None if run is None else _run(str(run)),
         pooler_seen=bool(d["pool"]),
     ))
+
+
+# The values below repeat in every poll of a server: one object per distinct value (bounded
+# caches keyed by the message's own text), as ``proof.ServerRun.from_row`` does for polls.
+@functools.lru_cache(maxsize=256)
+def _run(text: str) -> ServerRun:
+    system_id, address, port, started = json.loads(text)
+    return ServerRun(None if system_id is None else int(system_id),
+                     None if address is None else str(address),
+                     None if port is None else int(port), str(started))
+
+
+@functools.lru_cache(maxsize=64)
+def _settings(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(","))
 
 
 def topology_document(topology: Topology) -> dict[str, Any]:

@@ -43,7 +43,6 @@ from propstore.config import Topology
 from propstore.monitor._messages import (
     VERSION,
     Beat,
-    Failed,
     Hello,
     HistoryRead,
     Polled,
@@ -156,7 +155,12 @@ class SharedMonitor(LagMonitor):
         #: How often this store fell back to its own polls, and joined an agent.
         self.fallbacks = 0
         self.joins = 0
-        self._floor: dict[tuple[int, int], float] = {}
+        #: Per shard and node: the newest poll time applied (replays older than it are
+        #: skipped), and the node's key for the first-round tracker (made once: nothing is
+        #: allocated per message but the message).
+        self._floor = [[-1.0] * len(s.nodes) for s in topology.shards]
+        self._keys = [[(i, n) for n in range(len(s.nodes))]
+                      for i, s in enumerate(topology.shards)]
         self._agent_proc: subprocess.Popen[bytes] | None = None
         #: Agents this store spawned that ended before anyone joined them in a row, and
         #: when it may spawn again (an agent that cannot start is not retried every second).
@@ -218,8 +222,7 @@ class SharedMonitor(LagMonitor):
             for s, view in enumerate(self.state.views):
                 for n, node in enumerate(view.nodes):
                     if node.last_poll_at is not None:
-                        self._floor[(s, n)] = max(self._floor.get((s, n), 0.0),
-                                                  node.last_poll_at)
+                        self._floor[s][n] = max(self._floor[s][n], node.last_poll_at)
 
     # ------------------------------------------------------------ joining
 
@@ -346,21 +349,21 @@ class SharedMonitor(LagMonitor):
                 f"the agent's clock is ahead of this process's ({at:.6f} > {now:.6f}): "
                 "not one host clock, so its facts cannot be timed here"
             )
-        if isinstance(message, Beat | Hello):
+        if isinstance(message, (Beat, Hello)):  # a constant tuple: no object per call
             return
         if isinstance(message, HistoryRead):
             self.state.record_history(message.shard, message.history)
             return
-        key = (message.shard, message.node)
         assert at is not None
-        if at <= self._floor.get(key, -1.0):
+        floor = self._floor[message.shard]
+        if at <= floor[message.node]:
             return  # already known (a replay after joining again)
-        self._floor[key] = at
+        floor[message.node] = at
         if isinstance(message, Polled):
             self.state.observe(message.shard, message.node, message.observation)
-        elif isinstance(message, Failed):
+        else:
             self.state.fail(message.shard, message.node, message.error, message.at)
-        polled(key)
+        polled(self._keys[message.shard][message.node])
 
 
 def _start_agent(topology: Topology, paths: AgentPaths) -> subprocess.Popen[bytes]:
