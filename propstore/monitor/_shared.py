@@ -178,6 +178,10 @@ class SharedMonitor(LagMonitor):
         try:
             if self.state.clock is not time.monotonic:
                 raise AgentUnavailable("the store's clock is not time.monotonic")
+            if any(shard.patroni_endpoints for shard in self.topology.shards):
+                # The agent forwards polls, not the HA manager's answers (yet): a store
+                # that asks Patroni who leads keeps its own monitor.
+                raise AgentUnavailable("shards with Patroni endpoints are not shared yet")
             paths = AgentPaths.of(self.topology)
         except (AgentUnavailable, OSError) as exc:
             log.warning("monitor_sharing_unavailable", error=str(exc))
