@@ -195,7 +195,7 @@ def _stale_shared() -> None:
                                 node.replay_paused, node.receiver_streaming, node.system_id,
                                 node.hot_standby_settings, node.timeline, node.run,
                                 node.pooler_seen))
-                link = await self._join(paths, 0.2)
+                link = await self._join(paths)
                 if link is not None:
                     return link
         return own_until_joined
