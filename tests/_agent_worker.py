@@ -106,8 +106,12 @@ class Fleet:
                 process.kill()
             process.join(10)
 
-    def statuses(self, timeout: float = 60.0) -> list[Status]:
-        """Every worker's status (raises if a worker died or does not answer)."""
+    def statuses(self, timeout: float | None = None) -> list[Status]:
+        """Every worker's status (raises if a worker died or does not answer within
+        ``timeout``, default 60 s or 4 s per worker: dozens of interpreters starting on
+        two shared cores take that long)."""
+        if timeout is None:
+            timeout = max(60.0, 4.0 * len(self.processes))
         for pipe in self._pipes:
             pipe.send("status")
         return [self._recv(pipe, i, timeout) for i, pipe in enumerate(self._pipes)]
