@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from propstore.migrate import (
     ConfigChange,
     ConfigEvent,
     ConfigJournal,
+    ConfigPlan,
     ConfigRollout,
     SettingValueError,
     plan_config_change,
@@ -366,13 +367,35 @@ class _Interrupted(Exception):
     pass
 
 
-def test_an_interrupted_run_continues_where_it_stopped_and_remembers_the_originals(
-    cluster_factory: Callable[..., LocalCluster], tmp_path: Path
-) -> None:
+@dataclass(frozen=True)
+class Resumable:
+    """What the resume tests share: a private 1 x 2 cluster, a journal path, the change."""
+
+    cluster: LocalCluster
+    topology: Topology
+    journal: Path
+    change: ConfigChange = field(
+        default_factory=lambda: ConfigChange({"checkpoint_completion_target": "0.7"}))
+
+    def resumed_plan(self) -> ConfigPlan:
+        """The change planned again with the journal's originals: step 1 is applied."""
+        plan = plan_config_change(self.topology, self.change,
+                                  originals=ConfigJournal(self.journal).originals)
+        assert [s.applied for s in plan.steps] == [True, False, False]
+        return plan
+
+
+@pytest.fixture
+def resumable(cluster_factory: Callable[..., LocalCluster], tmp_path: Path) -> Resumable:
     private = cluster_factory(shards=1, replicas=2)
-    topology = topology_of(private)
-    journal = tmp_path / "journal.json"
-    change = ConfigChange({"checkpoint_completion_target": "0.7"})
+    return Resumable(private, topology_of(private), tmp_path / "journal.json")
+
+
+def test_an_interrupted_run_continues_where_it_stopped_and_remembers_the_originals(
+    resumable: Resumable,
+) -> None:
+    private, topology, journal, change = (resumable.cluster, resumable.topology,
+                                          resumable.journal, resumable.change)
     original = setting(private.nodes[0], "checkpoint_completion_target")
 
     def interrupt(event: ConfigEvent) -> None:
@@ -386,9 +409,7 @@ def test_an_interrupted_run_continues_where_it_stopped_and_remembers_the_origina
     values = [setting(node, "checkpoint_completion_target") for node in private.nodes]
     assert values == [original, "0.7", original]  # replica1 done, the others untouched
 
-    resumed_plan = plan_config_change(topology, change,
-                                      originals=ConfigJournal(journal).originals)
-    assert [s.applied for s in resumed_plan.steps] == [True, False, False]
+    resumed_plan = resumable.resumed_plan()
     assert resumed_plan.steps[0].settings[0].before == original
     resumed = ConfigRollout(topology, resumed_plan, bake=0.2, journal=journal).run()
     assert [r.outcome for r in resumed.results] == ["already applied", "done", "done"]
@@ -410,12 +431,10 @@ def interrupt_during_the_bake_of(step: int, events: list[ConfigEvent]
 
 
 def test_a_step_interrupted_during_its_bake_is_baked_again_on_resume(
-    cluster_factory: Callable[..., LocalCluster], tmp_path: Path
+    resumable: Resumable,
 ) -> None:
-    private = cluster_factory(shards=1, replicas=2)
-    topology = topology_of(private)
-    journal = tmp_path / "journal.json"
-    change = ConfigChange({"checkpoint_completion_target": "0.7"})
+    private, topology, journal, change = (resumable.cluster, resumable.topology,
+                                          resumable.journal, resumable.change)
     first: list[ConfigEvent] = []
     with pytest.raises(_Interrupted):
         ConfigRollout(topology, plan_config_change(topology, change), bake=1.0,
@@ -423,9 +442,7 @@ def test_a_step_interrupted_during_its_bake_is_baked_again_on_resume(
     assert not [e for e in first if e.kind == "step_done"]
     assert setting(private.shards[0].replicas[0], "checkpoint_completion_target") == "0.7"
 
-    resumed_plan = plan_config_change(topology, change,
-                                      originals=ConfigJournal(journal).originals)
-    assert [s.applied for s in resumed_plan.steps] == [True, False, False]
+    resumed_plan = resumable.resumed_plan()
     from click.testing import CliRunner
 
     from propstore.cli import main
