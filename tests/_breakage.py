@@ -122,15 +122,15 @@ def _slow_write_failure() -> None:
 
 def _slow_fallback() -> None:
     """Every fallback read on a primary takes 30 ms more."""
-    from propstore.store._core import StoreCore
+    from propstore.store._primary import PrimaryReads
 
     def make(orig: Any) -> Any:
-        def _primary_read(self: Any, *args: Any) -> Generator[Any, Any, Any]:
+        def read(self: Any, *args: Any) -> Generator[Any, Any, Any]:
             time.sleep(0.03)
             return (yield from orig(self, *args))
-        return _primary_read
+        return read
 
-    _patch(StoreCore, "_primary_read", make)
+    _patch(PrimaryReads, "read", make)
 
 
 def _try_down_replicas() -> None:

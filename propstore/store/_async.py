@@ -21,17 +21,7 @@ from propstore.degrade import Degrade
 from propstore.freshness import Token
 from propstore.monitor import LagMonitor, ShardView, monitor_for
 from propstore.router import RouteDecision
-from propstore.store._core import (
-    Exec,
-    PrimaryGone,
-    Program,
-    Props,
-    ReadObserver,
-    ReadResult,
-    ReadStats,
-    StoreCore,
-    is_retryable_write_error,
-)
+from propstore.store._core import StoreCore
 from propstore.store._pool import (
     SCHEMA_MISSING,
     STATEMENT_LOST,
@@ -40,8 +30,19 @@ from propstore.store._pool import (
     async_pool,
     prepare_async,
 )
-from propstore.store._program import Request, Wait
+from propstore.store._primary import PrimaryGone
+from propstore.store._program import (
+    Exec,
+    Program,
+    Props,
+    ReadObserver,
+    ReadResult,
+    Request,
+    Wait,
+)
+from propstore.store._stats import ReadStats
 from propstore.store._sync import _VALIDITY_SLICE, Budget, config_path
+from propstore.store._writes import is_retryable_write_error
 from propstore.timeline import WriteMark
 
 
@@ -132,10 +133,10 @@ class AsyncPropertyStore:
 
     async def _write(self, kind: str, tenant: str, user_id: str, argument: object) -> Token:
         shard, statement = self._core.write_request(kind, tenant, user_id, argument)
-        window = self._core.write_window()
+        window = self._core.writes.window()
 
         async def attempt() -> tuple[int | None, WriteMark]:
-            program = self._core.write_program(shard, statement, window)
+            program = self._core.writes.program(shard, statement, window)
             return await self._run(program)  # type: ignore[no-any-return]
 
         try:
@@ -144,9 +145,9 @@ class AsyncPropertyStore:
             except (psycopg.Error, _wire.DeadlineExceeded) as exc:
                 if not is_retryable_write_error(exc):
                     raise
-                outcome = await self._core.write_retrying(AsyncRetrying, shard, window)(attempt)
+                outcome = await self._core.writes.retrying(AsyncRetrying, shard, window)(attempt)
         except (psycopg.Error, _wire.DeadlineExceeded) as exc:
-            raise self._core.write_error(shard, exc, window) from None
+            raise self._core.writes.error(shard, exc, window) from None
         return self._core.write_done(shard, statement, outcome)
 
     # ------------------------------------------------------------------ insight

@@ -2,7 +2,7 @@
 admits the read, else the read's degrade policy (wait, serve stale), else a clear refusal.
 
 A program in the same shape as ``_core``'s (it yields :class:`Exec` and :class:`Wait`
-requests), which ``StoreCore._read`` hands over to once its replica candidates are
+requests), which ``StoreCore.read_program`` hands over to once its replica candidates are
 exhausted. The order in which reads give way, and why, is in ``docs/degrade.md``:
 
 1. strong and token reads always go to the primary (nothing else can serve them);
@@ -129,7 +129,7 @@ def _on_primary(
     """An admitted read on the primary; its duration is the limiter's measure of health."""
     began = time.monotonic()
     try:
-        rows, node = yield from core._primary_read(shard_index, data)
+        rows, node = yield from core.primary.read(shard_index, data)
     finally:
         # No wake-up for waiting reads here: a read ends hundreds of times a second under
         # a surge, and waking every waiter each time is a thundering herd. Waiters recheck
@@ -153,8 +153,8 @@ def _wait(
         if decision.candidates or decision.tentative:
             # The bound stays measured from the read's start: the budget is about the
             # writes acknowledged before the caller asked, not before it was answered.
-            served = yield from core.replica_read(shard_index, decision, data, decode,
-                                                  failures, started)
+            served = yield from core.replicas.read(shard_index, decision, data, decode,
+                                                   failures, started)
             if isinstance(served, tuple):
                 return served
         if _observed_down(core, shard_index) is None and _admit(core, shard_index,

@@ -1,8 +1,8 @@
 """The vocabulary programs and drivers share: what a program asks for (:class:`Exec`), what
 it gets back, and what a read returns (:class:`ReadResult`).
 
-Kept apart from ``_core`` so the modules a read's program is built from (``_core`` and
-``_degrade``) import it without importing each other.
+Kept apart from ``_core`` so the modules a read's program is built from (``_core``,
+``_replica``, ``_primary``, ``_degrade``, ``_writes``) import it without importing each other.
 """
 
 from __future__ import annotations

@@ -22,17 +22,7 @@ from propstore.errors import ConfigError
 from propstore.freshness import Token
 from propstore.monitor import LagMonitor, ShardView, monitor_for
 from propstore.router import RouteDecision
-from propstore.store._core import (
-    Exec,
-    PrimaryGone,
-    Program,
-    Props,
-    ReadObserver,
-    ReadResult,
-    ReadStats,
-    StoreCore,
-    is_retryable_write_error,
-)
+from propstore.store._core import StoreCore
 from propstore.store._pool import (
     SCHEMA_MISSING,
     STATEMENT_LOST,
@@ -41,7 +31,18 @@ from propstore.store._pool import (
     prepare,
     sync_pool,
 )
-from propstore.store._program import Request, Wait
+from propstore.store._primary import PrimaryGone
+from propstore.store._program import (
+    Exec,
+    Program,
+    Props,
+    ReadObserver,
+    ReadResult,
+    Request,
+    Wait,
+)
+from propstore.store._stats import ReadStats
+from propstore.store._writes import is_retryable_write_error
 from propstore.timeline import WriteMark
 
 Budget = float | timedelta | str | None
@@ -153,10 +154,10 @@ class PropertyStore:
 
     def _write(self, kind: str, tenant: str, user_id: str, argument: object) -> Token:
         shard, statement = self._core.write_request(kind, tenant, user_id, argument)
-        window = self._core.write_window()
+        window = self._core.writes.window()
 
         def attempt() -> tuple[int | None, WriteMark]:
-            return self._run(self._core.write_program(shard, statement, window))  # type: ignore[no-any-return]
+            return self._run(self._core.writes.program(shard, statement, window))  # type: ignore[no-any-return]
 
         try:
             try:
@@ -166,9 +167,9 @@ class PropertyStore:
                     raise
                 # Only a failed first attempt pays for tenacity: the primary may be
                 # restarting or a promotion may be under way (the monitor rediscovers it).
-                outcome = self._core.write_retrying(Retrying, shard, window)(attempt)
+                outcome = self._core.writes.retrying(Retrying, shard, window)(attempt)
         except (psycopg.Error, _wire.DeadlineExceeded) as exc:
-            raise self._core.write_error(shard, exc, window) from None
+            raise self._core.writes.error(shard, exc, window) from None
         return self._core.write_done(shard, statement, outcome)
 
     # ------------------------------------------------------------------ insight

@@ -1,0 +1,147 @@
+"""A read on a shard's replicas: per candidate, the plan that proves the budget on the
+connection it gets (a fact that covers it, else the LSN check in the same round trip), and
+what a verified read leaves behind for later reads (``proof.RunFacts``).
+
+The rule deciding whether a fact covers a connection is ``proof``'s; this module only
+applies it to the connection the driver checked out, and reports the bound it proved.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator, Sequence
+from typing import Any
+
+import psycopg
+from psycopg_pool import PoolTimeout
+
+from propstore._wire import DeadlineExceeded, Statement
+from propstore.config import RoutingSettings
+from propstore.lsn import LSN
+from propstore.monitor import MonitorState, NodeView, ShardView
+from propstore.proof import Proof, RunFacts, known_lsn, remember
+from propstore.router import FallbackReason, RouteDecision
+from propstore.store._program import ConnState, Exec, ReadResult, Response
+from propstore.store._statements import REPLAY_LSN
+
+
+class ReplicaReads:
+    """Reads served by replicas: the monitor's views, the store's verified facts per server
+    run, and the replica deadline."""
+
+    def __init__(self, state: MonitorState, runs: RunFacts, routing: RoutingSettings) -> None:
+        self.state = state
+        self.runs = runs
+        self.routing = routing
+
+    def read(
+        self,
+        shard_index: int,
+        decision: RouteDecision,
+        data: Statement,
+        decode: Callable[[Any], Any],
+        failures: list[tuple[int, str]],
+        started: float,
+    ) -> Generator[Exec, Response, tuple[Any, ReadResult] | FallbackReason]:
+        """Try the decision's replicas in turn; (rows, result) from the first that proves
+        the budget, else why none did (failures are appended to ``failures``)."""
+        reason = decision.fallback_reason
+        candidates = decision.candidates or decision.tentative
+        if not candidates:
+            assert reason is not None
+            return reason
+        freshness = decision.freshness
+        shard = decision.shard.name
+        history = decision.shard.history
+        runs = self.runs
+        deadline = time.monotonic() + self.routing.replica_deadline
+        for cand in candidates:
+            if time.monotonic() >= deadline:
+                reason = "replica_timeout"
+                break
+            # What the plan chose, for the connection it got: the fact that proves the read,
+            # or the time the verifying round trip was sent. The last entry counts (the
+            # driver re-plans when a pooler lost the connection's statements).
+            chosen: list[tuple[LSN, Proof, float] | float] = []
+
+            def plan(conn: ConnState, node: NodeView = cand.node,
+                     chosen: list[tuple[LSN, Proof, float] | float] = chosen
+                     ) -> tuple[Sequence[Statement], bool]:
+                known = known_lsn(node.sightings, conn, runs)
+                if known is not None:
+                    bound = history.bound(known[0], started)
+                    if freshness.admits(shard, known[0], bound):
+                        chosen.append((*known, bound))
+                        return (data,), False
+                # The LSN statement runs first, so the data query's snapshot is at least as
+                # new as the LSN it reports (one combined statement would not be). Taken
+                # just before the send: the LSN is read after it (docs/architecture.md).
+                chosen.append(time.monotonic())
+                return (REPLAY_LSN, data), False
+
+            try:
+                conn, results = yield Exec(cand.node.config, deadline, plan)
+            except PoolTimeout:
+                # No free connection in time: busy or reconnecting, not proof the node failed
+                # -- unless it was already failing, then it counts (a frozen replica's pool
+                # blocks on reconnecting, and every read would pay the deadline otherwise).
+                reason = "replica_timeout"
+                if cand.node.failures:
+                    failures.append((cand.index, "no connection before the read deadline"))
+                continue
+            except DeadlineExceeded:
+                reason = "replica_timeout"
+                failures.append((cand.index, "read deadline exceeded"))
+                continue
+            except psycopg.Error as exc:
+                reason = "replica_down"
+                failures.append((cand.index, f"read failed: {type(exc).__name__}"))
+                continue
+            mark = chosen[-1]
+            view = self.state.view(shard_index)
+            if isinstance(mark, tuple):
+                lsn, proof, bound = mark
+                rows = results[0]
+                if view.history is not history:  # a poll since: its samples are facts too
+                    bound = min(bound, view.history.bound(lsn, started))
+            else:
+                lsn_value = results[0].get_value(0, 0)
+                if lsn_value is None:  # not in recovery any more (promoted): prove nothing
+                    reason = "replica_stale"
+                    continue
+                lsn, proof, rows = LSN.parse(lsn_value), "pipeline", results[1]
+                if not _on_history(view, results[0], lsn):
+                    reason = "replica_stale"  # switched timeline since the poll: unproven
+                    continue
+                self.verified(conn, mark, lsn)
+                bound = view.history.bound(lsn, started)
+                if not freshness.admits(shard, lsn, bound):
+                    reason = "replica_stale"
+                    continue
+                # Both views' samples are sound facts; the proof may have used the older
+                # one (a new primary's history starts empty).
+                if view.history is not history:
+                    bound = min(bound, history.bound(lsn, started))
+            return decode(rows), ReadResult(
+                None, None, shard, cand.node.name, True, lsn, bound, None, proof
+            )
+        assert reason is not None
+        return reason
+
+    def verified(self, conn: ConnState, sent_at: float, lsn: LSN) -> None:
+        """A read on ``conn`` verified replay LSN ``lsn`` in a round trip sent at
+        ``sent_at``: keep it for the connection's later reads and, where the connection
+        keeps its server, as a fact about its server run for every connection to that run
+        (``proof.RunFacts``; sound as a poll sent at ``sent_at`` is)."""
+        remember(conn, lsn)
+        run = conn.propstore_run
+        if conn.propstore_keeps_server and run is not None:
+            self.runs.observe(run, sent_at, lsn)
+
+
+def _on_history(view: ShardView, result: Any, lsn: LSN) -> bool:
+    """Whether a pipelined ``REPLAY_LSN`` row places the replica on the primary's history
+    (its timeline is read in the same statement: a standby switches timelines without
+    ending connections, so the poll's timeline does not carry over)."""
+    raw = result.get_value(0, 1)
+    return raw is not None and view.on_history(int(raw), lsn)

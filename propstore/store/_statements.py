@@ -1,0 +1,62 @@
+"""The statements a store's operations send, built from checked input, and their rows
+decoded: pure (no I/O), so every program and driver shares one form of each."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from propstore import _sql
+from propstore._validation import MAX_DOCUMENT_BYTES, check_keys, encode_props
+from propstore._wire import Statement
+from propstore.store._program import Props
+
+#: Pipelined before a replica's data query when no fact proves the read (its own check).
+REPLAY_LSN = Statement(_sql.REPLAY_LSN)
+#: Pipelined before a primary read whose connection no poll proves on a primary.
+IS_PRIMARY = Statement(_sql.IS_PRIMARY)
+_JSON = json.JSONDecoder()
+
+
+def get(tenant: str, user_id: str) -> Statement:
+    """One user's document and version."""
+    return Statement(_sql.GET, (tenant.encode(), user_id.encode()))
+
+
+def get_many(tenant: str, user_ids: list[str]) -> Statement:
+    """Documents of many users of a tenant (one shard's part of ``get_many``)."""
+    return Statement(_sql.GET_MANY, (tenant.encode(), _sql.text_array(user_ids)))
+
+
+def write(kind: str, tenant: str, user_id: str, bucket: int, argument: object) -> Statement:
+    """The statement of a ``set``/``replace`` (``argument``: props), ``unset`` (keys) or
+    ``delete``; refuses bad props or keys (``InvalidInputError``) before anything is sent."""
+    if kind in ("set", "replace"):
+        return Statement(
+            _sql.REPLACE if kind == "replace" else _sql.MERGE,
+            (tenant.encode(), user_id.encode(), str(bucket).encode(), encode_props(argument),
+             str(MAX_DOCUMENT_BYTES).encode()),
+        )
+    if kind == "unset":
+        return Statement(_sql.UNSET, (tenant.encode(), user_id.encode(),
+                                      _sql.text_array(check_keys(argument))))
+    return Statement(_sql.DELETE, (tenant.encode(), user_id.encode()))
+
+
+def is_upsert(statement: Statement) -> bool:
+    """Whether ``statement`` is a merge or replace (whose size check may refuse it)."""
+    return statement.name in (_sql.MERGE, _sql.REPLACE)
+
+
+def decode_one(result: Any) -> tuple[Props | None, int | None]:
+    """Rows of ``GET``: the document and its version, or (None, None)."""
+    if not result.ntuples:
+        return None, None
+    # What json.loads does with a str, minus its argument checks (a read's hottest call).
+    return _JSON.decode(result.get_value(0, 0).decode()), int(result.get_value(0, 1))
+
+
+def decode_many(result: Any) -> dict[str, Props]:
+    """The row of ``GET_MANY``: ``{user_id: props}`` (NULL when no user was found)."""
+    value = result.get_value(0, 0) if result.ntuples else None
+    return json.loads(value) if value is not None else {}

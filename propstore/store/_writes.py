@@ -1,0 +1,188 @@
+"""Writes: one attempt as a program on the shard's primary, the window its retries keep to,
+the retry policy (tenacity) and the error a caller sees when they are exhausted."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import psycopg
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    wait_exponential_jitter,
+)
+
+from propstore import _sql
+from propstore._limiter import PrimaryLimiter
+from propstore._wire import DeadlineExceeded, Statement
+from propstore.config import RoutingSettings
+from propstore.errors import InvalidInputError, PropStoreError, ShardUnavailableError
+from propstore.lsn import LSN
+from propstore.monitor import MonitorState
+from propstore.store._primary import (
+    PrimaryGone,
+    describe,
+    observed_roles,
+    primary_node,
+    still_primary,
+)
+from propstore.store._program import Exec, Response, fixed
+from propstore.timeline import WriteMark, timeline_of_wal_file
+
+RetryingT = TypeVar("RetryingT", Retrying, AsyncRetrying)
+
+
+@dataclass(slots=True)
+class WriteWindow:
+    """How long one write may keep trying (``time.monotonic()`` times) and what it saw.
+
+    Retries stop at ``retry_until`` (``write_retry_time``) unless no primary is observed
+    then: a failover is under way and the write waits for the new primary, trying it as soon
+    as the monitor observes it, until ``failover_until`` (``write_failover_time``).
+    """
+
+    started: float
+    retry_until: float
+    failover_until: float
+    attempts: int = 0
+    #: The node of the latest attempt that reached one (None: none had a target).
+    last_node: str | None = None
+
+    @property
+    def last_deadline(self) -> float:
+        """No attempt runs past this."""
+        return max(self.retry_until, self.failover_until)
+
+
+class Writes:
+    """What a store's writes share: the monitor's view of each primary, the deadlines and
+    retry times, and each primary's limiter (writes are part of its measured load)."""
+
+    def __init__(self, state: MonitorState, routing: RoutingSettings,
+                 primary_limiters: Sequence[PrimaryLimiter], shard_names: Sequence[str]
+                 ) -> None:
+        self.state = state
+        self.routing = routing
+        self.primary_limiters = primary_limiters
+        self.shard_names = shard_names
+
+    def window(self) -> WriteWindow:
+        """The retry window of a write starting now."""
+        now = time.monotonic()
+        return WriteWindow(now, now + self.routing.write_retry_time,
+                           now + self.routing.write_failover_time)
+
+    def program(self, shard_index: int, statement: Statement, window: WriteWindow
+                ) -> Generator[Exec, Response, tuple[int | None, WriteMark]]:
+        """One attempt at a write on the shard's primary: (new version, where it committed).
+
+        ``pg_current_wal_insert_lsn()``, the write and ``pg_current_wal_flush_lsn()`` with
+        the WAL file name are pipelined with a Sync after each, at no extra round trip: the
+        first is at or before the write's commit record, the last read after the commit was
+        acknowledged (>= the commit record), on the timeline the commit was written on.
+        ``window`` caps the attempt, so retries never outlast it.
+
+        The attempt goes to the primary the monitor observes; with none, to the last one
+        (it may be restarting) unless the monitor has seen it in recovery since (then it
+        fails at once, without I/O). While it waits for a connection it gives up as soon as
+        the monitor observes another primary, so no attempt stays blocked on a dead
+        primary's pool.
+        """
+        window.attempts += 1
+        view = self.state.view(shard_index)
+        node = view.primary
+        if node is None:
+            node = primary_node(view)
+            if view.ruled_out(node):
+                raise PrimaryGone(f"no primary observed ({observed_roles(view)})")
+        window.last_node = node.name
+        began = time.monotonic()
+        deadline = min(began + self.routing.primary_deadline, window.last_deadline)
+        name = node.name
+        try:
+            _conn, results = yield Exec(
+                node.config, deadline,
+                fixed((Statement(_sql.INSERT_LSN), statement, Statement(_sql.FLUSH_LSN)),
+                      commit_each=True),
+                valid=lambda: still_primary(self.state.view(shard_index), name),
+            )
+        finally:
+            # Writes are the primary's other load: their latency is part of its health.
+            self.primary_limiters[shard_index].sample(time.monotonic() - began)
+        start, write, after = results
+        version = int(write.get_value(0, 0)) if write.ntuples else None
+        wal_file = after.get_value(0, 1)
+        return version, WriteMark(
+            timeline_of_wal_file(wal_file.decode()) if wal_file else None,
+            LSN.parse(after.get_value(0, 0)), LSN.parse(start.get_value(0, 0)),
+        )
+
+    def exhausted(self, shard_index: int, window: WriteWindow) -> bool:
+        """Whether a failed write stops retrying now (see :class:`WriteWindow`)."""
+        now = time.monotonic()
+        if now >= window.last_deadline:
+            return True
+        if now < window.retry_until:
+            return False
+        primary = self.state.view(shard_index).primary
+        # Past write_retry_time only a failover keeps the write going: until a primary is
+        # observed, and then until it was tried once.
+        return primary is not None and primary.name == window.last_node
+
+    def retrying(self, kind: type[RetryingT], shard_index: int, window: WriteWindow
+                 ) -> RetryingT:
+        """The retry policy for writes (``Retrying`` or ``AsyncRetrying``): jittered backoff
+        while the error is retryable and :meth:`exhausted` says go on; while no primary is
+        observed, short waits (an attempt then costs no I/O), so the write reaches a new
+        primary within ~20 ms of the monitor observing it."""
+        backoff = wait_exponential_jitter(multiplier=0.05, max=0.5)
+
+        def wait(state: RetryCallState) -> float:
+            if self.state.view(shard_index).primary is None:
+                return 0.02
+            return float(backoff(state))
+
+        return kind(
+            stop=lambda state: self.exhausted(shard_index, window),
+            wait=wait,
+            retry=retry_if_exception(is_retryable_write_error),
+            reraise=True,
+        )
+
+    def error(self, shard_index: int, exc: BaseException,
+              window: WriteWindow | None = None) -> PropStoreError:
+        """The error a caller sees for a write that failed (after any retries); it names
+        the roles the monitor observed, never only the file's."""
+        view = self.state.view(shard_index)
+        node = primary_node(view)
+        shard = self.shard_names[shard_index]
+        if is_retryable_write_error(exc):
+            tried = "" if window is None else (
+                f" after {window.attempts} attempt(s) over "
+                f"{time.monotonic() - window.started:.1f}s"
+            )
+            if view.primary is None:
+                return ShardUnavailableError(
+                    shard, f"write not applied: no primary observed{tried} "
+                    f"({observed_roles(view)}); last error: {describe(exc)}",
+                )
+            return ShardUnavailableError(
+                shard, f"write failed on primary {node.name} ({node.config.address}){tried}: "
+                f"{describe(exc)}",
+            )
+        if isinstance(exc, psycopg.DataError | psycopg.IntegrityError):
+            return InvalidInputError("props", f"refused by the database: {describe(exc)}")
+        # Permissions, a missing table (not migrated), ...: a deployment problem, not input.
+        return PropStoreError(f"shard {shard}: write refused by {node.name}: {describe(exc)}")
+
+
+def is_retryable_write_error(exc: BaseException) -> bool:
+    """Errors after which a write may be retried on the (possibly new) primary."""
+    return isinstance(exc, DeadlineExceeded | psycopg.OperationalError | (
+        psycopg.errors.ReadOnlySqlTransaction
+    ))
