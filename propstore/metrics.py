@@ -11,6 +11,10 @@ Node gauges are computed at scrape time from the monitor's current views (throug
 and latency histograms are fed by an observer on the store. Nothing is registered in
 prometheus_client's global registry, so several stores (and tests) never collide.
 The metric names are listed in :data:`METRIC_NAMES` and documented in ``docs/operating.md``.
+
+:class:`AgentMetrics` does the same for the host's lag agent (``propstore agent run
+--metrics-port``): the node gauges from the agent's own polls, its counters per node, the
+stores it serves and the refusals they reported (:data:`AGENT_METRIC_NAMES`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -31,6 +35,9 @@ from propstore.config import Topology
 from propstore.monitor import LagMonitor, LagReport, ShardView, lag_report
 from propstore.monitor._state import NodeStateName
 from propstore.store import ReadObserver, ReadResult, ReadStats
+
+if TYPE_CHECKING:
+    from propstore.monitor._agent import Agent
 
 #: Every state a node can be in (the ``state`` label of ``propstore_node_state``).
 NODE_STATES: tuple[NodeStateName, ...] = (
@@ -63,6 +70,21 @@ METRIC_NAMES = (
     "propstore_primary_fallback_limit",
     "propstore_primary_fallback_in_flight",
     "propstore_primary_latency_seconds",
+)
+
+#: The host agent's metrics (``AgentMetrics``), beside the node gauges of its own polls.
+AGENT_METRIC_NAMES = (
+    "propstore_agent_stores",
+    "propstore_agent_stores_joined",
+    "propstore_agent_stores_dropped",
+    "propstore_agent_polls",
+    "propstore_agent_poll_failures",
+    "propstore_agent_last_poll_age_seconds",
+    "propstore_agent_polls_per_second",
+    "propstore_agent_rss_bytes",
+    "propstore_agent_uptime_seconds",
+    "propstore_agent_healthy",
+    "propstore_agent_reads_refused",
 )
 
 
@@ -286,4 +308,77 @@ class StoreMetrics:
         self._store.remove_observer(self._observe)
 
 
-__all__ = ["LATENCY_BUCKETS", "METRIC_NAMES", "NODE_STATES", "MetricsServer", "StoreMetrics"]
+class _AgentCollector(Collector):
+    """The agent's figures, read on its own event loop at every scrape (its state belongs
+    to that loop's thread)."""
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+
+    def collect(self) -> Iterator[Metric]:
+        agent = self._agent
+        status, views, now = agent.snapshot()
+        yield from _node_metrics(lag_report(views, agent.topology.profiles, now))
+        labels = ["shard", "node"]
+        polls = CounterMetricFamily("propstore_agent_polls",
+                                    "Successful polls of the node by the host agent.",
+                                    labels=labels)
+        failures = CounterMetricFamily("propstore_agent_poll_failures",
+                                       "Failed polls of the node by the host agent.",
+                                       labels=labels)
+        age = GaugeMetricFamily("propstore_agent_last_poll_age_seconds",
+                                "Seconds since the agent's latest poll of the node (+Inf: "
+                                "never).", labels=labels)
+        rate = GaugeMetricFamily("propstore_agent_polls_per_second",
+                                 "The agent's recent poll rate of the node.", labels=labels)
+        for node in status.nodes:
+            key = [node.shard, node.node]
+            polls.add_metric(key, float(node.polls))
+            failures.add_metric(key, float(node.failures))
+            age.add_metric(key, float("inf") if node.last_poll_age_seconds is None
+                           else node.last_poll_age_seconds)
+            rate.add_metric(key, node.polls_per_second)
+        yield from (polls, failures, age, rate)
+        yield GaugeMetricFamily("propstore_agent_stores", "Stores connected to the agent now.",
+                                value=len(status.stores))
+        yield CounterMetricFamily("propstore_agent_stores_joined",
+                                  "Stores that joined the agent since it started.",
+                                  value=status.stores_total)
+        yield CounterMetricFamily("propstore_agent_stores_dropped",
+                                  "Stores dropped for not reading (1 MiB backlog).",
+                                  value=status.stores_dropped)
+        yield GaugeMetricFamily("propstore_agent_rss_bytes", "The agent's resident memory.",
+                                value=status.rss_bytes)
+        yield GaugeMetricFamily("propstore_agent_uptime_seconds",
+                                "Seconds since the agent started.", value=status.uptime_seconds)
+        yield GaugeMetricFamily("propstore_agent_healthy",
+                                "1 while the agent polls every node on time.",
+                                value=1.0 if status.healthy else 0.0)
+        refused = CounterMetricFamily(
+            "propstore_agent_reads_refused",
+            "StaleReadError raised by the host's stores of this topology (their reports, "
+            "stores that left included), by shard, profile and reason.",
+            labels=["shard", "profile", "reason"])
+        for shard, profiles in status.refusals.items():
+            for profile, reasons in profiles.items():
+                for reason, count in reasons.items():
+                    refused.add_metric([shard, profile, reason], float(count))
+        yield refused
+
+
+class AgentMetrics:
+    """Prometheus metrics of a host agent run in this process (``propstore agent run
+    --metrics-port``), in a registry of their own."""
+
+    def __init__(self, agent: Agent, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.registry.register(_AgentCollector(agent))
+
+    def serve(self, port: int = 9188, host: str = "127.0.0.1") -> MetricsServer:
+        """Serve ``/metrics`` over HTTP from a daemon thread (``port=0``: any free port)."""
+        server, thread = start_http_server(port, host, registry=self.registry)
+        return MetricsServer(host, server.server_port, server, thread)
+
+
+__all__ = ["AGENT_METRIC_NAMES", "LATENCY_BUCKETS", "METRIC_NAMES", "NODE_STATES",
+           "AgentMetrics", "MetricsServer", "StoreMetrics"]

@@ -52,8 +52,22 @@ def _status(store: PropertyStore, load: Any) -> Status:
     )
 
 
+def _refuse(store: PropertyStore, user: str, count: int) -> int:
+    """Make ``count`` budgeted reads the store must refuse (a budget no replica proves, a
+    primary whose fallback ceiling admits none); how many raised ``StaleReadError``."""
+    from propstore import StaleReadError
+
+    raised = 0
+    for _ in range(count):
+        try:
+            store.read("acme", user, max_staleness=1e-6, degrade="refuse")
+        except StaleReadError:
+            raised += 1
+    return raised
+
+
 def run(config: str, sharing: str, users: Sequence[str], readers: int,
-        pipe: Connection) -> None:
+        routing: dict[str, Any], pipe: Connection) -> None:
     """The worker's body (see the module doc)."""
     from tests import _breakage
     from tests._workload import Workload
@@ -61,7 +75,8 @@ def run(config: str, sharing: str, users: Sequence[str], readers: int,
     _breakage.apply_from_environment()
     topology = Topology.load(config)
     topology = dataclasses.replace(
-        topology, monitor=dataclasses.replace(topology.monitor, sharing=sharing))  # type: ignore[arg-type]
+        topology, monitor=dataclasses.replace(topology.monitor, sharing=sharing),  # type: ignore[arg-type]
+        routing=dataclasses.replace(topology.routing, **routing))
     with PropertyStore(topology) as store:
         load = Workload(store, users, writers=1, readers=readers) if users else None
         with load if load is not None else contextlib.nullcontext():
@@ -69,6 +84,8 @@ def run(config: str, sharing: str, users: Sequence[str], readers: int,
                 command = pipe.recv()
                 if command == "status":
                     pipe.send(_status(store, load))
+                elif isinstance(command, tuple) and command[0] == "refuse":
+                    pipe.send(_refuse(store, command[1], command[2]))
                 elif command == "stop":
                     break
         if load is not None:
@@ -83,7 +100,7 @@ class Fleet:
 
     def __init__(self, config: Path, count: int, *, sharing: str = "host",
                  users: Callable[[int], Sequence[str]] | None = None,
-                 readers: int = 1) -> None:
+                 readers: int = 1, routing: dict[str, Any] | None = None) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._pipes: list[Connection] = []
         self.processes = []
@@ -91,7 +108,8 @@ class Fleet:
             mine, theirs = ctx.Pipe()
             process = ctx.Process(
                 target=run, name=f"agent-worker-{i}", daemon=True,
-                args=(str(config), sharing, list(users(i)) if users else [], readers, theirs))
+                args=(str(config), sharing, list(users(i)) if users else [], readers,
+                      routing or {}, theirs))
             self._pipes.append(mine)
             self.processes.append(process)
 
@@ -115,6 +133,13 @@ class Fleet:
         for pipe in self._pipes:
             pipe.send("status")
         return [self._recv(pipe, i, timeout) for i, pipe in enumerate(self._pipes)]
+
+    def refuse(self, worker: int, user: str, count: int) -> int:
+        """Have one worker make ``count`` reads its store refuses (see :func:`_refuse`;
+        start the fleet with ``routing={"primary_fallback_rate": 1e-6}``); how many it
+        refused."""
+        self._pipes[worker].send(("refuse", user, count))
+        return int(self._recv(self._pipes[worker], worker, 60.0))
 
     def wait_for(self, condition: Callable[[list[Status]], bool], timeout: float,
                  what: str) -> list[Status]:

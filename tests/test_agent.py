@@ -4,35 +4,55 @@ share one lag monitor, and every read stays proven within its budget."""
 from __future__ import annotations
 
 import contextlib
+import itertools
+import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from propstore import ConfigError, MonitorSettings, Topology
 from propstore.lsn import LSN
+from propstore.metrics import AGENT_METRIC_NAMES
 from propstore.monitor import Observation
+from propstore.monitor._health import TRACE_MEMORY_ENV, AgentStatus, agent_status
 from propstore.monitor._messages import (
     VERSION,
+    Ask,
     Beat,
+    Counts,
     Failed,
     Hello,
     HistoryRead,
+    Join,
     Message,
     Polled,
     decode,
+    decode_request,
     encode,
+    encode_request,
 )
+from propstore.monitor._shared import AgentPaths
 from propstore.proof import ServerRun
 from propstore.sandbox import LocalCluster
 from propstore.timeline import TimelineHistory
 from tests._agent_worker import Fleet, Status, agent_dir
 from tests.claims import CHAOS_PROCESSES, FLEET_QUERY_RATIO, SHARE_PROCESSES
+from tests.conftest import users_on_shard
+
+#: Growth of the agent's traced memory that counts as flat over 500 stores and 500 polls per
+#: node (a leak of 16 bytes per store would show as 8 KB).
+FLAT_AGENT_BYTES = 8 * 1024
 
 TOPOLOGY = """
 [[shards]]
@@ -267,3 +287,204 @@ def test_agent_messages_round_trip_every_fact_with_its_server_run() -> None:
         assert decode(encode(message)) == message
     with pytest.raises(ValueError, match="malformed"):
         decode(b'{"k": "obs"}')
+    counts = Counts((("a", "workflow", "fallback_ceiling", 3),))
+    for request in (Join(), Ask(), counts):
+        assert decode_request(encode_request(request)) == request
+    too_many = Counts(tuple(("a", f"p{i}", "r" * 100, i + 1) for i in range(600)))
+    bounded = decode_request(encode_request(too_many))
+    assert isinstance(bounded, Counts) and len(bounded.refusals) == 512
+    assert {len(r) for _s, _p, r, _n in bounded.refusals} == {64}
+    with pytest.raises(ValueError, match="malformed"):
+        decode_request(b'{"k": "counts", "r": [["a", "p"]]}')
+
+
+# ---------------------------------------------------------------- operating the agent
+
+
+def _cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """``propstore ARGS`` in a process of its own (the environment's agent folder)."""
+    return subprocess.run([sys.executable, "-m", "propstore.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def _status_when(topology: Topology, condition: Callable[[AgentStatus], bool],
+                 timeout: float = 60.0) -> AgentStatus:
+    """The agent's status once ``condition`` holds (AssertionError at the deadline)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = agent_status(topology)
+        if status is not None and condition(status):
+            return status
+        assert time.monotonic() < deadline, f"agent status within {timeout} s: {status}"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_agent_status_names_the_agent_its_stores_and_every_nodes_polls(
+    topology: Topology, cluster_config: Path, agents: Path,
+) -> None:
+    missing = _cli("agent", "status", "--config", str(cluster_config))
+    assert missing.returncode == 1, missing
+    assert "no agent runs for this topology" in missing.stdout
+    with Fleet(cluster_config, 2) as fleet:
+        statuses = fleet.wait_for(_all_shared, 30, "every worker follows one agent")
+        status = _status_when(topology, lambda st: min(n.polls for n in st.nodes) >= 5)
+        shown = _cli("agent", "status", "--json", "--config", str(cluster_config))
+        text = _cli("agent", "status", "--config", str(cluster_config))
+        fleet.stop()
+    assert status.pid == statuses[0].agent_pid
+    assert {s.pid for s in statuses} <= set(status.stores), (statuses, status.stores)
+    assert status.healthy, status.problems
+    assert status.rss_bytes > 0 and status.uptime_seconds > 0
+    names = [node.name for shard in topology.shards for node in shard.nodes]
+    assert [n.node for n in status.nodes] == names
+    for node in status.nodes:
+        assert node.polls > 0 and node.polls_per_second > 0, node
+        assert node.state == "up" and node.last_poll_age_seconds is not None
+    assert shown.returncode == 0, shown.stderr
+    document = json.loads(shown.stdout)
+    assert document["running"] is True and document["pid"] == status.pid
+    assert document["healthy"] is True and len(document["nodes"]) == len(names)
+    assert text.returncode == 0, text.stderr
+    assert f"agent pid {status.pid} (started by a store)" in text.stdout
+    assert "healthy: every node polled within" in text.stdout
+
+
+@pytest.mark.slow
+def test_agent_run_in_the_foreground_is_the_agent_stores_find_and_serves_metrics(
+    topology: Topology, cluster_config: Path, agents: Path,
+) -> None:
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "propstore.cli", "agent", "run", "--metrics-port", "0",
+         "--config", str(cluster_config)], stderr=subprocess.PIPE, text=True)
+    try:
+        assert agent.stderr is not None
+        url = None
+        deadline = time.monotonic() + 60
+        while url is None and time.monotonic() < deadline:
+            line = agent.stderr.readline()
+            assert line, f"agent run ended: {agent.wait()}"
+            if line.startswith("metrics at "):
+                url = line.split()[-1]
+        assert url is not None
+        twice = _cli("agent", "run", "--config", str(cluster_config))
+        assert twice.returncode == 2 and "already runs" in twice.stderr, twice
+        with Fleet(cluster_config, 2) as fleet:
+            statuses = fleet.wait_for(_all_shared, 30, "every worker follows one agent")
+            assert statuses[0].agent_pid == agent.pid  # found, not replaced
+            _status_when(topology, lambda st: len(st.stores) == 2)
+            families = {f.name: f for f in text_string_to_metric_families(
+                urllib.request.urlopen(url, timeout=10).read().decode())}
+            fleet.stop()
+        status = agent_status(topology)
+        assert status is not None and status.foreground and status.pid == agent.pid
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        code = agent.wait(30)
+    assert code == 0
+    assert set(AGENT_METRIC_NAMES) <= set(families), set(AGENT_METRIC_NAMES) - set(families)
+    (stores,) = families["propstore_agent_stores"].samples
+    assert stores.value == 2
+    polls = {s.labels["node"]: s.value for s in families["propstore_agent_polls"].samples
+             if s.name.endswith("_total")}
+    assert set(polls) == {n.name for s in topology.shards for n in s.nodes}
+    assert all(v > 0 for v in polls.values()), polls
+    assert families["propstore_node_up"].samples  # the agent's own view of the nodes
+    assert not list(agents.glob("*.sock")), "the socket outlived agent run"
+
+
+@pytest.mark.slow
+def test_one_workers_refusals_appear_in_another_processs_lag_and_agent_status(
+    topology: Topology, cluster_config: Path, agents: Path,
+) -> None:
+    shard = topology.shards[0].name
+    (user,) = users_on_shard(topology, shard, 1, prefix="hostrefuse")
+    with Fleet(cluster_config, 2, routing={"primary_fallback_rate": 1e-6}) as fleet:
+        statuses = fleet.wait_for(_all_shared, 30, "every worker follows one agent")
+        refused = fleet.refuse(0, user, 6)
+        assert refused >= 5, refused  # the ceiling admits one read, then none
+        deadline = time.monotonic() + 30
+        while True:
+            lag = _cli("lag", "--json", "--config", str(cluster_config))
+            assert lag.returncode == 0, lag.stderr
+            document = json.loads(lag.stdout)
+            if document["refusals"].get(shard) or time.monotonic() > deadline:
+                break
+        text = _cli("lag", "--config", str(cluster_config))
+        status = agent_status(topology)
+        fleet.stop()
+    assert document["refusals_scope"] == "host"
+    assert document["source"]["monitor"] == "agent"
+    assert document["source"]["agent_pid"] == statuses[0].agent_pid
+    assert document["source"]["stores"] >= 3  # both workers and the lag command's own
+    assert document["refusals"][shard] == {"max_staleness": {"fallback_ceiling": refused}}
+    assert status is not None and status.refusal_reporters == 1
+    assert status.refusals[shard] == {"max_staleness": {"fallback_ceiling": refused}}
+    assert f"figures from the host agent (pid {statuses[0].agent_pid}, shared by" in text.stdout
+    assert "reads refused on this host since agent pid" in text.stdout
+    assert f"{shard}: max_staleness: fallback_ceiling {refused}" in text.stdout
+
+
+def test_lag_of_an_unshared_store_shows_its_own_monitor_and_refusals(
+    topology: Topology, tmp_path: Path,
+) -> None:
+    path = tmp_path / "off.toml"
+    path.write_text(Path(topology.source).read_text() + '\n[monitor]\nsharing = "off"\n')
+    lag = _cli("lag", "--json", "--config", str(path))
+    assert lag.returncode == 0, lag.stderr
+    document = json.loads(lag.stdout)
+    assert document["source"] == {"monitor": "own", "agent_pid": None, "stores": None,
+                                  "reason": 'sharing = "off"'}
+    assert document["refusals_scope"] == "process"
+
+
+@pytest.mark.slow
+def test_agent_memory_stays_flat_however_many_stores_come_and_go_and_polls_it_makes(
+    topology: Topology, cluster_config: Path, agents: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Measured in the real agent (spawned by a worker's store as always, tracing its own
+    memory: the bytes its objects hold after a collection, from its status): a thousand
+    stores joining, reporting refusal counters and leaving, and a thousand polls per node,
+    leave it holding what it held."""
+    monkeypatch.setenv(TRACE_MEMORY_ENV, "1")  # inherited by the workers and their agent
+    fast = tmp_path / "fast.toml"
+    fast.write_text(cluster_config.read_text() + '\n[monitor]\ninterval = "20ms"\n')
+    fast_topology = Topology.load(fast)
+    path = AgentPaths.of(fast_topology).socket
+    shards = [s.name for s in topology.shards]
+
+    def churn(stores: int) -> None:
+        for i in range(stores):
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(str(path))
+                sock.sendall(encode_request(Join()) + encode_request(Counts(tuple(
+                    (shard, f"profile{i % 7}", "fallback_ceiling", i + 1) for shard in shards))))
+                sock.recv(1 << 16)  # the hello and the replay, at least in part
+
+    def held(polls_at_least: int) -> AgentStatus:
+        return _status_when(fast_topology,
+                            lambda st: min(n.polls for n in st.nodes) >= polls_at_least, 120)
+
+    with Fleet(fast, 1) as fleet:
+        fleet.wait_for(_all_shared, 30, "the worker follows an agent")
+        churn(200)  # warm-up: every bounded buffer, cache and free list at its working size
+        rounds = [held(500)]
+        for _ in range(2):
+            churn(500)
+            rounds.append(held(min(n.polls for n in rounds[-1].nodes) + 500))
+        fleet.stop()
+    traced = [r.traced_bytes for r in rounds]
+    print(f"agent memory after 200, 700, 1,200 stores and "
+          f"{[min(n.polls for n in r.nodes) for r in rounds]} polls per node: traced {traced} B, "
+          f"RSS {[round(r.rss_bytes / 1e6, 2) for r in rounds]} MB")
+    assert rounds[-1].stores_total >= 1201
+    assert None not in traced
+    growth = max(b - a for a, b in itertools.pairwise(traced))  # type: ignore[operator]
+    assert growth <= FLAT_AGENT_BYTES, traced
+
+
+def test_every_agent_metric_name_is_documented() -> None:
+    text = (Path(__file__).parent.parent / "docs" / "operating.md").read_text()
+    for name in AGENT_METRIC_NAMES:
+        assert f"`{name}" in text, name

@@ -80,7 +80,8 @@ def test_lag_table_lists_every_node_with_its_observed_role(config: str, topology
 
 def test_lag_json_has_the_documented_fields_and_matches_the_table(config: str) -> None:
     document = json.loads(run(config, "lag", "--json").stdout)
-    assert set(document) == {"generated_at", "profiles", "nodes", "check", "refusals"}
+    assert set(document) == {"generated_at", "profiles", "nodes", "check", "refusals",
+                             "source", "refusals_scope"}
     assert document["check"] is None
     assert document["profiles"] == {"personalisation": {"max_staleness_seconds": 5.0},
                                     "workflow": {"max_staleness_seconds": 0.5}}

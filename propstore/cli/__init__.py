@@ -76,6 +76,8 @@ COMMANDS: tuple[CommandEntry, ...] = (
                  "profiles.", light=True),
     CommandEntry("metrics", "propstore.cli._metrics", "metrics_command",
                  "Serve Prometheus metrics at http://HOST:PORT/metrics until Ctrl-C."),
+    CommandEntry("agent", "propstore.cli._agent", "agent_group",
+                 "The host's lag agent: its health (status) or the agent itself (run)."),
     CommandEntry("demo", "propstore.cli._demo_command", "demo_command",
                  "Show the whole idea in about a minute, on a local cluster."),
     CommandEntry("sandbox", "propstore.cli._sandbox", "sandbox",

@@ -39,7 +39,10 @@ if TYPE_CHECKING:
     from propstore.cli._table import Column, FittedTable
     from propstore.config import Topology
     from propstore.monitor import LagReport, LagRow
+    from propstore.monitor._health import AgentStatus, FiguresSource
     from propstore.store import PropertyStore
+
+Refusals = Mapping[str, Mapping[str, Mapping[str, int]]]
 
 _STATE_STYLES = {
     "up": "green", "paused": "yellow", "paused (settings)": "bold yellow",
@@ -189,7 +192,38 @@ def refusal_text(refused: Mapping[str, Mapping[str, int]]) -> str:
                      for profile, reasons in refused.items()) or "none"
 
 
-def lag_refusals(refusals: Mapping[str, Mapping[str, Mapping[str, int]]]) -> Text | None:
+def refusal_cover(status: AgentStatus) -> str:
+    """What the host totals of the agent's ``status`` cover, for people."""
+    return (f"reads refused on this host since agent pid {status.pid} started "
+            f"{status.started_at} (stores: {len(status.stores)} connected, "
+            f"{status.stores_total} joined, {status.refusal_reporters} refused reads)")
+
+
+@dataclass(frozen=True, slots=True)
+class Provenance:
+    """Where ``lag``'s figures come from, and the refusals it shows: the host's totals
+    (every store that follows the host's agent) or this process's own."""
+
+    source: FiguresSource
+    refusals: Refusals
+    scope: str
+    #: What the refusals cover, for people.
+    cover: str
+
+
+def provenance(store: PropertyStore) -> Provenance:
+    """The store's figures' source (asking the host's agent) and the refusals to show."""
+    from propstore.monitor._health import figures_source
+
+    source = figures_source(store.monitor, store.topology)
+    if source.status is not None:
+        host = source.status.refusals
+        every = {s.name: host.get(s.name, {}) for s in store.topology.shards}
+        return Provenance(source, every, "host", refusal_cover(source.status))
+    return Provenance(source, refusals_of(store), "process", "reads refused by this process")
+
+
+def lag_refusals(refusals: Refusals) -> Text | None:
     """One line per shard where this process refused reads (None when it refused none)."""
     from rich.text import Text
 
@@ -198,18 +232,36 @@ def lag_refusals(refusals: Mapping[str, Mapping[str, Mapping[str, int]]]) -> Tex
     return Text("\n".join(lines), style="yellow") if lines else None
 
 
+def lag_source(where: Provenance) -> Text:
+    """Where the figures and the refusals come from (one or two lines)."""
+    from rich.text import Text
+
+    text = Text(where.source.describe(), style="dim")
+    refused = {shard: r for shard, r in where.refusals.items() if r}
+    if refused:
+        lines = [f"{where.cover}:"] + [f"  {shard}: {refusal_text(r)}"
+                                       for shard, r in refused.items()]
+        text.append("\n" + "\n".join(lines), style="yellow")
+    return text
+
+
 def lag_document(report: LagReport, check: LagCheck | None, generated_at: datetime,
-                 refusals: Mapping[str, Mapping[str, Mapping[str, int]]] | None = None,
+                 refusals: Refusals | None = None, where: Provenance | None = None,
                  ) -> dict[str, Any]:
-    """``lag --json``: the documented, stable shape (see docs/operating.md)."""
+    """``lag --json``: the documented, stable shape (see docs/operating.md); ``where``
+    (the source and the refusals' scope) wins over ``refusals`` when given."""
+    if where is not None:
+        refusals = where.refusals
     return {
         "generated_at": generated_at.isoformat(timespec="milliseconds"),
         "profiles": {name: {"max_staleness_seconds": budget}
                      for name, budget in report.profiles.items()},
         "nodes": [row.to_dict() for row in report.rows],
         "check": None if check is None else check.to_dict(),
+        "source": None if where is None else where.source.to_dict(),
         "refusals": {shard: {p: dict(r) for p, r in refused.items()}
                      for shard, refused in (refusals or {}).items()},
+        "refusals_scope": "process" if where is None else where.scope,
     }
 
 
@@ -269,26 +321,25 @@ def lag_command(ctx: click.Context, state: CliState, as_json: bool, watch: bool,
             )
             return report, check
 
-        refusals = partial(refusals_of, store)
+        where = partial(provenance, store)
         if watch:
-            check = _watch(snapshot, refusals, as_json=as_json, interval=interval,
+            check = _watch(snapshot, where, as_json=as_json, interval=interval,
                            count=count, wide=wide)
         else:
             report, check = snapshot()
-            _print_once(report, check, refusals(), as_json=as_json, wide=wide)
+            _print_once(report, check, where(), as_json=as_json, wide=wide)
     ctx.exit(EXIT_OK if check is None or check.ok else EXIT_CHECK_FAILED)
 
 
-def _print_once(report: LagReport, check: LagCheck | None,
-                refusals: Mapping[str, Mapping[str, Mapping[str, int]]], *, as_json: bool,
-                wide: bool) -> None:
+def _print_once(report: LagReport, check: LagCheck | None, where: Provenance, *,
+                as_json: bool, wide: bool) -> None:
     if as_json:
-        click.echo(json.dumps(lag_document(report, check, datetime.now(UTC), refusals),
+        click.echo(json.dumps(lag_document(report, check, datetime.now(UTC), where=where),
                               indent=2))
         return
     console = output_console(wide)
     emit(console, lag_table(report, wide=wide))
-    for extra in (lag_errors(report), lag_refusals(refusals)):
+    for extra in (lag_errors(report), lag_source(where)):
         if extra is not None:
             emit(console, extra)
     if check is not None:
@@ -296,7 +347,7 @@ def _print_once(report: LagReport, check: LagCheck | None,
 
 
 def _watch(snapshot: Callable[[], tuple[LagReport, LagCheck | None]],
-           refusals: Callable[[], Mapping[str, Mapping[str, Mapping[str, int]]]], *,
+           where: Callable[[], Provenance], *,
            as_json: bool, interval: float, count: int | None, wide: bool) -> LagCheck | None:
     """Refresh until Ctrl-C (or ``count`` refreshes); returns the last check."""
     from rich.console import Group
@@ -316,7 +367,7 @@ def _watch(snapshot: Callable[[], tuple[LagReport, LagCheck | None]],
             report, state_time=True, wide=wide, title=f"propstore lag, {stamp} (every "
             f"{format_duration(interval)}, Ctrl-C to stop)",
         )]
-        parts += [extra for extra in (lag_errors(report), lag_refusals(refusals()))
+        parts += [extra for extra in (lag_errors(report), lag_source(where()))
                   if extra is not None]
         if check is not None:
             parts.append(Text(check.describe(), style="green" if check.ok else "bold red"))
@@ -338,7 +389,7 @@ def _watch(snapshot: Callable[[], tuple[LagReport, LagCheck | None]],
                     if as_json:
                         report, check = snapshot()
                         click.echo(json.dumps(lag_document(report, check, datetime.now(UTC),
-                                                           refusals())))
+                                                           where=where())))
                     else:
                         emit(console, view())
                         click.echo()

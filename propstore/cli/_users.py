@@ -33,16 +33,21 @@ def route_command(state: CliState, tenant: str, user_id: str, max_staleness: flo
     topology = state.topology()
     budget = read_budget(topology, max_staleness=max_staleness, after=after, profile=profile,
                          strong=strong)
-    from propstore.cli._lag import refusal_text
+    from propstore.cli._lag import provenance, refusal_text
 
     with state.open_store(topology) as store:
         decision = store.route(tenant, user_id, **budget.options)
         bucket = store.topology.bucket_of(tenant, user_id)
         refused = store.stats.refused(decision.shard.name)
+        where = provenance(store)
     click.echo(f"{tenant}/{user_id}: bucket {bucket} of {store.topology.bucket_count}, "
                f"shard {decision.shard.name}")
     click.echo(decision.explain())
     click.echo(f"  reads refused by this process: {refusal_text(refused)}")
+    if where.scope == "host":
+        host = where.refusals.get(decision.shard.name, {})
+        click.echo(f"  {where.cover}: {refusal_text(host)}")
+    click.echo(f"  {where.source.describe()}")
 
 
 def result_document(tenant: str, user_id: str, result: ReadResult) -> dict[str, Any]:

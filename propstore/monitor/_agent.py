@@ -23,26 +23,48 @@ import logging
 import logging.handlers
 import os
 import signal
+import socket
+import struct
 import sys
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, InvalidStateError
+from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
 
 from propstore.config import Topology
+from propstore.monitor._health import (
+    TRACE_MEMORY_ENV,
+    AgentStatus,
+    NodeCounter,
+    NodeHealth,
+    RefusalTally,
+    encode_status,
+    late_after,
+    nested,
+    rss_bytes,
+    traced_bytes,
+)
 from propstore.monitor._messages import (
     VERSION,
+    Ask,
     Beat,
+    Counts,
     Failed,
     Hello,
     HistoryRead,
+    Join,
     Message,
     Polled,
+    decode_request,
     encode,
+    topology_document,
 )
 from propstore.monitor._monitor import LagMonitor, MonitorState
-from propstore.monitor._state import Observation
+from propstore.monitor._state import Observation, ShardView
 from propstore.timeline import TimelineHistory
 
 log = structlog.get_logger("propstore.agent")
@@ -56,17 +78,26 @@ RECENT_PER_NODE = 64
 #: A reader whose unsent backlog passes this many bytes is not reading (stopped, or its
 #: process is stuck): it is dropped, and polls for itself until it joins again.
 MAX_BACKLOG = 1 << 20
+#: Seconds a client has to say what it wants, and a status request to be sent.
+HANDSHAKE = 5.0
+#: Longest line a client may send (a store's counters: bounded by ``MAX_COUNTS``).
+READ_LIMIT = 1 << 16
 
 
 class Hub:
-    """The readers connected to this agent, and what a new one is told first."""
+    """The stores connected to this agent, what a new one is told first, and the status
+    requests it answers."""
 
-    def __init__(self, nodes: int) -> None:
+    def __init__(self, nodes: int, tally: RefusalTally,
+                 status: Callable[[], AgentStatus] | None = None) -> None:
         self._recent: deque[bytes] = deque(maxlen=RECENT_PER_NODE * max(1, nodes))
         self._histories: dict[tuple[int, int], bytes] = {}
-        self._readers: set[asyncio.StreamWriter] = set()
+        #: Connected stores and their pids (``SO_PEERCRED``: the kernel's word, 0 if unknown).
+        self._readers: dict[asyncio.StreamWriter, int] = {}
         self._pending: list[bytes] = []
         self._flush_scheduled = False
+        self.tally = tally
+        self.status = status
         #: When the last reader left (monotonic), None while some reader is connected.
         self.idle_since: float | None = time.monotonic()
         self.readers_total = 0
@@ -76,6 +107,11 @@ class Hub:
     def readers(self) -> int:
         """Readers connected now."""
         return len(self._readers)
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        """The connected stores' pids."""
+        return tuple(sorted(self._readers.values()))
 
     def publish(self, message: Message) -> None:
         """Send ``message`` to every reader (batched per event-loop turn)."""
@@ -102,46 +138,87 @@ class Hub:
         for writer in list(self._readers):
             if writer.transport.get_write_buffer_size() > MAX_BACKLOG:
                 self.dropped += 1
-                log.warning("agent_reader_dropped", backlog=writer.transport
-                            .get_write_buffer_size())
+                log.warning("agent_reader_dropped", pid=self._readers.get(writer),
+                            backlog=writer.transport.get_write_buffer_size())
                 self._leave(writer)
                 writer.close()
             else:
                 writer.write(data)
 
     def _leave(self, writer: asyncio.StreamWriter) -> None:
-        self._readers.discard(writer)
-        if not self._readers:
+        self._readers.pop(writer, None)
+        self.tally.leave(writer)
+        if not self._readers and self.idle_since is None:
             self.idle_since = time.monotonic()
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One reader's connection: the hello, what it missed, then every new poll."""
+        """One client: a status request (answered, closed), or a store (the hello, what it
+        missed, then every new poll; it sends its refusal counters)."""
+        try:
+            async with asyncio.timeout(HANDSHAKE):
+                request = decode_request(await reader.readline())
+        except (TimeoutError, ValueError, OSError):
+            writer.close()
+            return
+        if isinstance(request, Ask):
+            await self._answer(writer)
+            return
+        if not isinstance(request, Join):
+            writer.close()
+            return
         first = [encode(Hello(os.getpid(), time.monotonic(), VERSION)),
                  *self._histories.values(), *self._recent]
         writer.write(b"".join(first))
-        self._readers.add(writer)
+        self._readers[writer] = _peer_pid(writer)
         self.readers_total += 1
         self.idle_since = None
         try:
-            while await reader.read(4096):  # readers send nothing; EOF when they leave
-                pass
-        except OSError:
+            while line := await reader.readline():  # EOF when the store leaves
+                with contextlib.suppress(ValueError):
+                    request = decode_request(line)
+                    if isinstance(request, Counts) and writer in self._readers:
+                        self.tally.report(writer, request.refusals)
+        except (OSError, ValueError):  # ValueError: a line past the reader's limit
             pass
         finally:
             self._leave(writer)
             writer.close()
 
+    async def _answer(self, writer: asyncio.StreamWriter) -> None:
+        try:
+            if self.status is not None:
+                writer.write(encode_status(self.status()))
+                async with asyncio.timeout(HANDSHAKE):
+                    await writer.drain()
+        except (OSError, TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+
+def _peer_pid(writer: asyncio.StreamWriter) -> int:
+    """The connected process's pid, as the kernel reports it (0 when it cannot)."""
+    sock = writer.get_extra_info("socket")
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return int(struct.unpack("3i", creds)[0])
+    except (OSError, AttributeError):
+        return 0
+
 
 class PublishingState(MonitorState):
-    """The agent's monitor state: every poll it records is also sent to the readers."""
+    """The agent's monitor state: every poll it records is also sent to the readers, and
+    counted per node (for its status)."""
 
     def __init__(self, topology: Topology, hub: Hub) -> None:
         super().__init__(topology)
         self.hub = hub
+        self.counters = [[NodeCounter() for _ in s.nodes] for s in topology.shards]
 
     def observe(self, shard_index: int, node_index: int, obs: Observation) -> None:
         """Record a poll and forward it."""
         super().observe(shard_index, node_index, obs)
+        self.counters[shard_index][node_index].attempt(obs.sent_at, None)
         self.hub.publish(Polled(shard_index, node_index, obs))
 
     def fail(self, shard_index: int, node_index: int, error: str, at: float | None = None
@@ -149,6 +226,7 @@ class PublishingState(MonitorState):
         """Record a failed poll and forward it with the time it failed."""
         at = self.clock() if at is None else at
         super().fail(shard_index, node_index, error, at)
+        self.counters[shard_index][node_index].attempt(at, error)
         self.hub.publish(Failed(shard_index, node_index, at, error))
 
     def record_history(self, shard_index: int, history: TimelineHistory) -> None:
@@ -163,42 +241,159 @@ class AgentMonitor(LagMonitor):
     application_name = "propstore-agent"
 
 
-async def serve(topology: Topology, socket_path: Path) -> None:
-    """Poll, serve readers on ``socket_path``, and return once idle past the grace."""
-    nodes = sum(len(s.nodes) for s in topology.shards)
-    hub = Hub(nodes)
-    monitor = AgentMonitor(topology, PublishingState(topology, hub))
-    with contextlib.suppress(FileNotFoundError):
-        socket_path.unlink()  # a dead agent's (we hold the lock: no live one owns it)
-    server = await asyncio.start_unix_server(hub.serve, path=str(socket_path))
-    os.chmod(socket_path, 0o600)
-    polling = asyncio.create_task(monitor.run(), name="propstore-agent-poll")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    log.info("agent_started", pid=os.getpid(), nodes=nodes, socket=str(socket_path))
-    interval = topology.monitor.interval
-    try:
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval):
-                    await stop.wait()
-            if polling.done():
-                polling.result()  # the poller died: exit loudly, readers replace us
-            hub.publish(Beat(time.monotonic()))
-            idle = hub.idle_since
-            if idle is not None and time.monotonic() - idle > IDLE_GRACE:
-                log.info("agent_idle_exit", readers_total=hub.readers_total)
-                break
-    finally:
-        server.close()
+class Agent:
+    """One agent: its poller, its readers, what it counts (see the module doc).
+
+    Args:
+        topology: what to poll; a store's topology is first reduced to what the agent
+            needs (:func:`agent_topology`), as a spawned agent reads it from its stdin.
+        socket_path: where stores find it.
+        foreground: run by ``propstore agent run`` (it does not end when idle).
+    """
+
+    def __init__(self, topology: Topology, socket_path: Path, *, foreground: bool = False
+                 ) -> None:
+        self.topology = topology
+        self.socket_path = socket_path
+        self.foreground = foreground
+        nodes = sum(len(s.nodes) for s in topology.shards)
+        self.hub = Hub(nodes, RefusalTally(s.name for s in topology.shards), self.status)
+        self.state = PublishingState(topology, self.hub)
+        self.monitor = AgentMonitor(topology, self.state)
+        self.started = time.monotonic()
+        self.started_at = datetime.now(UTC).isoformat(timespec="seconds")
+        m = topology.monitor
+        self.late_after = late_after(m.interval, m.max_backoff, m.poll_timeout)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def status(self) -> AgentStatus:
+        """How the agent is now."""
+        now = time.monotonic()
+        nodes = []
+        for s, shard in enumerate(self.topology.shards):
+            view = self.state.view(s)
+            for n, node in enumerate(shard.nodes):
+                count = self.state.counters[s][n]
+                nodes.append(NodeHealth(
+                    shard.name, node.name, view.nodes[n].state, count.polls, count.failures,
+                    round(count.rate(now), 3),
+                    None if count.last_at is None else round(max(0.0, now - count.last_at), 4),
+                    count.last_error))
+        return AgentStatus(
+            pid=os.getpid(), version=VERSION, key=self.socket_path.stem,
+            socket=str(self.socket_path),
+            started_at=self.started_at,
+            uptime_seconds=round(now - self.started, 3),
+            interval_seconds=self.topology.monitor.interval,
+            late_after_seconds=self.late_after, stores=self.hub.pids,
+            stores_total=self.hub.readers_total, stores_dropped=self.hub.dropped,
+            rss_bytes=rss_bytes(), nodes=tuple(nodes),
+            refusals=nested(self.hub.tally.totals().items()),
+            refusal_reporters=self.hub.tally.reporters, foreground=self.foreground,
+            traced_bytes=traced_bytes())
+
+    def snapshot(self, timeout: float = 5.0
+                 ) -> tuple[AgentStatus, tuple[ShardView, ...], float]:
+        """The status, the shard views and the clock, read on the agent's own loop (for a
+        caller in another thread: the metrics endpoint)."""
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("the agent is not running")
+        done: Future[tuple[AgentStatus, tuple[ShardView, ...], float]] = Future()
+
+        def read() -> None:
+            with contextlib.suppress(InvalidStateError):
+                done.set_result((self.status(), self.state.views, self.state.clock()))
+
+        loop.call_soon_threadsafe(read)
+        return done.result(timeout)
+
+    async def serve(self, idle_grace: float | None = IDLE_GRACE,
+                    started: Callable[[Agent], None] | None = None) -> None:
+        """Poll, serve stores on the socket, and return once idle past ``idle_grace``
+        seconds (None: only on SIGTERM/SIGINT)."""
+        socket_path, hub, monitor = self.socket_path, self.hub, self.monitor
         with contextlib.suppress(FileNotFoundError):
-            socket_path.unlink()
-        polling.cancel()
-        await asyncio.gather(polling, return_exceptions=True)
-        log.info("agent_stopped", readers_total=hub.readers_total, dropped=hub.dropped,
-                 polls=monitor.state.polls)
+            socket_path.unlink()  # a dead agent's (we hold the lock: no live one owns it)
+        server = await asyncio.start_unix_server(hub.serve, path=str(socket_path),
+                                                 limit=READ_LIMIT)
+        os.chmod(socket_path, 0o600)
+        polling = asyncio.create_task(monitor.run(), name="propstore-agent-poll")
+        stop = asyncio.Event()
+        loop = self._loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        log.info("agent_started", pid=os.getpid(), nodes=sum(len(s.nodes) for s in
+                 self.topology.shards), socket=str(socket_path), foreground=self.foreground)
+        if started is not None:
+            started(self)
+        interval = self.topology.monitor.interval
+        try:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(interval):
+                        await stop.wait()
+                if polling.done():
+                    polling.result()  # the poller died: exit loudly, readers replace us
+                hub.publish(Beat(time.monotonic()))
+                idle = hub.idle_since
+                if idle_grace is not None and idle is not None and (
+                    time.monotonic() - idle > idle_grace
+                ):
+                    log.info("agent_idle_exit", readers_total=hub.readers_total)
+                    break
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            server.close()
+            with contextlib.suppress(FileNotFoundError):
+                socket_path.unlink()
+            polling.cancel()
+            await asyncio.gather(polling, return_exceptions=True)
+            log.info("agent_stopped", readers_total=hub.readers_total, dropped=hub.dropped,
+                     polls=monitor.state.polls)
+
+
+def agent_topology(topology: Topology) -> Topology:
+    """What an agent polls for stores of ``topology``: exactly what a spawned agent reads
+    from its stdin (so ``agent run`` polls as a spawned agent would)."""
+    return Topology.from_dict(topology_document(topology), source="agent", environ={})
+
+
+class AgentRunning(Exception):
+    """Another agent holds this topology's lock (``agent run`` refuses to start twice)."""
+
+
+@contextlib.contextmanager
+def agent_lock(path: Path) -> Iterator[bool]:
+    """Hold the agent lock at ``path`` for the block (yields False: another agent has it)."""
+    lock = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(lock)
+
+
+def run_foreground(topology: Topology, *, idle_grace: float | None = None,
+                   started: Callable[[Agent], None] | None = None) -> None:
+    """Run the host agent of ``topology`` in this process until SIGTERM/SIGINT (or idle
+    past ``idle_grace`` seconds): ``propstore agent run``. Stores find it exactly as they
+    find one they spawned (same socket, lock and key); raises :class:`AgentRunning` when
+    an agent already runs for it."""
+    from propstore.monitor._shared import AgentPaths
+
+    paths = AgentPaths.of(topology)
+    with agent_lock(paths.lock) as mine:
+        if not mine:
+            raise AgentRunning(f"an agent already runs for this topology (lock {paths.lock} "
+                               f"held; `propstore agent status` shows it)")
+        agent = Agent(agent_topology(topology), paths.socket, foreground=True)
+        asyncio.run(agent.serve(idle_grace, started))
 
 
 def _configure_logging(path: Path) -> None:
@@ -221,17 +416,16 @@ def main(argv: list[str]) -> int:
     """Run an agent: ``SOCKET LOCK LOG`` paths, topology document on stdin."""
     socket_path, lock_path, log_path = (Path(a) for a in argv)
     document = json.loads(sys.stdin.buffer.read())
-    lock = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return 0  # another agent of this key runs: it serves the readers
-    _configure_logging(log_path)
-    topology = Topology.from_dict(document, source="agent", environ={})
-    try:
-        asyncio.run(serve(topology, socket_path))
-    finally:
-        os.close(lock)
+    with agent_lock(lock_path) as mine:
+        if not mine:
+            return 0  # another agent of this key runs: it serves the readers
+        _configure_logging(log_path)
+        if os.environ.get(TRACE_MEMORY_ENV):
+            import tracemalloc
+
+            tracemalloc.start()
+        topology = Topology.from_dict(document, source="agent", environ={})
+        asyncio.run(Agent(topology, socket_path).serve())
     return 0
 
 

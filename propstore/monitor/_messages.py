@@ -10,7 +10,10 @@ keeps the :class:`~propstore.proof.ServerRun` it was observed on: the rule of
 which is one clock for every process of a Linux host (of one time namespace: the agent's
 key names it, see ``_shared.agent_key``).
 
-One message per line, JSON (stdlib; small and never executed, unlike pickle).
+One message per line, JSON (stdlib; small and never executed, unlike pickle). A client's
+first line says what it wants: :class:`Join` (a store: the stream follows) or :class:`Ask`
+(``propstore agent status``: one status document, then the agent closes). A store then
+sends only :class:`Counts`, its refusal counters, when they change.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from propstore.timeline import TimelineHistory
 
 #: Bump on any change of the messages below (it is part of the agent's key, so readers and
 #: agents of different versions never meet).
-PROTOCOL = 1
+PROTOCOL = 2
 VERSION = f"{__version__}/{PROTOCOL}"
 
 
@@ -80,6 +83,32 @@ class HistoryRead:
 Message = Hello | Beat | Polled | Failed | HistoryRead
 
 
+@dataclass(frozen=True, slots=True)
+class Join:
+    """A store's first line: send me your polls."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """A status request's first line: answer one status document and close."""
+
+
+#: Refusal counters a store reports (bounded: shards x profiles x reasons of one config).
+MAX_COUNTS = 512
+#: Longest profile or reason name kept (longer ones are cut: they are labels, not data).
+MAX_LABEL = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    """A store's ``StaleReadError`` counters so far: ``(shard, profile, reason, count)``."""
+
+    refusals: tuple[tuple[str, str, str, int], ...]
+
+
+Request = Join | Ask | Counts
+
+
 def encode(message: Message) -> bytes:
     """One line of JSON for ``message``."""
     return (json.dumps(_to_json(message), separators=(",", ":")) + "\n").encode()
@@ -92,6 +121,40 @@ def decode(line: bytes) -> Message:
         return _from_json(data)
     except (KeyError, TypeError, IndexError, json.JSONDecodeError) as exc:
         raise ValueError(f"malformed agent message: {exc}") from None
+
+
+def encode_request(request: Request) -> bytes:
+    """One line of JSON for a client's ``request``."""
+    if isinstance(request, Join):
+        data: dict[str, Any] = {"k": "join"}
+    elif isinstance(request, Ask):
+        data = {"k": "ask"}
+    else:
+        data = {"k": "counts", "r": [list(c) for c in request.refusals[:MAX_COUNTS]]}
+    return (json.dumps(data, separators=(",", ":")) + "\n").encode()
+
+
+def decode_request(line: bytes) -> Request:
+    """The request of one line; ``ValueError`` on anything malformed. Counters past
+    :data:`MAX_COUNTS`, negative ones and overlong labels are dropped or cut: a client's
+    line never makes the agent hold more than a bounded tally."""
+    try:
+        data = json.loads(line)
+        kind = data["k"]
+        if kind == "join":
+            return Join()
+        if kind == "ask":
+            return Ask()
+        if kind != "counts":
+            raise KeyError(f"kind {kind!r}")
+        counts = []
+        for shard, profile, reason, count in data["r"][:MAX_COUNTS]:
+            if int(count) > 0:
+                counts.append((str(shard)[:MAX_LABEL], str(profile)[:MAX_LABEL],
+                               str(reason)[:MAX_LABEL], int(count)))
+        return Counts(tuple(counts))
+    except (KeyError, TypeError, IndexError, ValueError, json.JSONDecodeError) as exc:
+        raise ValueError(f"malformed agent request: {exc}") from None
 
 
 def timestamp(message: Message) -> float | None:
@@ -206,6 +269,7 @@ def topology_document(topology: Topology) -> dict[str, Any]:
 
 
 __all__ = [
-    "PROTOCOL", "VERSION", "Beat", "Failed", "Hello", "HistoryRead", "Message", "Polled",
-    "decode", "encode", "timestamp", "topology_document",
+    "MAX_COUNTS", "MAX_LABEL", "PROTOCOL", "VERSION", "Ask", "Beat", "Counts", "Failed",
+    "Hello", "HistoryRead", "Join", "Message", "Polled", "Request", "decode",
+    "decode_request", "encode", "encode_request", "timestamp", "topology_document",
 ]

@@ -32,9 +32,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
@@ -43,10 +44,13 @@ from propstore.config import Topology
 from propstore.monitor._messages import (
     VERSION,
     Beat,
+    Counts,
     Hello,
     HistoryRead,
+    Join,
     Polled,
     decode,
+    encode_request,
     timestamp,
     topology_document,
 )
@@ -64,6 +68,17 @@ AGENT_DIR_ENV = "PROPSTORE_AGENT_DIR"
 JOIN_WAIT = 2.0
 #: Mean seconds between attempts to join an agent otherwise, while polling for itself.
 REJOIN_EVERY = 1.0
+#: Seconds between a store's reports of its refusal counters to the agent (when changed).
+REPORT_EVERY = 1.0
+
+
+class RefusalSource(Protocol):
+    """What a store counts that the host's agent totals (``store.ReadStats`` has it)."""
+
+    @property
+    def refusals(self) -> Mapping[tuple[str, str, str], int]:
+        """``StaleReadError`` raised so far, by (shard, profile, reason)."""
+        ...
 
 
 class AgentUnavailable(Exception):
@@ -140,18 +155,26 @@ class _Link:
     hello: Hello
     #: Bytes read but not yet a whole line.
     rest: bytes = b""
+    #: The refusal counters last sent, and when the next report is due.
+    reported: tuple[tuple[str, str, str, int], ...] = ()
+    report_at: float = 0.0
 
 
 class SharedMonitor(LagMonitor):
     """A :class:`LagMonitor` whose polls come from the host's agent while one answers, and
     its own otherwise (see the module doc)."""
 
-    def __init__(self, topology: Topology, state: MonitorState | None = None) -> None:
+    def __init__(self, topology: Topology, state: MonitorState | None = None,
+                 counts: RefusalSource | None = None) -> None:
         super().__init__(topology, state)
+        #: The store's counters reported to the agent (its host totals: ``agent status``).
+        self._counts = counts
         #: Where this store's figures come from now: ``agent`` (the host's agent, pid
         #: :attr:`agent_pid`), ``own`` (this process polls) or ``starting``.
         self.source = "starting"
         self.agent_pid: int | None = None
+        #: Why this store polls for itself while :attr:`source` is ``own``.
+        self.own_reason = "no host agent answered yet"
         #: How often this store fell back to its own polls, and joined an agent.
         self.fallbacks = 0
         self.joins = 0
@@ -185,7 +208,7 @@ class SharedMonitor(LagMonitor):
             paths = AgentPaths.of(self.topology)
         except (AgentUnavailable, OSError) as exc:
             log.warning("monitor_sharing_unavailable", error=str(exc))
-            self.source = "own"
+            self.source, self.own_reason = "own", f"sharing unavailable: {exc}"
             await self._poll_all(polled)
             return
         self._fast_until = time.monotonic() + JOIN_WAIT
@@ -197,10 +220,11 @@ class SharedMonitor(LagMonitor):
                         await self._follow(link, polled)
                     except AgentUnavailable as exc:
                         log.error("monitor_sharing_stopped", error=str(exc))
-                        self.source = "own"
+                        self.source, self.own_reason = "own", f"sharing stopped: {exc}"
                         await self._poll_all(polled)
                         return
                     self.fallbacks += 1
+                    self.own_reason = "lost the host agent; polls itself until one answers"
                 link = await self._own_until_joined(paths, polled)
         finally:
             self._release_spawn_lock()
@@ -255,6 +279,7 @@ class SharedMonitor(LagMonitor):
             async with asyncio.timeout(1.0):
                 reader, writer = await asyncio.open_unix_connection(str(paths.socket))
                 try:
+                    writer.write(encode_request(Join()))
                     line = await reader.readline()
                 except BaseException:
                     writer.close()
@@ -338,8 +363,25 @@ class SharedMonitor(LagMonitor):
                 now = clock()
                 for line in lines:
                     self._apply(line, now, polled)
+                if now >= link.report_at:
+                    self._report(link, now)
         finally:
+            # The last counts too (a store closing, a worker ending): a small write the
+            # kernel takes at once, before the close.
+            with contextlib.suppress(Exception):
+                self._report(link, clock())
             link.writer.close()
+
+    def _report(self, link: _Link, now: float) -> None:
+        """Send the store's refusal counters to the agent when they changed."""
+        link.report_at = now + REPORT_EVERY
+        if self._counts is None or link.writer.is_closing():
+            return
+        counts = tuple(sorted((s, p, r, n) for (s, p, r), n in
+                              dict(self._counts.refusals).items()))
+        if counts != link.reported:
+            link.writer.write(encode_request(Counts(counts)))
+            link.reported = counts
 
     def _apply(self, line: bytes, now: float, polled: Tracker) -> None:
         try:
@@ -393,13 +435,15 @@ def _start_agent(topology: Topology, paths: AgentPaths) -> subprocess.Popen[byte
     return proc
 
 
-def monitor_for(topology: Topology, state: MonitorState | None = None) -> LagMonitor:
+def monitor_for(topology: Topology, state: MonitorState | None = None,
+                counts: RefusalSource | None = None) -> LagMonitor:
     """The monitor a store runs: shared with the host's processes (``sharing = "host"``,
-    the default) or its own polls (``"off"``)."""
+    the default; the store's refusal ``counts`` are reported to the host's agent) or its
+    own polls (``"off"``)."""
     if topology.monitor.sharing == "off":
         return LagMonitor(topology, state)
-    return SharedMonitor(topology, state)
+    return SharedMonitor(topology, state, counts)
 
 
-__all__ = ["AGENT_DIR_ENV", "AgentPaths", "AgentUnavailable", "SharedMonitor", "agent_dir",
-           "agent_key", "monitor_for", "stale_after"]
+__all__ = ["AGENT_DIR_ENV", "AgentPaths", "AgentUnavailable", "RefusalSource", "SharedMonitor",
+           "agent_dir", "agent_key", "monitor_for", "stale_after"]

@@ -63,7 +63,7 @@ class AsyncPropertyStore:
                                   topology.connections)
             for shard in topology.shards for node in shard.nodes
         }
-        self.monitor: LagMonitor = monitor_for(topology, self._core.state)
+        self.monitor: LagMonitor = monitor_for(topology, self._core.state, self._core.stats)
         self._monitor_task: asyncio.Task[None] | None = None
 
     @classmethod

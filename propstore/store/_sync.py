@@ -87,7 +87,7 @@ class PropertyStore:
         self._executor = ThreadPoolExecutor(
             max_workers=min(len(topology.shards), 32), thread_name_prefix="propstore-shard"
         )
-        self.monitor: LagMonitor = monitor_for(topology, self._core.state)
+        self.monitor: LagMonitor = monitor_for(topology, self._core.state, self._core.stats)
         if start_monitor:
             self.monitor.start()
 
