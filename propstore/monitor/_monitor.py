@@ -34,6 +34,7 @@ from propstore.monitor._state import (
     apply_failure,
     apply_leadership,
     apply_observation,
+    apply_repeat,
     initial_views,
     parse_hot_standby_settings,
     with_timelines,
@@ -80,6 +81,20 @@ class MonitorState:
             new = apply_observation(old, node_index, obs, self.topology.monitor.history_size,
                                     self._histories[shard_index])
             self._publish(old, new)
+
+    def observe_again(self, shard_index: int, node_index: int, sent_at: float) -> bool:
+        """Record a poll of a shard's up primary that repeated its last one (same values,
+        sent at ``sent_at``): the same state as :meth:`observe` would give, cheaper (the
+        host agent's stores get one such poll per shard and interval). False, and nothing
+        recorded, when the node is not the shard's up primary."""
+        with self._lock:
+            old = self._views[shard_index]
+            new = apply_repeat(old, node_index, sent_at, self.topology.monitor.history_size)
+            if new is None:
+                return False
+            self.polls += 1
+            self._publish(old, new)
+        return True
 
     def history_missing(self, shard_index: int, timeline: int | None) -> bool:
         """Whether a primary on ``timeline`` needs its history read (once per timeline)."""

@@ -81,6 +81,10 @@ class RefusalSource(Protocol):
         ...
 
 
+#: How every poll message the agent sends begins (``_messages.encode``: keys in order).
+_OBS = b'{"k":"obs","s":'
+
+
 class AgentUnavailable(Exception):
     """No agent can be used (the socket folder is not private, or the clock differs)."""
 
@@ -184,6 +188,9 @@ class SharedMonitor(LagMonitor):
         self._floor = [[-1.0] * len(s.nodes) for s in topology.shards]
         self._keys = [[(i, n) for n in range(len(s.nodes))]
                       for i, s in enumerate(topology.shards)]
+        #: Per primary node: the bytes after the time of the last poll applied (a poll
+        #: with the same bytes repeats it, and takes ``MonitorState.observe_again``).
+        self._last: list[list[bytes | None]] = [[None] * len(s.nodes) for s in topology.shards]
         self._agent_proc: subprocess.Popen[bytes] | None = None
         #: Agents this store spawned that ended before anyone joined them in a row, and
         #: when it may spawn again (an agent that cannot start is not retried every second).
@@ -342,6 +349,8 @@ class SharedMonitor(LagMonitor):
 
     async def _follow(self, link: _Link, polled: Tracker) -> None:
         """Apply the agent's messages until it is gone or stuck."""
+        for row in self._last:  # our own polls (or another agent's) came in between
+            row[:] = [None] * len(row)
         limit = stale_after(self.topology.monitor.interval)
         clock = self.state.clock
         try:
@@ -383,7 +392,37 @@ class SharedMonitor(LagMonitor):
             link.writer.write(encode_request(Counts(counts)))
             link.reported = counts
 
+    def _repeat(self, line: bytes, now: float, polled: Tracker) -> bool:
+        """Apply a primary's poll that repeats the last one applied for its node (the same
+        bytes after its time) through the cheap path; False when it is not one."""
+        if not line.startswith(_OBS):
+            return False
+        at_pos = line.find(b',"at":')
+        cut = line.find(b',"rec":', at_pos)
+        if at_pos < 0 or cut < 0:
+            return False
+        try:
+            shard_text, node_text = line[len(_OBS):at_pos].split(b',"n":')
+            shard, node, at = int(shard_text), int(node_text), float(line[at_pos + 6:cut])
+            last = self._last[shard][node]
+        except (ValueError, IndexError):
+            return False
+        if last is None or line[cut:] != last:
+            return False
+        if at > now:
+            return False  # the full path refuses it
+        floor = self._floor[shard]
+        if at <= floor[node]:
+            return True  # already known (a replay after joining again)
+        if not self.state.observe_again(shard, node, at):
+            return False
+        floor[node] = at
+        polled(self._keys[shard][node])
+        return True
+
     def _apply(self, line: bytes, now: float, polled: Tracker) -> None:
+        if self._repeat(line, now, polled):
+            return
         try:
             message = decode(line)
         except ValueError as exc:
@@ -407,8 +446,13 @@ class SharedMonitor(LagMonitor):
         floor[message.node] = at
         if isinstance(message, Polled):
             self.state.observe(message.shard, message.node, message.observation)
+            if not message.observation.in_recovery:
+                # What a repeat of this poll looks like after its time (``_repeat``).
+                cut = line.find(b',"rec":')
+                self._last[message.shard][message.node] = line[cut:] if cut > 0 else None
         else:
             self.state.fail(message.shard, message.node, message.error, message.at)
+            self._last[message.shard][message.node] = None
         polled(self._keys[message.shard][message.node])
 
 

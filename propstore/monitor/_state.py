@@ -298,6 +298,25 @@ def apply_observation(
     return _with_primary(view, nodes, primary_index, node_index, obs, history_size, histories)
 
 
+def apply_repeat(view: ShardView, node_index: int, at: float, history_size: int
+                 ) -> ShardView | None:
+    """The shard after a poll of its up primary that repeated the node's last poll at a
+    later time ``at``: exactly what :func:`apply_observation` gives for that poll, without
+    recomputing what equal values cannot change (the primary, the states, the timelines).
+    None when the node is not the shard's up primary (use :func:`apply_observation`)."""
+    node = view.nodes[node_index]
+    if view.primary_index != node_index or view.primary is not node or node.lsn is None or (
+        node.observed_at is None or at <= node.observed_at or node.failures
+    ):
+        return None
+    sightings = node.sightings if node.run is None else add_sighting(
+        node.sightings, Sighting(node.run, at, False, node.lsn))
+    nodes = list(view.nodes)
+    nodes[node_index] = replace(node, observed_at=at, last_poll_at=at, sightings=sightings)
+    return replace(view, nodes=tuple(nodes),
+                   history=view.history.record(at, node.lsn, history_size))
+
+
 def apply_leadership(view: ShardView, leadership: Leadership | None, at: float,
                      histories: Mapping[int, TimelineHistory] | None = None) -> ShardView:
     """The shard after the HA manager answered (or failed to: ``None``). A primary it does
