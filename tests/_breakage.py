@@ -203,6 +203,15 @@ def _stale_shared() -> None:
     _patch(SharedMonitor, "_own_until_joined", make)
 
 
+def _no_read_retry() -> None:
+    """A read whose primary failed transiently (its session ended by a restart, the server
+    refusing connections while it shuts down or starts) is not tried again: its degrade
+    policy (or, for strong and token reads, the error) answers at once."""
+    from propstore.store import _retry
+
+    _patch(_retry, "transient", lambda _orig: lambda exc: False)
+
+
 _KEPT: list[Any] = []
 
 
@@ -245,6 +254,7 @@ BREAKAGES: dict[str, Callable[[], None]] = {
     "zombie-primary": _zombie_primary,
     "run-facts-any-run": _run_facts_any_run,
     "stale-shared": _stale_shared,
+    "no-read-retry": _no_read_retry,
 }
 
 

@@ -68,6 +68,9 @@ class WorkloadReport:
     errors: Counter[str] = field(default_factory=Counter)
     expected_errors: Counter[str] = field(default_factory=Counter)
     worst_read: float = 0.0
+    #: The slowest acknowledged write (seconds): a write the store retried while its
+    #: primary restarted shows its delay here.
+    worst_write: float = 0.0
     reasons: Counter[str] = field(default_factory=Counter)
     nodes: Counter[str] = field(default_factory=Counter)
     checked: Counter[float] = field(default_factory=Counter)
@@ -262,6 +265,7 @@ class Workload:
         while not self._stop.is_set():
             user = rng.choice(users)
             seq = self._seq[user] + 1
+            began = time.monotonic()
             try:
                 token = self.store.replace(self.tenant, user, {"seq": seq})
             except PropStoreError as exc:
@@ -273,6 +277,7 @@ class Workload:
             with self._lock:
                 self.acked.add(user, acked, seq)
                 self.report.writes += 1
+                self.report.worst_write = max(self.report.worst_write, acked - began)
             if rng.random() < TOKEN_READ_SHARE:
                 self._token_read(user, seq, token)
 

@@ -139,6 +139,15 @@ CLAIMS: tuple[Claim, ...] = (
          "resume",),
     ),
     Claim(
+        "primary restarted in place (`pg_ctl stop -m fast`, then start), under 6 threads of "
+        "load",
+        f"0 failed reads or writes, 0 budget violations (budgets {_budgets()} and token "
+        "reads), sync and async: reads the restart met were retried within "
+        "`primary_deadline` and served by a replica that came to prove them or the primary",
+        ("test_faults.py::test_primary_restarted_in_place_fails_no_read_and_keeps_every_"
+         "budget",),
+    ),
+    Claim(
         "primary crash right after acknowledged writes",
         f"{CRASH_WRITES} acknowledged, 0 lost; every token ≤ recovered LSN",
         ("test_faults.py::test_primary_crash_after_acknowledged_writes_loses_none",),

@@ -295,16 +295,19 @@ def test_reload_and_restart_changes_roll_through_2x2_under_readers(
             replicas = ConfigRollout(topology, plan, controller, max_lag=2.0,
                                      bake=0.5).run()
             during_replicas = load.stop()
-        # An in-place primary restart leaves no node that can prove a budget shorter than
-        # its downtime: such reads fail fast while it restarts. Budgets from 0.5 s are
-        # served by the replicas; only a read already running on the primary when it shut
-        # down fails (the store does not retry reads).
-        with Workload(store, users, budgets=(0.5, 1.0, 5.0)) as load:
+        # The primaries restart in place. A read whose primary session the fast shutdown
+        # ended, or that meets the primary refusing connections, is retried within
+        # primary_deadline on whatever proves it first: a replica once the restarted
+        # primary's first poll is a new sample (or once it replayed a token), else the
+        # primary. So every budget is served, 0.1 s included.
+        retried_before = sum(store.stats.retried.values())
+        with Workload(store, users) as load:
             plan = plan_config_change(topology, replace(change, role="primaries"),
                                       can_restart=True)
             primaries = ConfigRollout(topology, plan, controller, max_lag=2.0,
                                       bake=0.5).run()
             during_primaries = load.stop()
+        retried = sum(store.stats.retried.values()) - retried_before
     for done in (reloaded, replicas, primaries):
         assert done.complete, str(done)
     for node in private.nodes:
@@ -317,20 +320,17 @@ def test_reload_and_restart_changes_roll_through_2x2_under_readers(
     for name, report in runs:
         print(f"2x2 {name}: {report.reads} reads ({report.replica_reads} from replicas), "
               f"{report.writes} writes, {dict(report.errors)} errors, {report.violations} "
-              "violations")
+              f"violations, worst read {report.worst_read * 1000:.0f} ms")
         assert report.reads > 0 and report.replica_reads > 0 and report.writes > 0
         assert report.violations == 0, report.examples
-    print(f"restart unavailability (s): {downs}")
-    assert during_reload.error_count == during_replicas.error_count == 0, (
-        during_reload.examples, during_replicas.examples)
-    # Writes are retried by the store for write_retry_time: none failed, because every
-    # primary answered again well within it.
-    # Reads running on a primary its restart ended: token reads say it is down, budgeted
-    # reads follow their policy (here refuse: StaleReadError, reason primary_unavailable).
-    assert set(during_primaries.errors) <= {"read:ShardUnavailableError", "read:StaleReadError"}
-    assert during_primaries.error_count <= 10, during_primaries.examples
+        assert report.error_count == 0, (name, dict(report.errors), report.examples)
+    print(f"restart unavailability (s): {downs}; reads served by a retry during the primary "
+          f"restarts: {retried}")
+    assert retried > 0, "no read met a primary restart: nothing was tested"
+    # Writes are retried by the store for write_retry_time, reads within primary_deadline:
+    # none failed, because every primary answered again well within both.
     primary_downs = [downs[s.primary.name] for s in topology.shards]
-    assert max(primary_downs) < topology.routing.write_retry_time, downs
+    assert max(primary_downs) < topology.routing.primary_deadline, downs
 
 
 # -- revert ------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ the two can never disagree about what makes a read fresh enough.
 
 ``StoreCore`` resolves budgets, locates users and runs a read's program: the token checks,
 the route decision, then the replicas (``_replica``) and, past them, the primary or the
-degrade policy (``_degrade``, reading on the primary through ``_primary``). A write's
+degrade policy (``_degrade``, reading on the primary through ``_retry``: admission, and
+retries while it restarts; the attempt itself is ``_primary``'s). A write's
 attempt and retries are ``_writes``'s programs; ``_statements`` builds and decodes what
 both send. None of those modules imports this one: they get the state they need.
 """

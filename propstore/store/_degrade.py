@@ -11,10 +11,11 @@ exhausted. The order in which reads give way, and why, is in ``docs/degrade.md``
 3. past that, the policy's steps in order (``propstore.degrade``), then
    :class:`~propstore.StaleReadError`.
 
-A budgeted read whose primary read *fails* (connection lost, the primary restarting or shut
-down, a failover under way) takes the same path as one the limiter shed: a replica problem
-plus a primary restart is no reason to hand a serve-stale reader an error. Strong and token
-reads keep the primary's own :class:`~propstore.ShardUnavailableError`.
+A read whose primary read fails *transiently* (the primary restarting or failing over) is
+first tried again within its deadline (``_retry``). A budgeted read that still finds no
+server takes the same path as one the limiter shed: a replica problem plus a primary
+restart is no reason to hand a serve-stale reader an error. Strong and token reads keep the
+primary's own :class:`~propstore.ShardUnavailableError`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from propstore.freshness import Freshness
 from propstore.lsn import LSN
 from propstore.router import FallbackReason, RouteDecision
 from propstore.store._program import Exec, ReadResult, Request, Response, Wait, fixed
+from propstore.store._retry import Shed, admit, observed_down, on_primary, primary_read
 
 if TYPE_CHECKING:
     from propstore.store._core import StoreCore
@@ -75,16 +77,20 @@ def fallback(
     freshness = decision.freshness
     priority = freshness.strong or freshness.after is not None
     failed: ShardUnavailableError | None = None
-    # Only a reader that prefers a stale answer to waiting skips a primary seen down: the
-    # monitor also marks a primary down that is merely too slow for its polls (a busy
-    # machine), and any other reader is better served by trying it.
+    # Only a reader that prefers a stale answer to waiting skips a primary seen down, and
+    # is not retried: the monitor also marks a primary down that is merely too slow for its
+    # polls (a busy machine), and any other reader is better served by trying it.
     serve_stale_first = bool(policy.steps) and isinstance(policy.steps[0], ServeStaleStep)
-    down = _observed_down(core, shard_index) if serve_stale_first and not priority else None
-    shed: RefusalReason | None = "primary_unavailable" if down else _admit(core, shard_index,
-                                                                            priority)
+    retry = priority or not serve_stale_first
+    down = observed_down(core, shard_index) if not retry else None
+    shed: RefusalReason | None = "primary_unavailable" if down else admit(core, shard_index,
+                                                                           priority)
     if shed is None:
         try:
-            return (yield from _on_primary(core, shard_index, data, decode, reason))
+            return (yield from primary_read(core, shard_index, freshness, data, decode, reason,
+                                            started, failures, retry=retry))
+        except Shed as declined:
+            shed = declined.reason
         except ShardUnavailableError as exc:
             if priority:
                 raise  # only the primary can serve it: its own error says why not
@@ -116,29 +122,6 @@ def fallback(
     ) from failed
 
 
-def _admit(core: StoreCore, shard_index: int, priority: bool) -> ShedReason | None:
-    if not priority and not core.limiters[shard_index].try_acquire(core.clock()):
-        return "fallback_ceiling"
-    return core.primary_limiters[shard_index].admit(priority)
-
-
-def _on_primary(
-    core: StoreCore, shard_index: int, data: Statement, decode: Callable[[Any], Any],
-    reason: FallbackReason,
-) -> Generator[Exec, Response, tuple[Any, ReadResult]]:
-    """An admitted read on the primary; its duration is the limiter's measure of health."""
-    began = time.monotonic()
-    try:
-        rows, node = yield from core.primary.read(shard_index, data)
-    finally:
-        # No wake-up for waiting reads here: a read ends hundreds of times a second under
-        # a surge, and waking every waiter each time is a thundering herd. Waiters recheck
-        # the primary's room at each monitor observation of the shard instead.
-        core.primary_limiters[shard_index].done(time.monotonic() - began)
-    return decode(rows), ReadResult(None, None, core.shard_names[shard_index], node, False,
-                                    None, 0.0, reason, "primary")
-
-
 def _wait(
     core: StoreCore, shard_index: int, freshness: Freshness, max_wait: float,
     data: Statement, decode: Callable[[Any], Any], started: float,
@@ -157,30 +140,14 @@ def _wait(
                                                    failures, started)
             if isinstance(served, tuple):
                 return served
-        if _observed_down(core, shard_index) is None and _admit(core, shard_index,
-                                                                False) is None:
+        if observed_down(core, shard_index) is None and admit(core, shard_index,
+                                                              False) is None:
             # A primary that failed (restarting, failing over) is tried again once the
             # monitor sees it up, within the same max_wait.
             with contextlib.suppress(ShardUnavailableError):
-                return (yield from _on_primary(core, shard_index, data, decode, reason))
+                return (yield from on_primary(core, shard_index, data, decode, reason,
+                                              time.monotonic() + core.routing.primary_deadline))
     return None
-
-
-def _observed_down(core: StoreCore, shard_index: int) -> str | None:
-    """Why the monitor sees the shard's primary down, None unless it does.
-
-    A serve-stale read does not try a primary the monitor saw down, nor does a waiting read
-    retry it: its pool would hold the read up to the primary deadline (2 s by default)
-    reconnecting, where the read's policy answers now. The monitor sees a restarted primary
-    up within a poll interval.
-    """
-    view = core.state.view(shard_index)
-    if view.primary is not None:
-        return None
-    node = view.nodes[view.primary_index if view.primary_index is not None else 0]
-    if node.state != "down":
-        return None  # not polled yet, or in a state the primary read itself explains
-    return f"{node.name} observed down ({node.last_error or 'no answer'})"
 
 
 def _serve_stale(

@@ -8,8 +8,7 @@ trip unless a poll already proves it for the connection (``proof.primary_proven`
 
 from __future__ import annotations
 
-import time
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 import psycopg
@@ -24,8 +23,9 @@ from propstore.store._statements import IS_PRIMARY
 
 
 class PrimaryGone(DeadlineExceeded):
-    """A write attempt stopped waiting: the monitor no longer observes its node as the
-    shard's primary (or observes none), so it is retried where the monitor points."""
+    """An attempt on the primary stopped (waiting for a connection, or before any I/O): the
+    monitor no longer observes its node as the shard's primary (or observes none), or a
+    read's replica now proves it. Retried where the monitor points."""
 
 
 class PrimaryReads:
@@ -35,17 +35,24 @@ class PrimaryReads:
         self.state = state
         self.routing = routing
 
-    def read(self, shard_index: int, data: Statement
+    def read(self, shard_index: int, data: Statement, deadline: float,
+             valid: Callable[[], bool] | None = None,
              ) -> Generator[Exec, Response, tuple[Any, str]]:
-        """Run ``data`` on the shard's primary: (rows, the node's name); raises
-        :class:`~propstore.ShardUnavailableError` when it does not answer or is no longer
-        a primary."""
+        """Run ``data`` on the shard's primary by ``deadline`` (while waiting for a
+        connection, giving up once ``valid`` says so): (rows, the node's name).
+
+        Raises :class:`~propstore.ShardUnavailableError` when it does not answer or is no
+        longer a primary; its ``__cause__`` is the driver's error, or a :class:`PrimaryGone`
+        when no node may be the primary now, from which ``_retry`` tells whether the read
+        may be tried again.
+        """
         view = self.state.view(shard_index)
         node = primary_node(view)
         if view.primary is None and view.ruled_out(node):
             # Observed in recovery (or not the HA manager's leader) and no primary seen
             # since: say so instead of blaming the node the file (or the last poll) named.
-            raise ShardUnavailableError(view.name, f"no primary observed ({observed_roles(view)})")
+            seen = f"no primary observed ({observed_roles(view)})"
+            raise ShardUnavailableError(view.name, seen) from PrimaryGone(seen)
 
         def plan(conn: ConnState) -> tuple[Sequence[Statement], bool]:
             # A poll that saw this connection's server run as a primary after it opened
@@ -55,9 +62,7 @@ class PrimaryReads:
             return (IS_PRIMARY, data), False
 
         try:
-            _conn, results = yield Exec(
-                node.config, time.monotonic() + self.routing.primary_deadline, plan
-            )
+            _conn, results = yield Exec(node.config, deadline, plan, valid)
         except (DeadlineExceeded, psycopg.Error) as exc:
             observed = self.state.view(shard_index)
             seen = "" if observed.primary is not None else (
@@ -66,13 +71,12 @@ class PrimaryReads:
             raise ShardUnavailableError(
                 view.name, f"primary {node.name} ({node.config.address}) did not answer: "
                 f"{describe(exc)}{seen}"
-            ) from None
+            ) from exc
         if len(results) == 2:
             if results[0].get_value(0, 0) != b"t":
-                raise ShardUnavailableError(
-                    view.name, f"{node.name} is no longer a primary (failover in progress; "
-                    f"observed: {observed_roles(self.state.view(shard_index))})"
-                )
+                demoted = (f"{node.name} is no longer a primary (failover in progress; "
+                           f"observed: {observed_roles(self.state.view(shard_index))})")
+                raise ShardUnavailableError(view.name, demoted) from PrimaryGone(demoted)
             return results[1], node.name
         return results[0], node.name
 

@@ -1,4 +1,4 @@
-"""``ReadStats``: a store's routing counters (reads, writes, refusals, waits)."""
+"""``ReadStats``: a store's routing counters (reads, writes, refusals, waits, retries)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ class ReadStats:
         self.refusals: Counter[tuple[str, str, str]] = Counter()
         #: Reads served after a ``Degrade.wait``, by (shard, profile).
         self.waits: Counter[tuple[str, str]] = Counter()
+        #: Reads whose primary failed transiently (a restart, a failover) and that a retry
+        #: within their deadline served, by (shard, ``replica`` or ``primary``).
+        self.retried: Counter[tuple[str, str]] = Counter()
         # ``counter[key] += 1`` is a read then a write: concurrent threads could lose counts.
         self._lock = threading.Lock()
 
@@ -48,6 +51,11 @@ class ReadStats:
         for (_shard, profile, reason), count in items:
             by_profile.setdefault(profile, {})[reason] = count
         return by_profile
+
+    def record_retry(self, shard: str, from_replica: bool) -> None:
+        """Count one read served by a retry after its primary failed transiently."""
+        with self._lock:
+            self.retried[(shard, "replica" if from_replica else "primary")] += 1
 
     def record_wait(self, shard: str, profile: str) -> None:
         """Count one read served after waiting under its degrade policy."""
