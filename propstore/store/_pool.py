@@ -14,11 +14,18 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self, TypeVar
 
 import psycopg
 import structlog
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
+from tenacity import (
+    AsyncRetrying,
+    Retrying,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
 
 from propstore import _sql, _wire, proof
 from propstore._connections import ConnectionBudget
@@ -34,8 +41,42 @@ STATEMENT_LOST = (psycopg.errors.InvalidSqlStatementName,
                   psycopg.errors.DuplicatePreparedStatement)
 
 
+#: How long opening a connection keeps trying while the server refuses it, as a server that
+#: is shutting down, restarting or starting up does ("the database system is shutting down /
+#: starting up", nothing listening yet), in seconds. psycopg-pool waits 1 s, then 2 s, 4 s...
+#: between its own attempts (not configurable): a pool whose primary restarted in place
+#: (0.3-0.6 s) would stay empty for a second or three while reads and writes wait for it.
+#: Jittered and backing off, so a fleet does not hammer a starting server.
+CONNECT_PATIENCE = 2.0
+RetryingT = TypeVar("RetryingT", Retrying, AsyncRetrying)
+
+
+def connecting(kind: type[RetryingT]) -> RetryingT:
+    """The retry policy for opening a pooled connection (``Retrying`` or
+    ``AsyncRetrying``): refusals are tried again for :data:`CONNECT_PATIENCE`."""
+    return kind(stop=stop_after_delay(CONNECT_PATIENCE),
+                wait=wait_exponential_jitter(multiplier=0.05, max=0.1, jitter=0.05),
+                retry=retry_if_exception(_refused), reraise=True)
+
+
+def _refused(exc: BaseException) -> bool:
+    # A connect timeout has spent its time already; any other failure to open may be a
+    # server between two runs (its SQLSTATE is not exposed for a failed connection).
+    return isinstance(exc, psycopg.OperationalError) and not isinstance(
+        exc, psycopg.errors.ConnectionTimeout)
+
+
 class NodeConnection(psycopg.Connection[Any]):
     """A pooled connection plus what the fast path relies on (see ``proof``)."""
+
+    @classmethod
+    def connect(cls, conninfo: str = "", **kwargs: Any) -> Self:
+        """psycopg's ``connect``, tried again while the server refuses (see
+        :data:`CONNECT_PATIENCE`)."""
+        for attempt in connecting(Retrying):
+            with attempt:
+                return super().connect(conninfo, **kwargs)
+        raise AssertionError("unreachable: tenacity returns or raises")
 
     #: ``time.monotonic()`` once the connection was open (an upper bound of its open time).
     propstore_opened_at: float = math.inf
@@ -53,6 +94,14 @@ class NodeConnection(psycopg.Connection[Any]):
 
 class AsyncNodeConnection(psycopg.AsyncConnection[Any]):
     """The asyncio twin of :class:`NodeConnection`."""
+
+    @classmethod
+    async def connect(cls, conninfo: str = "", **kwargs: Any) -> Self:
+        """See :meth:`NodeConnection.connect`."""
+        async for attempt in connecting(AsyncRetrying):
+            with attempt:
+                return await super().connect(conninfo, **kwargs)
+        raise AssertionError("unreachable: tenacity returns or raises")
 
     propstore_opened_at: float = math.inf
     propstore_run: proof.ServerRun | None = None
