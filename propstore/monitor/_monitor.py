@@ -303,7 +303,10 @@ class LagMonitor:
 
         reconnect = AsyncRetrying(
             retry=retry_if_exception_type((psycopg.Error, OSError)),
-            wait=wait_exponential_jitter(multiplier=settings.interval, max=settings.max_backoff),
+            # Jitter of one interval spreads the reconnects (tenacity's default is 1 s, which
+            # kept a restarted node unobserved for up to a second after it answered).
+            wait=wait_exponential_jitter(multiplier=settings.interval, max=settings.max_backoff,
+                                         jitter=settings.interval),
             before_sleep=failed_attempt,
             reraise=True,
         )
