@@ -249,8 +249,11 @@ class ConfigRollout:
 
     def _restart(self, step: ConfigStep, phase: Phase) -> float:
         assert self.controller is not None  # checked in __post_init__
-        self._emit("restarting", step, phase, f"restarting {step.node.name} "
-                   f"({step.role}; its readers fall back, writes are retried)")
+        # What the store does meanwhile (docs/config-changes.md), said where it happens.
+        meanwhile = ("reads and writes on it are retried" if step.role == "primary"
+                     else "its readers fall back")
+        self._emit("restarting", step, phase,
+                   f"restarting {step.node.name} ({step.role}; {meanwhile})")
         try:
             # A checkpoint now makes the shutdown checkpoint (inside the downtime) short.
             with self._connect(step.node) as conn:
