@@ -12,6 +12,7 @@ from _bench.scenarios.faults import frozen_replica, lagging_replica
 from _bench.scenarios.fleet import fleet
 from _bench.scenarios.latency import read_batch, read_fresh, write
 from _bench.scenarios.monitor import monitor_cost
+from _bench.scenarios.restart import primary_restart
 from _bench.scenarios.soak import soak
 from _bench.scenarios.startup import cli_startup
 from _bench.scenarios.surge import surge
@@ -20,7 +21,8 @@ from _bench.scenarios.topologies import topologies
 
 @dataclass(frozen=True)
 class Scenario:
-    """A named scenario; ``optional`` ones run only when asked for (``--soak``)."""
+    """A named scenario; ``optional`` ones run only when asked for (by name, or all of them
+    with ``--soak``)."""
 
     name: str
     run: Callable[[BenchEnv, Options], ScenarioResult]
@@ -39,6 +41,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("topologies", topologies),
     Scenario("fleet", fleet),
     Scenario("soak", soak, optional=True),
+    # Restarts every server (and changes max_connections meanwhile): only when asked for.
+    Scenario("primary-restart", primary_restart, optional=True),
 )}
 
 __all__ = ["SCENARIOS", "Scenario"]
