@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -63,12 +64,12 @@ class RouteDecision:
     @property
     def freshest(self) -> Candidate | None:
         """The up replica with the smallest bound, admitted or not (for
-        ``Degrade.serve_stale``)."""
+        ``Degrade.serve_stale``); one that answers its deadlines before one that does not."""
         pool = [*self.candidates] + [
             Candidate(-1, r.node, r.staleness_bound) for r in self.rejected
             if r.reason == "replica_stale"
         ]
-        return min(pool, key=lambda c: c.staleness_bound, default=None)
+        return min(pool, key=lambda c: (_late(c), c.staleness_bound), default=None)
 
     def explain(self) -> str:
         """A few lines a person can read: the budget, each replica's figures, the choice."""
@@ -139,9 +140,14 @@ def route(view: ShardView, freshness: Freshness, at: float, rotation: int = 0) -
             freshness.max_staleness is None or bound <= freshness.max_staleness
         ):
             tentative.append(Candidate(index, node, bound))
-    if len(candidates) > 1 and rotation:
-        shift = rotation % len(candidates)
-        candidates = candidates[shift:] + candidates[:shift]
+    # A replica that missed a deadline since its last answer is tried last: no new proof,
+    # not down (a starved machine makes healthy replicas late too), but a frozen one would
+    # cost every read that tries it first the whole replica deadline.
+    candidates.sort(key=_late)
+    answering = _answering(candidates)
+    if answering > 1 and rotation:
+        shift = rotation % answering
+        candidates = candidates[shift:answering] + candidates[:shift] + candidates[answering:]
     return RouteDecision(
         view, freshness, at, tuple(candidates), tuple(rejected),
         None if candidates else _reason(rejected),
@@ -220,13 +226,24 @@ def _valid_until(decision: RouteDecision, at: float) -> float:
     return min(at + (limit - c.staleness_bound) for c in decision.candidates)
 
 
+def _late(candidate: Candidate) -> bool:
+    return candidate.node.unanswered_since is not None
+
+
+def _answering(candidates: Sequence[Candidate]) -> int:
+    """How many candidates lead the list before the late ones (it is sorted by lateness)."""
+    return next((i for i, c in enumerate(candidates) if _late(c)), len(candidates))
+
+
 def _rotations(decision: RouteDecision) -> tuple[RouteDecision, ...] | None:
     cands = decision.candidates
-    if len(cands) < 2:
+    answering = _answering(cands)  # late candidates stay last in every rotation
+    if answering < 2:
         return None
+    head, tail = cands[:answering], cands[answering:]
     return tuple(decision if not shift else
-                 dataclasses.replace(decision, candidates=cands[shift:] + cands[:shift])
-                 for shift in range(len(cands)))
+                 dataclasses.replace(decision, candidates=head[shift:] + head[:shift] + tail)
+                 for shift in range(answering))
 
 
 def _reason(rejected: list[Rejection]) -> FallbackReason:

@@ -237,6 +237,15 @@ def _zombie_primary() -> None:
     _patch(ShardView, "ruled_out", lambda _orig: lambda self, node: node.role == "replica")
 
 
+def _slow_is_down() -> None:
+    """A poll or read that misses its deadline counts as a failure (two in a row: down), as
+    before polls were let answer late."""
+    from propstore.monitor._monitor import MonitorState
+
+    _patch(MonitorState, "unanswered", lambda _orig: lambda self, shard, node, error,
+           since=None: self.fail(shard, node, error))
+
+
 BREAKAGES: dict[str, Callable[[], None]] = {
     "no-proof": _no_proof,
     "lying-bound": _lying_bound,
@@ -255,6 +264,7 @@ BREAKAGES: dict[str, Callable[[], None]] = {
     "run-facts-any-run": _run_facts_any_run,
     "stale-shared": _stale_shared,
     "no-read-retry": _no_read_retry,
+    "slow-is-down": _slow_is_down,
 }
 
 

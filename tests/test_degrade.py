@@ -8,6 +8,7 @@ bounds; a refusal says what happened and is counted; the limiter's memory stays 
 from __future__ import annotations
 
 import json
+import math
 import random
 import threading
 import time
@@ -402,6 +403,85 @@ def test_no_serve_stale_read_fails_while_the_primary_restarts_and_every_bound_is
     assert not [k for k in report.errors if k.startswith(f"read({policy})")], report.examples
     assert set(report.errors) <= {"read:ShardUnavailableError"}, report.examples
     assert report.stale_reads > 0, "no read met the restart: nothing was tested"
+
+
+#: Stop-go schedule of the stalled replicas: each stall outlasts a poll timeout plus an
+#: interval (so a poll is left unanswered) and a dozen read deadlines, and is shorter than
+#: the monitor's silence limit; each run lets the late answers in.
+STALL, RUN, BURSTS = 0.6, 0.4, 4
+
+
+def test_replicas_stalled_in_bursts_shorter_than_the_silence_limit_are_never_marked_down(
+    cluster: LocalCluster, topology: Topology
+) -> None:
+    """SIGSTOP/SIGCONT bursts of every replica of a shard stand in for a starved machine:
+    polls and reads miss their deadlines, answers come late. A late answer is no new proof,
+    not a failure: the replicas stay up, and serve-stale reads (their primary sheds them
+    all) are served by a replica whenever one runs."""
+    from structlog.testing import capture_logs
+
+    users = users_on_shard(topology, topology.shards[0].name, 4, prefix="burst")
+    replicas = cluster.shards[0].replicas
+    served: list[tuple[float, float]] = []  # (time, proven bound) of each served read
+    failed = Counter[str]()
+    crashed: list[BaseException] = []
+    stop = threading.Event()
+    with capture_logs() as logs, PropertyStore(shed_everything(topology)) as store:
+        for user in users:
+            store.set("acme", user, {"v": 1})
+        cluster.wait_caught_up()
+        names = {r.name for r in replicas}
+        wait_for(lambda: all(n.up for n in store.shard_views()[0].nodes if n.name in names))
+
+        def reader(seed: int) -> None:
+            rng = random.Random(seed)
+            try:
+                while not stop.is_set():
+                    try:
+                        result = store.read("acme", rng.choice(users), max_staleness=0.1,
+                                            degrade=Degrade.serve_stale())
+                    except StaleReadError as exc:
+                        failed[exc.reason] += 1
+                        continue
+                    assert result.props == {"v": 1}, result
+                    if result.from_replica:  # (the ceiling's one token may go to the primary)
+                        served.append((time.monotonic(), result.staleness_bound))
+            except BaseException as exc:  # fails the test below
+                crashed.append(exc)
+
+        threads = [threading.Thread(target=reader, args=(i,), daemon=True) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        late, runs = 0, []
+        try:
+            for _ in range(BURSTS):  # the fault's own schedule, not a wait for a condition
+                for replica in replicas:
+                    replica.freeze()
+                time.sleep(STALL)
+                late += sum(n.unanswered_since is not None
+                            for n in store.shard_views()[0].nodes if n.name in names)
+                for replica in replicas:
+                    replica.thaw()
+                began = time.monotonic()
+                time.sleep(RUN)
+                runs.append((began, time.monotonic()))
+        finally:
+            for replica in replicas:
+                replica.thaw()
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=30)
+    downs = [e for e in logs if e["event"] == "node_state_changed" and e["new"] == "down"
+             and e["node"] in names]
+    in_runs = [sum(a <= t <= b for t, _ in served) for a, b in runs]
+    print(f"replicas stalled {BURSTS} x {STALL}s: {len(served)} served stale, failed "
+          f"{dict(failed)}, late polls seen {late}, served per run {in_runs}, downs {downs}")
+    assert not crashed and not any(t.is_alive() for t in threads), crashed
+    assert downs == [], downs
+    assert late > 0, "no poll was left unanswered: nothing was tested"
+    assert sum(failed.values()) > 0, "no read met a stall: nothing was tested"
+    assert all(in_runs), in_runs  # served whenever the replicas ran
+    assert all(math.isfinite(bound) for _, bound in served)
 
 
 def test_refusals_are_counted_per_profile_and_reason_in_lag_and_route(

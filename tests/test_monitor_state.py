@@ -7,10 +7,16 @@ import math
 from hypothesis import given
 from hypothesis import strategies as st
 
-from propstore import Topology
+from propstore import Freshness, Topology
 from propstore.lsn import LSN
 from propstore.monitor import LagHistory, Observation
-from propstore.monitor._state import apply_failure, apply_observation, initial_views
+from propstore.monitor._state import (
+    apply_failure,
+    apply_observation,
+    apply_unanswered,
+    initial_views,
+)
+from propstore.router import DecisionCache, route
 from tests.test_config import BASE
 
 TOPO = Topology.from_toml(BASE, environ={})
@@ -96,9 +102,68 @@ def test_promotion_is_followed_and_old_history_dropped() -> None:
 def test_two_failures_mark_a_node_down_and_one_success_brings_it_back() -> None:
     view = initial_views(TOPO.shards, 0.0)[0]
     view = apply_observation(view, 1, replica_poll(0.0, 1), 16)
-    view = apply_failure(view, 1, 0.1, "timeout", 2)
+    view = apply_failure(view, 1, 0.1, "refused", 2)
     assert view.nodes[1].up
-    view = apply_failure(view, 1, 0.2, "timeout", 2)
+    view = apply_failure(view, 1, 0.2, "refused", 2)
     assert view.nodes[1].state == "down"
     view = apply_observation(view, 1, replica_poll(0.3, 1), 16)
     assert view.nodes[1].up
+
+
+def test_an_unanswered_poll_is_no_new_proof_and_never_down_by_itself() -> None:
+    # A starved machine answers late: the replica stays up, its last observation keeps
+    # proving a bound that grows with the clock, and it stays a candidate while that bound
+    # is within the budget.
+    view = initial_views(TOPO.shards, 0.0)[0]
+    view = apply_observation(view, 0, primary_poll(0.0, 100), 16)
+    view = apply_observation(view, 1, replica_poll(0.0, 100), 16)
+    for k in range(1, 20):  # every poll and read late, for 1.9 s
+        view = apply_unanswered(view, 1, 0.1 * k, "poll unanswered after 250 ms")
+        view = apply_unanswered(view, 0, 0.1 * k, "read deadline exceeded")
+    replica = view.nodes[1]
+    assert replica.state == "up" and replica.unanswered_since == 0.1
+    assert view.primary is view.nodes[0]
+    assert view.staleness_bound(replica, 1.9) == 1.9
+    assert [c.node.name for c in route(view, Freshness(max_staleness=5.0), 1.9).candidates] == [
+        replica.name]
+    assert not route(view, Freshness(max_staleness=1.0), 1.9).candidates  # the bound decides
+    # The late answer is an observation like any other.
+    view = apply_observation(view, 1, replica_poll(1.0, 100), 16)
+    assert view.nodes[1].unanswered_since is None
+    assert view.staleness_bound(view.nodes[1], 1.9) == 1.9  # the primary sample at 0 covers
+
+
+def test_silence_for_the_limit_marks_down_at_once_shorter_silence_does_not() -> None:
+    view = initial_views(TOPO.shards, 0.0)[0]
+    view = apply_observation(view, 1, replica_poll(10.0, 1), 16)
+    view = apply_failure(view, 1, 11.9, "no answer for 1.9 s", 2, silence_limit=2.0)
+    assert view.nodes[1].up  # one failure, and silent for less than the limit
+    view = apply_observation(view, 1, replica_poll(12.0, 1), 16)
+    view = apply_failure(view, 1, 14.0, "no answer for 2.0 s", 2, silence_limit=2.0)
+    assert view.nodes[1].state == "down" and view.nodes[1].failures == 1
+
+
+TWO_REPLICAS = Topology.from_toml(BASE.replace(
+    'replicas = ["host=127.0.0.1 port=6002 dbname=propstore user=postgres"]',
+    'replicas = ["host=127.0.0.1 port=6002 dbname=propstore user=postgres", '
+    '"host=127.0.0.1 port=6004 dbname=propstore user=postgres"]'), environ={})
+
+
+def test_a_late_replica_is_tried_last_in_every_rotation_and_served_stale_last() -> None:
+    # A frozen replica must not cost every other read its deadline, nor a slow one be
+    # dropped: the replica that missed a deadline stays a candidate, behind the others.
+    view = initial_views(TWO_REPLICAS.shards, 0.0)[0]
+    view = apply_observation(view, 0, primary_poll(0.0, 100), 16)
+    for node in (1, 2):
+        view = apply_observation(view, node, replica_poll(0.0, 100), 16)
+    budget = Freshness(max_staleness=5.0)
+    firsts = {route(view, budget, 0.5, r).candidates[0].node.name for r in range(4)}
+    assert len(firsts) == 2  # both answer: reads share them
+    view = apply_unanswered(view, 1, 0.2, "read deadline exceeded")
+    cache = DecisionCache(1)
+    for r in range(4):
+        for decision in (route(view, budget, 0.5, r), cache.decide(view, budget, 0.5, r)):
+            assert [c.index for c in decision.candidates] == [2, 1]
+    stale = route(view, Freshness(max_staleness=0.1), 0.5)
+    assert not stale.candidates and stale.freshest is not None
+    assert stale.freshest.node.name == view.nodes[2].name

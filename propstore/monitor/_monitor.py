@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import cast
 
 import psycopg
 import structlog
+from psycopg import pq
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from tenacity.wait import wait_exponential_jitter
 
@@ -35,6 +37,7 @@ from propstore.monitor._state import (
     apply_leadership,
     apply_observation,
     apply_repeat,
+    apply_unanswered,
     initial_views,
     parse_hot_standby_settings,
     with_timelines,
@@ -137,16 +140,39 @@ class MonitorState:
         known = self._histories[shard_index].get(timeline)
         return known is None or not known.complete
 
+    @property
+    def silence_limit(self) -> float:
+        """Seconds a node may leave a poll unanswered before it counts as down: as long as
+        a connection attempt may take (``routing.connect_timeout``), and never less than
+        ``failures_before_down`` poll timeouts. A shorter silence is *no new proof*, not a
+        failure: on a starved machine an answering node is merely late (docs/architecture.md,
+        "Slow is not down")."""
+        settings = self.topology.monitor
+        return max(settings.poll_timeout * settings.failures_before_down,
+                   self.topology.routing.connect_timeout)
+
     def fail(self, shard_index: int, node_index: int, error: str, at: float | None = None
              ) -> None:
-        """Record a failed poll or a read that timed out on a node (at ``at``, default now:
-        the host agent's failures carry the time its poll failed)."""
+        """Record a failed poll or read of a node: an error, or a poll silent for
+        :attr:`silence_limit` (at ``at``, default now: the host agent's failures carry the
+        time its poll failed). A deadline merely missed is :meth:`unanswered`."""
         with self._lock:
             old = self._views[shard_index]
             threshold = self.topology.monitor.failures_before_down
             new = apply_failure(old, node_index, self.clock() if at is None else at, error,
-                                threshold)
+                                threshold, self.silence_limit)
             self._publish(old, new)
+
+    def unanswered(self, shard_index: int, node_index: int, error: str,
+                   since: float | None = None) -> None:
+        """Record that a node has not answered a poll sent at ``since`` (or a read) by its
+        deadline: no new proof, not a failure (:func:`apply_unanswered`)."""
+        with self._lock:
+            old = self._views[shard_index]
+            new = apply_unanswered(old, node_index, self.clock() if since is None else since,
+                                   error)
+            if new is not old:
+                self._publish(old, new)
 
     def _publish(self, old: ShardView, new: ShardView) -> None:
         views = list(self._views)
@@ -323,9 +349,8 @@ class LagMonitor:
                 active = conn
                 sent_at = clock()
                 try:
-                    (result,) = await execute_async(
-                        active, poll, time.monotonic() + settings.poll_timeout, named=False
-                    )
+                    result = await self._answer(active, poll, shard_index, node_index, sent_at,
+                                                lambda: polled(key))
                 except (DeadlineExceeded, psycopg.Error) as exc:
                     self.state.fail(shard_index, node_index, _describe(exc))
                     await active.close()
@@ -361,6 +386,46 @@ class LagMonitor:
         finally:
             if conn is not None:
                 await conn.close()
+
+    async def _answer(
+        self, conn: psycopg.AsyncConnection[object], poll: list[Statement], shard_index: int,
+        node_index: int, sent_at: float, late: Callable[[], None],
+    ) -> pq.abc.PGresult:
+        """The poll's answer, however late within the silence limit.
+
+        Past ``poll_timeout`` the node is recorded as unanswered (no new proof; ``late`` is
+        called) and the poll is kept waiting rather than abandoned: a late answer is a true
+        observation (its ``sent_at`` precedes it), on a starved machine it is the usual
+        case, and abandoning it would only add a new backend's start to the load. Past
+        :attr:`MonitorState.silence_limit` the poll fails (:class:`Silent`), unless the
+        socket has something to read: then it is this process that ran late, not the node.
+        """
+        settings = self.topology.monitor
+        started = time.monotonic()
+        silence = self.state.silence_limit
+        # execute_async's own deadline is only a backstop: the waits below decide.
+        exchange = asyncio.ensure_future(
+            execute_async(conn, poll, started + 2 * silence, named=False))
+        try:
+            done, _ = await asyncio.wait((exchange,), timeout=settings.poll_timeout)
+            if not done:
+                self.state.unanswered(
+                    shard_index, node_index,
+                    f"poll unanswered after {settings.poll_timeout * 1000:.0f} ms "
+                    "(no new proof)", sent_at)
+                late()
+                remaining = started + silence - time.monotonic()
+                if remaining > 0:
+                    await asyncio.wait((exchange,), timeout=remaining)
+                if not exchange.done() and _readable(conn):
+                    await asyncio.wait((exchange,), timeout=settings.poll_timeout)
+                if not exchange.done():
+                    raise Silent(f"no answer for {time.monotonic() - started:.1f} s")
+            (result,) = exchange.result()
+            return result
+        finally:
+            if not exchange.done():
+                exchange.cancel()  # the caller closes the connection it was using
 
     async def _pause(self, key: tuple[int, int], delay: float) -> None:
         wake = self._wake.get(key)
@@ -466,9 +531,24 @@ class LagMonitor:
         self._thread = None
 
 
+class Silent(DeadlineExceeded):
+    """A node left a poll unanswered for the whole silence limit."""
+
+
+def _readable(conn: psycopg.AsyncConnection[object]) -> bool:
+    """Whether the connection's socket has bytes waiting (without reading them)."""
+    try:
+        ready, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        return False
+    return bool(ready)
+
+
 def _describe(exc: BaseException | None) -> str:
     if exc is None:
         return "unknown error"
+    if isinstance(exc, Silent):
+        return str(exc)
     if isinstance(exc, DeadlineExceeded):
         return "poll timed out"
     text = str(exc).strip().splitlines()

@@ -144,9 +144,14 @@ class NodeView:
     #: The server run the latest poll reached, and whether a pooler stood in between.
     run: ServerRun | None = None
     pooler_seen: bool = False
+    #: Failed polls (or reads) in a row: errors, and a poll that stayed silent too long.
     failures: int = 0
     last_error: str | None = None
     last_poll_at: float | None = None
+    #: When the poll still unanswered past ``poll_timeout`` was sent (None: the last poll
+    #: answered in time). Such a node brings no new proof, but is not down: its last
+    #: observation keeps proving its growing bound, and a read can prove its own.
+    unanswered_since: float | None = None
 
     @property
     def name(self) -> str:
@@ -290,6 +295,7 @@ def apply_observation(
         failures=0,
         last_error=None,
         last_poll_at=obs.sent_at,
+        unanswered_since=None,
     )
     nodes = list(view.nodes)
     nodes[node_index] = node
@@ -307,6 +313,7 @@ def apply_repeat(view: ShardView, node_index: int, at: float, history_size: int
     node = view.nodes[node_index]
     if view.primary_index != node_index or view.primary is not node or node.lsn is None or (
         node.observed_at is None or at <= node.observed_at or node.failures
+        or node.unanswered_since is not None  # the observation clears it: take the long way
     ):
         return None
     sightings = node.sightings if node.run is None else add_sighting(
@@ -383,14 +390,36 @@ def restate(view: ShardView, at: float) -> ShardView:
     return replace(view, nodes=tuple(nodes))
 
 
+def apply_unanswered(view: ShardView, node_index: int, since: float, error: str
+                     ) -> ShardView:
+    """The shard while a poll of one node sent at ``since`` (or a read) is unanswered past
+    its deadline: no new proof, and nothing else changes. The node's last observation still
+    proves what it proved (its bound grows with the clock), a read on it still proves its
+    own bound in its round trip, and the answer, if it comes, is an observation like any
+    other. Only silence for longer (:func:`apply_failure`) or errors mark it down."""
+    old = view.nodes[node_index]
+    if old.unanswered_since is not None and old.last_error == error:
+        return view
+    since = since if old.unanswered_since is None else min(since, old.unanswered_since)
+    nodes = list(view.nodes)
+    nodes[node_index] = replace(old, unanswered_since=since, last_error=error)
+    return replace(view, nodes=tuple(nodes))
+
+
 def apply_failure(
-    view: ShardView, node_index: int, at: float, error: str, failures_before_down: int
+    view: ShardView, node_index: int, at: float, error: str, failures_before_down: int,
+    silence_limit: float = math.inf,
 ) -> ShardView:
-    """The shard after a failed poll (or a read timeout) of one node."""
+    """The shard after a failed poll of one node: an error (refused, lost, a server error),
+    or a poll unanswered for ``silence_limit``. Down after ``failures_before_down`` of them
+    in a row, or at once when the node has answered nothing since ``silence_limit`` before
+    ``at`` (its last observation's send time; every process that applies the same facts
+    reaches the same verdict, the host agent's readers included)."""
     old = view.nodes[node_index]
     failures = old.failures + 1
     node = replace(old, failures=failures, last_error=error, last_poll_at=at)
-    if failures >= failures_before_down and old.state != "down":
+    silent = old.observed_at is not None and at - old.observed_at >= silence_limit
+    if (failures >= failures_before_down or silent) and old.state != "down":
         node = replace(node, state="down", state_since=at)
     nodes = list(view.nodes)
     nodes[node_index] = node

@@ -39,6 +39,7 @@ from propstore.router import DecisionCache, FallbackLimiter, RouteDecision, rout
 from propstore.store import _degrade, _statements, _tokens
 from propstore.store._primary import PrimaryReads
 from propstore.store._program import (
+    Failure,
     Program,
     Props,
     ReadObserver,
@@ -340,7 +341,7 @@ class StoreCore:
         started = self.clock()
         decision = self.decisions.decide(self.state.view(shard_index), freshness, started,
                                          next(self._rotation))
-        failures: list[tuple[int, str]] = []
+        failures: list[Failure] = []
         try:
             served = yield from self.replicas.read(shard_index, decision, data, decode,
                                                    failures, started)
@@ -352,10 +353,11 @@ class StoreCore:
             if failures:
                 self._report_failures(shard_index, failures)
 
-    def _report_failures(self, shard_index: int, failures: list[tuple[int, str]]) -> None:
+    def _report_failures(self, shard_index: int, failures: list[Failure]) -> None:
         shard = self.shard_names[shard_index]
-        for index, error in failures:
-            self.state.fail(shard_index, index, error)
+        for index, error, timed_out in failures:
+            # A missed deadline is no new proof; only an error counts toward down.
+            (self.state.unanswered if timed_out else self.state.fail)(shard_index, index, error)
             log.info("replica_read_failed", shard=shard,
                      node=self.topology.shards[shard_index].nodes[index].name, error=error)
 

@@ -38,7 +38,15 @@ from propstore.errors import ShardUnavailableError, StaleReadError
 from propstore.freshness import Freshness
 from propstore.lsn import LSN
 from propstore.router import FallbackReason, RouteDecision
-from propstore.store._program import Exec, ReadResult, Request, Response, Wait, fixed
+from propstore.store._program import (
+    Exec,
+    Failure,
+    ReadResult,
+    Request,
+    Response,
+    Wait,
+    fixed,
+)
 from propstore.store._retry import Shed, admit, observed_down, on_primary, primary_read
 
 if TYPE_CHECKING:
@@ -71,7 +79,7 @@ def fallback(
     data: Statement,
     decode: Callable[[Any], Any],
     started: float,
-    failures: list[tuple[int, str]],
+    failures: list[Failure],
 ) -> Generator[Request, Response, tuple[Any, ReadResult]]:
     """Serve ``data`` on the shard's primary if its limiter admits it, else per ``policy``."""
     freshness = decision.freshness
@@ -125,7 +133,7 @@ def fallback(
 def _wait(
     core: StoreCore, shard_index: int, freshness: Freshness, max_wait: float,
     data: Statement, decode: Callable[[Any], Any], started: float,
-    failures: list[tuple[int, str]], reason: FallbackReason,
+    failures: list[Failure], reason: FallbackReason,
 ) -> Generator[Request, Response, tuple[Any, ReadResult] | None]:
     """Up to ``max_wait`` seconds for a replica proven within the budget (the monitor's
     next observations) or room on the primary; the read holds no connection meanwhile."""

@@ -92,6 +92,9 @@ Request = Exec | Wait
 Response = tuple[Any, list[Any]]
 #: Called after every read with the result and its duration in seconds.
 ReadObserver = Callable[["ReadResult", float], None]
+#: A node a read could not use: (node index, what happened, whether it only missed a
+#: deadline -- no new proof -- rather than failed).
+Failure = tuple[int, str, bool]
 Program = Generator[Request, Response, Any]
 
 

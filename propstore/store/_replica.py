@@ -21,7 +21,7 @@ from propstore.lsn import LSN
 from propstore.monitor import MonitorState, NodeView, ShardView
 from propstore.proof import Proof, RunFacts, known_lsn, remember
 from propstore.router import FallbackReason, RouteDecision
-from propstore.store._program import ConnState, Exec, ReadResult, Response
+from propstore.store._program import ConnState, Exec, Failure, ReadResult, Response
 from propstore.store._statements import REPLAY_LSN
 
 
@@ -40,7 +40,7 @@ class ReplicaReads:
         decision: RouteDecision,
         data: Statement,
         decode: Callable[[Any], Any],
-        failures: list[tuple[int, str]],
+        failures: list[Failure],
         started: float,
     ) -> Generator[Exec, Response, tuple[Any, ReadResult] | FallbackReason]:
         """Try the decision's replicas in turn; (rows, result) from the first that proves
@@ -82,20 +82,19 @@ class ReplicaReads:
             try:
                 conn, results = yield Exec(cand.node.config, deadline, plan)
             except PoolTimeout:
-                # No free connection in time: busy or reconnecting, not proof the node failed
-                # -- unless it was already failing, then it counts (a frozen replica's pool
-                # blocks on reconnecting, and every read would pay the deadline otherwise).
+                # No free connection in time (busy, or reconnecting to a frozen server), and
+                # a deadline missed: no answer yet, which on a starved machine a healthy
+                # node gives too. Not a failure (docs/architecture.md, "Slow is not down").
                 reason = "replica_timeout"
-                if cand.node.failures:
-                    failures.append((cand.index, "no connection before the read deadline"))
+                failures.append((cand.index, "no connection before the read deadline", True))
                 continue
             except DeadlineExceeded:
                 reason = "replica_timeout"
-                failures.append((cand.index, "read deadline exceeded"))
+                failures.append((cand.index, "read deadline exceeded", True))
                 continue
             except psycopg.Error as exc:
                 reason = "replica_down"
-                failures.append((cand.index, f"read failed: {type(exc).__name__}"))
+                failures.append((cand.index, f"read failed: {type(exc).__name__}", False))
                 continue
             mark = chosen[-1]
             view = self.state.view(shard_index)

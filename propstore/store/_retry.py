@@ -46,7 +46,7 @@ from propstore.errors import ShardUnavailableError
 from propstore.freshness import Freshness
 from propstore.router import FallbackReason
 from propstore.store._primary import PrimaryGone
-from propstore.store._program import Exec, ReadResult, Request, Response, Wait
+from propstore.store._program import Exec, Failure, ReadResult, Request, Response, Wait
 
 if TYPE_CHECKING:
     from propstore.store._core import StoreCore
@@ -134,7 +134,7 @@ def on_primary(
 def primary_read(
     core: StoreCore, shard_index: int, freshness: Freshness, data: Statement,
     decode: Callable[[Any], Any], reason: FallbackReason, started: float,
-    failures: list[tuple[int, str]], *, retry: bool,
+    failures: list[Failure], *, retry: bool,
 ) -> Generator[Request, Response, tuple[Any, ReadResult]]:
     """The read on the primary (already admitted), retried while its failures are transient
     (``retry``), on a replica that comes to prove it or on the primary; raises the last
@@ -198,7 +198,7 @@ def _text(error: ShardUnavailableError) -> str:
 
 def _elsewhere(
     core: StoreCore, shard_index: int, freshness: Freshness, data: Statement,
-    decode: Callable[[Any], Any], started: float, failures: list[tuple[int, str]],
+    decode: Callable[[Any], Any], started: float, failures: list[Failure],
     until: float,
 ) -> Generator[Request, Response, tuple[Any, ReadResult] | None]:
     """Pause until the monitor's next observation of the shard (``until`` at the latest),
