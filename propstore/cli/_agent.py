@@ -99,7 +99,7 @@ def status_command(ctx: click.Context, state: CliState, as_json: bool, wide: boo
     not been polled lately, 2 on an error.
     """
     from propstore.monitor._health import agent_status
-    from propstore.monitor._shared import AgentPaths
+    from propstore.monitor._place import AgentPaths
 
     topology = state.topology()
     status = agent_status(topology)

@@ -221,7 +221,7 @@ def agent_status(topology: Topology, timeout: float = 3.0) -> AgentStatus | None
     Raises :class:`~propstore.monitor._shared.AgentUnavailable` when the agents' folder
     is not private to this user (nothing there could be trusted).
     """
-    from propstore.monitor._shared import AgentPaths
+    from propstore.monitor._place import AgentPaths
 
     path = AgentPaths.of(topology).socket
     deadline = time.monotonic() + timeout

@@ -13,9 +13,7 @@ same poll code, same host clock (checked on every message: a timestamp from the 
 means another clock, and ends sharing for this store), same OS user (the socket lives in a
 ``0700`` directory).
 
-The agent is keyed by a hash of what it polls and how (nodes, DSNs, monitor settings), the
-OS user, the time namespace and the protocol version: stores that agree on all of them
-share one agent, others never meet.
+Where the agent lives and how it is keyed: ``_place``.
 """
 
 from __future__ import annotations
@@ -23,14 +21,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import random
-import stat
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -55,14 +50,19 @@ from propstore.monitor._messages import (
     topology_document,
 )
 from propstore.monitor._monitor import LagMonitor, MonitorState
+from propstore.monitor._place import (
+    AGENT_DIR_ENV,
+    AgentPaths,
+    AgentUnavailable,
+    agent_dir,
+    agent_key,
+    stale_after,
+)
 
 log = structlog.get_logger("propstore.monitor")
 
 Tracker = Callable[[tuple[int, int]], None]
 
-#: Environment variable naming the folder of agents' sockets (default: a ``propstore``
-#: folder in ``$XDG_RUNTIME_DIR``, else ``/tmp/propstore-<uid>``).
-AGENT_DIR_ENV = "PROPSTORE_AGENT_DIR"
 #: Seconds after a store starts, or spawns an agent, during which it tries to join every
 #: 50 ms (it polls for itself meanwhile, so a first store starts as fast as an unshared one).
 JOIN_WAIT = 2.0
@@ -83,73 +83,6 @@ class RefusalSource(Protocol):
 
 #: How every poll message the agent sends begins (``_messages.encode``: keys in order).
 _OBS = b'{"k":"obs","s":'
-
-
-class AgentUnavailable(Exception):
-    """No agent can be used (the socket folder is not private, or the clock differs)."""
-
-
-def stale_after(interval: float) -> float:
-    """Seconds of silence after which a reader takes its agent for stuck: the agent sends
-    at least a heartbeat every ``interval``; twenty of them missing is not a scheduling
-    hiccup on a loaded host."""
-    return max(2.0, 20 * interval)
-
-
-@dataclass(frozen=True, slots=True)
-class AgentPaths:
-    """Where the agent of one key listens, locks and logs."""
-
-    socket: Path
-    lock: Path
-    spawn_lock: Path
-    log: Path
-
-    @classmethod
-    def of(cls, topology: Topology) -> AgentPaths:
-        """The paths for this topology's agent (the folder is created private)."""
-        folder = agent_dir()
-        key = agent_key(topology)
-        return cls(folder / f"{key}.sock", folder / f"{key}.lock", folder / f"{key}.spawn",
-                   folder / f"{key}.log")
-
-
-def agent_dir() -> Path:
-    """The private folder of this user's agents (created ``0700``); refuses a folder
-    another user owns or can write, since anyone who can write there could feed this
-    process facts."""
-    configured = os.environ.get(AGENT_DIR_ENV)
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if configured:
-        folder = Path(configured)
-    elif runtime:
-        folder = Path(runtime) / "propstore"
-    else:
-        folder = Path(tempfile.gettempdir()) / f"propstore-{os.getuid()}"
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = folder.lstat()
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or (
-        info.st_mode & 0o077
-    ):
-        raise AgentUnavailable(
-            f"{folder} must be a directory owned by uid {os.getuid()} with mode 0700 "
-            f"(it is {oct(info.st_mode & 0o777)}, uid {info.st_uid})"
-        )
-    return folder
-
-
-def agent_key(topology: Topology) -> str:
-    """The key of the agent that may serve this topology (see the module doc)."""
-    try:
-        time_ns = os.readlink("/proc/self/ns/time")
-    except OSError:
-        time_ns = "none"
-    data = json.dumps({
-        "topology": topology_document(topology), "uid": os.getuid(), "time_ns": time_ns,
-        "version": VERSION,
-    }, sort_keys=True)
-    # Not a secret (the DSNs are hashed so that no password appears in a file name).
-    return hashlib.sha256(data.encode()).hexdigest()[:32]
 
 
 @dataclass(slots=True)
