@@ -41,12 +41,13 @@ STATEMENT_LOST = (psycopg.errors.InvalidSqlStatementName,
                   psycopg.errors.DuplicatePreparedStatement)
 
 
-#: How long opening a connection keeps trying while the server refuses it, as a server that
+#: How long opening a connection keeps trying while the server refuses it as a server that
 #: is shutting down, restarting or starting up does ("the database system is shutting down /
-#: starting up", nothing listening yet), in seconds. psycopg-pool waits 1 s, then 2 s, 4 s...
-#: between its own attempts (not configurable): a pool whose primary restarted in place
-#: (0.3-0.6 s) would stay empty for a second or three while reads and writes wait for it.
-#: Jittered and backing off, so a fleet does not hammer a starting server.
+#: starting up", nothing listening yet: ``_BETWEEN_RUNS``), in seconds. psycopg-pool waits
+#: 1 s, then 2 s, 4 s... between its own attempts (not configurable): a pool whose primary
+#: restarted in place (0.3-0.6 s) would stay empty for a second or three while reads and
+#: writes wait for it. Jittered and backing off, so a fleet does not hammer a starting
+#: server.
 CONNECT_PATIENCE = 2.0
 RetryingT = TypeVar("RetryingT", Retrying, AsyncRetrying)
 
@@ -59,11 +60,22 @@ def connecting(kind: type[RetryingT]) -> RetryingT:
                 retry=retry_if_exception(_refused), reraise=True)
 
 
+#: What a failed connect says when the server is between two runs. psycopg exposes no
+#: SQLSTATE for a failed connection (57P03 here), so the text decides: only these are tried
+#: again. Anything else -- too many clients, authentication, a timeout, or these in another
+#: server language -- keeps psycopg-pool's own backoff, so a server refusing for other
+#: reasons is not hammered by a fleet's pools.
+_BETWEEN_RUNS = ("the database system is shutting down", "the database system is starting up",
+                 "the database system is not yet accepting connections", "connection refused",
+                 "server closed the connection unexpectedly")
+
+
 def _refused(exc: BaseException) -> bool:
-    # A connect timeout has spent its time already; any other failure to open may be a
-    # server between two runs (its SQLSTATE is not exposed for a failed connection).
-    return isinstance(exc, psycopg.OperationalError) and not isinstance(
-        exc, psycopg.errors.ConnectionTimeout)
+    if not isinstance(exc, psycopg.OperationalError) or isinstance(
+            exc, psycopg.errors.ConnectionTimeout):
+        return False
+    text = str(exc).lower()
+    return any(sign in text for sign in _BETWEEN_RUNS)
 
 
 class NodeConnection(psycopg.Connection[Any]):
