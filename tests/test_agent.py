@@ -52,9 +52,10 @@ from tests._agent_worker import Fleet, Status, agent_dir
 from tests.claims import CHAOS_PROCESSES, FLEET_QUERY_RATIO, SHARE_PROCESSES
 from tests.conftest import users_on_shard
 
-#: Growth of the agent's traced memory that counts as flat over 500 stores and 500 polls per
-#: node (a leak of 32 bytes per store would show as 16 KB).
-FLAT_AGENT_BYTES = 16 * 1024
+#: Growth of the agent's traced memory that counts as flat over 1,000 stores and 500 polls
+#: per node (a leak of 32 bytes per store would show as 32 KB; between two snapshots the
+#: agent's buffers in flight move it by about 10 KB either way).
+FLAT_AGENT_BYTES = 32 * 1024
 
 TOPOLOGY = """
 [[shards]]
@@ -446,7 +447,7 @@ def test_agent_memory_stays_flat_however_many_stores_come_and_go_and_polls_it_ma
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Measured in the real agent (spawned by a worker's store as always, tracing its own
-    memory: the bytes its objects hold after a collection, from its status): a thousand
+    memory: the bytes its objects hold after a collection, from its status): two thousand
     stores joining, reporting refusal counters and leaving, and a thousand polls per node,
     leave it holding what it held."""
     monkeypatch.setenv(TRACE_MEMORY_ENV, "1")  # inherited by the workers and their agent
@@ -473,14 +474,14 @@ def test_agent_memory_stays_flat_however_many_stores_come_and_go_and_polls_it_ma
         churn(200)  # warm-up: every bounded buffer, cache and free list at its working size
         rounds = [held(1000)]
         for _ in range(2):
-            churn(500)
+            churn(1000)
             rounds.append(held(min(n.polls for n in rounds[-1].nodes) + 500))
         fleet.stop()
     traced = [r.traced_bytes for r in rounds]
-    print(f"agent memory after 200, 700 and 1,200 stores and "
+    print(f"agent memory after 200, 1,200 and 2,200 stores and "
           f"{[min(n.polls for n in r.nodes) for r in rounds]} polls per node: traced {traced} B, "
           f"RSS {[round(r.rss_bytes / 1e6, 2) for r in rounds]} MB")
-    assert rounds[-1].stores_total >= 1201
+    assert rounds[-1].stores_total >= 2201
     assert None not in traced
     growth = max(b - a for a, b in itertools.pairwise(traced))  # type: ignore[operator]
     assert growth <= FLAT_AGENT_BYTES, traced
