@@ -86,8 +86,8 @@ def fallback(
     priority = freshness.strong or freshness.after is not None
     failed: ShardUnavailableError | None = None
     # Only a reader that prefers a stale answer to waiting skips a primary seen down, and
-    # is not retried: the monitor also marks a primary down that is merely too slow for its
-    # polls (a busy machine), and any other reader is better served by trying it.
+    # is not retried: any other reader is better served by trying it (a primary is seen down
+    # after errors or 2 s of silence, and may be back before the monitor sees it).
     serve_stale_first = bool(policy.steps) and isinstance(policy.steps[0], ServeStaleStep)
     retry = priority or not serve_stale_first
     down = observed_down(core, shard_index) if not retry else None
@@ -114,11 +114,19 @@ def fallback(
                 return waited
             tried.append(f"{step}: no replica came within budget, the primary had no room")
         else:
+            # Shed by the limiter, the read gets the replica deadline, as any replica read
+            # (the primary has no room: a read must not hold a thread long). With no primary
+            # to answer, the replica is the read's only server: it may take the time the
+            # read was ready to wait for the primary (primary_deadline from the read's
+            # start), so a replica slow on a loaded machine is not turned into an error.
+            deadline = time.monotonic() + core.routing.replica_deadline
+            if shed == "primary_unavailable":
+                deadline = max(deadline, started + core.routing.primary_deadline)
             served = yield from _serve_stale(core, shard_index, core.decide(shard_index,
-                                             freshness), data, decode, started)
-            if served is not None:
+                                             freshness), data, decode, started, deadline)
+            if not isinstance(served, str):
                 return served
-            tried.append(f"{step}: no replica up to serve")
+            tried.append(f"{step}: {served}")
     shard = core.shard_names[shard_index]
     core.stats.record_refusal(shard, profile_of(freshness), shed)
     raise StaleReadError(
@@ -160,18 +168,19 @@ def _wait(
 
 def _serve_stale(
     core: StoreCore, shard_index: int, decision: RouteDecision, data: Statement,
-    decode: Callable[[Any], Any], started: float,
-) -> Generator[Exec, Response, tuple[Any, ReadResult] | None]:
+    decode: Callable[[Any], Any], started: float, deadline: float,
+) -> Generator[Exec, Response, tuple[Any, ReadResult] | str]:
+    """The freshest up replica's answer with its true bound, or why there was none."""
     best = decision.freshest
     if best is None:
-        return None
+        return "no replica up to serve"
     try:
-        _conn, results = yield Exec(
-            best.node.config, time.monotonic() + core.routing.replica_deadline,
-            fixed((Statement(_sql.REPLAY_LSN), data)),
-        )
-    except (DeadlineExceeded, psycopg.Error):
-        return None
+        _conn, results = yield Exec(best.node.config, deadline,
+                                    fixed((Statement(_sql.REPLAY_LSN), data)))
+    except DeadlineExceeded:
+        return f"{best.node.name} did not answer by the deadline"
+    except psycopg.Error as exc:
+        return f"{best.node.name} failed: {type(exc).__name__}"
     raw, timeline = results[0].get_value(0, 0), results[0].get_value(0, 1)
     lsn = LSN.parse(raw) if raw else None
     view = core.state.view(shard_index)
