@@ -249,8 +249,7 @@ def test_limiter_memory_stays_flat_over_thousands_of_fallback_reads(
 ) -> None:
     users = users_on_shard(topology, topology.shards[0].name, 400, prefix="mem")
     with PropertyStore(topology) as store:
-        tokens = [store.set("acme", user, {"v": 1}) for user in users]
-        pause_all_replicas(cluster)
+        pause_all_replicas(cluster)  # so that every read below falls back to the primary
         tokens = [store.set("acme", user, {"v": 2}) for user in users]
         wait_for(lambda: not store.route("acme", users[0], max_staleness=0.05).candidates)
         rng = random.Random(7)
