@@ -4,10 +4,11 @@ Why this exists instead of ``cursor.execute``: psycopg has no client-side deadli
 *abandons* a query. On a frozen server (SIGSTOP, a hung VM) a sync query waits forever and an
 async ``wait_for`` waits for the cancel request, which a frozen server never answers (~11 s
 measured). A replica read must cost at most its deadline, so the I/O is driven here, on
-psycopg's public libpq wrapper (``conn.pgconn``): the protocol logic is one generator that
-yields what it waits for (psycopg's own design), and two thin drivers wait on the socket with
-a deadline — ``select.poll`` for sync code, the event loop for async code. At the deadline
-the connection is closed, never cancelled.
+psycopg's public libpq wrapper (``conn.pgconn``), with psycopg's own protocol generators and
+waiters (``psycopg.generators``, ``psycopg.waiting``: C where psycopg's C module is there):
+the statements are sent, the generator fetching their results is driven by the waiter with a
+timeout, and at the deadline the connection is closed, never cancelled. A read proven by a
+fact is one statement: sending it and waiting for its result runs no Python code of ours.
 
 Also needed for soundness: pipeline mode sends ``SELECT pg_last_wal_replay_lsn()`` and the
 data query in one round trip, the LSN statement first, so the LSN is read before the data
@@ -21,37 +22,41 @@ as its Sync): the form a transaction pooler that tracks no prepared statements a
 
 from __future__ import annotations
 
-import asyncio
-import select
 import time
-from collections.abc import Generator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import psycopg
 import psycopg.errors
-from psycopg import pq
+from psycopg import generators, pq, waiting
+from psycopg.abc import PQGen
 
 from propstore._sql import STATEMENTS, TEXT
 
-_READ = 1
-_WRITE = 2
 _ExecStatus = pq.ExecStatus
 _ERROR_STATUSES = frozenset({_ExecStatus.FATAL_ERROR, _ExecStatus.PIPELINE_ABORTED})
-#: What a wait for ``_READ`` / ``_WRITE`` / both asks ``poll`` for.
-_READABLE = select.POLLIN | select.POLLERR | select.POLLHUP
-_POLL_MASKS = {_READ: select.POLLIN, _WRITE: select.POLLOUT,
-               _READ | _WRITE: select.POLLIN | select.POLLOUT}
+# The waiters' own timeout error (an OperationalError): the deadline passed.
+_TIMED_OUT = psycopg.errors._WaitTimeout
 
 Params = Sequence[bytes | None]
+#: What psycopg's waiters drive: yields the socket readiness it waits for, gets it back.
+Exchange = PQGen[list[pq.abc.PGresult]]
+# psycopg's protocol generators (its C ones when its C module is there): ``execute`` flushes
+# what was sent and returns the results of one statement; ``fetch_many`` only the latter.
+_execute: Callable[[pq.abc.PGconn], Exchange] = generators.execute
+_fetch_many: Callable[[pq.abc.PGconn], Exchange] = generators.fetch_many
 
 
 class DeadlineExceeded(Exception):
     """The server did not answer before the deadline; the connection was closed."""
 
 
-@dataclass(frozen=True, slots=True)
-class Statement:
-    """A statement prepared on every pooled connection (by name) and its text parameters."""
+class Statement(NamedTuple):
+    """A statement prepared on every pooled connection (by name) and its text parameters.
+
+    A named tuple rather than a frozen dataclass: every read builds one, and a tuple is
+    built in one step (a frozen dataclass's ``__init__`` sets each field through
+    ``object.__setattr__``)."""
 
     name: bytes
     params: Params = ()
@@ -64,79 +69,64 @@ def _send(pgconn: pq.abc.PGconn, statement: Statement, named: bool) -> None:
         pgconn.send_query_params(TEXT[statement.name], statement.params)
 
 
-def _exchange(
-    pgconn: pq.abc.PGconn, statements: Sequence[Statement], commit_each: bool, named: bool
-) -> Generator[int, int, list[pq.abc.PGresult]]:
-    """Send ``statements`` in one round trip; return one result per statement.
+def _exchange(pgconn: pq.abc.PGconn, statements: Sequence[Statement], commit_each: bool,
+              named: bool) -> Exchange:
+    """Send ``statements`` in one round trip; the generator returning one result each.
 
     With ``commit_each`` a Sync follows every statement, so on an autocommit connection each
     statement commits before the server even parses the next: a statement after a write
     observes the write's commit (how a token's LSN is read after the commit, for free).
     """
-    single = len(statements) == 1
-    if single:
+    if len(statements) == 1:  # the common case (a read proven by a fact): psycopg's own
         statement = statements[0]
         if named:
             pgconn.send_query_prepared(statement.name, statement.params)
         else:
             pgconn.send_query_params(TEXT[statement.name], statement.params)
-    else:
-        pgconn.enter_pipeline_mode()
-        for statement in statements:
-            _send(pgconn, statement, named)
-            if commit_each:
-                pgconn.pipeline_sync()
-        if not commit_each:
+        return _execute(pgconn)
+    pgconn.enter_pipeline_mode()
+    for statement in statements:
+        _send(pgconn, statement, named)
+        if commit_each:
             pgconn.pipeline_sync()
-    return (yield from _collect(pgconn, single, len(statements) if commit_each else 1))
+    if not commit_each:
+        pgconn.pipeline_sync()
+    return _pipelined(pgconn, len(statements), commit_each)
 
 
-def _parse_all(pgconn: pq.abc.PGconn, names: Sequence[bytes]
-               ) -> Generator[int, int, list[pq.abc.PGresult]]:
+def _parse_all(pgconn: pq.abc.PGconn, names: Sequence[bytes]) -> Exchange:
     """Prepare ``names`` at the protocol level (one Parse each, one Sync, one round trip)."""
     pgconn.enter_pipeline_mode()
     for name in names:
         pgconn.send_prepare(name, STATEMENTS[name].encode())
     pgconn.pipeline_sync()
-    return (yield from _collect(pgconn, False, 1))
+    return _pipelined(pgconn, len(names), False)
 
 
-def _collect(pgconn: pq.abc.PGconn, single: bool, syncs_expected: int
-             ) -> Generator[int, int, list[pq.abc.PGresult]]:
-    while pgconn.flush():
-        if (yield _READ | _WRITE) & _READ:
-            pgconn.consume_input()
+def _pipelined(pgconn: pq.abc.PGconn, count: int, commit_each: bool) -> Exchange:
+    """The results of ``count`` statements sent in pipeline mode, with a Sync after each
+    (``commit_each``) or one at the end; leaves pipeline mode.
+
+    psycopg's ``fetch_many`` returns one statement's results (up to the NULL that ends
+    them), or a Sync's result alone; ``execute`` flushes the batch first.
+    """
     results: list[pq.abc.PGresult] = []
-    if single:  # the common case (a read proven by a fact): one result, then None
-        while True:
-            yield _READ
-            pgconn.consume_input()
-            while not pgconn.is_busy():
-                result = pgconn.get_result()
-                if result is None:
-                    return results
-                results.append(result)
-    syncs = 0
-    done = False
-    while not done:
-        yield _READ
-        pgconn.consume_input()
-        while not pgconn.is_busy():
-            result = pgconn.get_result()
-            if result is None:
-                if syncs == syncs_expected:
-                    done = True
-                    break
-                continue  # end of one statement's results
-            if result.status == _ExecStatus.PIPELINE_SYNC:
-                syncs += 1
-                if syncs == syncs_expected:
-                    done = True
-                    break
-            else:
-                results.append(result)
+    fetch = _execute  # the first fetch flushes what was sent
+    for _ in range(count):
+        results += yield from fetch(pgconn)
+        fetch = _fetch_many
+        if commit_each:
+            yield from _sync_result(pgconn)
+    if not commit_each:
+        yield from _sync_result(pgconn)
     pgconn.exit_pipeline_mode()
     return results
+
+
+def _sync_result(pgconn: pq.abc.PGconn) -> PQGen[None]:
+    (result,) = yield from _fetch_many(pgconn)
+    if result.status != _ExecStatus.PIPELINE_SYNC:  # never: libpq keeps this order
+        raise psycopg.OperationalError(f"expected a pipeline sync, got {result.status!r}")
 
 
 def _checked(results: list[pq.abc.PGresult]) -> list[pq.abc.PGresult]:
@@ -165,6 +155,18 @@ def _abandon(conn: psycopg.Connection[object] | psycopg.AsyncConnection[object])
     conn.pgconn.finish()
 
 
+def _failed(conn: psycopg.Connection[object] | psycopg.AsyncConnection[object],
+            exc: BaseException) -> BaseException:
+    """What to raise for an exchange that did not complete; the connection is closed (mid-
+    exchange its protocol state is unknown: it must never be handed out again)."""
+    _abandon(conn)
+    if isinstance(exc, _TIMED_OUT):
+        return DeadlineExceeded()
+    if isinstance(exc, psycopg.OperationalError):
+        return exc
+    return psycopg.OperationalError(str(exc))
+
+
 def execute(
     conn: psycopg.Connection[object],
     statements: Sequence[Statement],
@@ -178,56 +180,28 @@ def execute(
     ``named``: by their prepared names (see :func:`prepare`), else as unnamed statements.
     Raises :class:`DeadlineExceeded` (after closing the connection) or a ``psycopg.Error``.
     """
-    return _drive(conn, _exchange(conn.pgconn, statements, commit_each, named), deadline)
+    pgconn = conn.pgconn
+    try:
+        remaining = deadline - time.monotonic()
+        # The waiter polls for at most ``remaining`` (whole milliseconds, rounded down: the
+        # deadline stays a deadline), then raises its timeout error.
+        results = waiting.wait(_exchange(pgconn, statements, commit_each, named),
+                               pgconn.socket, remaining, remaining)
+    except (OSError, psycopg.Error) as exc:
+        raise _failed(conn, exc) from exc
+    return _checked(results)
 
 
 def prepare(conn: psycopg.Connection[object], names: Sequence[bytes], deadline: float
             ) -> None:
     """Prepare the statements ``names`` on ``conn`` at the protocol level (Parse by name)."""
-    _drive(conn, _parse_all(conn.pgconn, names), deadline)
-
-
-async def prepare_async(conn: psycopg.AsyncConnection[object], names: Sequence[bytes],
-                        deadline: float) -> None:
-    """:func:`prepare` for asyncio."""
-    await _drive_async(conn, _parse_all(conn.pgconn, names), deadline)
-
-
-def _drive(conn: psycopg.Connection[object],
-           gen: Generator[int, int, list[pq.abc.PGresult]], deadline: float
-           ) -> list[pq.abc.PGresult]:
-    fd = conn.pgconn.socket
-    poller = select.poll()
-    monotonic = time.monotonic
+    pgconn = conn.pgconn
     try:
-        wait = next(gen)
-        registered = 0
-        while True:
-            remaining = deadline - monotonic()
-            if remaining <= 0:
-                raise DeadlineExceeded
-            mask = _POLL_MASKS[wait]
-            if mask != registered:
-                poller.register(fd, mask)
-                registered = mask
-            # poll() rounds a float timeout *up* to the next millisecond; rounding down
-            # keeps the deadline a deadline (the sub-millisecond rest is a few poll(0)s).
-            events = poller.poll(int(remaining * 1000.0))
-            if events:  # one descriptor: one event
-                event = events[0][1]
-                wait = gen.send((_READ if event & _READABLE else 0)
-                                | (_WRITE if event & select.POLLOUT else 0))
-    except StopIteration as stop:
-        return _checked(stop.value)
-    except DeadlineExceeded:
-        _abandon(conn)
-        raise
+        remaining = deadline - time.monotonic()
+        results = waiting.wait(_parse_all(pgconn, names), pgconn.socket, remaining, remaining)
     except (OSError, psycopg.Error) as exc:
-        # Mid-exchange the protocol state is unknown: never hand this connection out again.
-        _abandon(conn)
-        if isinstance(exc, psycopg.OperationalError):
-            raise
-        raise psycopg.OperationalError(str(exc)) from exc
+        raise _failed(conn, exc) from exc
+    _checked(results)
 
 
 async def execute_async(
@@ -239,51 +213,25 @@ async def execute_async(
     named: bool = True,
 ) -> list[pq.abc.PGresult]:
     """:func:`execute` for asyncio: waits on the event loop, never blocks it."""
-    return await _drive_async(
-        conn, _exchange(conn.pgconn, statements, commit_each, named), deadline
-    )
-
-
-async def _drive_async(conn: psycopg.AsyncConnection[object],
-                       gen: Generator[int, int, list[pq.abc.PGresult]], deadline: float
-                       ) -> list[pq.abc.PGresult]:
     pgconn = conn.pgconn
-    fd = pgconn.socket
-    loop = asyncio.get_running_loop()
     try:
-        wait = next(gen)
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise DeadlineExceeded
-            ready_fut: asyncio.Future[int] = loop.create_future()
-
-            def _wake(flag: int, fut: asyncio.Future[int] = ready_fut) -> None:
-                if not fut.done():
-                    fut.set_result(flag)
-
-            if wait & _READ:
-                loop.add_reader(fd, _wake, _READ)
-            if wait & _WRITE:
-                loop.add_writer(fd, _wake, _WRITE)
-            try:
-                async with asyncio.timeout(remaining):
-                    ready = await ready_fut
-            except TimeoutError:
-                raise DeadlineExceeded from None
-            finally:
-                if wait & _READ:
-                    loop.remove_reader(fd)
-                if wait & _WRITE:
-                    loop.remove_writer(fd)
-            wait = gen.send(ready)
-    except StopIteration as stop:
-        return _checked(stop.value)
-    except DeadlineExceeded:
-        _abandon(conn)
-        raise
+        remaining = deadline - time.monotonic()
+        results = await waiting.wait_async(
+            _exchange(pgconn, statements, commit_each, named), pgconn.socket,
+            remaining, remaining)
     except (OSError, psycopg.Error) as exc:
-        _abandon(conn)
-        if isinstance(exc, psycopg.OperationalError):
-            raise
-        raise psycopg.OperationalError(str(exc)) from exc
+        raise _failed(conn, exc) from exc
+    return _checked(results)
+
+
+async def prepare_async(conn: psycopg.AsyncConnection[object], names: Sequence[bytes],
+                        deadline: float) -> None:
+    """:func:`prepare` for asyncio."""
+    pgconn = conn.pgconn
+    try:
+        remaining = deadline - time.monotonic()
+        results = await waiting.wait_async(_parse_all(pgconn, names), pgconn.socket,
+                                           remaining, remaining)
+    except (OSError, psycopg.Error) as exc:
+        raise _failed(conn, exc) from exc
+    _checked(results)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from propstore.lsn import LSN
@@ -44,6 +44,15 @@ class ServerRun:
     address: str | None
     port: int | None
     started_at: str
+    # Every read looks its run up in ``RunFacts``: the hash is computed once.
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash(
+            (self.system_id, self.address, self.port, self.started_at)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @classmethod
     def from_row(cls, row: tuple[bytes | None, ...]) -> ServerRun:
@@ -62,12 +71,31 @@ class ServerRun:
 @functools.lru_cache(maxsize=256)
 def _run_of(system_id: bytes | None, address: bytes | None, port: bytes | None,
             started: bytes | None) -> ServerRun:
-    return ServerRun(
+    return canonical_run(ServerRun(
         int(system_id) if system_id else None,
         address.decode() if address else None,
         int(port) if port else None,
         (started or b"").decode(),
-    )
+    ))
+
+
+_CANONICAL: dict[ServerRun, ServerRun] = {}
+
+
+def canonical_run(run: ServerRun) -> ServerRun:
+    """The one object kept for runs equal to ``run`` (bounded: 256 runs, then it starts
+    over), so that :func:`covers` compares a connection's run with a fact's by identity.
+
+    Runs reach a store from several sources (its connections' identity rows, its own polls,
+    a host agent's messages); a run not made canonical, or made so before a restart of the
+    table, still compares equal, only at the cost of ``__eq__``.
+    """
+    found = _CANONICAL.get(run)
+    if found is None:
+        if len(_CANONICAL) >= 256:
+            _CANONICAL.clear()
+        found = _CANONICAL.setdefault(run, run)
+    return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,12 +255,15 @@ def add_sighting(facts: tuple[Sighting, ...], new: Sighting, keep: int = 8
                  ) -> tuple[Sighting, ...]:
     """``facts`` with ``new`` replacing the older fact about the same run; at most ``keep``
     runs, newest first (behind a load balancer each poll may reach another backend)."""
-    rest = tuple(f for f in facts if f.run != new.run)
+    run = canonical_run(new.run)
+    if run is not new.run:
+        new = Sighting(run, new.at, new.in_recovery, new.lsn)
+    rest = tuple(f for f in facts if f.run != run)
     return (new, *rest[: keep - 1])
 
 
 __all__ = [
     "VIA_CHOICES", "Connection", "Proof", "RunFacts", "ServerRun", "Sighting", "Via",
-    "add_sighting", "covers", "describe_mode", "keeps_server", "known_lsn", "primary_proven",
-    "remember",
+    "add_sighting", "canonical_run", "covers", "describe_mode", "keeps_server", "known_lsn",
+    "primary_proven", "remember",
 ]

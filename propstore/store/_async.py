@@ -26,6 +26,7 @@ from propstore.store._pool import (
     SCHEMA_MISSING,
     STATEMENT_LOST,
     AsyncNodeConnection,
+    IdleStack,
     NodeReach,
     async_pool,
     prepare_async,
@@ -56,13 +57,15 @@ class AsyncPropertyStore:
         """Prepare the store; :meth:`start` (or ``async with``) opens pools and monitor."""
         self.topology = topology
         self._core = StoreCore(topology)
-        self._reach = {node.name: NodeReach(node)
-                       for shard in topology.shards for node in shard.nodes}
-        self._pools: dict[str, AsyncConnectionPool[AsyncNodeConnection]] = {
-            node.name: async_pool(node, topology.routing, self._reach[node.name],
-                                  topology.connections)
-            for shard in topology.shards for node in shard.nodes
-        }
+        #: Per node: its pool, what is known of how it is reached, the connections kept idle.
+        self._nodes: dict[str, tuple[AsyncConnectionPool[AsyncNodeConnection], NodeReach,
+                                     IdleStack[AsyncNodeConnection]]] = {}
+        for shard in topology.shards:
+            for node in shard.nodes:
+                reach = NodeReach(node)
+                self._nodes[node.name] = (
+                    async_pool(node, topology.routing, reach, topology.connections), reach,
+                    IdleStack())
         self.monitor: LagMonitor = monitor_for(topology, self._core.state, self._core.stats)
         self._monitor_task: asyncio.Task[None] | None = None
 
@@ -83,7 +86,7 @@ class AsyncPropertyStore:
         """Open the pools (without waiting for unreachable nodes) and start the monitor."""
         if self._monitor_task is not None:
             return
-        for pool in self._pools.values():
+        for pool, _reach, _idle in self._nodes.values():
             await pool.open(wait=False)
         self._monitor_task = asyncio.create_task(self.monitor.run(), name="propstore-monitor")
         await self.monitor.wait_first_round(wait_first_round)
@@ -97,8 +100,12 @@ class AsyncPropertyStore:
         degrade: Degrade | str | None = None,
     ) -> ReadResult:
         """See :meth:`propstore.PropertyStore.read`."""
-        options = {"max_staleness": max_staleness, "after": after, "profile": profile,
-                   "consistency": consistency, "on_stale": on_stale, "degrade": degrade}
+        # The common read gives one budget: a one-key dict finds it in the memo at once.
+        options = {"max_staleness": max_staleness} if (
+            after is None and profile is None and consistency is None and on_stale is None
+            and degrade is None
+        ) else {"max_staleness": max_staleness, "after": after, "profile": profile,
+                "consistency": consistency, "on_stale": on_stale, "degrade": degrade}
         return await self._run(self._core.single_read(tenant, user_id, options))  # type: ignore[no-any-return]
 
     async def get(self, tenant: str, user_id: str, **budget: Any) -> Props | None:
@@ -195,12 +202,14 @@ class AsyncPropertyStore:
                 except StopIteration as stop:
                     return stop.value
                 continue
-            pool = self._pools[op.node.name]
+            pool, reach, idle = self._nodes[op.node.name]
             conn: AsyncNodeConnection | None = None
             try:
-                conn = await self._checkout(pool, op)
-                reach = self._reach[op.node.name]
-                reach.refresh(conn)
+                conn = idle.take()
+                if conn is None:
+                    conn = await self._checkout(pool, idle, op)
+                if reach.statements_lost:
+                    reach.refresh(conn)
                 if conn.propstore_schema_missing and not await prepare_async(conn):
                     raise psycopg.errors.UndefinedTable(SCHEMA_MISSING)
                 statements, commit_each = op.plan(conn)
@@ -219,7 +228,7 @@ class AsyncPropertyStore:
                                                         named=False)
             except (psycopg.Error, _wire.DeadlineExceeded) as exc:
                 if conn is not None:
-                    await pool.putconn(conn)
+                    await self._checkin(pool, idle, conn)
                 try:
                     op = program.throw(exc)
                 except StopIteration as stop:
@@ -230,23 +239,37 @@ class AsyncPropertyStore:
             except StopIteration as stop:
                 return stop.value
             finally:
-                await pool.putconn(conn)
+                back = idle.keep(conn)
+                if back is not None:
+                    await pool.putconn(back)
 
     @staticmethod
-    async def _checkout(pool: AsyncConnectionPool[AsyncNodeConnection], op: Exec
-                        ) -> AsyncNodeConnection:
+    async def _checkout(pool: AsyncConnectionPool[AsyncNodeConnection],
+                        idle: IdleStack[AsyncNodeConnection], op: Exec) -> AsyncNodeConnection:
         """See ``PropertyStore._checkout``."""
-        if op.valid is None:
-            return await pool.getconn(timeout=max(0.001, op.deadline - time.monotonic()))
-        while True:
-            remaining = op.deadline - time.monotonic()
-            try:
-                return await pool.getconn(timeout=max(0.001, min(remaining, _VALIDITY_SLICE)))
-            except PoolTimeout:
-                if remaining <= _VALIDITY_SLICE:
-                    raise
-            if not op.valid():
-                raise PrimaryGone(f"{op.node.name} is no longer the observed primary")
+        try:
+            if op.valid is None:
+                return await pool.getconn(timeout=max(0.001, op.deadline - time.monotonic()))
+            while True:
+                remaining = op.deadline - time.monotonic()
+                try:
+                    return await pool.getconn(
+                        timeout=max(0.001, min(remaining, _VALIDITY_SLICE)))
+                except PoolTimeout:
+                    if remaining <= _VALIDITY_SLICE:
+                        raise
+                if not op.valid():
+                    raise PrimaryGone(f"{op.node.name} is no longer the observed primary")
+        finally:
+            idle.waited()
+
+    @staticmethod
+    async def _checkin(pool: AsyncConnectionPool[AsyncNodeConnection],
+                       idle: IdleStack[AsyncNodeConnection], conn: AsyncNodeConnection
+                       ) -> None:
+        back = idle.keep(conn)
+        if back is not None:
+            await pool.putconn(back)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -256,7 +279,9 @@ class AsyncPropertyStore:
             self._monitor_task.cancel()
             await asyncio.gather(self._monitor_task, return_exceptions=True)
             self._monitor_task = None
-        for pool in self._pools.values():
+        for pool, _reach, idle in self._nodes.values():
+            for conn in idle.drain():
+                await pool.putconn(conn)
             await pool.close(timeout=1.0)
 
     async def __aenter__(self) -> AsyncPropertyStore:

@@ -17,11 +17,13 @@ both send. None of those modules imports this one: they get the state they need.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import time
 from collections.abc import Callable, Generator
 from datetime import timedelta
+from operator import is_not
 from typing import Any
 
 import structlog
@@ -36,6 +38,7 @@ from propstore.freshness import STRONG, Freshness, Token, coerce_token
 from propstore.monitor import MonitorState
 from propstore.proof import RunFacts
 from propstore.router import DecisionCache, FallbackLimiter, RouteDecision, route
+from propstore.sharding import bucket_of
 from propstore.store import _degrade, _statements, _tokens
 from propstore.store._primary import PrimaryReads
 from propstore.store._program import (
@@ -61,6 +64,7 @@ _BUDGET_ORDER = ("max_staleness", "after", "profile", "consistency", "on_stale",
 _BUDGET_KEYS = frozenset(_BUDGET_ORDER)
 #: Entries of the budget and tenant memos (cleared when full: a service uses a few).
 _MEMO_SIZE = 256
+_NONES = itertools.repeat(None)
 
 
 class StoreCore:
@@ -98,10 +102,12 @@ class StoreCore:
         self.writes = Writes(self.state, self.routing, self.primary_limiters,
                              self.shard_names)
         self.observers: list[ReadObserver] = []
-        #: keyword given (None: none) -> type of its value -> value -> budget.
-        self._budgets: dict[str | None, dict[type, dict[Any, tuple[Freshness, Degrade]]]] = {}
+        #: (keyword given (None: none), type of its value, value) -> budget.
+        self._budgets: dict[tuple[str | None, type, Any], tuple[Freshness, Degrade]] = {}
         self._combined_budgets: dict[Any, tuple[Freshness, Degrade]] = {}
         self._tenants: dict[object, str] = {}
+        self._bucket_count = topology.bucket_count
+        self._shard_of_bucket = topology.bucket_map.shard_index
 
     # ------------------------------------------------------------ arguments
 
@@ -157,29 +163,33 @@ class StoreCore:
 
         Budgets without a token repeat (a service uses a few), so they are resolved once and
         kept in small bounded memos; token budgets differ per write and are not kept. A read
-        giving one keyword (or none) finds its budget without allocating: the memo is keyed
-        by the keyword, the value's type (1 == 1.0 == True, but True is refused) and value.
+        giving one keyword (or none) finds its budget in one lookup, keyed by the keyword,
+        the value's type (1 == 1.0 == True, but True is refused) and the value.
         """
-        name: str | None = None
-        value: Any = None
-        several = False
-        for key, given in options.items():
-            if given is not None:
-                if name is not None:
-                    several = True
-                    break
-                name, value = key, given
+        name: str | None
+        value: Any
+        if len(options) == 1:  # get(..., max_staleness=1.0), or a read giving one budget
+            ((name, value),) = options.items()
+            if value is None:
+                name = None
+            several = False
+        else:
+            # How many keywords carry a value, counted in C (no Python loop over the six a
+            # read may pass), then the one that does, if one does.
+            given = sum(map(is_not, options.values(), _NONES))
+            several = given > 1
+            name = value = None
+            if given == 1:
+                for name, value in options.items():  # noqa: B007 (the loop finds them)
+                    if value is not None:
+                        break
         if not several:
-            by_type = self._budgets.get(name)
-            if by_type is not None:
-                by_value = by_type.get(type(value))
-                if by_value is not None:
-                    try:
-                        found = by_value.get(value)
-                    except TypeError:  # unhashable: freshness() refuses it below
-                        found = None
-                    if found is not None:
-                        return found
+            try:
+                found = self._budgets.get((name, type(value), value))
+            except TypeError:  # unhashable: freshness() refuses it below
+                found = None
+            if found is not None:
+                return found
         if not _BUDGET_KEYS.issuperset(options):
             unknown = sorted(set(options) - _BUDGET_KEYS)
             raise InvalidInputError("budget", f"unknown keyword(s) {unknown}")
@@ -197,12 +207,9 @@ class StoreCore:
                 _bounded_put(self._combined_budgets, key_all, found)
             return found
         resolved = self.freshness(*args)
-        try:
-            hash(value)
-        except TypeError:
-            return resolved
-        by_value = self._budgets.setdefault(name, {}).setdefault(type(value), {})
-        _bounded_put(by_value, value, resolved)
+        # An unhashable value freshness() accepted (converted) is not kept.
+        with contextlib.suppress(TypeError):
+            _bounded_put(self._budgets, (name, type(value), value), resolved)
         return resolved
 
     def locate(self, tenant: object, user_id: object) -> tuple[str, str, int, int]:
@@ -213,8 +220,8 @@ class StoreCore:
             tenant_s = check_tenant(tenant)
             _bounded_put(self._tenants, tenant_s, tenant_s)
         user_s = check_id("user_id", user_id)
-        bucket = self.topology.bucket_of(tenant_s, user_s)
-        return tenant_s, user_s, bucket, self.topology.bucket_map.shard_index(bucket)
+        bucket = bucket_of(tenant_s, user_s, self._bucket_count)
+        return tenant_s, user_s, bucket, self._shard_of_bucket(bucket)
 
     def group(self, tenant: object, user_ids: object) -> tuple[str, dict[int, list[str]]]:
         """Check a batch; group user ids by shard index."""

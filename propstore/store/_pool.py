@@ -14,10 +14,11 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Self, TypeVar
+from typing import Any, Generic, Self, TypeVar
 
 import psycopg
 import structlog
+from psycopg import pq
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from tenacity import (
     AsyncRetrying,
@@ -102,6 +103,10 @@ class NodeConnection(psycopg.Connection[Any]):
     propstore_verified_lsn: LSN | None = None
     #: The database has no ``user_properties`` table (shard not migrated).
     propstore_schema_missing: bool = False
+    #: Uses since it last went back through its psycopg pool (see :class:`IdleStack`).
+    propstore_uses: int = 0
+    #: ``time.monotonic()`` when it was last kept idle by its :class:`IdleStack`.
+    propstore_idle_since: float = 0.0
 
 
 class AsyncNodeConnection(psycopg.AsyncConnection[Any]):
@@ -121,6 +126,102 @@ class AsyncNodeConnection(psycopg.AsyncConnection[Any]):
     propstore_named: bool = False
     propstore_verified_lsn: LSN | None = None
     propstore_schema_missing: bool = False
+    propstore_uses: int = 0
+    propstore_idle_since: float = 0.0
+
+
+AnyNodeConnection = TypeVar("AnyNodeConnection", NodeConnection, AsyncNodeConnection)
+_IDLE = pq.TransactionStatus.IDLE
+_monotonic = time.monotonic
+#: A connection kept by an :class:`IdleStack` goes back through its pool after this many
+#: uses (the pool then applies its ``max_lifetime``, stats and logs to it) ...
+PASS_THROUGH_EVERY = 64
+#: ... and after this many seconds unused (the pool's ``max_idle`` shrinking applies).
+KEPT_IDLE_FOR = 1.0
+
+
+class IdleStack(Generic[AnyNodeConnection]):
+    """Connections of one node's pool that a store keeps, idle, for its next reads.
+
+    psycopg-pool's ``getconn`` and ``putconn`` cost a read about 330 Python bytecodes of
+    its ~1,700 (lock, deque, stats, three log calls, the return-path checks; measured in
+    docs/deployment.md); taking a connection from this stack and putting it back costs ~30.
+    The pool still owns every connection: one kept here is, to the pool, checked out, so the
+    node's connection budget (the pool's ``max_size``) holds unchanged. What the stack must
+    not do is sit on an idle connection while a reader waits in the pool for one, so:
+
+    * :meth:`take` pops a kept connection, or else counts the caller as waiting in the pool
+      (under the lock, so a connection kept concurrently is seen by one or the other);
+    * :meth:`keep` keeps a returned connection only while nobody waits in the pool (then
+      none is kept: everything kept was taken before the first waiter counted itself), and
+      only a healthy, idle one, and never one due back to the pool: every
+      ``PASS_THROUGH_EVERY`` uses, or one left unused ``KEPT_IDLE_FOR`` seconds.
+
+    Proofs are unaffected: what a read may reuse is a property of the connection (the server
+    run it learned when it opened), whichever way it comes back.
+    """
+
+    __slots__ = ("_kept", "_lock", "_waiting")
+
+    def __init__(self) -> None:
+        self._kept: list[AnyNodeConnection] = []
+        self._lock = threading.Lock()
+        self._waiting = 0
+
+    def take(self) -> AnyNodeConnection | None:
+        """The most recently kept connection; None: get one from the pool, then call
+        :meth:`waited` (the caller counts as waiting until then)."""
+        try:
+            # Without the lock: popping cannot strand a waiter (only :meth:`keep` adds,
+            # and it checks for waiters under the lock).
+            return self._kept.pop()
+        except IndexError:
+            pass
+        with self._lock:
+            if self._kept:
+                return self._kept.pop()
+            self._waiting += 1
+        return None
+
+    def waited(self) -> None:
+        """The caller of a :meth:`take` that returned None has its connection (or gave up)."""
+        with self._lock:
+            self._waiting -= 1
+
+    def keep(self, conn: AnyNodeConnection) -> AnyNodeConnection | None:
+        """Keep ``conn`` if it may be kept; return the connection the caller must put back
+        into the pool instead: ``conn``, or a kept one unused for too long (None: neither)."""
+        uses = conn.propstore_uses
+        if uses < PASS_THROUGH_EVERY and conn.pgconn.transaction_status == _IDLE:
+            now = _monotonic()
+            with self._lock:
+                if not self._waiting:
+                    conn.propstore_uses = uses + 1
+                    conn.propstore_idle_since = now
+                    kept = self._kept
+                    kept.append(conn)
+                    try:
+                        if kept[0].propstore_idle_since >= now - KEPT_IDLE_FOR:
+                            return None
+                        conn = kept.pop(0)
+                    except IndexError:  # taken meanwhile (take pops without the lock)
+                        return None
+        conn.propstore_uses = 0
+        return conn
+
+    def drain(self) -> list[AnyNodeConnection]:
+        """Every kept connection, removed (to put back before the pool closes)."""
+        drained = []
+        with self._lock:
+            kept = self._kept
+            while True:
+                try:
+                    conn = kept.pop()  # one at a time: a concurrent take gets others
+                except IndexError:
+                    break
+                conn.propstore_uses = 0
+                drained.append(conn)
+        return drained
 
 
 SCHEMA_MISSING = (
@@ -239,6 +340,15 @@ async def prepare_async(conn: AsyncNodeConnection, routing: RoutingSettings | No
     return True
 
 
+def _every_attribute(conn: NodeConnection | AsyncNodeConnection) -> None:
+    # Set on the instance when it opens, so that setting them on its reads later allocates
+    # nothing (a first assignment grows the instance's dict; tests/test_store.py counts it).
+    conn.propstore_verified_lsn = None
+    conn.propstore_schema_missing = False
+    conn.propstore_uses = 0
+    conn.propstore_idle_since = 0.0
+
+
 def _kwargs(node: NodeConfig, routing: RoutingSettings) -> dict[str, Any]:
     return {
         "autocommit": True,
@@ -266,6 +376,7 @@ def sync_pool(node: NodeConfig, routing: RoutingSettings, reach: NodeReach | Non
     def configure(conn: NodeConnection) -> None:
         (row,) = _wire.execute(conn, _IDENTITY, _deadline(routing), named=False)
         known.learned(conn, tuple(row.get_value(0, c) for c in range(5)))
+        _every_attribute(conn)
         prepare(conn, routing)
         conn.propstore_opened_at = time.monotonic()
 
@@ -292,6 +403,7 @@ def async_pool(node: NodeConfig, routing: RoutingSettings, reach: NodeReach | No
     async def configure(conn: AsyncNodeConnection) -> None:
         (row,) = await _wire.execute_async(conn, _IDENTITY, _deadline(routing), named=False)
         known.learned(conn, tuple(row.get_value(0, c) for c in range(5)))
+        _every_attribute(conn)
         await prepare_async(conn, routing)
         conn.propstore_opened_at = time.monotonic()
 

@@ -26,6 +26,7 @@ from propstore.store._core import StoreCore
 from propstore.store._pool import (
     SCHEMA_MISSING,
     STATEMENT_LOST,
+    IdleStack,
     NodeConnection,
     NodeReach,
     prepare,
@@ -75,15 +76,15 @@ class PropertyStore:
         start the lag monitor."""
         self.topology = topology
         self._core = StoreCore(topology)
-        self._pools: dict[str, ConnectionPool[NodeConnection]] = {}
-        self._reach = {node.name: NodeReach(node)
-                       for shard in topology.shards for node in shard.nodes}
+        #: Per node: its pool, what is known of how it is reached, the connections kept idle.
+        self._nodes: dict[str, tuple[ConnectionPool[NodeConnection], NodeReach,
+                                     IdleStack[NodeConnection]]] = {}
         for shard in topology.shards:
             for node in shard.nodes:
-                pool = sync_pool(node, topology.routing, self._reach[node.name],
-                                 topology.connections)
+                reach = NodeReach(node)
+                pool = sync_pool(node, topology.routing, reach, topology.connections)
                 pool.open(wait=False)
-                self._pools[node.name] = pool
+                self._nodes[node.name] = (pool, reach, IdleStack())
         self._executor = ThreadPoolExecutor(
             max_workers=min(len(topology.shards), 32), thread_name_prefix="propstore-shard"
         )
@@ -111,8 +112,12 @@ class PropertyStore:
         :class:`~propstore.ShardUnavailableError` when the primary is needed and unreachable;
         :class:`~propstore.InvalidInputError` for bad arguments.
         """
-        options = {"max_staleness": max_staleness, "after": after, "profile": profile,
-                   "consistency": consistency, "on_stale": on_stale, "degrade": degrade}
+        # The common read gives one budget: a one-key dict finds it in the memo at once.
+        options = {"max_staleness": max_staleness} if (
+            after is None and profile is None and consistency is None and on_stale is None
+            and degrade is None
+        ) else {"max_staleness": max_staleness, "after": after, "profile": profile,
+                "consistency": consistency, "on_stale": on_stale, "degrade": degrade}
         return self._run(self._core.single_read(tenant, user_id, options))  # type: ignore[no-any-return]
 
     def get(self, tenant: str, user_id: str, **budget: Any) -> Props | None:
@@ -217,12 +222,14 @@ class PropertyStore:
                 except StopIteration as stop:
                     return stop.value
                 continue
-            pool = self._pools[op.node.name]
+            pool, reach, idle = self._nodes[op.node.name]
             conn: NodeConnection | None = None
             try:
-                conn = self._checkout(pool, op)
-                reach = self._reach[op.node.name]
-                reach.refresh(conn)
+                conn = idle.take()
+                if conn is None:
+                    conn = self._checkout(pool, idle, op)
+                if reach.statements_lost:
+                    reach.refresh(conn)
                 if conn.propstore_schema_missing and not prepare(conn):
                     raise psycopg.errors.UndefinedTable(SCHEMA_MISSING)
                 statements, commit_each = op.plan(conn)
@@ -240,7 +247,7 @@ class PropertyStore:
                     results = _wire.execute(conn, statements, op.deadline, named=False)
             except (psycopg.Error, _wire.DeadlineExceeded) as exc:
                 if conn is not None:
-                    pool.putconn(conn)
+                    self._checkin(pool, idle, conn)
                 try:
                     op = program.throw(exc)
                 except StopIteration as stop:
@@ -251,23 +258,37 @@ class PropertyStore:
             except StopIteration as stop:
                 return stop.value
             finally:
-                pool.putconn(conn)
+                back = idle.keep(conn)
+                if back is not None:
+                    pool.putconn(back)
 
     @staticmethod
-    def _checkout(pool: ConnectionPool[NodeConnection], op: Exec) -> NodeConnection:
-        """A connection by ``op.deadline``; while waiting, give up once ``op.valid`` says
-        the node is no longer worth it (checked every ``_VALIDITY_SLICE`` seconds)."""
-        if op.valid is None:
-            return pool.getconn(timeout=max(0.001, op.deadline - time.monotonic()))
-        while True:
-            remaining = op.deadline - time.monotonic()
-            try:
-                return pool.getconn(timeout=max(0.001, min(remaining, _VALIDITY_SLICE)))
-            except PoolTimeout:
-                if remaining <= _VALIDITY_SLICE:
-                    raise
-            if not op.valid():
-                raise PrimaryGone(f"{op.node.name} is no longer the observed primary")
+    def _checkout(pool: ConnectionPool[NodeConnection], idle: IdleStack[NodeConnection],
+                  op: Exec) -> NodeConnection:
+        """A connection from the pool by ``op.deadline`` (after ``idle.take()`` found none
+        kept); while waiting, give up once ``op.valid`` says the node is no longer worth it
+        (checked every ``_VALIDITY_SLICE`` seconds)."""
+        try:
+            if op.valid is None:
+                return pool.getconn(timeout=max(0.001, op.deadline - time.monotonic()))
+            while True:
+                remaining = op.deadline - time.monotonic()
+                try:
+                    return pool.getconn(timeout=max(0.001, min(remaining, _VALIDITY_SLICE)))
+                except PoolTimeout:
+                    if remaining <= _VALIDITY_SLICE:
+                        raise
+                if not op.valid():
+                    raise PrimaryGone(f"{op.node.name} is no longer the observed primary")
+        finally:
+            idle.waited()
+
+    @staticmethod
+    def _checkin(pool: ConnectionPool[NodeConnection], idle: IdleStack[NodeConnection],
+                 conn: NodeConnection) -> None:
+        back = idle.keep(conn)
+        if back is not None:
+            pool.putconn(back)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -275,7 +296,9 @@ class PropertyStore:
         """Stop the monitor and close every pool."""
         self.monitor.stop()
         self._executor.shutdown(wait=False)
-        for pool in self._pools.values():
+        for pool, _reach, idle in self._nodes.values():
+            for conn in idle.drain():
+                pool.putconn(conn)
             pool.close(timeout=1.0)
 
     def __enter__(self) -> PropertyStore:
