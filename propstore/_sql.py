@@ -16,7 +16,6 @@ from typing import Final
 # Statement names, as bytes for libpq's send_query_prepared.
 REPLAY_LSN: Final = b"propstore_replay_lsn"
 FLUSH_LSN: Final = b"propstore_flush_lsn"
-INSERT_LSN: Final = b"propstore_insert_lsn"
 IS_PRIMARY: Final = b"propstore_is_primary"
 GET: Final = b"propstore_get"
 GET_MANY: Final = b"propstore_get_many"
@@ -49,8 +48,6 @@ STATEMENTS: Final[dict[bytes, str]] = {
         " (SELECT min_recovery_end_timeline FROM pg_control_recovery())))"
     ),
     FLUSH_LSN: "SELECT pg_current_wal_flush_lsn(), pg_walfile_name(pg_current_wal_flush_lsn())",
-    # Read before a write: the write's commit record starts at or after this position.
-    INSERT_LSN: "SELECT pg_current_wal_insert_lsn()",
     IS_PRIMARY: "SELECT NOT pg_is_in_recovery()",
     GET: (
         "SELECT props, version FROM user_properties WHERE tenant_id = $1 AND user_id = $2"
@@ -61,30 +58,42 @@ STATEMENTS: Final[dict[bytes, str]] = {
         "SELECT json_object_agg(user_id, props) FROM user_properties"
         " WHERE tenant_id = $1 AND user_id = ANY($2::text[])"
     ),
+    # Each write returns (new version or NULL, pg_current_wal_insert_lsn()), one row always:
+    # the insert LSN is read inside the write's own transaction, so it is at or before the
+    # commit record whatever order the two are evaluated in (the commit is written after the
+    # statement, at its Sync), which is all a token's start needs (``timeline.WriteMark``).
+    # It saves the separate statement and Sync that used to read it first. The write is a
+    # data-modifying WITH, run to completion whether or not the outer SELECT reads it.
     # One statement, so concurrent merges on the same user lose no key: the row lock taken
     # by ON CONFLICT serialises them and each merges into the latest committed document.
     MERGE: (
-        "INSERT INTO user_properties AS u (tenant_id, user_id, bucket, props)"
+        "WITH w AS (INSERT INTO user_properties AS u (tenant_id, user_id, bucket, props)"
         " VALUES ($1, $2, $3::int, $4::jsonb)"
         " ON CONFLICT (tenant_id, user_id) DO UPDATE SET props = u.props || EXCLUDED.props,"
         " version = u.version + 1, updated_at = now()"
         " WHERE octet_length((u.props || EXCLUDED.props)::text) <= $5::int"
-        " RETURNING version"
+        " RETURNING version)"
+        " SELECT (SELECT version FROM w), pg_current_wal_insert_lsn()"
     ),
     REPLACE: (
-        "INSERT INTO user_properties AS u (tenant_id, user_id, bucket, props)"
+        "WITH w AS (INSERT INTO user_properties AS u (tenant_id, user_id, bucket, props)"
         " VALUES ($1, $2, $3::int, $4::jsonb)"
         " ON CONFLICT (tenant_id, user_id) DO UPDATE SET props = EXCLUDED.props,"
         " version = u.version + 1, updated_at = now()"
         " WHERE octet_length(EXCLUDED.props::text) <= $5::int"
-        " RETURNING version"
+        " RETURNING version)"
+        " SELECT (SELECT version FROM w), pg_current_wal_insert_lsn()"
     ),
     UNSET: (
-        "UPDATE user_properties AS u SET props = u.props - $3::text[],"
+        "WITH w AS (UPDATE user_properties AS u SET props = u.props - $3::text[],"
         " version = u.version + 1, updated_at = now()"
-        " WHERE tenant_id = $1 AND user_id = $2 RETURNING version"
+        " WHERE tenant_id = $1 AND user_id = $2 RETURNING version)"
+        " SELECT (SELECT version FROM w), pg_current_wal_insert_lsn()"
     ),
-    DELETE: "DELETE FROM user_properties WHERE tenant_id = $1 AND user_id = $2",
+    DELETE: (
+        "WITH w AS (DELETE FROM user_properties WHERE tenant_id = $1 AND user_id = $2)"
+        " SELECT NULL::int, pg_current_wal_insert_lsn()"
+    ),
     IDENTITY: "SELECT " + IDENTITY_COLUMNS,
     # The monitor's poll: role, the LSN that matters for the role, receive position, replay
     # pause and whether a WAL receiver is streaming (a disconnected receiver is not lag 0),
@@ -122,7 +131,7 @@ TEXT: Final[dict[bytes, bytes]] = {name: sql.encode() for name, sql in STATEMENT
 
 
 #: Statements a pooled read/write connection needs that do not touch the table.
-BASE_STATEMENTS: Final = (REPLAY_LSN, FLUSH_LSN, INSERT_LSN, IS_PRIMARY)
+BASE_STATEMENTS: Final = (REPLAY_LSN, FLUSH_LSN, IS_PRIMARY)
 #: Statements on ``user_properties`` (they fail to prepare before the shard is migrated).
 TABLE_STATEMENTS: Final = (GET, GET_MANY, MERGE, REPLACE, UNSET, DELETE)
 DATA_STATEMENTS: Final = BASE_STATEMENTS + TABLE_STATEMENTS

@@ -81,10 +81,11 @@ class Writes:
                 ) -> Generator[Exec, Response, tuple[int | None, WriteMark]]:
         """One attempt at a write on the shard's primary: (new version, where it committed).
 
-        ``pg_current_wal_insert_lsn()``, the write and ``pg_current_wal_flush_lsn()`` with
-        the WAL file name are pipelined with a Sync after each, at no extra round trip: the
-        first is at or before the write's commit record, the last read after the commit was
-        acknowledged (>= the commit record), on the timeline the commit was written on.
+        The write (which also returns ``pg_current_wal_insert_lsn()`` read in its own
+        transaction) and ``pg_current_wal_flush_lsn()`` with the WAL file name are pipelined
+        with a Sync after each, at no extra round trip: the first LSN is at or before the
+        write's commit record, the second read after the commit was acknowledged (>= the
+        commit record), on the timeline the commit was written on.
         ``window`` caps the attempt, so retries never outlast it.
 
         The attempt goes to the primary the monitor observes; with none, to the last one
@@ -107,19 +108,18 @@ class Writes:
         try:
             _conn, results = yield Exec(
                 node.config, deadline,
-                fixed((Statement(_sql.INSERT_LSN), statement, Statement(_sql.FLUSH_LSN)),
-                      commit_each=True),
+                fixed((statement, Statement(_sql.FLUSH_LSN)), commit_each=True),
                 valid=lambda: still_primary(self.state.view(shard_index), name),
             )
         finally:
             # Writes are the primary's other load: their latency is part of its health.
             self.primary_limiters[shard_index].sample(time.monotonic() - began)
-        start, write, after = results
-        version = int(write.get_value(0, 0)) if write.ntuples else None
+        write, after = results
+        version = write.get_value(0, 0)
         wal_file = after.get_value(0, 1)
-        return version, WriteMark(
+        return None if version is None else int(version), WriteMark(
             timeline_of_wal_file(wal_file.decode()) if wal_file else None,
-            LSN.parse(after.get_value(0, 0)), LSN.parse(start.get_value(0, 0)),
+            LSN.parse(after.get_value(0, 0)), LSN.parse(write.get_value(0, 1)),
         )
 
     def exhausted(self, shard_index: int, window: WriteWindow) -> bool:

@@ -124,17 +124,29 @@ _GET_MANY_ROWS_SQL = (
     "SELECT user_id, props FROM user_properties"
     " WHERE tenant_id = $1 AND user_id = ANY($2::text[])"
 )
-_LIBPQ_STATEMENTS = (_sql.GET, _sql.GET_MANY, _sql.MERGE)
+_LIBPQ_STATEMENTS = (_sql.GET, _sql.GET_MANY)
+#: The floor's upsert: propstore's merge (same conflict handling and size check) as a plain
+#: statement, without the insert LSN propstore's own returns for its token.
+_MERGE = b"bench_merge"
+_MERGE_SQL = (
+    "INSERT INTO user_properties AS u (tenant_id, user_id, bucket, props)"
+    " VALUES ($1, $2, $3::int, $4::jsonb)"
+    " ON CONFLICT (tenant_id, user_id) DO UPDATE SET props = u.props || EXCLUDED.props,"
+    " version = u.version + 1, updated_at = now()"
+    " WHERE octet_length((u.props || EXCLUDED.props)::text) <= $5::int"
+    " RETURNING version"
+)
 
 
 class LibpqNode:
     """One autocommit connection driven through libpq (``pgconn``), as propstore drives it.
 
-    Prepares propstore's own ``GET``/``GET_MANY``/``MERGE`` statements (the same SQL, the
-    same names) and sends them with ``PQexecPrepared`` and text parameters, the same Bind and
-    Execute propstore sends; results are decoded exactly as far as a caller needs them. It
-    blocks in libpq instead of polling with a deadline: the cheapest way to get the answer,
-    which makes it the floor (propstore's deadline driver is measured on its own, see
+    Prepares propstore's own ``GET``/``GET_MANY`` statements (the same SQL, the same names)
+    and its merge as a plain upsert (without the insert LSN propstore's returns), and sends
+    them with ``PQexecPrepared`` and text parameters, the same Bind and Execute propstore
+    sends; results are decoded exactly as far as a caller needs them. It blocks in libpq
+    instead of polling with a deadline: the cheapest way to get the answer, which makes it
+    the floor (propstore's deadline driver is measured on its own, see
     :meth:`get_with_deadline`).
     """
 
@@ -144,6 +156,7 @@ class LibpqNode:
             self.conn.execute(_sql.prepare_sql(name), prepare=False)
         self.conn.execute(f"PREPARE {_GET_MANY_ROWS.decode()} AS {_GET_MANY_ROWS_SQL}",
                           prepare=False)
+        self.conn.execute(f"PREPARE {_MERGE.decode()} AS {_MERGE_SQL}", prepare=False)
         self.pgconn = self.conn.pgconn
 
     def _exec(self, name: bytes, params: Sequence[bytes]) -> pq.abc.PGresult:
@@ -197,7 +210,7 @@ class LibpqNode:
     def merge(self, tenant: str, user: str, bucket: int, props: Mapping[str, Any],
               max_bytes: int = 1 << 20) -> int | None:
         """propstore's merge statement (committed); the new version (None: over size)."""
-        result = self._exec(_sql.MERGE, (
+        result = self._exec(_MERGE, (
             tenant.encode(), user.encode(), str(bucket).encode(),
             json.dumps(dict(props), separators=(",", ":")).encode(), str(max_bytes).encode()))
         if not result.ntuples:
