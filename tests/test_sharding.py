@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from propstore.sharding import BucketMap, BucketRange, bucket_of, ranges_of
+from propstore.sharding import BucketMap, BucketRange, bucket_of, ranges_of, tenant_bucket_of
 
 
 def test_bucket_hash_is_identical_across_processes() -> None:
@@ -32,6 +32,15 @@ def test_bucket_hash_is_pinned() -> None:
 @given(st.integers(min_value=1, max_value=100_000), st.text(min_size=1, max_size=20))
 def test_bucket_is_always_in_range(count: int, user: str) -> None:
     assert 0 <= bucket_of("acme", user, count) < count
+
+
+@given(st.text(min_size=1, max_size=20), st.lists(st.text(min_size=1, max_size=20)),
+       st.integers(min_value=1, max_value=100_000))
+def test_batch_bucket_hash_equals_bucket_of(tenant: str, users: list[str], count: int) -> None:
+    # get_many groups users with the batch form: it must place every user where get does.
+    bucket = tenant_bucket_of(tenant, count)
+    assert [bucket(user) for user in users] == [bucket_of(tenant, user, count) for user in users]
+    assert tenant_bucket_of("acme")("user-42") == 3423
 
 
 def test_bucket_map_rejects_overlaps_and_gaps() -> None:
