@@ -1,12 +1,16 @@
-"""``AsyncPropertyStore``: the asyncio twin of ``_sync``. Same programs, same routing and
-proofs (``_core``); only the waiting differs."""
+"""``AsyncPropertyStore``: the asyncio API. Drives ``_core`` programs on psycopg-pool pools
+without blocking the event loop.
+
+This module is the source of ``_sync`` (``PropertyStore``), which ``tools/async_to_sync.py``
+generates from it: edit here, then run the tool. What differs between the two sits in
+``if True:  # ASYNC`` blocks (the ``else`` is the sync side)."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from collections.abc import Iterable, Mapping
+from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
@@ -18,6 +22,7 @@ from propstore import _wire
 from propstore._limiter import LimiterState
 from propstore.config import Topology
 from propstore.degrade import Degrade
+from propstore.errors import ConfigError
 from propstore.freshness import Token
 from propstore.monitor import LagMonitor, ShardView, monitor_for
 from propstore.router import RouteDecision
@@ -42,9 +47,20 @@ from propstore.store._program import (
     Wait,
 )
 from propstore.store._stats import ReadStats
-from propstore.store._sync import _VALIDITY_SLICE, Budget, config_path
 from propstore.store._writes import is_retryable_write_error
 from propstore.timeline import WriteMark
+
+if True:  # ASYNC
+    import asyncio
+else:
+    from concurrent.futures import ThreadPoolExecutor
+
+# SYNC DOCSTRING
+"""``PropertyStore``: the blocking API. Drives ``_core`` programs on psycopg-pool pools."""
+
+Budget = float | timedelta | str | None
+#: How often a write waiting for a connection rechecks that its node is still the primary.
+_VALIDITY_SLICE = 0.05
 
 
 class AsyncPropertyStore:
@@ -53,8 +69,70 @@ class AsyncPropertyStore:
     ``async with AsyncPropertyStore.from_config(path) as store``; the lag monitor runs as a
     task on the caller's event loop."""
 
-    def __init__(self, topology: Topology) -> None:
-        """Prepare the store; :meth:`start` (or ``async with``) opens pools and monitor."""
+    # SYNC DOCSTRING
+    """A sharded user-property store that reads from replicas only when provably fresh.
+
+    Build with :meth:`from_config` (a TOML file) or ``PropertyStore(topology)``; use as a
+    context manager or call :meth:`close`. Thread-safe: share one store per process.
+
+    Every read takes a freshness budget — ``max_staleness`` (seconds, ``timedelta`` or
+    ``"500ms"``), ``after`` (a :class:`~propstore.Token` from your writes, or its string),
+    a named ``profile``, or ``consistency="strong"`` — and is served by a replica only when
+    that replica is proven within it; otherwise by the primary, at once. With no budget the
+    topology's ``default_profile`` applies (strong if it has none).
+
+    When no replica is within the budget the primary serves the read, unless its limiter
+    sheds it (only when the primary's latency leaves its normal band, or at a configured
+    ceiling; strong and token reads are never shed). A shed read follows its ``degrade``
+    policy (a :class:`~propstore.Degrade`, e.g. ``Degrade.wait(0.2) | Degrade.serve_stale()``;
+    from the read, its profile or ``routing.degrade``); ``on_stale="error"``/``"serve"`` are
+    ``Degrade.refuse()``/``Degrade.serve_stale()``.
+    """
+
+    if True:  # ASYNC
+        def __init__(self, topology: Topology) -> None:
+            """Prepare the store; :meth:`start` (or ``async with``) opens pools and monitor."""
+            self._build(topology)
+            self._monitor_task: asyncio.Task[None] | None = None
+
+        @classmethod
+        async def open(cls, topology: Topology) -> AsyncPropertyStore:
+            """Create and start a store."""
+            store = cls(topology)
+            await store.start()
+            return store
+
+        async def start(self, wait_first_round: float = 2.0) -> None:
+            """Open the pools (without waiting for unreachable nodes) and start the monitor."""
+            if self._monitor_task is not None:
+                return
+            for pool, _reach, _idle in self._nodes.values():
+                await pool.open(wait=False)
+            self._monitor_task = asyncio.create_task(self.monitor.run(),
+                                                     name="propstore-monitor")
+            await self.monitor.wait_first_round(wait_first_round)
+    else:
+        def __init__(self, topology: Topology, *, start_monitor: bool = True) -> None:
+            """Open a pool per node (without waiting: unreachable nodes are marked down) and
+            start the lag monitor."""
+            self._build(topology)
+            for pool, _reach, _idle in self._nodes.values():
+                pool.open(wait=False)
+            self._executor = ThreadPoolExecutor(
+                max_workers=min(len(topology.shards), 32), thread_name_prefix="propstore-shard"
+            )
+            if start_monitor:
+                self.monitor.start()
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str] | None = None) -> AsyncPropertyStore:
+        """A store on a topology file (default ``$PROPSTORE_CONFIG``); start it with
+        ``async with`` or :meth:`start`."""
+        # SYNC DOCSTRING
+        """Load a topology file (default: ``$PROPSTORE_CONFIG``) and open a store on it."""
+        return cls(Topology.load(config_path(path)))
+
+    def _build(self, topology: Topology) -> None:
         self.topology = topology
         self._core = StoreCore(topology)
         #: Per node: its pool, what is known of how it is reached, the connections kept idle.
@@ -67,29 +145,6 @@ class AsyncPropertyStore:
                     async_pool(node, topology.routing, reach, topology.connections), reach,
                     IdleStack())
         self.monitor: LagMonitor = monitor_for(topology, self._core.state, self._core.stats)
-        self._monitor_task: asyncio.Task[None] | None = None
-
-    @classmethod
-    def from_config(cls, path: str | os.PathLike[str] | None = None) -> AsyncPropertyStore:
-        """A store on a topology file (default ``$PROPSTORE_CONFIG``); start it with
-        ``async with`` or :meth:`start`."""
-        return cls(Topology.load(config_path(path)))
-
-    @classmethod
-    async def open(cls, topology: Topology) -> AsyncPropertyStore:
-        """Create and start a store."""
-        store = cls(topology)
-        await store.start()
-        return store
-
-    async def start(self, wait_first_round: float = 2.0) -> None:
-        """Open the pools (without waiting for unreachable nodes) and start the monitor."""
-        if self._monitor_task is not None:
-            return
-        for pool, _reach, _idle in self._nodes.values():
-            await pool.open(wait=False)
-        self._monitor_task = asyncio.create_task(self.monitor.run(), name="propstore-monitor")
-        await self.monitor.wait_first_round(wait_first_round)
 
     # ------------------------------------------------------------------ reads
 
@@ -99,7 +154,13 @@ class AsyncPropertyStore:
         consistency: str | None = None, on_stale: str | None = None,
         degrade: Degrade | str | None = None,
     ) -> ReadResult:
-        """See :meth:`propstore.PropertyStore.read`."""
+        """Read a user's properties, with where and how fresh they were served.
+
+        Raises :class:`~propstore.StaleReadError` when no node may serve within the budget
+        and the ``degrade`` policy found no way either;
+        :class:`~propstore.ShardUnavailableError` when the primary is needed and unreachable;
+        :class:`~propstore.InvalidInputError` for bad arguments.
+        """
         # The common read gives one budget: a one-key dict finds it in the memo at once.
         options = {"max_staleness": max_staleness} if (
             after is None and profile is None and consistency is None and on_stale is None
@@ -109,33 +170,43 @@ class AsyncPropertyStore:
         return await self._run(self._core.single_read(tenant, user_id, options))  # type: ignore[no-any-return]
 
     async def get(self, tenant: str, user_id: str, **budget: Any) -> Props | None:
-        """See :meth:`propstore.PropertyStore.get`."""
+        """A user's properties (None when absent); budget keywords as in :meth:`read`."""
         return (await self._run(self._core.single_read(tenant, user_id, budget))).props  # type: ignore[no-any-return]
 
     async def get_many(self, tenant: str, user_ids: Iterable[str], **budget: Any
                        ) -> dict[str, Props | None]:
-        """See :meth:`propstore.PropertyStore.get_many` (shards queried concurrently)."""
+        """Properties of many users of a tenant: one query per shard, shards in parallel.
+
+        Every requested id is a key of the result (None when absent). Each shard's part is
+        proven fresh exactly as a single read is.
+        """
         result, programs = self._core.batch_reads(tenant, user_ids, budget)
-        for part in await asyncio.gather(*(self._run(p) for p in programs)):
+        if True:  # ASYNC
+            parts = await asyncio.gather(*(self._run(p) for p in programs))
+        else:
+            parts = ([self._run(programs[0])] if len(programs) == 1
+                     else list(self._executor.map(self._run, programs)))
+        for part in parts:
             result.update(part)
         return result
 
     # ------------------------------------------------------------------ writes
 
     async def set(self, tenant: str, user_id: str, props: Mapping[str, Any]) -> Token:
-        """See :meth:`propstore.PropertyStore.set`."""
+        """Merge ``props`` into the user's properties (atomic; concurrent merges lose no
+        key). Returns the token to read this write back (``after=token``)."""
         return await self._write("set", tenant, user_id, props)
 
     async def replace(self, tenant: str, user_id: str, props: Mapping[str, Any]) -> Token:
-        """See :meth:`propstore.PropertyStore.replace`."""
+        """Replace the user's whole property document."""
         return await self._write("replace", tenant, user_id, props)
 
     async def unset(self, tenant: str, user_id: str, keys: Iterable[str]) -> Token:
-        """See :meth:`propstore.PropertyStore.unset`."""
+        """Remove ``keys`` from the user's properties (absent keys are ignored)."""
         return await self._write("unset", tenant, user_id, keys)
 
     async def delete(self, tenant: str, user_id: str) -> Token:
-        """See :meth:`propstore.PropertyStore.delete`."""
+        """Delete the user's properties."""
         return await self._write("delete", tenant, user_id, None)
 
     async def _write(self, kind: str, tenant: str, user_id: str, argument: object) -> Token:
@@ -143,8 +214,7 @@ class AsyncPropertyStore:
         window = self._core.writes.window()
 
         async def attempt() -> tuple[int | None, WriteMark]:
-            program = self._core.writes.program(shard, statement, window)
-            return await self._run(program)  # type: ignore[no-any-return]
+            return await self._run(self._core.writes.program(shard, statement, window))  # type: ignore[no-any-return]
 
         try:
             try:
@@ -152,7 +222,10 @@ class AsyncPropertyStore:
             except (psycopg.Error, _wire.DeadlineExceeded) as exc:
                 if not is_retryable_write_error(exc):
                     raise
-                outcome = await self._core.writes.retrying(AsyncRetrying, shard, window)(attempt)
+                # Only a failed first attempt pays for tenacity: the primary may be
+                # restarting or a promotion may be under way (the monitor rediscovers it).
+                outcome = await self._core.writes.retrying(AsyncRetrying, shard, window)(
+                    attempt)
         except (psycopg.Error, _wire.DeadlineExceeded) as exc:
             raise self._core.writes.error(shard, exc, window) from None
         return self._core.write_done(shard, statement, outcome)
@@ -160,7 +233,7 @@ class AsyncPropertyStore:
     # ------------------------------------------------------------------ insight
 
     def route(self, tenant: str, user_id: str, **budget: Any) -> RouteDecision:
-        """See :meth:`propstore.PropertyStore.route`."""
+        """The routing decision a read would take now (``decision.explain()`` prints it)."""
         return self._core.route_for(tenant, user_id, budget)
 
     def fallback_states(self) -> dict[str, LimiterState]:
@@ -169,12 +242,12 @@ class AsyncPropertyStore:
                 zip(self._core.shard_names, self._core.primary_limiters, strict=True)}
 
     def shard_views(self) -> tuple[ShardView, ...]:
-        """The monitor's current view of every shard."""
+        """The monitor's current view of every shard (lag, states, roles)."""
         return self._core.state.views
 
     @property
     def stats(self) -> ReadStats:
-        """Routing counters (see :class:`~propstore.PropertyStore`)."""
+        """Routing counters (reads by shard, served by, reason; writes by shard)."""
         return self._core.stats
 
     def add_observer(self, observer: ReadObserver) -> None:
@@ -189,7 +262,7 @@ class AsyncPropertyStore:
     # ------------------------------------------------------------------ driving
 
     async def _run(self, program: Program) -> Any:
-        """Drive a program (see ``PropertyStore._run``) without blocking the loop."""
+        """Drive a program: check out a connection per request, run it, hand back results."""
         try:
             op: Request = next(program)
         except StopIteration as stop:
@@ -216,16 +289,17 @@ class AsyncPropertyStore:
                 try:
                     results = await _wire.execute_async(
                         conn, statements, op.deadline, commit_each=commit_each,
-                        named=conn.propstore_named,
-                    )
+                        named=conn.propstore_named)
                 except STATEMENT_LOST as lost:
-                    # See PropertyStore._run: re-plan and resend unnamed (never a write).
+                    # The pooler moved this connection to another server: no facts about
+                    # it hold any more; re-plan (verified in the round trip) and resend
+                    # unnamed. Never for a write: a later statement of its batch may have run.
                     reach.lost_statements(conn, lost)
                     if commit_each:
                         raise
                     statements, commit_each = op.plan(conn)
-                    results = await _wire.execute_async(conn, statements, op.deadline,
-                                                        named=False)
+                    results = await _wire.execute_async(
+                        conn, statements, op.deadline, named=False)
             except (psycopg.Error, _wire.DeadlineExceeded) as exc:
                 if conn is not None:
                     await self._checkin(pool, idle, conn)
@@ -246,7 +320,9 @@ class AsyncPropertyStore:
     @staticmethod
     async def _checkout(pool: AsyncConnectionPool[AsyncNodeConnection],
                         idle: IdleStack[AsyncNodeConnection], op: Exec) -> AsyncNodeConnection:
-        """See ``PropertyStore._checkout``."""
+        """A connection from the pool by ``op.deadline`` (after ``idle.take()`` found none
+        kept); while waiting, give up once ``op.valid`` says the node is no longer worth it
+        (checked every ``_VALIDITY_SLICE`` seconds)."""
         try:
             if op.valid is None:
                 return await pool.getconn(timeout=max(0.001, op.deadline - time.monotonic()))
@@ -275,19 +351,34 @@ class AsyncPropertyStore:
 
     async def close(self) -> None:
         """Stop the monitor and close every pool."""
-        if self._monitor_task is not None:
-            self._monitor_task.cancel()
-            await asyncio.gather(self._monitor_task, return_exceptions=True)
-            self._monitor_task = None
+        if True:  # ASYNC
+            if self._monitor_task is not None:
+                self._monitor_task.cancel()
+                await asyncio.gather(self._monitor_task, return_exceptions=True)
+                self._monitor_task = None
+        else:
+            self.monitor.stop()
+            self._executor.shutdown(wait=False)
         for pool, _reach, idle in self._nodes.values():
             for conn in idle.drain():
                 await pool.putconn(conn)
             await pool.close(timeout=1.0)
 
     async def __aenter__(self) -> AsyncPropertyStore:
-        await self.start()
+        if True:  # ASYNC
+            await self.start()
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         await self.close()
+
+
+def config_path(path: str | os.PathLike[str] | None) -> str | os.PathLike[str]:
+    """``path``, or ``$PROPSTORE_CONFIG``; a :class:`ConfigError` when neither is set."""
+    if path is not None:
+        return path
+    env = os.environ.get("PROPSTORE_CONFIG")
+    if not env:
+        raise ConfigError("no config given and PROPSTORE_CONFIG is not set")
+    return env

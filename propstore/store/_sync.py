@@ -1,3 +1,5 @@
+# Generated from propstore/store/_async.py by tools/async_to_sync.py: do not edit. Change the
+# async source and run `python tools/async_to_sync.py`.
 """``PropertyStore``: the blocking API. Drives ``_core`` programs on psycopg-pool pools."""
 
 from __future__ import annotations
@@ -74,6 +76,21 @@ class PropertyStore:
     def __init__(self, topology: Topology, *, start_monitor: bool = True) -> None:
         """Open a pool per node (without waiting: unreachable nodes are marked down) and
         start the lag monitor."""
+        self._build(topology)
+        for pool, _reach, _idle in self._nodes.values():
+            pool.open(wait=False)
+        self._executor = ThreadPoolExecutor(
+            max_workers=min(len(topology.shards), 32), thread_name_prefix="propstore-shard"
+        )
+        if start_monitor:
+            self.monitor.start()
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str] | None = None) -> PropertyStore:
+        """Load a topology file (default: ``$PROPSTORE_CONFIG``) and open a store on it."""
+        return cls(Topology.load(config_path(path)))
+
+    def _build(self, topology: Topology) -> None:
         self.topology = topology
         self._core = StoreCore(topology)
         #: Per node: its pool, what is known of how it is reached, the connections kept idle.
@@ -82,20 +99,10 @@ class PropertyStore:
         for shard in topology.shards:
             for node in shard.nodes:
                 reach = NodeReach(node)
-                pool = sync_pool(node, topology.routing, reach, topology.connections)
-                pool.open(wait=False)
-                self._nodes[node.name] = (pool, reach, IdleStack())
-        self._executor = ThreadPoolExecutor(
-            max_workers=min(len(topology.shards), 32), thread_name_prefix="propstore-shard"
-        )
+                self._nodes[node.name] = (
+                    sync_pool(node, topology.routing, reach, topology.connections), reach,
+                    IdleStack())
         self.monitor: LagMonitor = monitor_for(topology, self._core.state, self._core.stats)
-        if start_monitor:
-            self.monitor.start()
-
-    @classmethod
-    def from_config(cls, path: str | os.PathLike[str] | None = None) -> PropertyStore:
-        """Load a topology file (default: ``$PROPSTORE_CONFIG``) and open a store on it."""
-        return cls(Topology.load(config_path(path)))
 
     # ------------------------------------------------------------------ reads
 
@@ -172,7 +179,8 @@ class PropertyStore:
                     raise
                 # Only a failed first attempt pays for tenacity: the primary may be
                 # restarting or a promotion may be under way (the monitor rediscovers it).
-                outcome = self._core.writes.retrying(Retrying, shard, window)(attempt)
+                outcome = self._core.writes.retrying(Retrying, shard, window)(
+                    attempt)
         except (psycopg.Error, _wire.DeadlineExceeded) as exc:
             raise self._core.writes.error(shard, exc, window) from None
         return self._core.write_done(shard, statement, outcome)
@@ -234,8 +242,9 @@ class PropertyStore:
                     raise psycopg.errors.UndefinedTable(SCHEMA_MISSING)
                 statements, commit_each = op.plan(conn)
                 try:
-                    results = _wire.execute(conn, statements, op.deadline,
-                                            commit_each=commit_each, named=conn.propstore_named)
+                    results = _wire.execute(
+                        conn, statements, op.deadline, commit_each=commit_each,
+                        named=conn.propstore_named)
                 except STATEMENT_LOST as lost:
                     # The pooler moved this connection to another server: no facts about
                     # it hold any more; re-plan (verified in the round trip) and resend
@@ -244,7 +253,8 @@ class PropertyStore:
                     if commit_each:
                         raise
                     statements, commit_each = op.plan(conn)
-                    results = _wire.execute(conn, statements, op.deadline, named=False)
+                    results = _wire.execute(
+                        conn, statements, op.deadline, named=False)
             except (psycopg.Error, _wire.DeadlineExceeded) as exc:
                 if conn is not None:
                     self._checkin(pool, idle, conn)
@@ -263,8 +273,8 @@ class PropertyStore:
                     pool.putconn(back)
 
     @staticmethod
-    def _checkout(pool: ConnectionPool[NodeConnection], idle: IdleStack[NodeConnection],
-                  op: Exec) -> NodeConnection:
+    def _checkout(pool: ConnectionPool[NodeConnection],
+                  idle: IdleStack[NodeConnection], op: Exec) -> NodeConnection:
         """A connection from the pool by ``op.deadline`` (after ``idle.take()`` found none
         kept); while waiting, give up once ``op.valid`` says the node is no longer worth it
         (checked every ``_VALIDITY_SLICE`` seconds)."""
@@ -274,7 +284,8 @@ class PropertyStore:
             while True:
                 remaining = op.deadline - time.monotonic()
                 try:
-                    return pool.getconn(timeout=max(0.001, min(remaining, _VALIDITY_SLICE)))
+                    return pool.getconn(
+                        timeout=max(0.001, min(remaining, _VALIDITY_SLICE)))
                 except PoolTimeout:
                     if remaining <= _VALIDITY_SLICE:
                         raise
@@ -284,8 +295,9 @@ class PropertyStore:
             idle.waited()
 
     @staticmethod
-    def _checkin(pool: ConnectionPool[NodeConnection], idle: IdleStack[NodeConnection],
-                 conn: NodeConnection) -> None:
+    def _checkin(pool: ConnectionPool[NodeConnection],
+                 idle: IdleStack[NodeConnection], conn: NodeConnection
+                 ) -> None:
         back = idle.keep(conn)
         if back is not None:
             pool.putconn(back)
@@ -304,8 +316,8 @@ class PropertyStore:
     def __enter__(self) -> PropertyStore:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None,
+                 exc: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
 

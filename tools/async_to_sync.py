@@ -1,0 +1,337 @@
+"""Generate the blocking store modules from their asyncio sources, so the two never drift.
+
+    python tools/async_to_sync.py          # rewrite every generated module
+    python tools/async_to_sync.py --check  # exit 1 (with a diff) if any is stale; CI runs it
+
+The async module is the source of truth (as in psycopg, whose sync classes are generated
+from its async ones); each generated module starts with a header naming its source. The
+transformation works on libcst's concrete syntax tree, so the output keeps the source's
+comments, docstrings and layout (``ast.unparse`` would drop the comments and re-wrap every
+line), and then ruff sorts its imports and drops the ones only the async side used:
+
+* ``async def`` -> ``def``, ``async with`` / ``async for`` -> ``with`` / ``for``,
+  ``await x`` -> ``x`` (with the parentheses that only the ``await`` needed);
+* ``AsyncX`` -> ``X`` (``AsyncConnectionPool`` -> ``ConnectionPool``) and the names in
+  :data:`NAMES` (``execute_async`` -> ``execute``, ``__aenter__`` -> ``__enter__``...), also
+  in docstrings and comments; the ``asyncio`` calls of :data:`DOTTED` (``asyncio.sleep`` ->
+  ``time.sleep``);
+* the places that genuinely differ are written in the source as::
+
+      if True:  # ASYNC
+          <async-only code>
+      else:
+          <sync-only code>
+
+  (the ``else`` is optional). Python compiles ``if True`` away and mypy skips the ``else``,
+  so the async module pays nothing for it; the generated module gets the ``else`` body only.
+* a docstring that must differ is followed, in the source, by a bare string literal under a
+  ``# SYNC DOCSTRING`` comment: it becomes the generated definition's docstring.
+
+The output must not mention ``asyncio``, ``await`` or a name starting with ``Async``: the
+tool stops and says which name needs a mapping or a marker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import re
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import libcst as cst
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Every generated module: (async source, generated sync module), relative to the repository.
+MODULES: tuple[tuple[str, str], ...] = (
+    ("propstore/store/_async.py", "propstore/store/_sync.py"),
+)
+
+#: Names (identifiers and attributes) of the async side and their sync counterparts.
+#: (Beyond these, ``AsyncX`` is ``X``.)
+NAMES: dict[str, str] = {
+    "async_pool": "sync_pool",
+    "execute_async": "execute",
+    "prepare_async": "prepare",
+    "wait_async": "wait",
+    "__aenter__": "__enter__",
+    "__aexit__": "__exit__",
+    "__aiter__": "__iter__",
+    "__anext__": "__next__",
+}
+
+#: ``asyncio`` waits and their blocking counterparts (the module must import the target).
+DOTTED: dict[tuple[str, str], tuple[str, str]] = {
+    ("asyncio", "sleep"): ("time", "sleep"),
+    ("asyncio", "Lock"): ("threading", "Lock"),
+}
+
+ASYNC_MARKER = "# ASYNC"
+DOCSTRING_MARKER = "# SYNC DOCSTRING"
+#: Any other ``AsyncX`` name is ``X`` (``AsyncPropertyStore`` -> ``PropertyStore``).
+_ASYNC_PREFIXED = re.compile(r"Async(?=[A-Z])")
+_WORDS = re.compile(r"\b(" + "|".join(sorted(map(re.escape, NAMES), key=len, reverse=True))
+                    + r"|Async[A-Z]\w*)\b")
+#: One level of block indentation in the sources (what a lifted ``else`` body loses).
+_INDENT = "    "
+
+
+def _header(source: str) -> str:
+    return (f"# Generated from {source} by tools/async_to_sync.py: do not edit. Change the\n"
+            f"# async source and run `python tools/async_to_sync.py`.\n")
+
+
+def sync_name(name: str) -> str:
+    """The sync counterpart of an identifier of the async source."""
+    mapped = NAMES.get(name)
+    if mapped is not None:
+        return mapped
+    return _ASYNC_PREFIXED.sub("", name, count=1) if name.startswith("Async") else name
+
+
+def _rename_words(text: str) -> str:
+    return _WORDS.sub(lambda match: sync_name(match.group(1)), text)
+
+
+def _is_async_marker(node: cst.If) -> bool:
+    comment = node.body.header.comment if isinstance(node.body, cst.IndentedBlock) else None
+    return (isinstance(node.test, cst.Name) and node.test.value == "True"
+            and comment is not None and comment.value.strip() == ASYNC_MARKER)
+
+
+def _string_of(statement: cst.CSTNode) -> cst.SimpleString | cst.ConcatenatedString | None:
+    """The string literal a statement consists of (a docstring's shape), else None."""
+    if (isinstance(statement, cst.SimpleStatementLine) and len(statement.body) == 1
+            and isinstance(statement.body[0], cst.Expr)
+            and isinstance(statement.body[0].value, cst.SimpleString | cst.ConcatenatedString)):
+        return statement.body[0].value
+    return None
+
+
+def _has_marker(statement: cst.SimpleStatementLine) -> bool:
+    return any(line.comment is not None and line.comment.value.startswith(DOCSTRING_MARKER)
+               for line in statement.leading_lines)
+
+
+class _Dedent(cst.CSTTransformer):
+    """Multi-line strings of a lifted ``else`` body keep their text one level in.
+
+    libcst renders block indentation itself; only a string's own lines are literal text."""
+
+    def leave_SimpleString(self, original_node: cst.SimpleString,
+                           updated_node: cst.SimpleString) -> cst.SimpleString:
+        return updated_node.with_changes(
+            value=updated_node.value.replace("\n" + _INDENT, "\n"))
+
+
+class _Unindent(cst.CSTTransformer):
+    """The parameter lines of an ``async def`` aligned with its parenthesis move with it
+    (``shift``: ``async `` and what the name lost).
+
+    Hanging indents (4 or 8 spaces) stay; an aligned line is at least ``async def x(`` in."""
+
+    def __init__(self, shift: int) -> None:
+        super().__init__()
+        self.shift = shift
+
+    def leave_ParenthesizedWhitespace(
+            self, original_node: cst.ParenthesizedWhitespace,
+            updated_node: cst.ParenthesizedWhitespace) -> cst.ParenthesizedWhitespace:
+        spaces = updated_node.last_line.value
+        if len(spaces) < len("async def x("):
+            return updated_node
+        return updated_node.with_changes(
+            last_line=cst.SimpleWhitespace(spaces[self.shift:]))
+
+
+class _AsyncToSync(cst.CSTTransformer):
+    def leave_FunctionDef(self, original_node: cst.FunctionDef,
+                          updated_node: cst.FunctionDef) -> cst.FunctionDef:
+        if updated_node.asynchronous is not None:
+            shift = len("async ") + len(original_node.name.value) - len(updated_node.name.value)
+            updated_node = updated_node.with_changes(
+                asynchronous=None, params=updated_node.params.visit(_Unindent(shift)))
+        return _with_docstring(updated_node)
+
+    def leave_ClassDef(self, original_node: cst.ClassDef,
+                       updated_node: cst.ClassDef) -> cst.ClassDef:
+        return _with_docstring(updated_node)
+
+    def leave_Module(self, original_node: cst.Module, updated_node: cst.Module) -> cst.Module:
+        body = _docstring_swapped(list(updated_node.body))
+        return updated_node.with_changes(body=body)
+
+    def leave_With(self, original_node: cst.With, updated_node: cst.With) -> cst.With:
+        return updated_node.with_changes(asynchronous=None)
+
+    def leave_For(self, original_node: cst.For, updated_node: cst.For) -> cst.For:
+        return updated_node.with_changes(asynchronous=None)
+
+    def leave_Await(self, original_node: cst.Await,
+                    updated_node: cst.Await) -> cst.BaseExpression:
+        # ``await``'s operand is a primary (a call, attribute, subscript or atom): it binds
+        # at least as tightly as the ``await`` did, so the parentheses ``(await x).y`` needed
+        # go with it.
+        return updated_node.expression
+
+    def leave_Name(self, original_node: cst.Name, updated_node: cst.Name) -> cst.Name:
+        sync = sync_name(updated_node.value)
+        return updated_node if sync == updated_node.value else updated_node.with_changes(
+            value=sync)
+
+    def leave_Attribute(self, original_node: cst.Attribute,
+                        updated_node: cst.Attribute) -> cst.Attribute:
+        if isinstance(updated_node.value, cst.Name):
+            sync = DOTTED.get((updated_node.value.value, updated_node.attr.value))
+            if sync is not None:
+                return updated_node.with_changes(value=cst.Name(sync[0]),
+                                                 attr=cst.Name(sync[1]))
+        return updated_node
+
+    def leave_Comment(self, original_node: cst.Comment, updated_node: cst.Comment
+                      ) -> cst.Comment:
+        return updated_node.with_changes(value=_rename_words(updated_node.value))
+
+    def leave_If(self, original_node: cst.If, updated_node: cst.If
+                 ) -> cst.BaseStatement | cst.FlattenSentinel[cst.BaseStatement] | \
+            cst.RemovalSentinel:
+        if not _is_async_marker(original_node):
+            return updated_node
+        orelse = updated_node.orelse
+        if orelse is None:
+            return cst.RemoveFromParent()
+        if not isinstance(orelse, cst.Else) or not isinstance(orelse.body, cst.IndentedBlock):
+            raise SystemExit("an `if True:  # ASYNC` block takes a plain `else:`, not `elif`")
+        lifted = [statement.visit(_Dedent()) for statement in orelse.body.body]
+        if lifted:
+            first = lifted[0]
+            assert isinstance(first, cst.SimpleStatementLine | cst.BaseCompoundStatement)
+            lifted[0] = first.with_changes(  # the comments above the `if` stay above
+                leading_lines=[*updated_node.leading_lines, *orelse.leading_lines,
+                               *first.leading_lines])
+        return cst.FlattenSentinel(lifted)  # type: ignore[arg-type]
+
+
+def _docstring_swapped(body: list[cst.BaseStatement]) -> list[cst.BaseStatement]:
+    """``body`` with its docstring replaced by the ``# SYNC DOCSTRING`` one, if it has one;
+    the docstring also gets the sync names."""
+    for index, statement in enumerate(body):
+        if (index > 0 and isinstance(statement, cst.SimpleStatementLine)
+                and _has_marker(statement) and _string_of(statement) is not None):
+            if _string_of(body[0]) is None:
+                raise SystemExit(f"{DOCSTRING_MARKER} follows a definition with no docstring")
+            replacement = statement.with_changes(leading_lines=body[0].leading_lines)
+            body = [replacement, *body[1:index], *body[index + 1:]]
+            break
+    docstring = _string_of(body[0]) if body else None
+    if isinstance(docstring, cst.SimpleString):
+        first = body[0]
+        assert isinstance(first, cst.SimpleStatementLine)
+        body[0] = first.with_changes(body=[cst.Expr(docstring.with_changes(
+            value=_rename_words(docstring.value)))])
+    return body
+
+
+def _with_docstring(node: cst.FunctionDef | cst.ClassDef) -> cst.FunctionDef | cst.ClassDef:
+    block = node.body
+    if not isinstance(block, cst.IndentedBlock):
+        return node
+    return node.with_changes(body=block.with_changes(
+        body=_docstring_swapped(list(block.body))))
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """Something async that survived the transformation (a mapping or a marker is missing)."""
+
+    line: int
+    what: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.what}"
+
+
+def leftovers(code: str) -> list[Leftover]:
+    """What the generated ``code`` still says in async terms."""
+    found = []
+    for node in ast.walk(ast.parse(code)):
+        line = getattr(node, "lineno", 0)
+        if isinstance(node, ast.AsyncFunctionDef | ast.AsyncWith | ast.AsyncFor | ast.Await):
+            found.append(Leftover(line, f"{type(node).__name__} (unreachable for the tool?)"))
+        elif isinstance(node, ast.Name) and (node.id.startswith("Async") or node.id == "asyncio"):
+            found.append(Leftover(line, f"name {node.id}: map it in NAMES or mark it ASYNC"))
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("Async"):
+            found.append(Leftover(line, f"attribute {node.attr}: map it in NAMES"))
+        elif isinstance(node, ast.alias) and (node.name.startswith("Async")
+                                              or node.name == "asyncio"):
+            found.append(Leftover(line, f"import of {node.name}: map it or mark it ASYNC"))
+    return found
+
+
+def _imports_tidied(code: str, target: str) -> str:
+    """ruff (the project's linter, with its settings) sorts the renamed imports and drops
+    those only the async side used."""
+    done = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--quiet", "--fix", "--exit-zero",
+         "--select", "I001,F401", "--stdin-filename", target, "-"],
+        input=code, capture_output=True, text=True, cwd=ROOT, check=True)
+    return done.stdout
+
+
+def generate(source_code: str, source: str, target: str) -> str:
+    """The sync module for the async ``source_code`` (``source``, ``target``: repository
+    paths, for the header and ruff's settings)."""
+    module = cst.parse_module(source_code).visit(_AsyncToSync())
+    header = [cst.EmptyLine(comment=cst.Comment(line))
+              for line in _header(source).splitlines()]
+    code = module.with_changes(header=[*header, *module.header]).code
+    code = _imports_tidied(code, target)
+    left = leftovers(code)
+    if left:
+        raise SystemExit(f"{target} generated from {source} still has async parts:\n  "
+                         + "\n  ".join(map(str, left)))
+    return code
+
+
+def stale(root: Path = ROOT, modules: Sequence[tuple[str, str]] = MODULES
+          ) -> list[tuple[str, str]]:
+    """``(target, diff)`` for every generated module that differs from its source's output."""
+    out = []
+    for source, target in modules:
+        want = generate((root / source).read_text(), source, target)
+        path = root / target
+        have = path.read_text() if path.exists() else ""
+        if have != want:
+            diff = "".join(difflib.unified_diff(have.splitlines(True), want.splitlines(True),
+                                                f"{target} (committed)",
+                                                f"{target} (from {source})"))
+            out.append((target, diff))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 with a diff if a generated module is stale")
+    args = parser.parse_args(argv)
+    if args.check:
+        found = stale()
+        for target, diff in found:
+            print(f"{target} is stale: run `python tools/async_to_sync.py`\n{diff}")
+        return 1 if found else 0
+    for source, target in MODULES:
+        code = generate((ROOT / source).read_text(), source, target)
+        path = ROOT / target
+        if not path.exists() or path.read_text() != code:
+            path.write_text(code)
+            print(f"wrote {target} (from {source})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
