@@ -67,7 +67,7 @@ class RouteDecision:
         ``Degrade.serve_stale``); one that answers its deadlines before one that does not."""
         pool = [*self.candidates] + [
             Candidate(-1, r.node, r.staleness_bound) for r in self.rejected
-            if r.reason == "replica_stale"
+            if r.reason in ("replica_stale", "replica_timeout")
         ]
         return min(pool, key=lambda c: (_late(c), c.staleness_bound), default=None)
 
@@ -142,9 +142,18 @@ def route(view: ShardView, freshness: Freshness, at: float, rotation: int = 0) -
             tentative.append(Candidate(index, node, bound))
     # A replica that missed a deadline since its last answer is tried last: no new proof,
     # not down (a starved machine makes healthy replicas late too), but a frozen one would
-    # cost every read that tries it first the whole replica deadline.
+    # cost every read that tries it first the whole replica deadline. When only late ones
+    # are left and the primary answers, the primary serves (replica_timeout) until one of
+    # them answers again: a frozen replica then costs one read its deadline, not every read
+    # until the silence limit marks it down. The late ones stay rejected with their bounds,
+    # for serve-stale, and are tried as before while the primary does not answer.
     candidates.sort(key=_late)
     answering = _answering(candidates)
+    if not answering and candidates and _primary_answers(view):
+        rejected.extend(Rejection(c.node, "replica_timeout", c.staleness_bound)
+                        for c in candidates)
+        candidates = []
+        tentative = [c for c in tentative if not _late(c)]
     if answering > 1 and rotation:
         shift = rotation % answering
         candidates = candidates[shift:answering] + candidates[:shift] + candidates[answering:]
@@ -246,9 +255,16 @@ def _rotations(decision: RouteDecision) -> tuple[RouteDecision, ...] | None:
                  for shift in range(answering))
 
 
+def _primary_answers(view: ShardView) -> bool:
+    primary = view.primary
+    return primary is not None and primary.unanswered_since is None
+
+
 def _reason(rejected: list[Rejection]) -> FallbackReason:
     if any(r.reason == "replica_stale" for r in rejected):
         return "replica_stale"
+    if any(r.reason == "replica_timeout" for r in rejected):
+        return "replica_timeout"
     return "replica_down" if rejected else "no_replica"
 
 

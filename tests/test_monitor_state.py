@@ -167,3 +167,26 @@ def test_a_late_replica_is_tried_last_in_every_rotation_and_served_stale_last() 
     stale = route(view, Freshness(max_staleness=0.1), 0.5)
     assert not stale.candidates and stale.freshest is not None
     assert stale.freshest.node.name == view.nodes[2].name
+
+
+def test_a_late_only_replica_gives_way_to_an_answering_primary_and_stays_for_serve_stale(
+) -> None:
+    # A frozen only replica must cost one read its deadline, not every read until the
+    # silence limit: while the primary answers it serves, and the late replica is kept
+    # (with its proven bound) for serve-stale and for reads whose primary is late too.
+    view = initial_views(TOPO.shards, 0.0)[0]
+    view = apply_observation(view, 0, primary_poll(0.0, 100), 16)
+    view = apply_observation(view, 1, replica_poll(0.0, 100), 16)
+    budget = Freshness(max_staleness=5.0)
+    assert [c.index for c in route(view, budget, 0.5).candidates] == [1]
+    view = apply_unanswered(view, 1, 0.2, "read deadline exceeded")
+    cache = DecisionCache(1)
+    for decision in (route(view, budget, 0.5), cache.decide(view, budget, 0.5, 0)):
+        assert not decision.candidates and decision.fallback_reason == "replica_timeout"
+        assert decision.freshest is not None and decision.freshest.index == -1
+        assert decision.freshest.node.name == view.nodes[1].name
+        assert decision.freshest.staleness_bound == view.staleness_bound(view.nodes[1], 0.5)
+    late_primary = apply_unanswered(view, 0, 0.3, "poll unanswered after 250 ms")
+    assert [c.index for c in route(late_primary, budget, 0.5).candidates] == [1]
+    answered = apply_observation(view, 1, replica_poll(0.6, 100), 16)
+    assert [c.index for c in route(answered, budget, 0.7).candidates] == [1]
