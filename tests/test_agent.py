@@ -3,8 +3,10 @@ share one lag monitor, and every read stays proven within its budget."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import gc
 import itertools
 import json
 import os
@@ -25,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from propstore import ConfigError, MonitorSettings, Topology
 from propstore.lsn import LSN
 from propstore.metrics import AGENT_METRIC_NAMES
-from propstore.monitor import MonitorState, Observation
+from propstore.monitor import LagMonitor, MonitorState, Observation
 from propstore.monitor._agent import repeats
 from propstore.monitor._health import TRACE_MEMORY_ENV, AgentStatus, agent_status
 from propstore.monitor._messages import (
@@ -44,7 +46,7 @@ from propstore.monitor._messages import (
     encode,
     encode_request,
 )
-from propstore.monitor._shared import AgentPaths
+from propstore.monitor._shared import AgentPaths, stale_after
 from propstore.proof import ServerRun
 from propstore.sandbox import LocalCluster
 from propstore.timeline import TimelineHistory
@@ -197,6 +199,95 @@ def test_sharing_off_gives_every_process_its_own_monitor(
     for node, seen in connections.items():
         assert seen == Counter({"propstore-monitor": 2}), (node, connections)
     assert not list(agents.glob("*.sock")), "sharing = off started an agent"
+
+
+class _CountingMonitor(LagMonitor):
+    """A process's own monitor that counts its connects begun and finished."""
+
+    application_name = "propstore-monitor-cancel-test"
+
+    def __init__(self, topology: Topology) -> None:
+        super().__init__(topology)
+        self.begun = self.finished = 0
+
+    async def _connect(self, shard_index: int, node_index: int
+                       ) -> psycopg.AsyncConnection[object]:
+        self.begun += 1
+        conn = await super()._connect(shard_index, node_index)
+        self.finished += 1
+        return conn
+
+
+def _backends_named(topology: Topology, name: str) -> int:
+    total = 0
+    for shard in topology.shards:
+        for node in shard.nodes:
+            with psycopg.connect(node.dsn, autocommit=True) as conn:
+                row = conn.execute("SELECT count(*) FROM pg_stat_activity "
+                                   "WHERE application_name = %s", (name,)).fetchone()
+            total += int(row[0]) if row else 0
+    return total
+
+
+def test_a_monitor_stopped_while_it_connects_leaves_no_connection_on_any_server(
+    topology: Topology,
+) -> None:
+    """A store that joins its host's agent stops its own polls, often while they still
+    connect (a fleet's processes start at once): no half-open connection may stay behind.
+    They did, idle on the servers until a full garbage collection (70 client connections
+    per server in the 64-process fleet run, bar 68); the collector is off here, so a leak
+    stays for the test to see."""
+    name = _CountingMonitor.application_name
+
+    async def rounds() -> int:
+        interrupted = 0
+        for delay in [0.002 * i for i in range(40)]:
+            monitor = _CountingMonitor(topology)
+            task = asyncio.create_task(monitor.run())
+            await asyncio.sleep(delay)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            interrupted += monitor.begun - monitor.finished
+            deadline = time.monotonic() + 5.0  # a closed backend leaves within ms
+            while (left := await asyncio.to_thread(_backends_named, topology, name)) and (
+                time.monotonic() < deadline
+            ):
+                await asyncio.sleep(0.05)
+            assert left == 0, f"{left} connections left after a stop {delay * 1000:.0f} ms in"
+        return interrupted
+
+    gc.disable()
+    try:
+        interrupted = asyncio.run(rounds())
+    finally:
+        gc.enable()
+    assert interrupted > 0  # some stops did come while connecting
+
+
+@pytest.mark.slow
+def test_a_store_starved_past_the_silence_limit_keeps_following_its_agent(
+    topology: Topology, cluster_config: Path, agents: Path,
+) -> None:
+    """A process that gets no CPU for longer than the silence limit wakes to its agent's
+    bytes and its own expired timer at once: it ran late, the agent did not, so it keeps
+    following (on a loaded host a whole fleet took its agent for stuck and polled for
+    itself, adding load). A really silent agent is still noticed: the chaos test."""
+    silence = stale_after(topology.monitor.interval)
+    with Fleet(cluster_config, 2) as fleet:
+        before = fleet.wait_for(_all_shared, 30, "every worker follows one agent")
+        starved = before[0].pid
+        os.kill(starved, signal.SIGSTOP)
+        try:
+            time.sleep(silence * 1.5)  # the fault itself: no CPU for 1.5 silence limits
+        finally:
+            os.kill(starved, signal.SIGCONT)
+        after = fleet.wait_for(
+            lambda st: all(set(s.states) == {"up"} and s.joins >= 1 for s in st), 30,
+            "every worker answers again")
+        fleet.stop()
+    assert _all_shared(after), after
+    assert [s.fallbacks for s in after] == [0, 0], after
+    assert after[0].agent_pid == before[0].agent_pid
 
 
 def _users(topology: Topology, worker: int, count: int = 6) -> list[str]:
