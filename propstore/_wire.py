@@ -18,6 +18,9 @@ behind a transaction pooler, runs on one server connection.
 Statements go by name (``named=True``: prepared on the connection at the protocol level by
 :func:`prepare`) or unnamed (Parse with the empty name, then Bind/Execute, in the same batch
 as its Sync): the form a transaction pooler that tracks no prepared statements accepts.
+
+The blocking :func:`execute` and :func:`prepare` are generated from :func:`execute_async`
+and :func:`prepare_async` (the section at the end of this module; ``tools/async_to_sync.py``).
 """
 
 from __future__ import annotations
@@ -167,41 +170,7 @@ def _failed(conn: psycopg.Connection[object] | psycopg.AsyncConnection[object],
     return psycopg.OperationalError(str(exc))
 
 
-def execute(
-    conn: psycopg.Connection[object],
-    statements: Sequence[Statement],
-    deadline: float,
-    *,
-    commit_each: bool = False,
-    named: bool = True,
-) -> list[pq.abc.PGresult]:
-    """Run ``statements`` on a sync connection; ``deadline`` is a ``time.monotonic()`` time.
-
-    ``named``: by their prepared names (see :func:`prepare`), else as unnamed statements.
-    Raises :class:`DeadlineExceeded` (after closing the connection) or a ``psycopg.Error``.
-    """
-    pgconn = conn.pgconn
-    try:
-        remaining = deadline - time.monotonic()
-        # The waiter polls for at most ``remaining`` (whole milliseconds, rounded down: the
-        # deadline stays a deadline), then raises its timeout error.
-        results = waiting.wait(_exchange(pgconn, statements, commit_each, named),
-                               pgconn.socket, remaining, remaining)
-    except (OSError, psycopg.Error) as exc:
-        raise _failed(conn, exc) from exc
-    return _checked(results)
-
-
-def prepare(conn: psycopg.Connection[object], names: Sequence[bytes], deadline: float
-            ) -> None:
-    """Prepare the statements ``names`` on ``conn`` at the protocol level (Parse by name)."""
-    pgconn = conn.pgconn
-    try:
-        remaining = deadline - time.monotonic()
-        results = waiting.wait(_parse_all(pgconn, names), pgconn.socket, remaining, remaining)
-    except (OSError, psycopg.Error) as exc:
-        raise _failed(conn, exc) from exc
-    _checked(results)
+# BEGIN ASYNC SOURCE of the sync section below (tools/async_to_sync.py generates it).
 
 
 async def execute_async(
@@ -212,10 +181,18 @@ async def execute_async(
     commit_each: bool = False,
     named: bool = True,
 ) -> list[pq.abc.PGresult]:
-    """:func:`execute` for asyncio: waits on the event loop, never blocks it."""
+    """Run ``statements`` on ``conn``; ``deadline`` is a ``time.monotonic()`` time (an
+    asyncio connection waits on the event loop, never blocking it).
+
+    ``named``: by their prepared names (see :func:`prepare_async`), else as unnamed
+    statements. Raises :class:`DeadlineExceeded` (after closing the connection) or a
+    ``psycopg.Error``.
+    """
     pgconn = conn.pgconn
     try:
         remaining = deadline - time.monotonic()
+        # The waiter polls for at most ``remaining`` (whole milliseconds, rounded down: the
+        # deadline stays a deadline), then raises its timeout error.
         results = await waiting.wait_async(
             _exchange(pgconn, statements, commit_each, named), pgconn.socket,
             remaining, remaining)
@@ -226,12 +203,59 @@ async def execute_async(
 
 async def prepare_async(conn: psycopg.AsyncConnection[object], names: Sequence[bytes],
                         deadline: float) -> None:
-    """:func:`prepare` for asyncio."""
+    """Prepare the statements ``names`` on ``conn`` at the protocol level (Parse by name)."""
     pgconn = conn.pgconn
     try:
         remaining = deadline - time.monotonic()
-        results = await waiting.wait_async(_parse_all(pgconn, names), pgconn.socket,
-                                           remaining, remaining)
+        results = await waiting.wait_async(
+            _parse_all(pgconn, names), pgconn.socket, remaining, remaining)
     except (OSError, psycopg.Error) as exc:
         raise _failed(conn, exc) from exc
     _checked(results)
+
+
+# BEGIN GENERATED SYNC from the async source above by tools/async_to_sync.py: do not edit.
+
+
+def execute(
+    conn: psycopg.Connection[object],
+    statements: Sequence[Statement],
+    deadline: float,
+    *,
+    commit_each: bool = False,
+    named: bool = True,
+) -> list[pq.abc.PGresult]:
+    """Run ``statements`` on ``conn``; ``deadline`` is a ``time.monotonic()`` time (an
+    asyncio connection waits on the event loop, never blocking it).
+
+    ``named``: by their prepared names (see :func:`prepare`), else as unnamed
+    statements. Raises :class:`DeadlineExceeded` (after closing the connection) or a
+    ``psycopg.Error``.
+    """
+    pgconn = conn.pgconn
+    try:
+        remaining = deadline - time.monotonic()
+        # The waiter polls for at most ``remaining`` (whole milliseconds, rounded down: the
+        # deadline stays a deadline), then raises its timeout error.
+        results = waiting.wait(
+            _exchange(pgconn, statements, commit_each, named), pgconn.socket,
+            remaining, remaining)
+    except (OSError, psycopg.Error) as exc:
+        raise _failed(conn, exc) from exc
+    return _checked(results)
+
+
+def prepare(conn: psycopg.Connection[object], names: Sequence[bytes],
+            deadline: float) -> None:
+    """Prepare the statements ``names`` on ``conn`` at the protocol level (Parse by name)."""
+    pgconn = conn.pgconn
+    try:
+        remaining = deadline - time.monotonic()
+        results = waiting.wait(
+            _parse_all(pgconn, names), pgconn.socket, remaining, remaining)
+    except (OSError, psycopg.Error) as exc:
+        raise _failed(conn, exc) from exc
+    _checked(results)
+
+
+# END GENERATED SYNC

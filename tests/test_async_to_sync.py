@@ -92,6 +92,45 @@ def test_async_constructs_become_their_sync_counterparts() -> None:
         ''')
 
 
+def test_a_generated_section_follows_its_async_section_in_the_same_module() -> None:
+    module = textwrap.dedent('''\
+        import time
+
+        # BEGIN ASYNC SOURCE
+
+
+        async def pause_async(seconds: float) -> None:
+            """Pause (asyncio: without blocking the loop)."""
+            await asyncio.sleep(seconds)
+
+
+        # BEGIN GENERATED SYNC
+        def stale() -> None: ...
+        # END GENERATED SYNC
+        ''')
+    assert async_to_sync.generate_section(module, "pkg/_m.py") == textwrap.dedent('''\
+        import time
+
+        # BEGIN ASYNC SOURCE
+
+
+        async def pause_async(seconds: float) -> None:
+            """Pause (asyncio: without blocking the loop)."""
+            await asyncio.sleep(seconds)
+
+
+        # BEGIN GENERATED SYNC
+
+
+        def pause(seconds: float) -> None:
+            """Pause (asyncio: without blocking the loop)."""
+            time.sleep(seconds)
+
+
+        # END GENERATED SYNC
+        ''')
+
+
 def test_async_names_left_unmapped_stop_the_tool() -> None:
     with pytest.raises(SystemExit, match=r"name asyncio: map it in NAMES or mark it ASYNC"):
         _sync_of('''\

@@ -1,20 +1,21 @@
-"""Generate the blocking store modules from their asyncio sources, so the two never drift.
+"""Generate propstore's blocking code from its asyncio source, so the two never drift.
 
     python tools/async_to_sync.py          # rewrite every generated module
     python tools/async_to_sync.py --check  # exit 1 (with a diff) if any is stale; CI runs it
 
-The async module is the source of truth (as in psycopg, whose sync classes are generated
-from its async ones); each generated module starts with a header naming its source. The
+The async code is the source of truth (as in psycopg, whose sync classes are generated from
+its async ones): a whole module (:data:`MODULES`; the generated one starts with a header
+naming its source), or a section of a module that keeps both sides (:data:`SECTIONS`). The
 transformation works on libcst's concrete syntax tree, so the output keeps the source's
 comments, docstrings and layout (``ast.unparse`` would drop the comments and re-wrap every
 line), and then ruff sorts its imports and drops the ones only the async side used:
 
 * ``async def`` -> ``def``, ``async with`` / ``async for`` -> ``with`` / ``for``,
   ``await x`` -> ``x`` (with the parentheses that only the ``await`` needed);
-* ``AsyncX`` -> ``X`` (``AsyncConnectionPool`` -> ``ConnectionPool``) and the names in
-  :data:`NAMES` (``execute_async`` -> ``execute``, ``__aenter__`` -> ``__enter__``...), also
-  in docstrings and comments; the ``asyncio`` calls of :data:`DOTTED` (``asyncio.sleep`` ->
-  ``time.sleep``);
+* ``AsyncX`` -> ``X`` (``AsyncConnectionPool`` -> ``ConnectionPool``), ``x_async`` -> ``x``
+  (``execute_async`` -> ``execute``) and the names in :data:`NAMES` (``__aenter__`` ->
+  ``__enter__``, ``_pool_async`` -> ``_pool_sync``...), also in docstrings and comments;
+  the ``asyncio`` calls of :data:`DOTTED` (``asyncio.sleep`` -> ``time.sleep``);
 * the places that genuinely differ are written in the source as::
 
       if True:  # ASYNC
@@ -22,10 +23,11 @@ line), and then ruff sorts its imports and drops the ones only the async side us
       else:
           <sync-only code>
 
-  (the ``else`` is optional). Python compiles ``if True`` away and mypy skips the ``else``,
-  so the async module pays nothing for it; the generated module gets the ``else`` body only.
+  (the ``else`` is optional). Python compiles ``if True`` to at most a NOP and mypy skips
+  the ``else`` in the async module; the generated module gets the ``else`` body only.
 * a docstring that must differ is followed, in the source, by a bare string literal under a
-  ``# SYNC DOCSTRING`` comment: it becomes the generated definition's docstring.
+  ``# SYNC DOCSTRING`` comment: it becomes the generated definition's docstring (in the
+  async module the literal costs a NOP each call: not for functions on a read's path).
 
 The output must not mention ``asyncio``, ``await`` or a name starting with ``Async``: the
 tool stops and says which name needs a mapping or a marker.
@@ -49,16 +51,25 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: Every generated module: (async source, generated sync module), relative to the repository.
 MODULES: tuple[tuple[str, str], ...] = (
+    ("propstore/store/_pool_async.py", "propstore/store/_pool_sync.py"),
     ("propstore/store/_async.py", "propstore/store/_sync.py"),
 )
 
+#: Modules that hold both sides, one section generated from the other: the lines from
+#: ``SOURCE_BEGINS`` to ``GENERATED_BEGINS`` are the async source, those up to
+#: ``GENERATED_ENDS`` are generated (for functions that must stay in their module: every read
+#: calls ``_wire.execute``).
+SECTIONS: tuple[str, ...] = ("propstore/_wire.py",)
+SOURCE_BEGINS = "# BEGIN ASYNC SOURCE"
+GENERATED_BEGINS = "# BEGIN GENERATED SYNC"
+GENERATED_ENDS = "# END GENERATED SYNC"
+
 #: Names (identifiers and attributes) of the async side and their sync counterparts.
-#: (Beyond these, ``AsyncX`` is ``X``.)
+#: (Beyond these, ``AsyncX`` is ``X`` and ``x_async`` is ``x``: ``execute_async`` ->
+#: ``execute``, ``wait_async`` -> ``wait``.)
 NAMES: dict[str, str] = {
+    "_pool_async": "_pool_sync",
     "async_pool": "sync_pool",
-    "execute_async": "execute",
-    "prepare_async": "prepare",
-    "wait_async": "wait",
     "__aenter__": "__enter__",
     "__aexit__": "__exit__",
     "__aiter__": "__iter__",
@@ -76,7 +87,7 @@ DOCSTRING_MARKER = "# SYNC DOCSTRING"
 #: Any other ``AsyncX`` name is ``X`` (``AsyncPropertyStore`` -> ``PropertyStore``).
 _ASYNC_PREFIXED = re.compile(r"Async(?=[A-Z])")
 _WORDS = re.compile(r"\b(" + "|".join(sorted(map(re.escape, NAMES), key=len, reverse=True))
-                    + r"|Async[A-Z]\w*)\b")
+                    + r"|Async[A-Z]\w*|\w+_async)\b")
 #: One level of block indentation in the sources (what a lifted ``else`` body loses).
 _INDENT = "    "
 
@@ -91,7 +102,9 @@ def sync_name(name: str) -> str:
     mapped = NAMES.get(name)
     if mapped is not None:
         return mapped
-    return _ASYNC_PREFIXED.sub("", name, count=1) if name.startswith("Async") else name
+    if name.startswith("Async"):
+        return _ASYNC_PREFIXED.sub("", name, count=1)
+    return name.removesuffix("_async") if name.endswith("_async") and len(name) > 6 else name
 
 
 def _rename_words(text: str) -> str:
@@ -130,20 +143,21 @@ class _Dedent(cst.CSTTransformer):
 
 
 class _Unindent(cst.CSTTransformer):
-    """The parameter lines of an ``async def`` aligned with its parenthesis move with it
-    (``shift``: ``async `` and what the name lost).
+    """The parameter lines of a definition aligned with its parenthesis move with it when
+    ``async`` goes or the name gets shorter: by ``shift``, those at least ``column`` in.
 
-    Hanging indents (4 or 8 spaces) stay; an aligned line is at least ``async def x(`` in."""
+    Hanging indents (less than the parenthesis's column) stay."""
 
-    def __init__(self, shift: int) -> None:
+    def __init__(self, column: int, shift: int) -> None:
         super().__init__()
+        self.column = column
         self.shift = shift
 
     def leave_ParenthesizedWhitespace(
             self, original_node: cst.ParenthesizedWhitespace,
             updated_node: cst.ParenthesizedWhitespace) -> cst.ParenthesizedWhitespace:
         spaces = updated_node.last_line.value
-        if len(spaces) < len("async def x("):
+        if len(spaces) < self.column:
             return updated_node
         return updated_node.with_changes(
             last_line=cst.SimpleWhitespace(spaces[self.shift:]))
@@ -152,11 +166,13 @@ class _Unindent(cst.CSTTransformer):
 class _AsyncToSync(cst.CSTTransformer):
     def leave_FunctionDef(self, original_node: cst.FunctionDef,
                           updated_node: cst.FunctionDef) -> cst.FunctionDef:
-        if updated_node.asynchronous is not None:
-            shift = len("async ") + len(original_node.name.value) - len(updated_node.name.value)
+        prefix = len("async " if updated_node.asynchronous else "") + len("def ")
+        column = prefix + len(original_node.name.value) + len("(")
+        shift = column - (len("def ") + len(updated_node.name.value) + len("("))
+        if shift > 0:
             updated_node = updated_node.with_changes(
-                asynchronous=None, params=updated_node.params.visit(_Unindent(shift)))
-        return _with_docstring(updated_node)
+                params=updated_node.params.visit(_Unindent(column, shift)))
+        return _with_docstring(updated_node.with_changes(asynchronous=None))
 
     def leave_ClassDef(self, original_node: cst.ClassDef,
                        updated_node: cst.ClassDef) -> cst.ClassDef:
@@ -298,20 +314,50 @@ def generate(source_code: str, source: str, target: str) -> str:
     return code
 
 
-def stale(root: Path = ROOT, modules: Sequence[tuple[str, str]] = MODULES
-          ) -> list[tuple[str, str]]:
-    """``(target, diff)`` for every generated module that differs from its source's output."""
+def generate_section(text: str, path: str) -> str:
+    """``text`` (the module ``path``) with its generated sync section made from its async
+    source section (see :data:`SECTIONS`)."""
+    lines = text.splitlines(keepends=True)
+    marks = {}
+    for index, line in enumerate(lines):
+        for mark in (SOURCE_BEGINS, GENERATED_BEGINS, GENERATED_ENDS):
+            if line.startswith(mark):
+                if mark in marks:
+                    raise SystemExit(f"{path}: more than one line starts with {mark!r}")
+                marks[mark] = index
+    if len(marks) != 3 or not (marks[SOURCE_BEGINS] < marks[GENERATED_BEGINS]
+                               < marks[GENERATED_ENDS]):
+        raise SystemExit(f"{path}: wants the lines {SOURCE_BEGINS!r}, {GENERATED_BEGINS!r} "
+                         f"and {GENERATED_ENDS!r}, in that order")
+    source = "".join(lines[marks[SOURCE_BEGINS] + 1:marks[GENERATED_BEGINS]])
+    code = cst.parse_module(source).visit(_AsyncToSync()).code
+    left = leftovers(code)
+    if left:
+        raise SystemExit(f"{path}: the generated sync section still has async parts:\n  "
+                         + "\n  ".join(map(str, left)))
+    return ("".join(lines[:marks[GENERATED_BEGINS] + 1]) + code
+            + "".join(lines[marks[GENERATED_ENDS]:]))
+
+
+def wanted(root: Path = ROOT) -> list[tuple[str, str, str, str]]:
+    """``(generated file, its source, committed text, generated text)`` for every target."""
     out = []
-    for source, target in modules:
-        want = generate((root / source).read_text(), source, target)
+    for source, target in MODULES:
         path = root / target
-        have = path.read_text() if path.exists() else ""
-        if have != want:
-            diff = "".join(difflib.unified_diff(have.splitlines(True), want.splitlines(True),
-                                                f"{target} (committed)",
-                                                f"{target} (from {source})"))
-            out.append((target, diff))
+        out.append((target, source, path.read_text() if path.exists() else "",
+                    generate((root / source).read_text(), source, target)))
+    for module in SECTIONS:
+        text = (root / module).read_text()
+        out.append((module, "its async section", text, generate_section(text, module)))
     return out
+
+
+def stale(root: Path = ROOT) -> list[tuple[str, str]]:
+    """``(target, diff)`` for every generated module or section that is not up to date."""
+    return [(target, "".join(difflib.unified_diff(
+                have.splitlines(True), want.splitlines(True), f"{target} (committed)",
+                f"{target} (from {source})")))
+            for target, source, have, want in wanted(root) if have != want]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -324,11 +370,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for target, diff in found:
             print(f"{target} is stale: run `python tools/async_to_sync.py`\n{diff}")
         return 1 if found else 0
-    for source, target in MODULES:
-        code = generate((ROOT / source).read_text(), source, target)
-        path = ROOT / target
-        if not path.exists() or path.read_text() != code:
-            path.write_text(code)
+    for target, source, have, want in wanted():
+        if have != want:
+            (ROOT / target).write_text(want)
             print(f"wrote {target} (from {source})")
     return 0
 

@@ -27,15 +27,8 @@ from propstore.freshness import Token
 from propstore.monitor import LagMonitor, ShardView, monitor_for
 from propstore.router import RouteDecision
 from propstore.store._core import StoreCore
-from propstore.store._pool import (
-    SCHEMA_MISSING,
-    STATEMENT_LOST,
-    AsyncNodeConnection,
-    IdleStack,
-    NodeReach,
-    async_pool,
-    prepare_async,
-)
+from propstore.store._pool import SCHEMA_MISSING, STATEMENT_LOST, IdleStack, NodeReach
+from propstore.store._pool_async import AsyncNodeConnection, async_pool, prepare_async
 from propstore.store._primary import PrimaryGone
 from propstore.store._program import (
     Exec,

@@ -1,11 +1,14 @@
-"""One bounded psycopg-pool per node; connections that know which server run they are on.
+"""What the node pools of both stores share; each connection knows which server run it is on.
 
-When a connection opens it learns, in-band, the identity of the server run that answered
-(``proof.ServerRun``) and whether a pooler sits in between (the BackendKeyData pid libpq got
-differs from ``pg_backend_pid()``: PgBouncer issues keys of its own, a TCP proxy passes the
-server's through). With the node's declared ``via`` that decides whether the connection
-keeps its server for life (facts about that run may prove its reads) and whether its
-statements are prepared by name at the protocol level or sent unnamed (transaction pooling).
+A store keeps one bounded psycopg-pool per node (``_pool_async.async_pool``, and
+``_pool_sync.sync_pool`` generated from it). When a connection opens it learns, in-band, the
+identity of the server run that answered (``proof.ServerRun``) and whether a pooler sits in
+between (the BackendKeyData pid libpq got differs from ``pg_backend_pid()``: PgBouncer issues
+keys of its own, a TCP proxy passes the server's through). With the node's declared ``via``
+that decides whether the connection keeps its server for life (facts about that run may prove
+its reads) and whether its statements are prepared by name at the protocol level or sent
+unnamed (transaction pooling). Here: :class:`NodeReach` (what was learned), the connect
+retry policy, and :class:`IdleStack`, the connections a store keeps between reads.
 """
 
 from __future__ import annotations
@@ -14,12 +17,11 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Generic, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import psycopg
 import structlog
 from psycopg import pq
-from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from tenacity import (
     AsyncRetrying,
     Retrying,
@@ -31,11 +33,15 @@ from tenacity import (
 from propstore import _sql, _wire, proof
 from propstore._connections import ConnectionBudget
 from propstore.config import NodeConfig, RoutingSettings
-from propstore.lsn import LSN
+
+if TYPE_CHECKING:
+    from propstore.store._pool_async import AsyncNodeConnection
+    from propstore.store._pool_sync import NodeConnection
 
 log = structlog.get_logger("propstore.store")
 
-_IDENTITY = [_wire.Statement(_sql.IDENTITY)]
+#: What a connection asks the server when it opens (the row ``NodeReach.learned`` reads).
+IDENTITY = [_wire.Statement(_sql.IDENTITY)]
 #: Errors a named statement gets when the connection changed server under it (a pooler
 #: that does not track protocol-level prepared statements, in transaction mode).
 STATEMENT_LOST = (psycopg.errors.InvalidSqlStatementName,
@@ -79,58 +85,8 @@ def _refused(exc: BaseException) -> bool:
     return any(sign in text for sign in _BETWEEN_RUNS)
 
 
-class NodeConnection(psycopg.Connection[Any]):
-    """A pooled connection plus what the fast path relies on (see ``proof``)."""
-
-    @classmethod
-    def connect(cls, conninfo: str = "", **kwargs: Any) -> Self:
-        """psycopg's ``connect``, tried again while the server refuses (see
-        :data:`CONNECT_PATIENCE`)."""
-        for attempt in connecting(Retrying):
-            with attempt:
-                return super().connect(conninfo, **kwargs)
-        raise AssertionError("unreachable: tenacity returns or raises")
-
-    #: ``time.monotonic()`` once the connection was open (an upper bound of its open time).
-    propstore_opened_at: float = math.inf
-    #: The server run the connection reached when it opened.
-    propstore_run: proof.ServerRun | None = None
-    #: Whether it provably stays on that run for life (else no connection-scoped facts).
-    propstore_keeps_server: bool = False
-    #: Statements are prepared on it by name (else sent unnamed, with their Sync).
-    propstore_named: bool = False
-    #: Newest replay LSN verified *through this connection* (only where it keeps its server).
-    propstore_verified_lsn: LSN | None = None
-    #: The database has no ``user_properties`` table (shard not migrated).
-    propstore_schema_missing: bool = False
-    #: Uses since it last went back through its psycopg pool (see :class:`IdleStack`).
-    propstore_uses: int = 0
-    #: ``time.monotonic()`` when it was last kept idle by its :class:`IdleStack`.
-    propstore_idle_since: float = 0.0
-
-
-class AsyncNodeConnection(psycopg.AsyncConnection[Any]):
-    """The asyncio twin of :class:`NodeConnection`."""
-
-    @classmethod
-    async def connect(cls, conninfo: str = "", **kwargs: Any) -> Self:
-        """See :meth:`NodeConnection.connect`."""
-        async for attempt in connecting(AsyncRetrying):
-            with attempt:
-                return await super().connect(conninfo, **kwargs)
-        raise AssertionError("unreachable: tenacity returns or raises")
-
-    propstore_opened_at: float = math.inf
-    propstore_run: proof.ServerRun | None = None
-    propstore_keeps_server: bool = False
-    propstore_named: bool = False
-    propstore_verified_lsn: LSN | None = None
-    propstore_schema_missing: bool = False
-    propstore_uses: int = 0
-    propstore_idle_since: float = 0.0
-
-
-AnyNodeConnection = TypeVar("AnyNodeConnection", NodeConnection, AsyncNodeConnection)
+#: A pooled connection of either side (the classes are ``_pool_sync``'s and ``_pool_async``'s).
+AnyNodeConnection = TypeVar("AnyNodeConnection", "NodeConnection", "AsyncNodeConnection")
 _IDLE = pq.TransactionStatus.IDLE
 _monotonic = time.monotonic
 #: A connection kept by an :class:`IdleStack` goes back through its pool after this many
@@ -295,52 +251,13 @@ class NodeReach:
         emit(f"node_{event}", node=self.node.name, address=self.node.address, **fields)
 
 
-def _deadline(routing: RoutingSettings) -> float:
+def setup_deadline(routing: RoutingSettings) -> float:
+    """When a connection's set-up statements (identity, prepares) must have answered."""
     return time.monotonic() + max(2.0, routing.connect_timeout)
 
 
-def prepare(conn: NodeConnection, routing: RoutingSettings | None = None) -> bool:
-    """Prepare every statement on ``conn`` by name; False (and flagged) when the table is
-    missing. Nothing to do on a connection that sends unnamed statements.
-
-    A connection is kept even without the table: failing here would only surface as a pool
-    timeout, while a flagged connection lets the store say what is wrong, and re-checks on
-    its next use (after a migration it recovers without a reconnect).
-    """
-    if not conn.propstore_named:
-        return True
-    deadline = _deadline(routing or RoutingSettings())
-    if conn.propstore_schema_missing:
-        conn.execute("DEALLOCATE ALL", prepare=False)
-        conn.propstore_schema_missing = False
-    _wire.prepare(conn, _sql.BASE_STATEMENTS, deadline)
-    try:
-        _wire.prepare(conn, _sql.TABLE_STATEMENTS, deadline)
-    except psycopg.errors.UndefinedTable:
-        conn.propstore_schema_missing = True
-        return False
-    return True
-
-
-async def prepare_async(conn: AsyncNodeConnection, routing: RoutingSettings | None = None
-                        ) -> bool:
-    """The asyncio twin of :func:`prepare`."""
-    if not conn.propstore_named:
-        return True
-    deadline = _deadline(routing or RoutingSettings())
-    if conn.propstore_schema_missing:
-        await conn.execute("DEALLOCATE ALL", prepare=False)
-        conn.propstore_schema_missing = False
-    await _wire.prepare_async(conn, _sql.BASE_STATEMENTS, deadline)
-    try:
-        await _wire.prepare_async(conn, _sql.TABLE_STATEMENTS, deadline)
-    except psycopg.errors.UndefinedTable:
-        conn.propstore_schema_missing = True
-        return False
-    return True
-
-
-def _every_attribute(conn: NodeConnection | AsyncNodeConnection) -> None:
+def every_attribute(conn: NodeConnection | AsyncNodeConnection) -> None:
+    """Give a connection that just opened every per-read attribute on the instance."""
     # Set on the instance when it opens, so that setting them on its reads later allocates
     # nothing (a first assignment grows the instance's dict; tests/test_store.py counts it).
     conn.propstore_verified_lsn = None
@@ -349,7 +266,8 @@ def _every_attribute(conn: NodeConnection | AsyncNodeConnection) -> None:
     conn.propstore_idle_since = 0.0
 
 
-def _kwargs(node: NodeConfig, routing: RoutingSettings) -> dict[str, Any]:
+def connect_kwargs(node: NodeConfig, routing: RoutingSettings) -> dict[str, Any]:
+    """psycopg's connection arguments for a node's pooled connections."""
     return {
         "autocommit": True,
         # libpq rounds connect_timeout to whole seconds, 2 at least.
@@ -358,63 +276,8 @@ def _kwargs(node: NodeConfig, routing: RoutingSettings) -> dict[str, Any]:
     }
 
 
-def _sizes(routing: RoutingSettings, budget: ConnectionBudget | None) -> tuple[int, int]:
+def pool_sizes(routing: RoutingSettings, budget: ConnectionBudget | None) -> tuple[int, int]:
     """A node pool's (min, max): the budget's split, else the routing settings' bounds."""
     if budget is None:
         return routing.pool_min_size, routing.pool_max_size
     return budget.pool_min_size, budget.pool_max_size
-
-
-def sync_pool(node: NodeConfig, routing: RoutingSettings, reach: NodeReach | None = None,
-              budget: ConnectionBudget | None = None) -> ConnectionPool[NodeConnection]:
-    """An unopened pool for a node (open it with ``open(wait=False)``: a down node must not
-    stop the store from starting), sized by the store's connection ``budget`` (default:
-    the routing settings' own bounds)."""
-    known = reach or NodeReach(node)
-    sizes = _sizes(routing, budget)
-
-    def configure(conn: NodeConnection) -> None:
-        (row,) = _wire.execute(conn, _IDENTITY, _deadline(routing), named=False)
-        known.learned(conn, tuple(row.get_value(0, c) for c in range(5)))
-        _every_attribute(conn)
-        prepare(conn, routing)
-        conn.propstore_opened_at = time.monotonic()
-
-    return ConnectionPool(
-        node.dsn,
-        connection_class=NodeConnection,
-        kwargs=_kwargs(node, routing),
-        min_size=sizes[0],
-        max_size=sizes[1],
-        configure=configure,
-        name=node.name,
-        open=False,
-        reconnect_timeout=math.inf,
-    )
-
-
-def async_pool(node: NodeConfig, routing: RoutingSettings, reach: NodeReach | None = None,
-               budget: ConnectionBudget | None = None
-               ) -> AsyncConnectionPool[AsyncNodeConnection]:
-    """The asyncio twin of :func:`sync_pool`."""
-    known = reach or NodeReach(node)
-    sizes = _sizes(routing, budget)
-
-    async def configure(conn: AsyncNodeConnection) -> None:
-        (row,) = await _wire.execute_async(conn, _IDENTITY, _deadline(routing), named=False)
-        known.learned(conn, tuple(row.get_value(0, c) for c in range(5)))
-        _every_attribute(conn)
-        await prepare_async(conn, routing)
-        conn.propstore_opened_at = time.monotonic()
-
-    return AsyncConnectionPool(
-        node.dsn,
-        connection_class=AsyncNodeConnection,
-        kwargs=_kwargs(node, routing),
-        min_size=sizes[0],
-        max_size=sizes[1],
-        configure=configure,
-        name=node.name,
-        open=False,
-        reconnect_timeout=math.inf,
-    )
