@@ -45,7 +45,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import libcst as cst
+try:
+    import libcst as cst
+except ImportError:  # a venv from before libcst joined the dev extra
+    raise SystemExit('tools/async_to_sync.py needs libcst: pip install -e ".[dev]" '
+                     '(or pip install "libcst>=1.1")') from None
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -295,7 +299,11 @@ def _imports_tidied(code: str, target: str) -> str:
     done = subprocess.run(
         [sys.executable, "-m", "ruff", "check", "--quiet", "--fix", "--exit-zero",
          "--select", "I001,F401", "--stdin-filename", target, "-"],
-        input=code, capture_output=True, text=True, cwd=ROOT, check=True)
+        input=code, capture_output=True, text=True, cwd=ROOT, check=False)
+    if done.returncode:
+        raise SystemExit(f"ruff could not tidy {target}'s imports (is ruff installed in "
+                         f"{sys.executable}'s environment? the dev extra has it):\n"
+                         f"{done.stderr.strip()}")
     return done.stdout
 
 
