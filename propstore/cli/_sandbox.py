@@ -22,7 +22,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 #: ``--front`` choices: propstore.sandbox._poolers.FRONT_KINDS, spelled here so that help
 #: does not import the sandbox (tests/test_cli_startup.py keeps the two equal).
-FRONT_CHOICES = ("pgbouncer-session", "pgbouncer-transaction", "pgbouncer-hosts", "haproxy")
+FRONT_CHOICES = ("pgbouncer-session", "pgbouncer-transaction", "pgbouncer-hosts",
+                 "pgbouncer-prepared", "haproxy")
 
 
 def _dir_option(function: F) -> F:

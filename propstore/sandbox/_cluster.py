@@ -254,11 +254,12 @@ class LocalCluster(ShardedCluster[LocalNode]):
         """Start a pooler or proxy in front of a shard's replicas and return it.
 
         ``kind``: ``pgbouncer-session``, ``pgbouncer-transaction``, ``pgbouncer-hosts`` (a
-        session-mode host list over every target) or ``haproxy`` (TCP round robin over every
-        target). ``targets`` defaults to the shard's replicas (the first one for a
-        single-server PgBouncer entry). It runs on a free loopback port until :meth:`stop`
-        (or its own ``stop``); put ``front.dsn`` in a topology, or use :meth:`write_config`'s
-        ``fronts``.
+        session-mode host list over every target), ``pgbouncer-prepared`` (transaction mode
+        on a PgBouncer >= 1.21 tracking prepared statements; ``tools/build_pgbouncer.py``)
+        or ``haproxy`` (TCP round robin over every target). ``targets`` defaults to the
+        shard's replicas (the first one for a single-server PgBouncer entry). It runs on a
+        free loopback port until :meth:`stop` (or its own ``stop``); put ``front.dsn`` in a
+        topology, or use :meth:`write_config`'s ``fronts``.
         """
         if self.base_dir is None or not self.shards:
             raise SandboxError("start the cluster before putting anything in front of it")

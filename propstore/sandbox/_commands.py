@@ -44,9 +44,9 @@ def up(
     then it is stopped and its files deleted (:func:`down`) before the new one starts.
 
     ``fronts``: per kind (``pgbouncer-session``, ``pgbouncer-transaction``,
-    ``pgbouncer-hosts``, ``haproxy``), one pooler or proxy in front of every shard's
-    replicas; the topology file then reaches those replicas through them (with the matching
-    ``via``). :func:`down` stops them too.
+    ``pgbouncer-hosts``, ``pgbouncer-prepared``, ``haproxy``), one pooler or proxy in
+    front of every shard's replicas; the topology file then reaches those replicas through
+    them (with the matching ``via``). :func:`down` stops them too.
     """
     folder = Path(base_dir).absolute() if base_dir is not None else default_base_dir()
     if (folder / STATE_NAME).exists():

@@ -8,6 +8,10 @@ sent as SIGHUP), as an operator moving an entry would.
 
 Both programs come from Debian (``apt-get install pgbouncer haproxy``);
 :func:`front_available` says whether one is installed, so tests can skip with that reason.
+Debian 12's PgBouncer (1.18) tracks no prepared statements; ``pgbouncer-prepared`` is a
+transaction-mode entry of a newer one (1.21+, ``max_prepared_statements = 200``), found at
+``$PROPSTORE_PGBOUNCER`` or where ``tools/build_pgbouncer.py`` builds Debian's newer source
+package (:func:`pgbouncer_home`).
 
 PgBouncer refuses to run as root, so both run as the sandbox's server account. A PgBouncer
 host list takes one port for all hosts, while sandbox replicas share 127.0.0.1 on different
@@ -32,6 +36,11 @@ from propstore.sandbox._account import ServerAccount
 from propstore.sandbox._datadir import DATABASE, SUPERUSER, free_port
 from propstore.sandbox._errors import SandboxError
 from propstore.sandbox._node import LocalNode
+from propstore.sandbox._pgbouncer import (
+    MAX_PREPARED_STATEMENTS,
+    pgbouncer_home,
+    tracking_pgbouncer,
+)
 from propstore.sandbox._processes import (
     ProcessId,
     command_name,
@@ -45,15 +54,18 @@ from propstore.sandbox._waiting import wait_for
 log = structlog.get_logger(__name__)
 
 #: What can stand in front of replicas: PgBouncer per pool mode (``pgbouncer-hosts`` is a
-#: session-mode entry with a host list), and HAProxy TCP round robin.
-FrontKind = Literal["pgbouncer-session", "pgbouncer-transaction", "pgbouncer-hosts", "haproxy"]
+#: session-mode entry with a host list; ``pgbouncer-prepared`` a transaction-mode entry of
+#: a PgBouncer that tracks protocol-level prepared statements), and HAProxy TCP round robin.
+FrontKind = Literal["pgbouncer-session", "pgbouncer-transaction", "pgbouncer-hosts",
+                    "pgbouncer-prepared", "haproxy"]
 FRONT_KINDS: tuple[FrontKind, ...] = (
-    "pgbouncer-session", "pgbouncer-transaction", "pgbouncer-hosts", "haproxy",
+    "pgbouncer-session", "pgbouncer-transaction", "pgbouncer-hosts", "pgbouncer-prepared",
+    "haproxy",
 )
 _PROGRAMS = {"pgbouncer": "/usr/sbin/pgbouncer", "haproxy": "/usr/sbin/haproxy"}
-
-
 def _program(kind: FrontKind) -> str | None:
+    if kind == "pgbouncer-prepared":
+        return tracking_pgbouncer()
     name = "haproxy" if kind == "haproxy" else "pgbouncer"
     return shutil.which(name) or (
         _PROGRAMS[name] if Path(_PROGRAMS[name]).exists() else None
@@ -64,9 +76,16 @@ def front_available(kind: FrontKind) -> str | None:
     """None when ``kind`` can run here, else the reason it cannot (for a test skip)."""
     if kind not in FRONT_KINDS:
         raise SandboxError(f"unknown front {kind!r} (have {', '.join(FRONT_KINDS)})")
-    if _program(kind) is None:
+    program = _program(kind)
+    if program is None and kind == "pgbouncer-prepared":
+        return ("no PgBouncer >= 1.21 here (Debian 12 ships 1.18): build one with "
+                f"`python tools/build_pgbouncer.py` (into {pgbouncer_home()}) or set "
+                "PROPSTORE_PGBOUNCER to its binary")
+    if program is None:
         package = "haproxy" if kind == "haproxy" else "pgbouncer"
         return f"{package} is not installed (apt-get install -y {package})"
+    if not ServerAccount.for_this_process().can_reach(Path(program)):
+        return f"{program} is not reachable by the sandbox's server account"
     return None
 
 
@@ -100,14 +119,21 @@ class Front:
         """What the topology file should declare for a node reached through this front."""
         if self.kind == "haproxy":
             return "load_balancer"
-        return "transaction_pooler" if self.kind == "pgbouncer-transaction" else "session_pooler"
+        return "transaction_pooler" if self.pool_mode == "transaction" else "session_pooler"
+
+    @property
+    def tracks_prepared(self) -> bool:
+        """Whether it tracks protocol-level prepared statements (the topology file's
+        ``pooler_tracks_prepared``)."""
+        return self.kind == "pgbouncer-prepared"
 
     @property
     def pool_mode(self) -> str | None:
         """PgBouncer's ``pool_mode`` (None for HAProxy)."""
         if self.kind == "haproxy":
             return None
-        return "transaction" if self.kind == "pgbouncer-transaction" else "session"
+        return ("transaction" if self.kind in ("pgbouncer-transaction", "pgbouncer-prepared")
+                else "session")
 
     @property
     def log_file(self) -> Path:
@@ -193,6 +219,22 @@ class Front:
         log.info("sandbox.front_repointed", front=self.name,
                  targets=[t.name for t in self.targets])
 
+    def show(self, what: str) -> list[dict[str, str]]:
+        """PgBouncer's admin console ``SHOW <what>`` (``STATS``, ``SERVERS``...) as rows of
+        column -> text; the console takes simple queries only."""
+        if self.kind == "haproxy":
+            raise SandboxError("SHOW is PgBouncer's admin console")
+        if not what.replace("_", "").isalpha():
+            raise SandboxError(f"not a SHOW command: {what!r}")
+        admin = self.dsn.replace(f"dbname={DATABASE}", "dbname=pgbouncer")
+        with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
+            result = conn.pgconn.exec_(f"SHOW {what}".encode())
+            if result.status != psycopg.pq.ExecStatus.TUPLES_OK:
+                raise SandboxError(f"SHOW {what}: {result.error_message.decode().strip()}")
+            names = [(result.fname(i) or b"").decode() for i in range(result.nfields)]
+            return [{name: (result.get_value(row, i) or b"").decode()
+                     for i, name in enumerate(names)} for row in range(result.ntuples)]
+
     def log_tail(self, size: int = 3000) -> str:
         """The end of the program's log."""
         try:
@@ -252,6 +294,9 @@ class Front:
             "default_pool_size = 8",
             # The default 15 s refusal after a failed server login would outlast the tests.
             "server_login_retry = 1",
+            # 1.21+ only (1.18 refuses the key); 1.24's default is 200 as well.
+            *([f"max_prepared_statements = {MAX_PREPARED_STATEMENTS}"]
+              if self.tracks_prepared else []),
             f"logfile = {self.log_file}",
             f"pidfile = {self._pid_file}",
             "",

@@ -63,6 +63,8 @@ def _quote(text: str) -> str:
 def _node_table(node: NodeView) -> str:
     via = getattr(node, "via", None)  # fronts say how they reach their servers
     extra = f", via = {_quote(via)}" if isinstance(via, str) else ""
+    if getattr(node, "tracks_prepared", False) is True:
+        extra += ", pooler_tracks_prepared = true"
     return f"{{ name = {_quote(node.name)}, dsn = {_quote(node.dsn)}{extra} }}"
 
 
