@@ -47,7 +47,10 @@ class NodeConfig:
 
     ``via`` says how the DSN reaches the server (``auto``, ``direct``, ``session_pooler``,
     ``transaction_pooler`` or ``load_balancer``; see docs/deployment.md): it decides which
-    proofs a read on this node may reuse. ``patroni`` is the member's Patroni REST API
+    proofs a read on this node may reuse. ``pooler_tracks_prepared``: the transaction pooler
+    in front tracks protocol-level prepared statements (PgBouncer >= 1.21 with
+    ``max_prepared_statements`` > 0), so reads send named statements there (still verified
+    per read; docs/deployment.md). ``patroni`` is the member's Patroni REST API
     (``http://host:8008``), when an HA manager says who leads (``propstore.discovery``).
     A shard given as ``members`` has no fixed roles: the first member's ``role`` is only
     the starting guess until the monitor (and the source) observe the roles.
@@ -58,6 +61,7 @@ class NodeConfig:
     role: Literal["primary", "replica"]
     via: Via = "auto"
     patroni: str | None = None
+    pooler_tracks_prepared: bool = False
 
     @property
     def address(self) -> str:
@@ -227,7 +231,10 @@ _TOP_KEYS = {
     "bucket_count", "default_profile", "monitor", "routing", "profiles", "shards", "discovery",
 }
 _SHARD_KEYS = {"name", "buckets", "primary", "replicas", "members"}
-_NODE_KEYS = {"name", "dsn", "via", "patroni"}
+_NODE_KEYS = {"name", "dsn", "via", "patroni", "pooler_tracks_prepared"}
+#: The ``via`` values a ``pooler_tracks_prepared`` node may declare (a transaction pooler,
+#: declared or detected: elsewhere statements are prepared by name on the server anyway).
+_TRACKING_VIAS = ("transaction_pooler", "auto")
 _DISCOVERY_DURATIONS = {"interval", "fast_interval", "timeout"}
 _PROFILE_KEYS = {"max_staleness", "on_stale", "degrade"}
 _MONITOR_DURATIONS = {"interval", "poll_timeout", "max_backoff"}
@@ -420,12 +427,14 @@ def _node(raw: Any, default_name: str, role: Literal["primary", "replica"], wher
           source: str, password: str | None) -> NodeConfig:
     via: Any = "auto"
     patroni: Any = None
+    tracks: Any = False
     if isinstance(raw, str):
         name, dsn = default_name, raw
     else:
         _no_unknown(raw, _NODE_KEYS, source, where)
         name, dsn = raw.get("name", default_name), raw.get("dsn")
         via, patroni = raw.get("via", "auto"), raw.get("patroni")
+        tracks = raw.get("pooler_tracks_prepared", False)
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ConfigError(f"{source}: {where}: node name {name!r} must match {_NAME_RE.pattern}")
     if not isinstance(dsn, str) or not dsn.strip():
@@ -440,6 +449,15 @@ def _node(raw: Any, default_name: str, role: Literal["primary", "replica"], wher
             f"{', '.join(repr(v) for v in VIA_CHOICES)} (how the dsn reaches the server; "
             "see docs/deployment.md)"
         )
+    if not isinstance(tracks, bool):
+        raise ConfigError(f"{source}: {where}: node {name}: pooler_tracks_prepared = "
+                          f"{tracks!r} must be true or false")
+    if tracks and via not in _TRACKING_VIAS:
+        raise ConfigError(
+            f"{source}: {where}: node {name}: pooler_tracks_prepared applies to a "
+            f'transaction pooler (via = "transaction_pooler" or "auto"), not via = {via!r}: '
+            "there statements are prepared on the server itself (see docs/config.md)"
+        )
     if patroni is not None and not (isinstance(patroni, str) and _URL_RE.match(patroni)):
         raise ConfigError(
             f"{source}: {where}: node {name}: patroni = {patroni!r} must be the member's "
@@ -448,7 +466,8 @@ def _node(raw: Any, default_name: str, role: Literal["primary", "replica"], wher
     if password and "password" not in params:
         dsn = _conninfo.make({**params, "password": password})
     return NodeConfig(name=name, dsn=dsn, role=role, via=via,
-                      patroni=patroni.rstrip("/") if patroni else None)
+                      patroni=patroni.rstrip("/") if patroni else None,
+                      pooler_tracks_prepared=tracks)
 
 
 def _shard(raw: Any, index: int, source: str, password: str | None) -> ShardConfig:

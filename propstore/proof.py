@@ -233,16 +233,19 @@ def keeps_server(via: Via, pooler_seen: bool) -> bool:
 
 
 def describe_mode(via: Via, pooler_seen: bool | None, statements_lost: bool = False, *,
-                  backend: str | None = None, proxied: bool = False) -> str:
+                  backend: str | None = None, proxied: bool = False,
+                  tracks_prepared: bool = False) -> str:
     """The proof mode of a node in a few words (``propstore lag``'s ``proofs`` field).
 
     ``backend``: the server the monitor's connection reached; ``proxied``: the DSN names
-    several hosts or the backend's port is not the DSN's (a proxy or load balancer).
+    several hosts or the backend's port is not the DSN's (a proxy or load balancer);
+    ``tracks_prepared``: the node declares a pooler that tracks prepared statements.
     """
     if statements_lost or via == "transaction_pooler" or (
         pooler_seen and via in ("auto", "direct", "load_balancer")
     ):
-        return "transaction pooler: per-read proofs only"
+        named = ", named statements" if tracks_prepared and not statements_lost else ""
+        return f"transaction pooler: per-read proofs only{named}"
     if via == "session_pooler":
         return "session pooler: proofs tied to the server run"
     if via == "load_balancer" or proxied:

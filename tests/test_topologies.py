@@ -60,6 +60,8 @@ class Reached:
     servers: list[LocalNode]
     front: Front | None = None
     via: str = "auto"
+    #: The front tracks protocol-level prepared statements (``pooler_tracks_prepared``).
+    tracks_prepared: bool = False
 
 
 def _multihost_dsn(nodes: list[LocalNode]) -> str:
@@ -70,7 +72,8 @@ def _multihost_dsn(nodes: list[LocalNode]) -> str:
 
 
 #: Topologies tested with the ``via`` their file declares (the rest use ``auto``).
-DECLARED = {"pgbouncer-session-declared": ("pgbouncer-session", "session_pooler")}
+DECLARED = {"pgbouncer-session-declared": ("pgbouncer-session", "session_pooler"),
+            "pgbouncer-prepared": ("pgbouncer-prepared", "transaction_pooler")}
 
 
 def _reach(cluster: LocalCluster, kind: str) -> Reached:
@@ -85,10 +88,11 @@ def _reach(cluster: LocalCluster, kind: str) -> Reached:
         pytest.skip(reason)
     front = cluster.front(kind)  # type: ignore[arg-type]
     wait_front_serves(front)
-    return Reached(front.dsn, list(front.targets), front, via)
+    return Reached(front.dsn, list(front.targets), front, via, front.tracks_prepared)
 
 
-def _topology(cluster: LocalCluster, replica_dsn: str, via: str = "auto") -> Topology:
+def _topology(cluster: LocalCluster, replica_dsn: str, via: str = "auto",
+              tracks_prepared: bool = False) -> Topology:
     shard = cluster.shards[0]
     return Topology.from_dict({
         "bucket_count": 64,
@@ -100,7 +104,8 @@ def _topology(cluster: LocalCluster, replica_dsn: str, via: str = "auto") -> Top
         "shards": [{
             "name": shard.name, "buckets": ["0-63"],
             "primary": {"name": "primary", "dsn": shard.primary.dsn},
-            "replicas": [{"name": "replicas", "dsn": replica_dsn, "via": via}],
+            "replicas": [{"name": "replicas", "dsn": replica_dsn, "via": via,
+                          "pooler_tracks_prepared": tracks_prepared}],
         }],
     })
 
@@ -108,7 +113,7 @@ def _topology(cluster: LocalCluster, replica_dsn: str, via: str = "auto") -> Top
 def _run(cluster: LocalCluster, reached: Reached,
          fault: Callable[[ClaimsLoad, LocalNode], None],
          budgets: tuple[float, ...] = BUDGETS) -> ClaimsReport:
-    topology = _topology(cluster, reached.dsn, reached.via)
+    topology = _topology(cluster, reached.dsn, reached.via, reached.tracks_prepared)
     with capture_logs() as events, PropertyStore(topology) as store, \
             ClaimsLoad(store, USERS, budgets=budgets) as load:
         load.wait(0.5)
@@ -150,7 +155,7 @@ def _assert_sound(report: ClaimsReport, *, some_down: bool = False) -> None:
 
 
 TOPOLOGIES = ["pgbouncer-session", "pgbouncer-session-declared", "pgbouncer-transaction",
-              "pgbouncer-hosts", "haproxy", "libpq-multihost"]
+              "pgbouncer-prepared", "pgbouncer-hosts", "haproxy", "libpq-multihost"]
 #: Topologies whose replica DSN reaches both replicas (the fault hits one of them).
 MULTI = {"pgbouncer-hosts", "haproxy", "libpq-multihost"}
 
@@ -234,7 +239,7 @@ def test_verified_reads_lend_their_run_facts_soundly_to_other_connections(
 
 
 @pytest.mark.parametrize("kind", ["pgbouncer-session", "pgbouncer-session-declared",
-                                  "pgbouncer-transaction"])
+                                  "pgbouncer-transaction", "pgbouncer-prepared"])
 def test_token_reads_see_own_writes_after_a_reload_repoints_the_entry(
         fresh: LocalCluster, kind: str) -> None:
     reached = _reach(fresh, kind)

@@ -250,8 +250,9 @@ def topology_document(topology: Topology) -> dict[str, Any]:
     timeout. Sent on the agent's stdin, never its command line (``ps`` shows that)."""
     m = topology.monitor
 
-    def node(n: Any) -> dict[str, str]:
-        return {"name": n.name, "dsn": n.dsn, "via": n.via}
+    def node(n: Any) -> dict[str, Any]:
+        tracks = {"pooler_tracks_prepared": True} if n.pooler_tracks_prepared else {}
+        return {"name": n.name, "dsn": n.dsn, "via": n.via, **tracks}
 
     return {
         "bucket_count": topology.bucket_count,

@@ -180,7 +180,8 @@ def _proofs(node: NodeView) -> str:
     if node.run is not None:
         backend = f"{node.run.address}:{node.run.port}" if node.run.address else "unix socket"
     return describe_mode(node.config.via, node.pooler_seen if node.run else None,
-                         backend=backend, proxied=_proxied(node))
+                         backend=backend, proxied=_proxied(node),
+                         tracks_prepared=node.config.pooler_tracks_prepared)
 
 
 def _proxied(node: NodeView) -> bool:

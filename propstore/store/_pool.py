@@ -204,7 +204,8 @@ class NodeReach:
     @property
     def mode(self) -> str:
         """How reads on this node are proven, in a few words (for ``propstore lag``)."""
-        return proof.describe_mode(self.node.via, self.pooler_seen, self.statements_lost)
+        return proof.describe_mode(self.node.via, self.pooler_seen, self.statements_lost,
+                                   tracks_prepared=self.node.pooler_tracks_prepared)
 
     def learned(self, conn: NodeConnection | AsyncNodeConnection,
                 row: tuple[bytes | None, ...]) -> None:
@@ -214,7 +215,11 @@ class NodeReach:
         pooler_seen = backend_pid is not None and backend_pid != conn.pgconn.backend_pid
         self.pooler_seen = pooler_seen
         keeps = proof.keeps_server(self.node.via, pooler_seen) and not self.statements_lost
-        conn.propstore_keeps_server = conn.propstore_named = keeps
+        conn.propstore_keeps_server = keeps
+        # Behind a pooler that tracks protocol-level prepared statements a connection keeps
+        # its statements, not its server: named statements, facts still per read.
+        conn.propstore_named = keeps or (
+            self.node.pooler_tracks_prepared and not self.statements_lost)
         if pooler_seen and self.node.via in ("direct", "load_balancer"):
             self._once("via_mismatch", log.warning, via=self.node.via,
                        found="a pooler (the server's backend pid differs from the key "
@@ -232,10 +237,16 @@ class NodeReach:
         self.statements_lost = True
         conn.propstore_keeps_server = conn.propstore_named = False
         conn.propstore_verified_lsn = None
-        self._once("statements_lost", log.warning, error=str(error).strip()[:200],
-                   mode="transaction pooler: per-read proofs only",
-                   fix='set via = "transaction_pooler" for this node (PgBouncer before 1.21 '
+        if self.node.pooler_tracks_prepared:
+            # Declared as tracking them, but a server connection lacks a statement its client
+            # prepared: PgBouncer before 1.21, or max_prepared_statements = 0.
+            fix = ("give the pooler max_prepared_statements > 0 (PgBouncer >= 1.21), or drop "
+                   "pooler_tracks_prepared for this node; reads are sent unnamed now")
+        else:
+            fix = ('set via = "transaction_pooler" for this node (PgBouncer before 1.21 '
                    "tracks no prepared statements); reads are verified per round trip now")
+        self._once("statements_lost", log.warning, error=str(error).strip()[:200],
+                   mode="transaction pooler: per-read proofs only", fix=fix)
 
     def refresh(self, conn: NodeConnection | AsyncNodeConnection) -> None:
         """Apply a downgrade found on another connection of the node (one check per use)."""

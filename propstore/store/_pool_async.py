@@ -20,6 +20,7 @@ from propstore.config import NodeConfig, RoutingSettings
 from propstore.lsn import LSN
 from propstore.store._pool import (
     IDENTITY,
+    STATEMENT_LOST,
     NodeReach,
     connect_kwargs,
     connecting,
@@ -101,7 +102,10 @@ def async_pool(node: NodeConfig, routing: RoutingSettings, reach: NodeReach | No
             conn, IDENTITY, setup_deadline(routing), named=False)
         known.learned(conn, tuple(row.get_value(0, c) for c in range(5)))
         every_attribute(conn)
-        await prepare_async(conn, routing)
+        try:
+            await prepare_async(conn, routing)
+        except STATEMENT_LOST as lost:  # a pooler moved it between its Parses: unnamed
+            known.lost_statements(conn, lost)
         conn.propstore_opened_at = time.monotonic()
 
     return AsyncConnectionPool(

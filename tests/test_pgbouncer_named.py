@@ -1,0 +1,142 @@
+"""Named statements behind a transaction pooler that tracks them (PgBouncer >= 1.21).
+
+A node declared ``pooler_tracks_prepared`` sends protocol-level named statements (Parse by
+name once per client connection, then Bind/Execute per read: PgBouncer prepares them on
+whichever server connection serves the transaction) and still reuses no connection-scoped
+fact: every replica read is verified in its own round trip. The soundness properties through
+such a front (budget, no false claim, read-your-writes under paused replay, apply delay, a
+crash-restart behind it and a RELOAD that repoints it) are ``tests/test_topologies.py``'s,
+run there for ``pgbouncer-prepared`` too; this module checks that the statements really are
+named (on the pooler's counters and on the server), and what happens when a node is declared
+tracking but its pooler does not track (Debian 12's PgBouncer 1.18).
+
+The tracking PgBouncer is built from Debian's newer source package by
+``tools/build_pgbouncer.py`` (``.ci/run`` does it as root); without it those tests skip,
+saying so.
+"""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from propstore import _sql
+from propstore.config import ConfigError, Topology
+from propstore.proof import describe_mode
+from propstore.sandbox import LocalCluster, LocalNode
+from tests._claims_load import ClaimsLoad
+from tests.test_topologies import (
+    HEALTHY_BUDGETS,
+    RUN_SECONDS,
+    _assert_sound,
+    _reach,
+    _run,
+    fresh,
+    topo_cluster,
+)
+
+__all__ = ["fresh", "topo_cluster"]  # the fixtures, shared with test_topologies
+
+
+def _counters(rows: list[dict[str, str]]) -> dict[str, int]:
+    """The propstore database's prepared-statement counters from ``SHOW STATS``."""
+    (row,) = [r for r in rows if r["database"] == "propstore"]
+    return {key: int(row[f"total_{key}_count"])
+            for key in ("client_parse", "server_parse", "bind")}
+
+
+def _server_statements(dsn: str) -> set[str]:
+    """The statements prepared on the server connection a new client's transaction gets
+    through the pooler (PgBouncer names them ``PGBOUNCER_<n>``)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute("SELECT name, statement FROM pg_prepared_statements",
+                            prepare=False).fetchall()
+    return {statement for name, statement in rows if name.startswith("PGBOUNCER_")}
+
+
+@pytest.mark.slow
+def test_reads_through_a_tracking_pooler_are_named_parsed_once_per_connection(
+        fresh: LocalCluster) -> None:
+    reached = _reach(fresh, "pgbouncer-prepared")
+    front = reached.front
+    assert front is not None and reached.tracks_prepared
+    before = _counters(front.show("STATS"))
+
+    def healthy(load: ClaimsLoad, victim: LocalNode) -> None:
+        load.wait(RUN_SECONDS)
+
+    report = _run(fresh, reached, healthy, HEALTHY_BUDGETS)
+    _assert_sound(report)
+    # Every replica read verified in its round trip: a tracking pooler is still a
+    # transaction pooler, no connection-scoped fact proves anything there.
+    assert set(report.proofs) <= {"pipeline", "primary"}, report.summary()
+    assert not [e for e in report.events if e["event"] == "node_statements_lost"]
+    after = _counters(front.show("STATS"))  # its totals are live, not per stats_period
+    binds = after["bind"] - before["bind"]
+    parses = after["client_parse"] - before["client_parse"]
+    assert binds >= report.replica_reads > 0, (binds, report.summary())
+    # Parse once per client connection (a dozen statements each), not once per read.
+    assert 0 < parses * 10 <= binds, (parses, binds, report.summary())
+    # On the server: its connection holds propstore's read statements, prepared by PgBouncer.
+    read_sql = {_sql.STATEMENTS[name] for name in _sql.STATEMENTS
+                if name in (_sql.REPLAY_LSN, _sql.GET) or name.startswith(b"propstore_verified")}
+    assert _server_statements(front.dsn) & read_sql, _server_statements(front.dsn)
+
+
+@pytest.mark.slow
+def test_a_pooler_declared_tracking_that_does_not_is_named_once_and_reads_go_unnamed(
+        fresh: LocalCluster) -> None:
+    """Debian 12's PgBouncer 1.18 in transaction mode, declared ``pooler_tracks_prepared``:
+    a server connection where another client left a statement of the same name (planted
+    here) refuses the connection's Parse. One ``node_statements_lost`` event names the node
+    and the fix, the node goes unnamed, and every read stays sound -- no ``replica_down``."""
+    reached = _reach(fresh, "pgbouncer-transaction")
+    reached.via, reached.tracks_prepared = "transaction_pooler", True
+    with psycopg.connect(reached.dsn, autocommit=True) as conn:
+        conn.execute(f"PREPARE {_sql.BASE_STATEMENTS[0].decode()} AS SELECT 1", prepare=False)
+
+    def pause(load: ClaimsLoad, victim: LocalNode) -> None:
+        load.wait(0.5)
+        victim.pause_replay()
+        load.wait(RUN_SECONDS)
+
+    report = _run(fresh, reached, pause)
+    _assert_sound(report)
+    assert report.reasons["replica_down"] == 0, report.summary()
+    told = [e for e in report.events if e["event"] == "node_statements_lost"]
+    assert len(told) == 1 and told[0]["node"] == "replicas", told
+    assert "max_prepared_statements" in told[0]["fix"], told[0]
+
+
+def _node(**extra: object) -> dict[str, object]:
+    return {"name": "r1", "dsn": "host=127.0.0.1 port=6432 dbname=propstore", **extra}
+
+
+def _topology(replica: dict[str, object]) -> Topology:
+    return Topology.from_dict({"bucket_count": 4, "shards": [{
+        "name": "s0", "buckets": ["0-3"], "primary": "host=127.0.0.1 port=5432",
+        "replicas": [replica]}]})
+
+
+def test_pooler_tracks_prepared_is_read_for_a_transaction_pooler_only() -> None:
+    declared = _topology(_node(via="transaction_pooler", pooler_tracks_prepared=True))
+    assert declared.shards[0].replicas[0].pooler_tracks_prepared
+    assert _topology(_node(pooler_tracks_prepared=True)).shards[0].replicas[0].via == "auto"
+    assert not _topology(_node(via="transaction_pooler")).shards[0].replicas[0] \
+        .pooler_tracks_prepared
+    for via in ("direct", "session_pooler", "load_balancer"):
+        with pytest.raises(ConfigError, match="node r1: pooler_tracks_prepared applies to a "
+                                              "transaction pooler"):
+            _topology(_node(via=via, pooler_tracks_prepared=True))
+    with pytest.raises(ConfigError, match="must be true or false"):
+        _topology(_node(via="transaction_pooler", pooler_tracks_prepared="yes"))
+
+
+def test_lag_says_a_tracking_pooler_gets_named_statements_and_per_read_proofs() -> None:
+    assert describe_mode("transaction_pooler", True, tracks_prepared=True) == (
+        "transaction pooler: per-read proofs only, named statements")
+    assert describe_mode("transaction_pooler", True, True, tracks_prepared=True) == (
+        "transaction pooler: per-read proofs only")  # the pooler turned out not to track
+    assert describe_mode("transaction_pooler", True) == (
+        "transaction pooler: per-read proofs only")
+
