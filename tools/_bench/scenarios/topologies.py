@@ -1,7 +1,9 @@
 """Reads through poolers and proxies: propstore vs a raw read through the same front.
 
 For each front the sandbox can start in front of shard 0's first replica (PgBouncer in
-session mode declared ``via = "session_pooler"``, PgBouncer in transaction mode, HAProxy),
+session mode declared ``via = "session_pooler"``, PgBouncer in transaction mode, the same
+on a PgBouncer >= 1.21 that tracks prepared statements (``pgbouncer-prepared``, declared
+``pooler_tracks_prepared``; named statements on both sides), HAProxy),
 propstore reads with a 1 s budget through the front, interleaved with a raw read through
 the same front: protocol-level prepared (Parse once, Bind/Execute per read) where the
 client keeps its server connection, unnamed extended protocol with its Sync (what a raw
@@ -30,6 +32,8 @@ READ_BUDGET = 1.0
 FRONTS = (
     ("pgbouncer-session", "session_pooler", True),
     ("pgbouncer-transaction", "transaction_pooler", False),
+    # PgBouncer >= 1.21 tracking prepared statements (pooler_tracks_prepared): both named.
+    ("pgbouncer-prepared", "transaction_pooler", True),
     ("haproxy", "load_balancer", True),
 )
 
@@ -59,7 +63,7 @@ class RawThrough:
         self.conn.close()
 
 
-def _topology(env: BenchEnv, dsn: str, via: str) -> Topology:
+def _topology(env: BenchEnv, dsn: str, via: str, tracks_prepared: bool = False) -> Topology:
     shard = env.topology.shards[0]
     return Topology.from_dict({
         "bucket_count": env.topology.bucket_count,
@@ -67,7 +71,8 @@ def _topology(env: BenchEnv, dsn: str, via: str) -> Topology:
             "name": shard.name,
             "buckets": [f"0-{env.topology.bucket_count - 1}"],
             "primary": {"name": shard.primary.name, "dsn": shard.primary.dsn},
-            "replicas": [{"name": "front", "dsn": dsn, "via": via}],
+            "replicas": [{"name": "front", "dsn": dsn, "via": via,
+                          "pooler_tracks_prepared": tracks_prepared}],
         }],
     })
 
@@ -99,7 +104,7 @@ def _through(env: BenchEnv, options: Options, result: ScenarioResult, kind: str,
     try:
         wait_front_serves(front)
         raw = RawThrough(front.dsn, named)
-        store = PropertyStore(_topology(env, front.dsn, via))
+        store = PropertyStore(_topology(env, front.dsn, via, front.tracks_prepared))
         proofs = ProofCounter()
         raw_name = f"raw {'prepared' if named else 'unnamed'} through {kind}"
         ours = f"propstore get, 1 s budget, through {kind} (via {via})"
