@@ -17,11 +17,12 @@ saying so.
 
 from __future__ import annotations
 
+import asyncio
+
 import psycopg
 import pytest
 
-from propstore import _sql
-from propstore.config import ConfigError, Topology
+from propstore import AsyncPropertyStore, ConfigError, ReadResult, Topology, _sql
 from propstore.proof import describe_mode
 from propstore.sandbox import LocalCluster, LocalNode
 from tests._claims_load import ClaimsLoad
@@ -31,6 +32,7 @@ from tests.test_topologies import (
     _assert_sound,
     _reach,
     _run,
+    _topology,
     fresh,
     topo_cluster,
 )
@@ -108,28 +110,49 @@ def test_a_pooler_declared_tracking_that_does_not_is_named_once_and_reads_go_unn
     assert "max_prepared_statements" in told[0]["fix"], told[0]
 
 
+@pytest.mark.slow
+def test_asyncio_reads_through_a_tracking_pooler_are_named_too(fresh: LocalCluster) -> None:
+    """The asyncio store (the source the blocking one is generated from) binds the named
+    statements too, and serves verified replica reads of the acknowledged write."""
+    reached = _reach(fresh, "pgbouncer-prepared")
+    assert reached.front is not None
+    topology = _topology(fresh, reached.dsn, reached.via, reached.tracks_prepared)
+    before = _counters(reached.front.show("STATS"))
+
+    async def main() -> list[ReadResult]:
+        async with AsyncPropertyStore(topology) as store:
+            token = await store.set("t", "async-user", {"v": 1})
+            return [await store.read("t", "async-user", after=token) for _ in range(40)]
+
+    results = asyncio.run(main())
+    served = [r for r in results if r.from_replica]
+    assert served and all(r.props == {"v": 1} and r.proof == "pipeline" for r in served)
+    binds = _counters(reached.front.show("STATS"))["bind"] - before["bind"]
+    assert binds >= len(served), (binds, len(served))
+
+
 def _node(**extra: object) -> dict[str, object]:
     return {"name": "r1", "dsn": "host=127.0.0.1 port=6432 dbname=propstore", **extra}
 
 
-def _topology(replica: dict[str, object]) -> Topology:
+def _file(replica: dict[str, object]) -> Topology:
     return Topology.from_dict({"bucket_count": 4, "shards": [{
         "name": "s0", "buckets": ["0-3"], "primary": "host=127.0.0.1 port=5432",
         "replicas": [replica]}]})
 
 
 def test_pooler_tracks_prepared_is_read_for_a_transaction_pooler_only() -> None:
-    declared = _topology(_node(via="transaction_pooler", pooler_tracks_prepared=True))
+    declared = _file(_node(via="transaction_pooler", pooler_tracks_prepared=True))
     assert declared.shards[0].replicas[0].pooler_tracks_prepared
-    assert _topology(_node(pooler_tracks_prepared=True)).shards[0].replicas[0].via == "auto"
-    assert not _topology(_node(via="transaction_pooler")).shards[0].replicas[0] \
+    assert _file(_node(pooler_tracks_prepared=True)).shards[0].replicas[0].via == "auto"
+    assert not _file(_node(via="transaction_pooler")).shards[0].replicas[0] \
         .pooler_tracks_prepared
     for via in ("direct", "session_pooler", "load_balancer"):
         with pytest.raises(ConfigError, match="node r1: pooler_tracks_prepared applies to a "
                                               "transaction pooler"):
-            _topology(_node(via=via, pooler_tracks_prepared=True))
+            _file(_node(via=via, pooler_tracks_prepared=True))
     with pytest.raises(ConfigError, match="must be true or false"):
-        _topology(_node(via="transaction_pooler", pooler_tracks_prepared="yes"))
+        _file(_node(via="transaction_pooler", pooler_tracks_prepared="yes"))
 
 
 def test_lag_says_a_tracking_pooler_gets_named_statements_and_per_read_proofs() -> None:
