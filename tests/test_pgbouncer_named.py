@@ -18,13 +18,23 @@ saying so.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import psycopg
 import pytest
+from structlog.testing import capture_logs
 
-from propstore import AsyncPropertyStore, ConfigError, ReadResult, Topology, _sql
+from propstore import (
+    AsyncPropertyStore,
+    ConfigError,
+    PropertyStore,
+    ReadResult,
+    Topology,
+    _sql,
+)
 from propstore.proof import describe_mode
 from propstore.sandbox import LocalCluster, LocalNode
+from propstore.sandbox._poolers import wait_front_serves
 from tests._claims_load import ClaimsLoad
 from tests.test_topologies import (
     HEALTHY_BUDGETS,
@@ -108,6 +118,38 @@ def test_a_pooler_declared_tracking_that_does_not_is_named_once_and_reads_go_unn
     told = [e for e in report.events if e["event"] == "node_statements_lost"]
     assert len(told) == 1 and told[0]["node"] == "replicas", told
     assert "max_prepared_statements" in told[0]["fix"], told[0]
+
+
+@pytest.mark.slow
+def test_a_read_whose_named_statement_the_server_lacks_is_resent_unnamed_and_said_once(
+        fresh: LocalCluster) -> None:
+    """The read path of the same diagnostic: one connection's statements prepared on one
+    server connection of a 1.18 PgBouncer, that server connection ended, the next read binds
+    on a new one (``26000``): resent unnamed in the same read, one event, no failed read."""
+    reached = _reach(fresh, "pgbouncer-transaction")
+    assert reached.front is not None
+    topology = _topology(fresh, reached.dsn, "transaction_pooler", True)
+    # One pooled connection: its Parses land on one server connection, none collide.
+    topology = dataclasses.replace(topology, routing=dataclasses.replace(
+        topology.routing, pool_min_size=1, pool_max_size=1))
+    replica = fresh.shards[0].replicas[0]
+    with capture_logs() as events, PropertyStore(topology) as store:
+        store.set("t", "gone-user", {"v": 1})
+        fresh.wait_caught_up()
+        assert store.read("t", "gone-user", max_staleness=5.0).from_replica
+        assert not [e for e in events if e["event"] == "node_statements_lost"], events
+        # Every server connection PgBouncer holds (one that served the monitor's poll last
+        # carries the monitor's application_name).
+        replica.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE application_name LIKE 'propstore%'")
+        wait_front_serves(reached.front)
+        results = [store.read("t", "gone-user", max_staleness=5.0) for _ in range(20)]
+    assert all(r.props == {"v": 1} for r in results)
+    assert sum(r.from_replica for r in results) >= 19, results
+    told = [e for e in events if e["event"] == "node_statements_lost"]
+    assert len(told) == 1 and "does not exist" in told[0]["error"], told
+    assert "max_prepared_statements" in told[0]["fix"], told[0]
+    assert not [e for e in events if e["event"] == "replica_read_failed"], events
 
 
 @pytest.mark.slow
