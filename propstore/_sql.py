@@ -24,6 +24,9 @@ REPLACE: Final = b"propstore_replace"
 UNSET: Final = b"propstore_unset"
 DELETE: Final = b"propstore_delete"
 POLL: Final = b"propstore_poll"
+# The verified reads in one statement (functions of migration 0002).
+VERIFIED_GET: Final = b"propstore_verified_get"
+VERIFIED_GET_MANY: Final = b"propstore_verified_get_many"
 IDENTITY: Final = b"propstore_identity"
 
 #: Who answers (``proof.ServerRun``) and the server-side backend pid: a pooler shows a
@@ -94,6 +97,16 @@ STATEMENTS: Final[dict[bytes, str]] = {
         "WITH w AS (DELETE FROM user_properties WHERE tenant_id = $1 AND user_id = $2)"
         " SELECT NULL::int, pg_current_wal_insert_lsn()"
     ),
+    # REPLAY_LSN's two columns, then GET's (GET_MANY's): the functions read the LSN first
+    # and the data in a statement of their own, on a snapshot taken after it (migration
+    # 0002; docs/architecture.md, "One statement, still sound"). Columns are named, not
+    # ``*``, so a later migration adding an OUT column changes nothing here.
+    VERIFIED_GET: (
+        "SELECT replay_lsn, timeline, props, version FROM propstore_read($1, $2)"
+    ),
+    VERIFIED_GET_MANY: (
+        "SELECT replay_lsn, timeline, props FROM propstore_read_many($1, $2::text[])"
+    ),
     IDENTITY: "SELECT " + IDENTITY_COLUMNS,
     # The monitor's poll: role, the LSN that matters for the role, receive position, replay
     # pause and whether a WAL receiver is streaming (a disconnected receiver is not lag 0),
@@ -135,6 +148,13 @@ BASE_STATEMENTS: Final = (REPLAY_LSN, FLUSH_LSN, IS_PRIMARY)
 #: Statements on ``user_properties`` (they fail to prepare before the shard is migrated).
 TABLE_STATEMENTS: Final = (GET, GET_MANY, MERGE, REPLACE, UNSET, DELETE)
 DATA_STATEMENTS: Final = BASE_STATEMENTS + TABLE_STATEMENTS
+#: Statements on migration 0002's functions (they fail to prepare on a schema without them:
+#: the store then verifies reads with the two-statement pipeline).
+FUNCTION_STATEMENTS: Final = (VERIFIED_GET, VERIFIED_GET_MANY)
+#: A data query -> the one statement that verifies it (replay LSN, timeline, its columns).
+VERIFIED: Final[dict[bytes, bytes]] = {GET: VERIFIED_GET, GET_MANY: VERIFIED_GET_MANY}
+#: Where a verified statement's data columns start.
+VERIFIED_DATA_COLUMN: Final = 2
 
 
 def prepare_sql(name: bytes) -> str:

@@ -53,6 +53,19 @@ class Token:
     """
 
     marks: tuple[tuple[str, WriteMark], ...] = ()
+    # Per shard: its marks and its newest position, computed once (every token read asks for
+    # them several times: placing the token, routing, proving).
+    _by_shard: dict[str, tuple[WriteMark, ...]] = field(
+        init=False, repr=False, compare=False, hash=False)
+    _lsns: dict[str, LSN] = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        by_shard: dict[str, tuple[WriteMark, ...]] = {}
+        for name, mark in self.marks:
+            by_shard[name] = (*by_shard.get(name, ()), mark)
+        object.__setattr__(self, "_by_shard", by_shard)
+        object.__setattr__(self, "_lsns", {
+            name: max(mark.lsn for mark in marks) for name, marks in by_shard.items()})
 
     @classmethod
     def of(cls, positions: Mapping[str, int]) -> Token:
@@ -83,17 +96,17 @@ class Token:
 
     def marks_for(self, shard: str) -> tuple[WriteMark, ...]:
         """What the token requires on ``shard`` (one mark per timeline; empty if nothing)."""
-        return tuple(mark for name, mark in self.marks if name == shard)
+        return self._by_shard.get(shard, ())
 
     def lsn_for(self, shard: str) -> LSN | None:
         """The newest position required on ``shard``, or None when the token says nothing of
         it (compare it with a replay LSN only once the marks' timelines are checked)."""
-        return max((mark.lsn for mark in self.marks_for(shard)), default=None)
+        return self._lsns.get(shard)
 
     @property
     def shards(self) -> tuple[str, ...]:
         """The shards this token constrains."""
-        return tuple(dict.fromkeys(name for name, _ in self.marks))
+        return tuple(self._by_shard)
 
     def merge(self, *others: Token) -> Token:
         """The token that requires everything this one and ``others`` require."""
@@ -182,7 +195,7 @@ def coerce_token(value: Token | str | None, known_shards: Iterable[str]) -> Toke
         return Token.parse(value, known_shards)
     if not isinstance(value, Token):
         raise InvalidTokenError(f"expected a Token or its string, got {type(value).__name__}")
-    unknown = set(value.shards) - set(known_shards)
+    unknown = value._by_shard.keys() - set(known_shards)
     if unknown:
         raise InvalidTokenError(f"unknown shard(s) {', '.join(sorted(unknown))}")
     return value

@@ -3,6 +3,13 @@
 One table per shard, ``user_properties``: a JSON document per ``(tenant_id, user_id)``. The
 ``bucket`` column stores the user's virtual bucket so that moving buckets between shards
 (and checking a shard holds none of a bucket's users) is an indexed query.
+
+Beside the table, migration ``0002`` creates two functions the store reads through,
+``propstore_read(tenant, user_id)`` and ``propstore_read_many(tenant, user_ids)``: a verified
+replica read in one statement (the replay LSN read before the data's snapshot; see
+docs/architecture.md, "One statement, still sound"). SQLAlchemy metadata does not describe
+functions, so they live in that revision only; a schema without them still works (reads are
+then verified with the two-statement pipeline).
 """
 
 from __future__ import annotations

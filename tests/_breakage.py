@@ -246,6 +246,33 @@ def _slow_is_down() -> None:
            since=None: self.fail(shard, node, error))
 
 
+def _stable_verified_read() -> None:
+    """Migration 0002's verifying functions are STABLE: their data query runs on the calling
+    statement's snapshot, taken before the function reads the replay LSN (the unsound order).
+    Applied by every ``propstore.migrate.upgrade`` the tests run.
+
+    (The other unsound form, LSN and data in one plain statement, differs from the sound
+    one only by the microseconds between its snapshot and its LSN read; no test can make
+    replay land in that window on purpose, so none is offered: docs/architecture.md holds
+    the argument.)"""
+    import psycopg
+
+    import propstore.migrate
+
+    def make(orig: Any) -> Any:
+        def upgrade(dsn: str, *args: Any, **kwargs: Any) -> Any:
+            done = orig(dsn, *args, **kwargs)
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute(
+                    "DO $$ BEGIN IF to_regprocedure('propstore_read(text, text)') IS NOT NULL"
+                    " THEN ALTER FUNCTION propstore_read(text, text) STABLE;"
+                    " ALTER FUNCTION propstore_read_many(text, text[]) STABLE; END IF; END $$")
+            return done
+        return upgrade
+
+    _patch(propstore.migrate, "upgrade", make)
+
+
 BREAKAGES: dict[str, Callable[[], None]] = {
     "no-proof": _no_proof,
     "lying-bound": _lying_bound,
@@ -265,6 +292,7 @@ BREAKAGES: dict[str, Callable[[], None]] = {
     "stale-shared": _stale_shared,
     "no-read-retry": _no_read_retry,
     "slow-is-down": _slow_is_down,
+    "stable-verified-read": _stable_verified_read,
 }
 
 

@@ -234,16 +234,16 @@ def test_backfill_refuses_a_sqlalchemy_connection_inside_a_transaction(
 REVISION_BACKFILL = '''
     """Add user_properties.score and backfill it from bucket, lag-guarded.
 
-    Revision ID: 0002
-    Revises: 0001
+    Revision ID: 0003
+    Revises: 0002
     """
     import sqlalchemy as sa
     from alembic import op
 
     from propstore.migrate import LagGuard, backfill
 
-    revision = "0002"
-    down_revision = "0001"
+    revision = "0003"
+    down_revision = "0002"
     branch_labels = None
     depends_on = None
 
@@ -268,9 +268,9 @@ def test_backfill_inside_a_revision_finds_the_shards_replicas_through_alembic(
     scripts = tmp_path / "migrations"
     shutil.copytree(propstore.migrate.script_location(), scripts,
                     ignore=shutil.ignore_patterns("__pycache__"))
-    (scripts / "versions" / "0002_score.py").write_text(textwrap.dedent(REVISION_BACKFILL))
+    (scripts / "versions" / "0003_score.py").write_text(textwrap.dedent(REVISION_BACKFILL))
     primary = shard.shards[0].primary
-    upgrade(primary.dsn, "0001")
+    upgrade(primary.dsn, "0002")
     primary.execute(
         "INSERT INTO user_properties (tenant_id, user_id, bucket) "
         "SELECT 't', 'u' || g, g % 4096 FROM generate_series(1, 5000) g")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 import pytest
@@ -257,3 +258,104 @@ def test_token_reads_see_own_writes_after_a_reload_repoints_the_entry(
         load.wait(RUN_SECONDS)
 
     _assert_sound(_run(fresh, reached, repoint), some_down=True)
+
+
+def _upsert(primary: LocalNode, user: str, value: int) -> str:
+    """Write ``{"v": value}`` for ``user`` on the primary; the flush LSN read after the ack."""
+    primary.execute(
+        "INSERT INTO user_properties (tenant_id, user_id, bucket, props)"
+        " VALUES ('t', %s, 0, jsonb_build_object('v', %s::int))"
+        " ON CONFLICT (tenant_id, user_id) DO UPDATE SET props = EXCLUDED.props,"
+        " version = user_properties.version + 1", (user, value))
+    return str(primary.scalar("SELECT pg_current_wal_flush_lsn()"))
+
+
+def test_the_verifying_function_reads_its_data_after_its_lsn_not_on_the_callers_snapshot(
+        fresh: LocalCluster) -> None:
+    """Migration 0002's ``propstore_read`` reads the replay LSN, then the data on a
+    snapshot of its own (VOLATILE), not on the calling statement's. A cursor pins the
+    calling statement's snapshot before a write; fetched after the write replayed, the
+    function must return the write's LSN *and* its data (a STABLE function would return the
+    new LSN over the old data: a read claiming a write it does not contain)."""
+    primary, replica = fresh.shards[0].primary, fresh.shards[0].replicas[0]
+    _upsert(primary, "fn-user", 1)
+    fresh.wait_caught_up()
+    with psycopg.connect(replica.dsn) as conn:  # a transaction: READ COMMITTED, a cursor
+        conn.execute("DECLARE pinned NO SCROLL CURSOR FOR SELECT replay_lsn::text, props"
+                     " FROM propstore_read('t', 'fn-user')")
+        written = _upsert(primary, "fn-user", 2)
+        fresh.wait_caught_up()
+        ((lsn, props),) = conn.execute("FETCH ALL FROM pinned").fetchall()
+        conn.rollback()
+    assert replica.scalar("SELECT %s::pg_lsn >= %s::pg_lsn", (lsn, written))
+    assert props == {"v": 2}, f"replay LSN {lsn} (>= the write's {written}) over older data"
+
+
+def test_the_verifying_function_refuses_a_snapshot_shared_across_statements(
+        fresh: LocalCluster) -> None:
+    """Under REPEATABLE READ every statement shares the transaction's first snapshot, so
+    the data could predate the LSN: the function refuses instead of answering."""
+    replica = fresh.shards[0].replicas[0]
+    with psycopg.connect(replica.dsn) as conn:
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        with pytest.raises(psycopg.errors.InvalidTransactionState, match="READ COMMITTED"):
+            conn.execute("SELECT * FROM propstore_read('t', 'fn-user')")
+
+
+def test_without_the_verifying_function_reads_fall_back_to_the_pipeline_and_say_so_once(
+        fresh: LocalCluster) -> None:
+    """On a schema without migration 0002 (or a replica that has not replayed it), reads
+    behind a transaction pooler are still verified -- by the two-statement pipeline -- and
+    one event names the node and the fix; every claim stays true under paused replay."""
+    from propstore.migrate import downgrade, upgrade
+
+    primary = fresh.shards[0].primary
+    downgrade(primary.dsn, "0001")
+    fresh.wait_caught_up()
+    try:
+        reached = _reach(fresh, "pgbouncer-transaction")
+        reached.via = "transaction_pooler"
+
+        def pause(load: ClaimsLoad, victim: LocalNode) -> None:
+            load.wait(0.5)
+            victim.pause_replay()
+            load.wait(RUN_SECONDS)
+
+        report = _run(fresh, reached, pause)
+        assert report.reads > 0 and report.replica_reads > 0, report.summary()
+        assert report.budget_violations == 0 and report.false_claims == 0, report.examples
+        assert report.missed_own_writes == 0, report.examples
+        assert report.proofs["pipeline"] > 0, report.summary()
+        told = [e for e in report.events if e["event"] == "node_verified_read_pipelined"]
+        assert len(told) == 1 and told[0]["node"] == "replicas", told
+        assert "propstore migrate up" in told[0]["fix"]
+    finally:
+        upgrade(primary.dsn)  # replicas replay it once the fixture has undone the pause
+
+
+def test_behind_transaction_pooling_a_read_is_verified_in_one_statement(
+        fresh: LocalCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With migration 0002, a read behind a transaction pooler sends one statement (the
+    function, its own LSN check inside), not the two-statement pipeline."""
+    from propstore import _sql, _wire
+
+    reached = _reach(fresh, "pgbouncer-transaction")
+    sent: list[tuple[bytes, ...]] = []
+    execute = _wire.execute
+
+    def spy(conn: object, statements: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.append(tuple(s.name for s in statements))
+        return execute(conn, statements, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_wire, "execute", spy)
+    with capture_logs() as events, PropertyStore(
+            _topology(fresh, reached.dsn, "transaction_pooler")) as store:
+        store.set("t", "one-statement", {"v": 1})
+        sent.clear()
+        results = [store.read("t", "one-statement", max_staleness=5.0) for _ in range(20)]
+    served = [r for r in results if r.from_replica]
+    assert served and all(r.proof == "pipeline" and r.props == {"v": 1} for r in served)
+    reads = [names for names in sent if _sql.GET in names or _sql.VERIFIED_GET in names]
+    assert len(reads) >= len(served) and all(names == (_sql.VERIFIED_GET,) for names in reads), (
+        reads[:3])
+    assert not [e for e in events if e["event"] == "node_verified_read_pipelined"], events

@@ -183,6 +183,10 @@ class StoreCore:
                 for name, value in options.items():  # noqa: B007 (the loop finds them)
                     if value is not None:
                         break
+        if name == "after" and type(value) is Token:
+            # A token differs per write: its budget is built, not memoised (what
+            # freshness() returns for a token alone, without its general steps).
+            return Freshness(after=coerce_token(value, self.shard_names)), self.routing.policy
         if not several:
             try:
                 found = self._budgets.get((name, type(value), value))

@@ -273,6 +273,7 @@ def every_attribute(conn: NodeConnection | AsyncNodeConnection) -> None:
     # nothing (a first assignment grows the instance's dict; tests/test_store.py counts it).
     conn.propstore_verified_lsn = None
     conn.propstore_schema_missing = False
+    conn.propstore_one_statement = True  # a named connection's prepare decides
     conn.propstore_uses = 0
     conn.propstore_idle_since = 0.0
 

@@ -58,6 +58,9 @@ class AsyncNodeConnection(psycopg.AsyncConnection[Any]):
     propstore_verified_lsn: LSN | None = None
     #: The database has no ``user_properties`` table (shard not migrated).
     propstore_schema_missing: bool = False
+    #: A verified read may be one statement (migration 0002's functions; for a named
+    #: connection: prepared). Unnamed ones try, and fall back per node (``_replica``).
+    propstore_one_statement: bool = False
     #: Uses since it last went back through its psycopg pool (see ``IdleStack``).
     propstore_uses: int = 0
     #: ``time.monotonic()`` when it was last kept idle by its ``IdleStack``.
@@ -85,6 +88,11 @@ async def prepare_async(conn: AsyncNodeConnection, routing: RoutingSettings | No
     except psycopg.errors.UndefinedTable:
         conn.propstore_schema_missing = True
         return False
+    try:
+        await _wire.prepare_async(conn, _sql.FUNCTION_STATEMENTS, deadline)
+        conn.propstore_one_statement = True
+    except psycopg.errors.UndefinedFunction:  # before migration 0002: the pipeline verifies
+        conn.propstore_one_statement = False
     return True
 
 

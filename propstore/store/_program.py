@@ -11,7 +11,7 @@ import dataclasses
 import inspect
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from propstore._wire import Statement
 from propstore.config import NodeConfig
@@ -20,8 +20,14 @@ from propstore.proof import Connection, Proof
 from propstore.router import FallbackReason
 
 Props = dict[str, Any]
-#: What a pooled connection knows about the server it is on (see ``proof``, ``_pool``).
-ConnState = Connection
+
+
+class ConnState(Connection, Protocol):
+    """What a pooled connection knows about the server it is on (see ``proof``, ``_pool``)
+    and which form of verified read it sends."""
+
+    #: The verified read is one statement (migration 0002's function), not the pipeline.
+    propstore_one_statement: bool
 
 
 @dataclass(frozen=True, slots=True, init=False)

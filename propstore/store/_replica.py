@@ -13,6 +13,8 @@ from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 import psycopg
+import psycopg.errors
+import structlog
 from psycopg_pool import PoolTimeout
 
 from propstore._wire import DeadlineExceeded, Statement
@@ -22,7 +24,12 @@ from propstore.monitor import MonitorState, NodeView, ShardView
 from propstore.proof import Proof, RunFacts, known_lsn, remember
 from propstore.router import FallbackReason, RouteDecision
 from propstore.store._program import ConnState, Exec, Failure, ReadResult, Response
-from propstore.store._statements import REPLAY_LSN
+from propstore.store._statements import REPLAY_LSN, VERIFIED_DATA_COLUMN, one_statement
+
+log = structlog.get_logger("propstore.store")
+#: Seconds a node without the verifying function is read with the pipeline before the
+#: function is tried again.
+FUNCTION_RECHECK = 60.0
 
 
 class ReplicaReads:
@@ -33,13 +40,17 @@ class ReplicaReads:
         self.state = state
         self.runs = runs
         self.routing = routing
+        #: Nodes whose server lacks migration 0002's functions -> ``time.monotonic()``
+        #: until which their reads are verified with the pipeline instead.
+        self.pipeline_until: dict[str, float] = {}
+        self._told: set[str] = set()
 
     def read(
         self,
         shard_index: int,
         decision: RouteDecision,
         data: Statement,
-        decode: Callable[[Any], Any],
+        decode: Callable[..., Any],
         failures: list[Failure],
         started: float,
     ) -> Generator[Exec, Response, tuple[Any, ReadResult] | FallbackReason]:
@@ -52,6 +63,7 @@ class ReplicaReads:
             return reason
         freshness = decision.freshness
         shard = decision.shard.name
+        verified_form = one_statement(data)
         history = decision.shard.history
         runs = self.runs
         deadline = time.monotonic() + self.routing.replica_deadline
@@ -73,14 +85,22 @@ class ReplicaReads:
                     if freshness.admits(shard, known[0], bound):
                         chosen.append((*known, bound))
                         return (data,), False
-                # The LSN statement runs first, so the data query's snapshot is at least as
-                # new as the LSN it reports (one combined statement would not be). Taken
-                # just before the send: the LSN is read after it (docs/architecture.md).
-                chosen.append(time.monotonic())
+                # The LSN is read first, so the data query's snapshot is at least as new
+                # as the LSN it reports: by migration 0002's VOLATILE function, whose data
+                # query takes a snapshot of its own after reading the LSN (one statement),
+                # else by the LSN statement pipelined before the data query (a single
+                # plain statement would not be sound). Taken just before the send: the LSN
+                # is read after it (docs/architecture.md, "One statement, still sound").
+                sent = time.monotonic()
+                chosen.append(sent)
+                if conn.propstore_one_statement and verified_form is not None and (
+                    not self.pipeline_until or self.pipeline_until.get(node.name, 0.0) <= sent
+                ):
+                    return (verified_form,), False
                 return (REPLAY_LSN, data), False
 
             try:
-                conn, results = yield Exec(cand.node.config, deadline, plan)
+                conn, results = yield from self._exec(cand.node, deadline, plan)
             except PoolTimeout:
                 # No free connection in time (busy, or reconnecting to a frozen server), and
                 # a deadline missed: no answer yet, which on a starved machine a healthy
@@ -97,6 +117,7 @@ class ReplicaReads:
                 failures.append((cand.index, f"read failed: {type(exc).__name__}", False))
                 continue
             mark = chosen[-1]
+            column = 0
             view = self.state.view(shard_index)
             if isinstance(mark, tuple):
                 lsn, proof, bound = mark
@@ -108,7 +129,11 @@ class ReplicaReads:
                 if lsn_value is None:  # not in recovery any more (promoted): prove nothing
                     reason = "replica_stale"
                     continue
-                lsn, proof, rows = LSN.parse(lsn_value), "pipeline", results[1]
+                lsn, proof = _lsn(lsn_value), "pipeline"
+                if len(results) == 1:  # one statement: LSN, timeline, then the data
+                    rows, column = results[0], VERIFIED_DATA_COLUMN
+                else:
+                    rows = results[1]
                 if not _on_history(view, results[0], lsn):
                     reason = "replica_stale"  # switched timeline since the poll: unproven
                     continue
@@ -121,11 +146,36 @@ class ReplicaReads:
                 # one (a new primary's history starts empty).
                 if view.history is not history:
                     bound = min(bound, history.bound(lsn, started))
-            return decode(rows), ReadResult(
+            return decode(rows, column), ReadResult(
                 None, None, shard, cand.node.name, True, lsn, bound, None, proof
             )
         assert reason is not None
         return reason
+
+    def _exec(self, node: NodeView, deadline: float,
+              plan: Callable[[ConnState], tuple[Sequence[Statement], bool]]
+              ) -> Generator[Exec, Response, Response]:
+        """Run ``plan`` on ``node``; where its server has no verifying function (not
+        migrated to 0002, or the migration not replayed there yet), once more with the
+        pipeline, which needs nothing of the schema but the table."""
+        try:
+            return (yield Exec(node.config, deadline, plan))
+        except psycopg.errors.UndefinedFunction as exc:
+            self.no_function(node.name, exc)
+            return (yield Exec(node.config, deadline, plan))
+
+    def no_function(self, node: str, error: BaseException) -> None:
+        """``node``'s server lacks the verifying function: pipeline its reads for
+        ``FUNCTION_RECHECK`` seconds (then try again: a migration may have reached it), and
+        say so once per node."""
+        self.pipeline_until[node] = time.monotonic() + FUNCTION_RECHECK
+        if node not in self._told:
+            self._told.add(node)
+            log.warning("node_verified_read_pipelined", node=node,
+                        error=str(error).strip()[:200],
+                        mode="verified reads pipelined (two statements)",
+                        fix="run `propstore migrate up` (revision 0002 adds the function "
+                        "that verifies a read in one statement)")
 
     def verified(self, conn: ConnState, sent_at: float, lsn: LSN) -> None:
         """A read on ``conn`` verified replay LSN ``lsn`` in a round trip sent at
@@ -136,6 +186,13 @@ class ReplicaReads:
         run = conn.propstore_run
         if conn.propstore_keeps_server and run is not None:
             self.runs.observe(run, sent_at, lsn)
+
+
+def _lsn(raw: bytes) -> LSN:
+    """A ``pg_lsn`` column's text (``hi/lo`` in hex, as the server prints it) as an LSN:
+    ``LSN.parse`` without its checks for text from elsewhere (a third of the bytecodes)."""
+    high, _, low = raw.partition(b"/")
+    return LSN((int(high, 16) << 32) | int(low, 16))
 
 
 def _on_history(view: ShardView, result: Any, lsn: LSN) -> bool:

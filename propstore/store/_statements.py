@@ -16,6 +16,8 @@ from propstore.store._program import Props
 REPLAY_LSN = Statement(_sql.REPLAY_LSN)
 #: Pipelined before a primary read whose connection no poll proves on a primary.
 IS_PRIMARY = Statement(_sql.IS_PRIMARY)
+#: Where the data columns of a :func:`one_statement` read's row start.
+VERIFIED_DATA_COLUMN = _sql.VERIFIED_DATA_COLUMN
 _JSON = json.JSONDecoder()
 # What the decoder itself scans with (typeshed does not declare the attribute).
 _SCAN: Callable[[str, int], tuple[Any, int]] = _JSON.scan_once  # type: ignore[attr-defined]
@@ -29,6 +31,13 @@ def get(tenant: str, user_id: str) -> Statement:
 def get_many(tenant: str, user_ids: list[str]) -> Statement:
     """Documents of many users of a tenant (one shard's part of ``get_many``)."""
     return Statement(_sql.GET_MANY, (tenant.encode(), _sql.text_array(user_ids)))
+
+
+def one_statement(data: Statement) -> Statement | None:
+    """The statement verifying ``data`` by itself (replay LSN and timeline, then ``data``'s
+    columns, from migration 0002's functions), or None when there is none for it."""
+    name = _sql.VERIFIED.get(data.name)
+    return None if name is None else Statement(name, data.params)
 
 
 def write(kind: str, tenant: str, user_id: str, bucket: int, argument: object) -> Statement:
@@ -51,11 +60,13 @@ def is_upsert(statement: Statement) -> bool:
     return statement.name in (_sql.MERGE, _sql.REPLACE)
 
 
-def decode_one(result: Any) -> tuple[Props | None, int | None]:
-    """Rows of ``GET``: the document and its version, or (None, None)."""
-    if not result.ntuples:
+def decode_one(result: Any, column: int = 0) -> tuple[Props | None, int | None]:
+    """Rows of ``GET`` (or of ``VERIFIED_GET`` from ``column`` 2): the document and its
+    version, or (None, None)."""
+    raw = result.get_value(0, column) if result.ntuples else None
+    if raw is None:  # no such user (the function returns its one row with NULLs)
         return None, None
-    text = result.get_value(0, 0).decode()
+    text = raw.decode()
     # The JSON scanner (C) that json.loads ends in, without the Python layers around it
     # (a read's hottest call): PostgreSQL prints a jsonb as exactly one value, nothing
     # around it. Anything else goes through the full decoder, which says what is wrong.
@@ -65,10 +76,11 @@ def decode_one(result: Any) -> tuple[Props | None, int | None]:
         end = -1
     if end != len(text):
         props = _JSON.decode(text)
-    return props, int(result.get_value(0, 1))
+    return props, int(result.get_value(0, column + 1))
 
 
-def decode_many(result: Any) -> dict[str, Props]:
-    """The row of ``GET_MANY``: ``{user_id: props}`` (NULL when no user was found)."""
-    value = result.get_value(0, 0) if result.ntuples else None
+def decode_many(result: Any, column: int = 0) -> dict[str, Props]:
+    """The row of ``GET_MANY`` (or ``VERIFIED_GET_MANY`` from ``column`` 2): ``{user_id:
+    props}`` (NULL when no user was found)."""
+    value = result.get_value(0, column) if result.ntuples else None
     return json.loads(value) if value is not None else {}
