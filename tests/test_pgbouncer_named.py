@@ -28,6 +28,7 @@ from propstore import (
     AsyncPropertyStore,
     ConfigError,
     PropertyStore,
+    PropStoreError,
     ReadResult,
     Topology,
     _sql,
@@ -150,6 +151,41 @@ def test_a_read_whose_named_statement_the_server_lacks_is_resent_unnamed_and_sai
     assert len(told) == 1 and "does not exist" in told[0]["error"], told
     assert "max_prepared_statements" in told[0]["fix"], told[0]
     assert not [e for e in events if e["event"] == "replica_read_failed"], events
+
+
+@pytest.mark.slow
+def test_a_shard_migrated_after_its_connection_opened_is_read_named_through_it(
+        fresh: LocalCluster) -> None:
+    """A connection opened before the table existed re-prepares in place once the shard is
+    migrated (``DEALLOCATE ALL``, which PgBouncer >= 1.22 applies to its own statement
+    map, then the Parses again): replica reads, named, and no statement lost."""
+    from propstore.migrate import downgrade, upgrade
+
+    reached = _reach(fresh, "pgbouncer-prepared")
+    assert reached.front is not None
+    primary = fresh.shards[0].primary
+    topology = _topology(fresh, reached.dsn, reached.via, reached.tracks_prepared)
+    topology = dataclasses.replace(topology, routing=dataclasses.replace(
+        topology.routing, pool_min_size=1, pool_max_size=1))
+    downgrade(primary.dsn, "base")
+    fresh.wait_caught_up()
+    try:
+        with capture_logs() as events, PropertyStore(topology) as store:
+            with pytest.raises(PropStoreError):
+                store.read("t", "late-user", max_staleness=5.0)
+            upgrade(primary.dsn)
+            fresh.wait_caught_up()
+            store.set("t", "late-user", {"v": 1})
+            fresh.wait_caught_up()
+            before = _counters(reached.front.show("STATS"))
+            results = [store.read("t", "late-user", max_staleness=5.0) for _ in range(20)]
+            binds = _counters(reached.front.show("STATS"))["bind"] - before["bind"]
+    finally:
+        upgrade(primary.dsn)
+    served = [r for r in results if r.from_replica]
+    assert len(served) >= 19 and all(r.props == {"v": 1} for r in served), results
+    assert binds >= len(served), binds
+    assert not [e for e in events if e["event"] == "node_statements_lost"], events
 
 
 @pytest.mark.slow
