@@ -282,7 +282,7 @@ def leftovers(code: str) -> list[Leftover]:
     for node in ast.walk(ast.parse(code)):
         line = getattr(node, "lineno", 0)
         if isinstance(node, ast.AsyncFunctionDef | ast.AsyncWith | ast.AsyncFor | ast.Await):
-            found.append(Leftover(line, f"{type(node).__name__} (unreachable for the tool?)"))
+            found.append(Leftover(line, f"an {type(node).__name__} the tool did not convert"))
         elif isinstance(node, ast.Name) and (node.id.startswith("Async") or node.id == "asyncio"):
             found.append(Leftover(line, f"name {node.id}: map it in NAMES or mark it ASYNC"))
         elif isinstance(node, ast.Attribute) and node.attr.startswith("Async"):
