@@ -27,6 +27,24 @@ def test_every_generated_sync_module_is_current() -> None:
     assert async_to_sync.MODULES  # it compared something
 
 
+def test_no_sync_twin_of_async_code_is_kept_by_hand_unless_listed(tmp_path: Path) -> None:
+    assert async_to_sync.hand_kept_twins() == []
+    # The scan finds one: a hand-written pair in a package of its own.
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "_io.py").write_text(textwrap.dedent('''\
+        class AsyncReader:
+            async def read_async(self) -> None: ...
+
+
+        class Reader:
+            def read(self) -> None: ...
+        '''))
+    assert async_to_sync.hand_kept_twins(tmp_path, "pkg") == [
+        "AsyncReader (pkg/_io.py:1) ~ Reader (pkg/_io.py:5)",
+        "AsyncReader.read_async (pkg/_io.py:2) ~ Reader.read (pkg/_io.py:6)",
+    ]
+
+
 def test_async_constructs_become_their_sync_counterparts() -> None:
     code = _sync_of('''\
         """Async doc of AsyncPropertyStore."""

@@ -30,7 +30,9 @@ line), and then ruff sorts its imports and drops the ones only the async side us
   async module the literal costs a NOP each call: not for functions on a read's path).
 
 The output must not mention ``asyncio``, ``await`` or a name starting with ``Async``: the
-tool stops and says which name needs a mapping or a marker.
+tool stops and says which name needs a mapping or a marker. ``--check`` also fails on a sync
+definition written by hand beside an async one of the same (sync) name, unless
+:data:`HAND_KEPT` says why it cannot be generated.
 """
 
 from __future__ import annotations
@@ -360,6 +362,60 @@ def wanted(root: Path = ROOT) -> list[tuple[str, str, str, str]]:
     return out
 
 
+#: Hand-kept sync/async pairs (async qualified name: why it cannot be generated). Any other
+#: async definition whose sync name is also defined by hand fails ``--check``.
+HAND_KEPT: dict[str, str] = {
+    "Changes.wait_async": "store/_degrade.py: the sync side blocks on a threading.Condition, "
+                          "the async side on a loop future the notifier resolves thread-safely",
+}
+
+
+def _generated_lines(text: str, path: str) -> range:
+    """The lines of ``path`` that the tool generates (all, none, or its sync section)."""
+    if path in {target for _source, target in MODULES}:
+        return range(1, text.count("\n") + 2)
+    if path in SECTIONS:
+        lines = text.splitlines()
+        begins = next(i for i, line in enumerate(lines) if line.startswith(GENERATED_BEGINS))
+        ends = next(i for i, line in enumerate(lines) if line.startswith(GENERATED_ENDS))
+        return range(begins + 1, ends + 2)
+    return range(0)
+
+
+def hand_kept_twins(root: Path = ROOT, package: str = "propstore") -> list[str]:
+    """Async definitions of ``package`` whose sync counterpart (same qualified name, sync
+    names) is written by hand rather than generated: ``"async (file:line) ~ sync
+    (file:line)"`` for each, the :data:`HAND_KEPT` ones left out."""
+    hand: dict[str, list[str]] = {}  # sync qualified name -> where it is defined by hand
+    asyncs: list[tuple[str, str]] = []  # (async qualified name, where)
+    for path in sorted((root / package).rglob("*.py")):
+        relative = str(path.relative_to(root))
+        text = path.read_text()
+        generated = _generated_lines(text, relative)
+
+        def visit(node: ast.AST, prefix: str, relative: str = relative,
+                  generated: range = generated) -> None:
+            for child in ast.iter_child_nodes(node):
+                if not isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                    continue
+                name = prefix + child.name
+                where = f"{relative}:{child.lineno}"
+                if isinstance(child, ast.AsyncFunctionDef) or child.name.startswith("Async"):
+                    asyncs.append((name, where))
+                elif child.lineno not in generated:
+                    hand.setdefault(name, []).append(where)
+                if isinstance(child, ast.ClassDef):
+                    visit(child, name + ".")
+
+        visit(ast.parse(text), "")
+    found = []
+    for name, where in asyncs:
+        sync = ".".join(sync_name(part) for part in name.split("."))
+        if sync != name and name not in HAND_KEPT:
+            found += [f"{name} ({where}) ~ {sync} ({other})" for other in hand.get(sync, [])]
+    return found
+
+
 def stale(root: Path = ROOT) -> list[tuple[str, str]]:
     """``(target, diff)`` for every generated module or section that is not up to date."""
     return [(target, "".join(difflib.unified_diff(
@@ -373,16 +429,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true",
                         help="write nothing; exit 1 with a diff if a generated module is stale")
     args = parser.parse_args(argv)
+    twins = hand_kept_twins()
+    for twin in twins:
+        print(f"hand-kept sync twin of async code: {twin} (generate it, share it, or say in "
+              "HAND_KEPT why not)")
     if args.check:
         found = stale()
         for target, diff in found:
             print(f"{target} is stale: run `python tools/async_to_sync.py`\n{diff}")
-        return 1 if found else 0
+        return 1 if found or twins else 0
     for target, source, have, want in wanted():
         if have != want:
             (ROOT / target).write_text(want)
             print(f"wrote {target} (from {source})")
-    return 0
+    return 1 if twins else 0
 
 
 if __name__ == "__main__":
