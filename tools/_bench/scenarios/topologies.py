@@ -120,7 +120,7 @@ def _through(env: BenchEnv, options: Options, result: ScenarioResult, kind: str,
         if via == "transaction_pooler":
             # The same read verified by the two-statement pipeline, as on a schema without
             # migration 0002 (the store's own fallback, forced): the one statement's A/B.
-            piped = PropertyStore(_topology(env, front.dsn, via))
+            piped = PropertyStore(_topology(env, front.dsn, via, front.tracks_prepared))
             piped._core.replicas.pipeline_until["front"] = math.inf
             pick_piped = picker(users, 33)
             contenders.append(Contender(PIPELINED.format(kind=kind), lambda: piped.read(
