@@ -27,7 +27,14 @@ from propstore.freshness import Token
 from propstore.monitor import LagMonitor, ShardView, monitor_for
 from propstore.router import RouteDecision
 from propstore.store._core import StoreCore
-from propstore.store._pool import SCHEMA_MISSING, STATEMENT_LOST, IdleStack, NodeReach
+from propstore.store._pool import (
+    SCHEMA_MISSING,
+    STATEMENT_LOST,
+    IdleStack,
+    NodeReach,
+    patience,
+    rejected,
+)
 from propstore.store._pool_async import AsyncNodeConnection, async_pool, prepare_async
 from propstore.store._primary import PrimaryGone
 from propstore.store._program import (
@@ -273,7 +280,7 @@ class AsyncPropertyStore:
             try:
                 conn = idle.take()
                 if conn is None:
-                    conn = await self._checkout(pool, idle, op)
+                    conn = await self._checkout(pool, idle, patience(pool, reach, op))
                 if reach.statements_lost:
                     reach.refresh(conn)
                 if conn.propstore_schema_missing and not await prepare_async(conn):
@@ -297,7 +304,7 @@ class AsyncPropertyStore:
                 if conn is not None:
                     await self._checkin(pool, idle, conn)
                 try:
-                    op = program.throw(exc)
+                    op = program.throw(rejected(reach, exc))
                 except StopIteration as stop:
                     return stop.value
                 continue

@@ -29,6 +29,7 @@ from typing import Any
 import structlog
 
 from propstore._limiter import PrimaryLimiter
+from propstore._repeats import Repeats
 from propstore._validation import check_id, check_tenant, check_user_ids
 from propstore._wire import Statement
 from propstore.config import Topology
@@ -64,6 +65,9 @@ _BUDGET_ORDER = ("max_staleness", "after", "profile", "consistency", "on_stale",
 _BUDGET_KEYS = frozenset(_BUDGET_ORDER)
 #: Entries of the budget and tenant memos (cleared when full: a service uses a few).
 _MEMO_SIZE = 256
+#: A replica read failure of one node and reason is logged at once, then at most once per
+#: this many seconds with how many failed alike meanwhile (``repeated``).
+FAILURE_EVENT_EVERY = 10.0
 _NONES = itertools.repeat(None)
 
 
@@ -102,6 +106,8 @@ class StoreCore:
         self.writes = Writes(self.state, self.routing, self.primary_limiters,
                              self.shard_names)
         self.observers: list[ReadObserver] = []
+        #: Which replica read failures to log: a frozen replica fails every read alike.
+        self.failure_events = Repeats(FAILURE_EVENT_EVERY)
         #: (keyword given (None: none), type of its value, value) -> budget.
         self._budgets: dict[tuple[str | None, type, Any], tuple[Freshness, Degrade]] = {}
         self._combined_budgets: dict[Any, tuple[Freshness, Degrade]] = {}
@@ -371,8 +377,11 @@ class StoreCore:
         for index, error, timed_out in failures:
             # A missed deadline is no new proof; only an error counts toward down.
             (self.state.unanswered if timed_out else self.state.fail)(shard_index, index, error)
-            log.info("replica_read_failed", shard=shard,
-                     node=self.topology.shards[shard_index].nodes[index].name, error=error)
+            held = self.failure_events.emit((shard_index, index, error))
+            if held is not None:
+                log.info("replica_read_failed", shard=shard,
+                         node=self.topology.shards[shard_index].nodes[index].name, error=error,
+                         **({"repeated": held} if held else {}))
 
 
 def _bounded_put(memo: dict[Any, Any], key: Any, value: Any) -> None:

@@ -16,12 +16,14 @@ from __future__ import annotations
 import math
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import psycopg
 import structlog
 from psycopg import pq
+from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 from tenacity import (
     AsyncRetrying,
     Retrying,
@@ -33,6 +35,7 @@ from tenacity import (
 from propstore import _sql, _wire, proof
 from propstore._connections import ConnectionBudget
 from propstore.config import NodeConfig, RoutingSettings
+from propstore.store._program import Exec
 
 if TYPE_CHECKING:
     from propstore.store._pool_async import AsyncNodeConnection
@@ -59,12 +62,19 @@ CONNECT_PATIENCE = 2.0
 RetryingT = TypeVar("RetryingT", Retrying, AsyncRetrying)
 
 
-def connecting(kind: type[RetryingT]) -> RetryingT:
+def connecting(kind: type[RetryingT], reach: NodeReach | None = None) -> RetryingT:
     """The retry policy for opening a pooled connection (``Retrying`` or
-    ``AsyncRetrying``): refusals are tried again for :data:`CONNECT_PATIENCE`."""
+    ``AsyncRetrying``): refusals are tried again for :data:`CONNECT_PATIENCE`; another
+    rejection is noted on ``reach`` (:attr:`NodeReach.rejected`)."""
     return kind(stop=stop_after_delay(CONNECT_PATIENCE),
                 wait=wait_exponential_jitter(multiplier=0.05, max=0.1, jitter=0.05),
-                retry=retry_if_exception(_refused), reraise=True)
+                retry=retry_if_exception(partial(_retried, reach)), reraise=True)
+
+
+#: The keyword by which a pool hands its node's :class:`NodeReach` to the connect that
+#: opens its connections (psycopg-pool passes its ``kwargs`` on; popped before psycopg
+#: sees them), so that a rejected connect is known to the node's reads.
+REACH = "propstore_reach"
 
 
 #: What a failed connect says when the server is between two runs. psycopg exposes no
@@ -83,6 +93,45 @@ def _refused(exc: BaseException) -> bool:
         return False
     text = str(exc).lower()
     return any(sign in text for sign in _BETWEEN_RUNS)
+
+
+def _retried(reach: NodeReach | None, exc: BaseException) -> bool:
+    """Whether a failed connect is tried again; a server that answered and said no for
+    another reason (too many clients, authentication, no such database) is noted."""
+    if _refused(exc):
+        return True
+    if reach is not None and isinstance(exc, psycopg.OperationalError) and not isinstance(
+            exc, psycopg.errors.ConnectionTimeout):  # a timeout is silence, not a rejection
+        lines = str(exc).strip().splitlines()
+        reach.rejected = (lines[-1].strip() if lines else type(exc).__name__)[:200]
+    return False
+
+
+class Rejected(psycopg.OperationalError):
+    """No connection to a node whose server rejects this store's new connections (too many
+    clients, authentication, ...), and none of the pool's idle: an error of the node, not a
+    missed deadline (a read reports it as a failure, and does not wait for the pool)."""
+
+
+def patience(pool: ConnectionPool[Any] | AsyncConnectionPool[Any], reach: NodeReach,
+             op: Exec) -> Exec:
+    """``op`` as a request that found no kept connection should wait for the pool: as is,
+    or with its deadline now when the node's last connect was rejected and the pool has no
+    idle connection (waiting would only spend the deadline). Only this slow path asks the
+    pool, and only once a connect was rejected."""
+    if reach.rejected is None or pool.get_stats()["pool_available"]:
+        return op
+    return replace(op, deadline=min(op.deadline, time.monotonic()))
+
+
+def rejected(reach: NodeReach, exc: BaseException) -> BaseException:
+    """``exc``, or for a pool timeout on a node whose connects are rejected, a
+    :class:`Rejected` naming why (the timeout as its cause)."""
+    if reach.rejected is None or not isinstance(exc, PoolTimeout):
+        return exc
+    error = Rejected(f"new connections rejected: {reach.rejected}")
+    error.__cause__ = exc
+    return error
 
 
 #: A pooled connection of either side (the classes are ``_pool_sync``'s and ``_pool_async``'s).
@@ -198,6 +247,8 @@ class NodeReach:
     node: NodeConfig
     pooler_seen: bool | None = None
     statements_lost: bool = False
+    #: Why the server rejected the pool's last connect (None once one opened since).
+    rejected: str | None = None
     _logged: set[str] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -210,6 +261,7 @@ class NodeReach:
     def learned(self, conn: NodeConnection | AsyncNodeConnection,
                 row: tuple[bytes | None, ...]) -> None:
         """Record an opened connection's identity row and decide what it may reuse."""
+        self.rejected = None
         conn.propstore_run = proof.ServerRun.from_row(row)
         backend_pid = int(row[4]) if row[4] else None
         pooler_seen = backend_pid is not None and backend_pid != conn.pgconn.backend_pid
@@ -278,9 +330,12 @@ def every_attribute(conn: NodeConnection | AsyncNodeConnection) -> None:
     conn.propstore_idle_since = 0.0
 
 
-def connect_kwargs(node: NodeConfig, routing: RoutingSettings) -> dict[str, Any]:
-    """psycopg's connection arguments for a node's pooled connections."""
+def connect_kwargs(node: NodeConfig, routing: RoutingSettings, reach: NodeReach
+                   ) -> dict[str, Any]:
+    """psycopg's connection arguments for a node's pooled connections (and the node's
+    :class:`NodeReach`, for the connect: :data:`REACH`)."""
     return {
+        REACH: reach,
         "autocommit": True,
         # libpq rounds connect_timeout to whole seconds, 2 at least.
         "connect_timeout": max(2, math.ceil(routing.connect_timeout)),

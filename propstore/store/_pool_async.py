@@ -20,6 +20,7 @@ from propstore.config import NodeConfig, RoutingSettings
 from propstore.lsn import LSN
 from propstore.store._pool import (
     IDENTITY,
+    REACH,
     STATEMENT_LOST,
     NodeReach,
     connect_kwargs,
@@ -41,7 +42,7 @@ class AsyncNodeConnection(psycopg.AsyncConnection[Any]):
     async def connect(cls, conninfo: str = "", **kwargs: Any) -> Self:
         """psycopg's ``connect``, tried again while the server refuses (see
         :data:`~propstore.store._pool.CONNECT_PATIENCE`)."""
-        async for attempt in connecting(AsyncRetrying):
+        async for attempt in connecting(AsyncRetrying, kwargs.pop(REACH, None)):
             with attempt:
                 return await super().connect(conninfo, **kwargs)
         raise AssertionError("unreachable: tenacity returns or raises")
@@ -119,7 +120,7 @@ def async_pool(node: NodeConfig, routing: RoutingSettings, reach: NodeReach | No
     return AsyncConnectionPool(
         node.dsn,
         connection_class=AsyncNodeConnection,
-        kwargs=connect_kwargs(node, routing),
+        kwargs=connect_kwargs(node, routing, known),
         min_size=sizes[0],
         max_size=sizes[1],
         configure=configure,

@@ -19,6 +19,7 @@ from propstore.config import NodeConfig, RoutingSettings
 from propstore.lsn import LSN
 from propstore.store._pool import (
     IDENTITY,
+    REACH,
     STATEMENT_LOST,
     NodeReach,
     connect_kwargs,
@@ -36,7 +37,7 @@ class NodeConnection(psycopg.Connection[Any]):
     def connect(cls, conninfo: str = "", **kwargs: Any) -> Self:
         """psycopg's ``connect``, tried again while the server refuses (see
         :data:`~propstore.store._pool.CONNECT_PATIENCE`)."""
-        for attempt in connecting(Retrying):
+        for attempt in connecting(Retrying, kwargs.pop(REACH, None)):
             with attempt:
                 return super().connect(conninfo, **kwargs)
         raise AssertionError("unreachable: tenacity returns or raises")
@@ -114,7 +115,7 @@ def sync_pool(node: NodeConfig, routing: RoutingSettings, reach: NodeReach | Non
     return ConnectionPool(
         node.dsn,
         connection_class=NodeConnection,
-        kwargs=connect_kwargs(node, routing),
+        kwargs=connect_kwargs(node, routing, known),
         min_size=sizes[0],
         max_size=sizes[1],
         configure=configure,

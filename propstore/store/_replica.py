@@ -23,6 +23,7 @@ from propstore.lsn import LSN
 from propstore.monitor import MonitorState, NodeView, ShardView
 from propstore.proof import Proof, RunFacts, known_lsn, remember
 from propstore.router import FallbackReason, RouteDecision
+from propstore.store._pool import Rejected
 from propstore.store._program import ConnState, Exec, Failure, ReadResult, Response
 from propstore.store._statements import REPLAY_LSN, VERIFIED_DATA_COLUMN, one_statement
 
@@ -111,6 +112,10 @@ class ReplicaReads:
             except DeadlineExceeded:
                 reason = "replica_timeout"
                 failures.append((cand.index, "read deadline exceeded", True))
+                continue
+            except Rejected as exc:  # the server refuses our connections: an error, by name
+                reason = "replica_down"
+                failures.append((cand.index, str(exc), False))
                 continue
             except psycopg.Error as exc:
                 reason = "replica_down"

@@ -25,7 +25,14 @@ from propstore.freshness import Token
 from propstore.monitor import LagMonitor, ShardView, monitor_for
 from propstore.router import RouteDecision
 from propstore.store._core import StoreCore
-from propstore.store._pool import SCHEMA_MISSING, STATEMENT_LOST, IdleStack, NodeReach
+from propstore.store._pool import (
+    SCHEMA_MISSING,
+    STATEMENT_LOST,
+    IdleStack,
+    NodeReach,
+    patience,
+    rejected,
+)
 from propstore.store._pool_sync import NodeConnection, prepare, sync_pool
 from propstore.store._primary import PrimaryGone
 from propstore.store._program import (
@@ -228,7 +235,7 @@ class PropertyStore:
             try:
                 conn = idle.take()
                 if conn is None:
-                    conn = self._checkout(pool, idle, op)
+                    conn = self._checkout(pool, idle, patience(pool, reach, op))
                 if reach.statements_lost:
                     reach.refresh(conn)
                 if conn.propstore_schema_missing and not prepare(conn):
@@ -252,7 +259,7 @@ class PropertyStore:
                 if conn is not None:
                     self._checkin(pool, idle, conn)
                 try:
-                    op = program.throw(exc)
+                    op = program.throw(rejected(reach, exc))
                 except StopIteration as stop:
                     return stop.value
                 continue
