@@ -2,30 +2,41 @@
 the primary's measured latency. Pure arithmetic over an injectable clock; no I/O.
 
 The store already times every read that falls back to the primary and every write; those
-durations are the limiter's only input (no probe queries). Two smoothed figures come out of
-them:
+durations are the limiter's only input (no probe queries). Each fallback read gives two:
+its time *on the primary* (from a connection in hand to the answer: the primary's own
+latency, its queue included) and its time *in flight* (from admission: also the wait for
+one of this store's connections, which is this process's queue). From the former come
 
 * ``recent``: an exponential average of the last few dozen samples (what the primary is
   doing now);
 * ``baseline``: the primary's normal latency. It follows ``recent`` down ten times faster
   than up (time constant ``baseline_window`` seconds up), and up only from reads that
-  finished with at most ``baseline_in_flight`` reads in flight (none of them queued for a
-  connection of ours): a surge's queueing must not become the new normal, while a primary
-  whose normal latency really changed is relearned within a few windows.
+  finished with at most ``baseline_in_flight`` reads in flight: a surge's queueing must not
+  become the new normal, while a primary whose normal latency really changed is relearned
+  within a few windows.
 
 The *band* is ``max(tolerance * baseline, latency_floor)``. The primary is **congested**
-only when every read for ``standing_time`` seconds took longer than the band (a standing
-queue, as in CoDel: a burst that drains, or one slow answer on a noisy machine, is not
-one) **and** this process has ``min_queue`` reads queued by Vegas's estimate. Until then
-the limit follows demand: a read that finds the limit full raises it (up to the configured
-ceiling) and is admitted, so **no read is shed while the primary's latency stays in its
-band, or leaves it only briefly**. While congested, each sample cuts the limit by the
-gradient ``band / recent`` (at most by half per sample, never below ``min_limit``), as in
-Netflix's *concurrency-limits* Gradient2 limiter: the limit settles where the in-flight load
-keeps the primary's latency at the top of its band, which is Little's law's way of saying
-"as much as it can serve without queueing". A concurrency limit rather than a rate because
-it needs no capacity figure: a slower primary completes fewer reads per second at the same
-in-flight count, and the limit holds without being told.
+only when
+
+1. every read for ``standing_time`` seconds was in flight longer than the band (a standing
+   queue, as in CoDel: a burst that drains, or one slow answer on a noisy machine, is not
+   one);
+2. the primary itself is slow: its recent latency is above the band. A queue only for this
+   store's connections (a pool still opening them after a quiet spell, or more reads in
+   flight than connections) is this process's backlog: the primary never sees more than
+   the pool, and shedding would relieve nothing but refuse reads it answers at its normal
+   speed;
+3. this process has ``min_queue`` reads queued by Vegas's estimate.
+
+Until then the limit follows demand: a read that finds the limit full raises it (up to the
+configured ceiling) and is admitted, so **no read is shed while the primary's latency stays
+in its band, or leaves it only briefly**. While congested, each sample cuts the limit by the
+gradient ``band / in-flight latency`` (at most by half per sample, never below
+``min_limit``), as in Netflix's *concurrency-limits* Gradient2 limiter: the limit settles
+where the in-flight load keeps the latency at the top of its band, which is Little's law's
+way of saying "as much as it can serve without queueing". A concurrency limit rather than a
+rate because it needs no capacity figure: a slower primary completes fewer reads per second
+at the same in-flight count, and the limit holds without being told.
 
 Priority reads (strong, and token reads: only the primary can serve them) are always
 admitted; they count in flight, so under pressure it is the budgeted reads that give way to
@@ -129,6 +140,12 @@ class _Latency:
         #: When the current run of samples above the band began (None: the last was in it).
         self.above_since: float | None = None
 
+    def follow(self, seconds: float, now: float) -> None:
+        """One sample of ``recent`` only (no baseline: the in-flight times)."""
+        self.at = now
+        self.recent = seconds if self.recent is None else (
+            self.recent + (seconds - self.recent) * PrimaryLimiter.RECENT_WEIGHT)
+
     def learn(self, seconds: float, now: float, window: float, rise: bool = True) -> None:
         """One sample; ``rise``: it may raise the baseline (no queue of ours in it)."""
         elapsed, self.at = max(0.0, now - self.at), now
@@ -180,8 +197,8 @@ class PrimaryLimiter:
     slower than a read, and a change in the mix must not look like congestion).
     """
 
-    __slots__ = ("_clock", "_limit", "_lock", "_reads", "_shed", "_writes", "in_flight",
-                 "settings")
+    __slots__ = ("_clock", "_flights", "_limit", "_lock", "_reads", "_shed", "_writes",
+                 "in_flight", "settings")
 
     #: Weight of a new sample in ``recent`` (about the last 20 samples count).
     RECENT_WEIGHT = 0.05
@@ -195,7 +212,11 @@ class PrimaryLimiter:
         if settings.max_concurrency:
             self._limit = min(self._limit, float(settings.max_concurrency))
         self.in_flight = 0
+        #: Fallback reads' time on the primary (its health: recent, baseline, band) ...
         self._reads = _Latency()
+        #: ... and their time in flight, our own wait for a connection included (the
+        #: standing queue, Vegas's estimate of it, the gradient).
+        self._flights = _Latency()
         self._writes = _Latency()
         self._shed: dict[ShedReason, int] = {}
 
@@ -222,17 +243,21 @@ class PrimaryLimiter:
             self.in_flight += 1
             return None
 
-    def done(self, seconds: float) -> None:
-        """A read admitted by :meth:`admit` finished after ``seconds``."""
+    def done(self, seconds: float, on_primary: float | None = None) -> None:
+        """A read admitted by :meth:`admit` finished ``seconds`` after it, of which it spent
+        ``on_primary`` with a connection in hand (None: all of them)."""
         s = self.settings
         with self._lock:
             queued_behind = self.in_flight > s.baseline_in_flight
             self.in_flight = max(0, self.in_flight - 1)
             if _usable(seconds):
-                reads, now = self._reads, self._clock()
+                reads, flights, now = self._reads, self._flights, self._clock()
                 # Judged against the band before this sample moves it.
-                reads.mark(seconds, reads.band(s.tolerance, s.latency_floor), now)
-                reads.learn(seconds, now, s.baseline_window, rise=not queued_behind)
+                flights.mark(seconds, reads.band(s.tolerance, s.latency_floor), now)
+                flights.follow(seconds, now)
+                primary = seconds if on_primary is None or not _usable(on_primary) else (
+                    min(on_primary, seconds))
+                reads.learn(primary, now, s.baseline_window, rise=not queued_behind)
                 self._adapt()
 
     def sample(self, seconds: float) -> None:
@@ -276,7 +301,10 @@ class PrimaryLimiter:
 
     def _excess(self) -> float:
         s, now = self.settings, self._clock()
-        reads = self._reads.excess(s.tolerance, s.latency_floor, now)
+        # The in-flight time against the primary's band: the cut takes our queue down too.
+        flights = self._flights
+        reads = flights.recent / self._reads.band(s.tolerance, s.latency_floor) if (
+            flights.recent is not None and now - flights.at <= _FORGET_AFTER) else 0.0
         # Writes are a second witness, with a wider band: their fsync makes them noisy (the
         # disk is shared), and a surge of reads slows them without the primary being in
         # trouble. Only a primary whose writes slow far beyond that counts as overloaded.
@@ -285,9 +313,11 @@ class PrimaryLimiter:
         return max(reads, writes)
 
     def _overloaded(self) -> bool:
-        """A standing queue above the reads' band, or writes far beyond theirs."""
+        """A standing queue above the reads' band while the primary's own latency is above
+        it too, or writes far beyond theirs."""
         s, now = self.settings, self._clock()
-        if self._reads.standing(s.standing_time, now):
+        if self._flights.standing(s.standing_time, now) and (
+                self._reads.excess(s.tolerance, s.latency_floor, now) > 1.0):
             return True
         return self._writes.excess(s.tolerance * _WRITE_BAND, s.latency_floor * _WRITE_BAND,
                                    now) > 1.0
@@ -295,10 +325,10 @@ class PrimaryLimiter:
     def _congested(self) -> bool:
         if not self._overloaded():
             return False
-        reads = self._reads
-        if reads.recent is None or reads.baseline is None:
+        reads, flights = self._reads, self._flights
+        if reads.baseline is None or flights.recent is None:
             return True  # only the writes say so
-        queued = self.in_flight * (1.0 - reads.baseline / max(reads.recent, 1e-9))
+        queued = self.in_flight * (1.0 - reads.baseline / max(flights.recent, 1e-9))
         return queued >= self.settings.min_queue
 
     def _adapt(self) -> None:

@@ -18,9 +18,11 @@ class Clock:
 
 
 def run(limiter: PrimaryLimiter, clock: Clock, *, demand: int, latency: float,
-        seconds: float, priority_share: int = 0) -> dict[str, int]:
+        seconds: float, priority_share: int = 0, on_primary: float | None = None
+        ) -> dict[str, int]:
     """Keep ``demand`` reads in flight for ``seconds`` of driven time, each taking
-    ``latency``; every ``priority_share``-th read is a priority read. Counts outcomes."""
+    ``latency`` (``on_primary`` of it with a connection in hand: default all of it); every
+    ``priority_share``-th read is a priority read. Counts outcomes."""
     counts = {"admitted": 0, "shed": 0, "priority_shed": 0, "priority": 0}
     end = clock.now + seconds
     n = 0
@@ -37,7 +39,7 @@ def run(limiter: PrimaryLimiter, clock: Clock, *, demand: int, latency: float,
                 counts["priority_shed" if priority else "shed"] += 1
         clock.now += latency
         for _ in admitted:
-            limiter.done(latency)
+            limiter.done(latency, on_primary)
     return counts
 
 
@@ -150,3 +152,22 @@ def test_a_short_excursion_above_the_band_sheds_nothing_a_standing_queue_does() 
     lasting = run(limiter, clock, demand=40, latency=0.02, seconds=settings.standing_time * 3)
     assert lasting["shed"] > 0
     assert not limiter.healthy
+
+
+def test_a_queue_for_the_stores_own_connections_is_not_the_primarys_congestion() -> None:
+    clock = Clock()
+    settings = LimiterSettings(min_queue=4)
+    limiter = PrimaryLimiter(settings, clock)
+    run(limiter, clock, demand=2, latency=0.001, seconds=2)  # normal: 1 ms
+    # 40 reads in flight for 3 standing times, each 20 ms of which 19 waiting for one of
+    # the store's connections (a pool opening them, or too small): the primary answers in
+    # 1 ms, so shedding would relieve it of nothing.
+    queued = run(limiter, clock, demand=40, latency=0.02, on_primary=0.001,
+                 seconds=settings.standing_time * 3)
+    assert queued["admitted"] > 0 and queued["shed"] == 0 and limiter.healthy
+    state = limiter.state()
+    assert state.recent is not None and state.recent < 0.002
+    # The same in-flight time spent on the primary: congested, shed.
+    slow = run(limiter, clock, demand=40, latency=0.02, on_primary=0.02,
+               seconds=settings.standing_time * 3)
+    assert slow["shed"] > 0 and not limiter.healthy

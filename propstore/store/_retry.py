@@ -112,12 +112,18 @@ def on_primary(
     reason: FallbackReason, deadline: float, valid: Callable[[], bool] | None = None,
 ) -> Generator[Exec, Response, tuple[Any, ReadResult]]:
     """One admitted attempt on the primary; its duration is the limiter's measure of health
-    (a failure that says nothing about the primary's speed releases it without a sample)."""
+    (a failure that says nothing about the primary's speed releases it without a sample).
+
+    Two durations: in flight (from here) and on the primary (from a connection in hand). The
+    wait for one of this store's connections between them is this process's own queue (its
+    pool still opening connections after a quiet spell, or more reads in flight than
+    connections), not the primary's latency (docs/degrade.md)."""
     began = time.monotonic()
-    spent = math.inf
+    spent = on_server = math.inf
     try:
-        rows, node = yield from core.primary.read(shard_index, data, deadline, valid)
+        rows, node, connected = yield from core.primary.read(shard_index, data, deadline, valid)
         spent = time.monotonic() - began
+        on_server = spent - (connected - began)
     except ShardUnavailableError as exc:
         if not transient(exc):
             spent = time.monotonic() - began  # slow or refusing: that is health
@@ -126,7 +132,7 @@ def on_primary(
         # No wake-up for waiting reads here: a read ends hundreds of times a second under
         # a surge, and waking every waiter each time is a thundering herd. Waiters recheck
         # the primary's room at each monitor observation of the shard instead.
-        core.primary_limiters[shard_index].done(spent)
+        core.primary_limiters[shard_index].done(spent, on_server)
     return decode(rows), ReadResult(None, None, core.shard_names[shard_index], node, False,
                                     None, 0.0, reason, "primary")
 

@@ -31,7 +31,7 @@ from propstore.store._primary import (
     primary_node,
     still_primary,
 )
-from propstore.store._program import Exec, Response, fixed
+from propstore.store._program import ConnState, Exec, Response, fixed
 from propstore.timeline import WriteMark, timeline_of_wal_file
 
 RetryingT = TypeVar("RetryingT", Retrying, AsyncRetrying)
@@ -105,15 +105,23 @@ class Writes:
         began = time.monotonic()
         deadline = min(began + self.routing.primary_deadline, window.last_deadline)
         name = node.name
+        statements = fixed((statement, Statement(_sql.FLUSH_LSN)), commit_each=True)
+        connected = began
+
+        def plan(conn: ConnState) -> tuple[Sequence[Statement], bool]:
+            nonlocal connected
+            connected = time.monotonic()
+            return statements(conn)
+
         try:
             _conn, results = yield Exec(
-                node.config, deadline,
-                fixed((statement, Statement(_sql.FLUSH_LSN)), commit_each=True),
+                node.config, deadline, plan,
                 valid=lambda: still_primary(self.state.view(shard_index), name),
             )
         finally:
-            # Writes are the primary's other load: their latency is part of its health.
-            self.primary_limiters[shard_index].sample(time.monotonic() - began)
+            # Writes are the primary's other load: their latency on it is part of its
+            # health (from a connection in hand: a wait for one is this store's own queue).
+            self.primary_limiters[shard_index].sample(time.monotonic() - connected)
         write, after = results
         version = write.get_value(0, 0)
         wal_file = after.get_value(0, 1)
