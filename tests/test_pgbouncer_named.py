@@ -100,13 +100,16 @@ def test_reads_through_a_tracking_pooler_are_named_parsed_once_per_connection(
 def test_a_pooler_declared_tracking_that_does_not_is_named_once_and_reads_go_unnamed(
         fresh: LocalCluster) -> None:
     """Debian 12's PgBouncer 1.18 in transaction mode, declared ``pooler_tracks_prepared``:
-    a server connection where another client left a statement of the same name (planted
-    here) refuses the connection's Parse. One ``node_statements_lost`` event names the node
-    and the fix, the node goes unnamed, and every read stays sound -- no ``replica_down``."""
+    a server connection where another propstore client left its statements (one planted
+    here, the same SQL under the same name) refuses the connection's Parse, and one whose
+    server connection lacks them fails its Bind. One ``node_statements_lost`` event names the
+    node and the fix, the node goes unnamed, and every read stays sound -- no
+    ``replica_down``."""
     reached = _reach(fresh, "pgbouncer-transaction")
     reached.via, reached.tracks_prepared = "transaction_pooler", True
+    name = _sql.BASE_STATEMENTS[0]
     with psycopg.connect(reached.dsn, autocommit=True) as conn:
-        conn.execute(f"PREPARE {_sql.BASE_STATEMENTS[0].decode()} AS SELECT 1", prepare=False)
+        conn.execute(f"PREPARE {name.decode()} AS {_sql.STATEMENTS[name]}", prepare=False)
 
     def pause(load: ClaimsLoad, victim: LocalNode) -> None:
         load.wait(0.5)
