@@ -36,6 +36,9 @@ class Status:
     states: tuple[str, ...] = ()
     #: Whether a read of every budget was checked against an acknowledged write.
     every_budget_checked: bool = False
+    #: Why its last attempt to join an agent failed, and why it polls for itself.
+    join_error: str = ""
+    own_reason: str = ""
 
 
 def _status(store: PropertyStore, load: Any) -> Status:
@@ -49,6 +52,7 @@ def _status(store: PropertyStore, load: Any) -> Status:
         report.reads if report else 0, report.replica_reads if report else 0,
         tuple(n.state for v in store.shard_views() for n in v.nodes),
         report is not None and all(report.checked[b] for b in load.budgets),
+        getattr(monitor, "join_error", ""), getattr(monitor, "own_reason", ""),
     )
 
 

@@ -363,6 +363,12 @@ def test_chaos_of_many_processes_serves_no_read_outside_its_budget(
                                       for s, r in zip(st, again, strict=True)), 60,
                        "every worker reads on")
         reports = fleet.stop()
+    reads, replica = sum(r.reads for r in reports), sum(r.replica_reads for r in reports)
+    print(f"chaos, {count} processes: {reads} reads ({replica} from replicas), "
+          f"{sum(r.writes for r in reports)} writes, "
+          f"{sum(r.violations for r in reports)} outside their budget, "
+          f"{sum(r.error_count for r in reports)} errors, "
+          f"worst read {max(r.worst_read for r in reports) * 1000:.0f} ms")
     for report in reports:
         report.check()
 

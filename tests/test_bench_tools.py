@@ -172,3 +172,36 @@ def test_fleet_bars_judge_the_shared_design_at_64_against_1_process() -> None:
     assert missed == {"fleet (host): N=64 vs N=1, monitoring statements/s per server",
                       "fleet (host): N=64 vs N=1, client connections per server",
                       "fleet (host): N=64 vs N=1, read latency p99"}
+
+
+def test_fleet_latency_bars_allow_what_sampling_moves_one_process_by_and_no_more() -> None:
+    fleet = importlib.import_module("_bench.scenarios.fleet")
+    one = _phase("host", 1, 10.0, 2)
+    one.intervals = {"p50": (0.0019, 0.0021), "p99": (0.0036, 0.0045)}
+
+    def p99_verdict(p99: float) -> str:
+        result = ScenarioResult("fleet", "test")
+        fleet._bars(result, [one, _phase("host", 64, 10.0, 66, p99=p99)])
+        (bar,) = [b for b in result.bars if b.name.endswith("host): N=64 vs N=1, read latency p99")]
+        return bar.verdict
+
+    assert p99_verdict(0.0044) == "met"  # above N=1's 4 ms, within its interval
+    assert p99_verdict(0.0046) == "MISSED"
+    # An interval with no upper end (too few reads) falls back to N=1's own figure.
+    one.intervals["p99"] = (0.0036, float("inf"))
+    assert p99_verdict(0.0041) == "MISSED"
+
+
+def test_fleet_quantile_intervals_cover_the_true_quantile_and_widen_with_few_samples() -> None:
+    import random
+
+    fleet = importlib.import_module("_bench.scenarios.fleet")
+    rng = random.Random(7)
+    covered = 0
+    for _ in range(200):  # exponential samples: true p99 = ln(100)
+        low, high = fleet.quantile_interval(sorted(rng.expovariate(1) for _ in range(500)),
+                                            0.99)
+        covered += low <= 4.60517 <= high
+    assert covered >= 180  # a 95 % interval: about 190 of 200
+    assert fleet.quantile_interval(sorted(rng.random() for _ in range(30)), 0.99)[1] == (
+        float("inf"))

@@ -1,6 +1,6 @@
 """The host agent's side of its socket: the stores connected to it, what a new one is told
-first, sending them the agent's polls (one send per tick), the refusal counters they report,
-and status requests (``docs/architecture.md``, "Fleets").
+first, sending them the agent's polls (one send per tick, a group of stores at a time), the
+refusal counters they report, and status requests (``docs/architecture.md``, "Fleets").
 """
 
 from __future__ import annotations
@@ -39,8 +39,13 @@ RECENT_PER_NODE = 64
 #: A reader whose unsent backlog passes this many bytes is not reading (stopped, or its
 #: process is stuck): it is dropped, and polls for itself until it joins again.
 MAX_BACKLOG = 1 << 20
+#: Groups of stores the agent sends to in turn, each once per tick at its own phase of it,
+#: so that a fleet's processes do not all wake at the same instant.
+SEND_GROUPS = 8
+
+
 def send_tick(interval: float) -> float:
-    """Seconds between the agent's sends to its stores: half a poll interval (at most
+    """Seconds between the agent's sends to each store: half a poll interval (at most
     50 ms), so a store wakes a few times per interval whatever the number of nodes, and a
     fact waits at most that long on its way (its bound is that much larger)."""
     return min(0.05, interval / 2)
@@ -62,10 +67,14 @@ class Hub:
         self._histories: dict[tuple[int, int], bytes] = {}
         #: Connected stores and their pids (``SO_PEERCRED``: the kernel's word, 0 if unknown).
         self._readers: dict[asyncio.StreamWriter, int] = {}
-        self._pending: list[bytes] = []
-        self._flush_scheduled = False
-        #: Seconds between two sends to the stores (0: every event-loop turn), and when the
-        #: last one went (monotonic).
+        #: Each reader's send group, and per group its members, the lines not yet sent to
+        #: it and whether its send is scheduled.
+        self._group_of: dict[asyncio.StreamWriter, int] = {}
+        self._groups: list[set[asyncio.StreamWriter]] = [set() for _ in range(SEND_GROUPS)]
+        self._pending: list[list[bytes]] = [[] for _ in range(SEND_GROUPS)]
+        self._scheduled = [False] * SEND_GROUPS
+        #: Seconds between two sends to a store (0: every event-loop turn), and when the
+        #: last send to any store went (monotonic).
         self.tick = tick
         self.sent_at = time.monotonic()
         self.tally = tally
@@ -98,23 +107,32 @@ class Hub:
                 del self._histories[old]
         if not self._readers:
             return
-        self._pending.append(line)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            # One send per tick: every store wakes once for what a tick's polls found,
-            # not once per poll (a fact sent late is an old fact: its bound only grows).
-            loop = asyncio.get_running_loop()
-            if self.tick > 0:
-                loop.call_later(self.tick, self._flush)
-            else:
-                loop.call_soon(self._flush)
+        loop: asyncio.AbstractEventLoop | None = None
+        for group, members in enumerate(self._groups):
+            if not members:
+                continue
+            self._pending[group].append(line)
+            if self._scheduled[group]:
+                continue
+            self._scheduled[group] = True
+            loop = loop or asyncio.get_running_loop()
+            if self.tick <= 0:
+                loop.call_soon(self._flush, group)
+                continue
+            # One send per tick and group, each group at its own phase of the tick: a store
+            # wakes once for what a tick's polls found, not once per poll, and the fleet's
+            # stores wake a group at a time, not all at once (a fact sent late is an old
+            # fact: its bound only grows, by a tick at most).
+            phase = self.tick * group / SEND_GROUPS
+            now = loop.time()
+            loop.call_at(now + self.tick - (now - phase) % self.tick, self._flush, group)
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
+    def _flush(self, group: int) -> None:
+        self._scheduled[group] = False
         self.sent_at = time.monotonic()
-        data = b"".join(self._pending)
-        self._pending.clear()
-        for writer in list(self._readers):
+        data = b"".join(self._pending[group])
+        self._pending[group].clear()
+        for writer in list(self._groups[group]):
             if writer.transport.get_write_buffer_size() > MAX_BACKLOG:
                 self.dropped += 1
                 log.warning("agent_reader_dropped", pid=self._readers.get(writer),
@@ -124,8 +142,19 @@ class Hub:
             else:
                 writer.write(data)
 
+    def _join(self, writer: asyncio.StreamWriter) -> None:
+        group = min(range(SEND_GROUPS), key=lambda g: len(self._groups[g]))
+        self._groups[group].add(writer)
+        self._group_of[writer] = group
+        self._readers[writer] = _peer_pid(writer)
+
     def _leave(self, writer: asyncio.StreamWriter) -> None:
         self._readers.pop(writer, None)
+        group = self._group_of.pop(writer, None)
+        if group is not None:
+            self._groups[group].discard(writer)
+            if not self._groups[group]:
+                self._pending[group].clear()
         self.tally.leave(writer)
         if not self._readers and self.idle_since is None:
             self.idle_since = time.monotonic()
@@ -148,7 +177,7 @@ class Hub:
         first = [encode(Hello(os.getpid(), time.monotonic(), VERSION)),
                  *self._histories.values(), *self._recent]
         writer.write(b"".join(first))
-        self._readers[writer] = _peer_pid(writer)
+        self._join(writer)
         self.readers_total += 1
         self.idle_since = None
         try:
@@ -185,4 +214,5 @@ def _peer_pid(writer: asyncio.StreamWriter) -> int:
         return 0
 
 
-__all__ = ["HANDSHAKE", "MAX_BACKLOG", "READ_LIMIT", "RECENT_PER_NODE", "Hub", "send_tick"]
+__all__ = ["HANDSHAKE", "MAX_BACKLOG", "READ_LIMIT", "RECENT_PER_NODE", "SEND_GROUPS", "Hub",
+           "send_tick"]

@@ -20,22 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import json
-import os
 import random
 import select
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import structlog
 
-import propstore
 from propstore.config import Topology
 from propstore.monitor._messages import (
     VERSION,
@@ -48,7 +41,6 @@ from propstore.monitor._messages import (
     decode,
     encode_request,
     timestamp,
-    topology_document,
 )
 from propstore.monitor._monitor import LagMonitor, MonitorState
 from propstore.monitor._place import (
@@ -59,6 +51,7 @@ from propstore.monitor._place import (
     agent_key,
     stale_after,
 )
+from propstore.monitor._spawn import Spawner
 
 log = structlog.get_logger("propstore.monitor")
 
@@ -116,6 +109,8 @@ class SharedMonitor(LagMonitor):
         #: How often this store fell back to its own polls, and joined an agent.
         self.fallbacks = 0
         self.joins = 0
+        #: Why the last attempt to join an agent failed ("" when it joined).
+        self.join_error = ""
         #: Per shard and node: the newest poll time applied (replays older than it are
         #: skipped), and the node's key for the first-round tracker (made once: nothing is
         #: allocated per message but the message).
@@ -125,15 +120,10 @@ class SharedMonitor(LagMonitor):
         #: Per primary node: the bytes after the time of the last poll applied (a poll
         #: with the same bytes repeats it, and takes ``MonitorState.observe_again``).
         self._last: list[list[bytes | None]] = [[None] * len(s.nodes) for s in topology.shards]
-        self._agent_proc: subprocess.Popen[bytes] | None = None
-        #: Agents this store spawned that ended before anyone joined them in a row, and
-        #: when it may spawn again (an agent that cannot start is not retried every second).
-        self._spawn_failures = 0
-        self._next_spawn = 0.0
-        #: The spawn lock, held from spawning an agent until it answers (or ends), so that
-        #: a herd of stores that lost one agent starts one, not one each.
-        self._spawn_fd: int | None = None
+        self._spawner = Spawner(topology)
         self._fast_until = 0.0
+        #: Whether the last failed join found an agent on its way that another store starts.
+        self._coming = False
 
     async def run(self) -> None:
         """Follow the host's agent (own polls while there is none) until cancelled."""
@@ -154,6 +144,12 @@ class SharedMonitor(LagMonitor):
             return
         self._fast_until = time.monotonic() + JOIN_WAIT
         link = await self._join(paths)
+        while link is None and self._coming and time.monotonic() < self._fast_until:
+            # Another store is starting the agent (a fleet's processes start at once):
+            # wait for it rather than poll every node as well (64 stores x 12 nodes were
+            # 768 connects in the first second); the store that spawned it polls meanwhile.
+            await asyncio.sleep(0.05)
+            link = await self._join(paths)
         try:
             while True:
                 if link is not None:
@@ -168,7 +164,7 @@ class SharedMonitor(LagMonitor):
                     self.own_reason = "lost the host agent; polls itself until one answers"
                 link = await self._own_until_joined(paths, polled)
         finally:
-            self._release_spawn_lock()
+            self._spawner.release()
 
     async def _own_until_joined(self, paths: AgentPaths, polled: Tracker) -> _Link:
         """Poll for ourselves until an agent answers; returns its link."""
@@ -200,19 +196,16 @@ class SharedMonitor(LagMonitor):
         lock and no other store is starting one) and return None."""
         link = await self._dial(paths)
         if link is None:
-            self._spawn(paths)
+            spawned = self._spawner.spawn(paths)
+            if spawned == "spawned":
+                self._fast_until = time.monotonic() + JOIN_WAIT
+            self._coming = spawned == "coming"
             return None
         self.joins += 1
-        self._spawn_failures = 0
-        self._release_spawn_lock()
+        self._spawner.joined()
         self.source, self.agent_pid = "agent", link.hello.pid
         log.info("monitor_sharing_joined", agent_pid=link.hello.pid, socket=str(paths.socket))
         return link
-
-    def _release_spawn_lock(self) -> None:
-        if self._spawn_fd is not None:
-            os.close(self._spawn_fd)
-            self._spawn_fd = None
 
     async def _dial(self, paths: AgentPaths) -> _Link | None:
         sent = self.state.clock()
@@ -225,8 +218,10 @@ class SharedMonitor(LagMonitor):
                 except BaseException:
                     writer.close()
                     raise
-        except (OSError, TimeoutError):
+        except (OSError, TimeoutError) as exc:
+            self.join_error = f"{type(exc).__name__}: {exc} ({paths.socket}, attempt at {sent:.3f})"
             return None
+        self.join_error = ""
         try:
             hello = decode(line)
         except ValueError:
@@ -235,49 +230,10 @@ class SharedMonitor(LagMonitor):
             hello.now <= self.state.clock()
         ):
             writer.close()
+            self.join_error = "bad hello"
             log.warning("monitor_agent_refused", reason="bad hello", sent_at=sent)
             return None
         return _Link(reader, writer, hello)
-
-    def _spawn(self, paths: AgentPaths) -> None:
-        """Start an agent unless one holds its lock, another store is starting one, or
-        ours is still starting; an agent that ended without answering backs spawning off."""
-        if self._agent_proc is not None:
-            if self._agent_proc.poll() is None:
-                return  # ours is still starting (or stuck: then we poll ourselves)
-            if self._agent_proc.returncode != 0:
-                self._spawn_failures += 1
-                self._next_spawn = time.monotonic() + min(60.0, 2.0 ** self._spawn_failures)
-                log.warning("monitor_agent_failed", pid=self._agent_proc.pid,
-                            exit_code=self._agent_proc.returncode,
-                            log=str(paths.log.with_suffix(".err")))
-            self._agent_proc = None
-            self._release_spawn_lock()
-        if time.monotonic() < self._next_spawn:
-            return
-        spawn_fd = os.open(paths.spawn_lock, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(spawn_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(spawn_fd)
-            return  # another store is starting one
-        lock_fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(spawn_fd)
-            return  # an agent runs (starting, or stuck: then we poll ourselves)
-        finally:
-            os.close(lock_fd)
-        try:
-            self._agent_proc = _start_agent(self.topology, paths)
-        except OSError as exc:
-            os.close(spawn_fd)
-            log.warning("monitor_agent_spawn_failed", error=str(exc))
-            return
-        self._spawn_fd = spawn_fd
-        self._fast_until = time.monotonic() + JOIN_WAIT
-        log.info("monitor_agent_spawned", pid=self._agent_proc.pid)
 
     # ------------------------------------------------------------ following
 
@@ -419,29 +375,6 @@ def _readable(writer: asyncio.StreamWriter) -> bool:
     except (OSError, ValueError, AttributeError):
         return False
     return bool(ready)
-
-
-def _start_agent(topology: Topology, paths: AgentPaths) -> subprocess.Popen[bytes]:
-    package_root = str(Path(propstore.__file__).resolve().parent.parent)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (package_root, env.get("PYTHONPATH")) if p
-    )
-    # stderr: what the agent prints before its log is set up (a crash at start); one
-    # run's worth, truncated at each start.
-    with open(paths.log.with_suffix(".err"), "wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "propstore.monitor._agent",
-             str(paths.socket), str(paths.lock), str(paths.log)],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err,
-            # Its own session: a Ctrl-C meant for the worker that spawned it does not end
-            # the host's agent; it ends by itself once idle.
-            start_new_session=True, close_fds=True, env=env,
-        )
-    assert proc.stdin is not None
-    with contextlib.closing(proc.stdin):
-        proc.stdin.write(json.dumps(topology_document(topology)).encode())
-    return proc
 
 
 def monitor_for(topology: Topology, state: MonitorState | None = None,
