@@ -44,11 +44,16 @@ IDENTITY_COLUMNS: Final = (
 # primary's is the one its WAL is written on: the first 8 hex digits of the WAL file name
 # (pg_walfile_name refuses to run during recovery, hence the CASE around it in POLL).
 STATEMENTS: Final[dict[bytes, str]] = {
+    # The third column: the pipeline's order proves nothing unless each statement takes a
+    # snapshot of its own (READ COMMITTED; under REPEATABLE READ the data statement shares
+    # this one's, taken before the LSN was read). The store checks it on every verified
+    # pipelined read (docs/architecture.md, "One statement, still sound").
     REPLAY_LSN: (
         "SELECT pg_last_wal_replay_lsn(),"
         " COALESCE((SELECT received_tli FROM pg_stat_wal_receiver),"
         " GREATEST((SELECT timeline_id FROM pg_control_checkpoint()),"
-        " (SELECT min_recovery_end_timeline FROM pg_control_recovery())))"
+        " (SELECT min_recovery_end_timeline FROM pg_control_recovery()))),"
+        " current_setting('transaction_isolation')"
     ),
     FLUSH_LSN: "SELECT pg_current_wal_flush_lsn(), pg_walfile_name(pg_current_wal_flush_lsn())",
     IS_PRIMARY: "SELECT NOT pg_is_in_recovery()",

@@ -359,3 +359,41 @@ def test_behind_transaction_pooling_a_read_is_verified_in_one_statement(
     assert len(reads) >= len(served) and all(names == (_sql.VERIFIED_GET,) for names in reads), (
         reads[:3])
     assert not [e for e in events if e["event"] == "node_verified_read_pipelined"], events
+
+
+@pytest.mark.parametrize("schema", ["0002", "0001"])
+def test_under_repeatable_read_no_read_is_served_on_a_snapshot_older_than_its_lsn(
+        fresh: LocalCluster, schema: str) -> None:
+    """Where the server's reads run under REPEATABLE READ (here the database's default; a
+    transaction pooler's other clients can leave it on a server connection too) every
+    statement of a transaction shares its first snapshot, so neither the function (0002)
+    nor the pipeline (0001) proves its data as new as its LSN: no such read is served from
+    the replica, the primary serves it, one event names the node and the fix, and every
+    claim stays true."""
+    from propstore.migrate import downgrade, upgrade
+
+    primary = fresh.shards[0].primary
+    if schema == "0001":
+        downgrade(primary.dsn, "0001")
+    primary.execute("ALTER DATABASE propstore SET default_transaction_isolation"
+                    " = 'repeatable read'")
+    fresh.wait_caught_up()
+    try:
+        reached = _reach(fresh, "pgbouncer-transaction")
+        reached.via = "transaction_pooler"
+
+        def run(load: ClaimsLoad, victim: LocalNode) -> None:
+            load.wait(RUN_SECONDS)
+
+        report = _run(fresh, reached, run)
+        assert report.reads > 0 and report.writes > 0, report.summary()
+        assert report.budget_violations == 0 and report.false_claims == 0, report.examples
+        assert report.missed_own_writes == 0, report.examples
+        assert report.proofs["pipeline"] == 0, report.summary()
+        told = [e for e in report.events if e["event"] == "node_not_read_committed"]
+        assert len(told) == 1 and told[0]["node"] == "replicas", told
+        assert not report.errors, dict(report.errors)
+    finally:
+        primary.execute("ALTER DATABASE propstore RESET default_transaction_isolation")
+        if schema == "0001":
+            upgrade(primary.dsn)

@@ -44,7 +44,7 @@ class ReplicaReads:
         #: Nodes whose server lacks migration 0002's functions -> ``time.monotonic()``
         #: until which their reads are verified with the pipeline instead.
         self.pipeline_until: dict[str, float] = {}
-        self._told: set[str] = set()
+        self._told: set[str | tuple[str, str]] = set()
 
     def read(
         self,
@@ -117,6 +117,12 @@ class ReplicaReads:
                 reason = "replica_down"
                 failures.append((cand.index, str(exc), False))
                 continue
+            except psycopg.errors.InvalidTransactionState:
+                # The function refused: not READ COMMITTED, so its data could predate its LSN.
+                # Nothing is wrong with the replica itself; the read is unproven there.
+                self.not_read_committed(cand.node.name)
+                reason = "replica_stale"
+                continue
             except psycopg.Error as exc:
                 reason = "replica_down"
                 failures.append((cand.index, f"read failed: {type(exc).__name__}", False))
@@ -139,6 +145,10 @@ class ReplicaReads:
                     rows, column = results[0], VERIFIED_DATA_COLUMN
                 else:
                     rows = results[1]
+                    if results[0].get_value(0, 2) != _READ_COMMITTED:
+                        self.not_read_committed(cand.node.name)  # one snapshot for both
+                        reason = "replica_stale"
+                        continue
                 if not _on_history(view, results[0], lsn):
                     reason = "replica_stale"  # switched timeline since the poll: unproven
                     continue
@@ -182,6 +192,20 @@ class ReplicaReads:
                         fix="run `propstore migrate up` (revision 0002 adds the function "
                         "that verifies a read in one statement)")
 
+    def not_read_committed(self, node: str) -> None:
+        """Reads on ``node`` run under another isolation level than READ COMMITTED (a role's
+        or database's ``default_transaction_isolation``, or one a transaction pooler's other
+        clients left on the server connection): no read verified there proves anything (its
+        data statement shares a snapshot taken before the LSN was read), so none is served;
+        say so once per node."""
+        if ("isolation", node) not in self._told:
+            self._told.add(("isolation", node))
+            log.warning("node_not_read_committed", node=node,
+                        mode="verified reads refused: not READ COMMITTED",
+                        fix="reset default_transaction_isolation for propstore's role and "
+                        "database (ALTER ROLE ... RESET default_transaction_isolation); "
+                        "behind a transaction pooler, no client may SET it for the session")
+
     def verified(self, conn: ConnState, sent_at: float, lsn: LSN) -> None:
         """A read on ``conn`` verified replay LSN ``lsn`` in a round trip sent at
         ``sent_at``: keep it for the connection's later reads and, where the connection
@@ -191,6 +215,9 @@ class ReplicaReads:
         run = conn.propstore_run
         if conn.propstore_keeps_server and run is not None:
             self.runs.observe(run, sent_at, lsn)
+
+
+_READ_COMMITTED = b"read committed"
 
 
 def _lsn(raw: bytes) -> LSN:
