@@ -184,8 +184,10 @@ def _serve_stale(
     raw, timeline = results[0].get_value(0, 0), results[0].get_value(0, 1)
     lsn = LSN.parse(raw) if raw else None
     view = core.state.view(shard_index)
-    # Off the primary's timeline history its LSN compares with nothing: unproven.
-    on_history = timeline is not None and view.on_history(int(timeline), lsn)
+    # Off the primary's timeline history its LSN compares with nothing: unproven. So is it
+    # when the data shared the LSN statement's snapshot (not READ COMMITTED, _sql.REPLAY_LSN).
+    on_history = timeline is not None and view.on_history(int(timeline), lsn) and (
+        results[0].get_value(0, 2) == b"read committed")
     bound = view.history.bound(lsn, started) if on_history else math.inf
     return decode(results[1]), ReadResult(
         None, None, decision.shard.name, best.node.name, True, lsn, bound,
