@@ -11,7 +11,7 @@ from propstore import AsyncPropertyStore, ReadResult, Topology
 from propstore.sandbox import LocalCluster
 from tests import claims
 from tests.conftest import users_on_shard
-from tests.test_store import RawPrimaryReads, check_frozen_replica_timings
+from tests.test_store import RawPrimaryReads, SchedulingLag, check_frozen_replica_timings
 
 
 async def wait_for_async(condition, timeout: float = 30.0):  # type: ignore[no-untyped-def]
@@ -64,6 +64,8 @@ def test_async_frozen_replica_costs_at_most_the_deadline(
 
     raw = RawPrimaryReads(cluster.shards[0].primary.dsn)
 
+    lags: list[float] = []
+
     async def main() -> list[tuple[float, ReadResult]]:
         async with AsyncPropertyStore(topology) as store:
             for user in users:
@@ -79,14 +81,16 @@ def test_async_frozen_replica_costs_at_most_the_deadline(
             try:
                 for i in range(claims.FROZEN_READS):
                     raw.read(users[i % 10])  # blocks the loop briefly: nothing else runs
+                    lag.reset()
                     started = time.monotonic()
                     result = await store.read("acme", users[i % 10], max_staleness=5)
                     timings.append((time.monotonic() - started, result))
+                    lags.append(lag.worst)
                     assert result.props == {"v": 1}
             finally:
                 frozen.thaw()
             return timings
 
-    with raw:
+    with raw, SchedulingLag() as lag:
         timings = asyncio.run(main())
-    check_frozen_replica_timings(timings, raw.worst, frozen.name, deadline)
+    check_frozen_replica_timings(timings, raw.worst, frozen.name, deadline, lags)
