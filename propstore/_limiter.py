@@ -26,7 +26,13 @@ only when
    flight than connections) is this process's backlog: the primary never sees more than
    the pool, and shedding would relieve nothing but refuse reads it answers at its normal
    speed;
-3. this process has ``min_queue`` reads queued by Vegas's estimate.
+3. this process has ``min_queue`` reads queued by Vegas's estimate;
+
+and never while this store is still opening its connections to the primary (one opened
+within ``standing_time``): at a surge's start the pool opens them one at a time, and the
+queue meanwhile, with the primary's work of starting those sessions (a backend's fork and
+authentication, and the store's statements prepared, on each), is a warm-up that drains
+once the pool is full, not a load the primary cannot carry.
 
 Until then the limit follows demand: a read that finds the limit full raises it (up to the
 configured ceiling) and is admitted, so **no read is shed while the primary's latency stays
@@ -197,8 +203,8 @@ class PrimaryLimiter:
     slower than a read, and a change in the mix must not look like congestion).
     """
 
-    __slots__ = ("_clock", "_flights", "_limit", "_lock", "_reads", "_shed", "_writes",
-                 "in_flight", "settings")
+    __slots__ = ("_clock", "_flights", "_limit", "_lock", "_reads", "_shed", "_warming_until",
+                 "_writes", "in_flight", "settings")
 
     #: Weight of a new sample in ``recent`` (about the last 20 samples count).
     RECENT_WEIGHT = 0.05
@@ -218,6 +224,8 @@ class PrimaryLimiter:
         #: standing queue, Vegas's estimate of it, the gradient).
         self._flights = _Latency()
         self._writes = _Latency()
+        #: Until when this store is still opening its connections to the primary.
+        self._warming_until = -math.inf
         self._shed: dict[ShedReason, int] = {}
 
     # ------------------------------------------------------------------ admission
@@ -243,11 +251,15 @@ class PrimaryLimiter:
             self.in_flight += 1
             return None
 
-    def done(self, seconds: float, on_primary: float | None = None) -> None:
+    def done(self, seconds: float, on_primary: float | None = None,
+             opened_at: float | None = None) -> None:
         """A read admitted by :meth:`admit` finished ``seconds`` after it, of which it spent
-        ``on_primary`` with a connection in hand (None: all of them)."""
+        ``on_primary`` with a connection in hand (None: all of them), on a connection
+        opened at ``opened_at`` (the clock's time; None: unknown)."""
         s = self.settings
         with self._lock:
+            if opened_at is not None and not math.isinf(opened_at):
+                self._warming_until = max(self._warming_until, opened_at + s.standing_time)
             queued_behind = self.in_flight > s.baseline_in_flight
             self.in_flight = max(0, self.in_flight - 1)
             if _usable(seconds):
@@ -314,8 +326,13 @@ class PrimaryLimiter:
 
     def _overloaded(self) -> bool:
         """A standing queue above the reads' band while the primary's own latency is above
-        it too, or writes far beyond theirs."""
+        it too, or writes far beyond theirs; never while this store is still opening its
+        connections to the primary (a connection opened within ``standing_time``): a cold
+        pool's queue, and the primary's work of starting those sessions, are the store's
+        own warm-up, which the next second drains."""
         s, now = self.settings, self._clock()
+        if now < self._warming_until:
+            return False
         if self._flights.standing(s.standing_time, now) and (
                 self._reads.excess(s.tolerance, s.latency_floor, now) > 1.0):
             return True

@@ -38,11 +38,12 @@ class PrimaryReads:
 
     def read(self, shard_index: int, data: Statement, deadline: float,
              valid: Callable[[], bool] | None = None,
-             ) -> Generator[Exec, Response, tuple[Any, str, float]]:
+             ) -> Generator[Exec, Response, tuple[Any, str, float, float]]:
         """Run ``data`` on the shard's primary by ``deadline`` (while waiting for a
         connection, giving up once ``valid`` says so): (rows, the node's name, the
         ``time.monotonic()`` at which a connection was in hand: the read's time on the
-        primary starts there, its wait for one of this store's connections ends there).
+        primary starts there, its wait for one of this store's connections ends there; and
+        when that connection opened).
 
         Raises :class:`~propstore.ShardUnavailableError` when it does not answer or is no
         longer a primary; its ``__cause__`` is the driver's error, or a :class:`PrimaryGone`
@@ -57,11 +58,11 @@ class PrimaryReads:
             seen = f"no primary observed ({observed_roles(view)})"
             raise ShardUnavailableError(view.name, seen) from PrimaryGone(seen)
 
-        connected = 0.0
+        connected = opened = 0.0
 
         def plan(conn: ConnState) -> tuple[Sequence[Statement], bool]:
-            nonlocal connected
-            connected = time.monotonic()
+            nonlocal connected, opened
+            connected, opened = time.monotonic(), conn.propstore_opened_at
             # A poll that saw this connection's server run as a primary after it opened
             # proves it (demotion needs a restart, which ends it); otherwise check in-line.
             if primary_proven(node.sightings, conn):
@@ -84,8 +85,8 @@ class PrimaryReads:
                 demoted = (f"{node.name} is no longer a primary (failover in progress; "
                            f"observed: {observed_roles(self.state.view(shard_index))})")
                 raise ShardUnavailableError(view.name, demoted) from PrimaryGone(demoted)
-            return results[1], node.name, connected
-        return results[0], node.name, connected
+            return results[1], node.name, connected, opened
+        return results[0], node.name, connected, opened
 
 
 def primary_node(view: ShardView) -> NodeView:

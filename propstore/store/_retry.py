@@ -117,11 +117,14 @@ def on_primary(
     Two durations: in flight (from here) and on the primary (from a connection in hand). The
     wait for one of this store's connections between them is this process's own queue (its
     pool still opening connections after a quiet spell, or more reads in flight than
-    connections), not the primary's latency (docs/degrade.md)."""
+    connections), not the primary's latency; and so is the time after a connection of ours
+    to the primary opened, while the pool is still opening more (docs/degrade.md)."""
     began = time.monotonic()
     spent = on_server = math.inf
+    opened = -math.inf
     try:
-        rows, node, connected = yield from core.primary.read(shard_index, data, deadline, valid)
+        rows, node, connected, opened = yield from core.primary.read(shard_index, data,
+                                                                     deadline, valid)
         spent = time.monotonic() - began
         on_server = spent - (connected - began)
     except ShardUnavailableError as exc:
@@ -132,7 +135,7 @@ def on_primary(
         # No wake-up for waiting reads here: a read ends hundreds of times a second under
         # a surge, and waking every waiter each time is a thundering herd. Waiters recheck
         # the primary's room at each monitor observation of the shard instead.
-        core.primary_limiters[shard_index].done(spent, on_server)
+        core.primary_limiters[shard_index].done(spent, on_server, opened)
     return decode(rows), ReadResult(None, None, core.shard_names[shard_index], node, False,
                                     None, 0.0, reason, "primary")
 
