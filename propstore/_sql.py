@@ -28,6 +28,9 @@ POLL: Final = b"propstore_poll"
 VERIFIED_GET: Final = b"propstore_verified_get"
 VERIFIED_GET_MANY: Final = b"propstore_verified_get_many"
 IDENTITY: Final = b"propstore_identity"
+#: How many statements the server connection holds under propstore's own names: behind a
+#: pooler that tracks prepared statements none (PgBouncer renames them ``PGBOUNCER_<n>``).
+OWN_NAMES: Final = b"propstore_own_names"
 
 #: Who answers (``proof.ServerRun``) and the server-side backend pid: a pooler shows a
 #: BackendKeyData pid of its own, a direct connection or TCP proxy the server's.
@@ -113,6 +116,7 @@ STATEMENTS: Final[dict[bytes, str]] = {
         "SELECT replay_lsn, timeline, props FROM propstore_read_many($1, $2::text[])"
     ),
     IDENTITY: "SELECT " + IDENTITY_COLUMNS,
+    OWN_NAMES: "SELECT count(*) FROM pg_prepared_statements WHERE starts_with(name, 'propstore_')",
     # The monitor's poll: role, the LSN that matters for the role, receive position, replay
     # pause and whether a WAL receiver is streaming (a disconnected receiver is not lag 0),
     # the system identifier, the hot-standby parameters (current_setting: cheap, no

