@@ -16,6 +16,10 @@ from typing import Any
 from propstore.errors import InvalidInputError
 from propstore.schema import MAX_ID_LENGTH
 
+# json.dumps with any option builds a JSONEncoder per call (~1.5 us of a write's ~20 us of
+# Python); one, shared, is the same encoder (it keeps no state between calls).
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
 #: Largest property document accepted, in bytes of its JSON text (per user, after a merge).
 MAX_DOCUMENT_BYTES = 1 << 20
 #: Longest property key, in characters.
@@ -102,7 +106,7 @@ def encode_props(props: object) -> bytes:
     for key, value in props.items():
         check_key(key)
         _check_value(value, 1, str(key))
-    text = json.dumps(props, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    text = _ENCODER.encode(props)
     data = text.encode()
     if len(data) > MAX_DOCUMENT_BYTES:
         raise InvalidInputError(

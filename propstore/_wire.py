@@ -37,6 +37,7 @@ from psycopg.abc import PQGen
 from propstore._sql import STATEMENTS, TEXT
 
 _ExecStatus = pq.ExecStatus
+_IN_ERROR = pq.TransactionStatus.INERROR
 _ERROR_STATUSES = frozenset({_ExecStatus.FATAL_ERROR, _ExecStatus.PIPELINE_ABORTED})
 # The waiters' own timeout error (an OperationalError): the deadline passed.
 _TIMED_OUT = psycopg.errors._WaitTimeout
@@ -72,14 +73,11 @@ def _send(pgconn: pq.abc.PGconn, statement: Statement, named: bool) -> None:
         pgconn.send_query_params(TEXT[statement.name], statement.params)
 
 
-def _exchange(pgconn: pq.abc.PGconn, statements: Sequence[Statement], commit_each: bool,
-              named: bool) -> Exchange:
-    """Send ``statements`` in one round trip; the generator returning one result each.
-
-    With ``commit_each`` a Sync follows every statement, so on an autocommit connection each
-    statement commits before the server even parses the next: a statement after a write
-    observes the write's commit (how a token's LSN is read after the commit, for free).
-    """
+def _exchange(pgconn: pq.abc.PGconn, statements: Sequence[Statement], named: bool
+              ) -> Exchange:
+    """Send ``statements`` in one round trip, one Sync at the end (one implicit transaction,
+    unless the batch holds transaction commands of its own: a write's ``BEGIN``/``COMMIT``);
+    the generator returning one result each."""
     if len(statements) == 1:  # the common case (a read proven by a fact): psycopg's own
         statement = statements[0]
         if named:
@@ -90,11 +88,8 @@ def _exchange(pgconn: pq.abc.PGconn, statements: Sequence[Statement], commit_eac
     pgconn.enter_pipeline_mode()
     for statement in statements:
         _send(pgconn, statement, named)
-        if commit_each:
-            pgconn.pipeline_sync()
-    if not commit_each:
-        pgconn.pipeline_sync()
-    return _pipelined(pgconn, len(statements), commit_each)
+    pgconn.pipeline_sync()
+    return _pipelined(pgconn, len(statements))
 
 
 def _parse_all(pgconn: pq.abc.PGconn, names: Sequence[bytes]) -> Exchange:
@@ -103,12 +98,12 @@ def _parse_all(pgconn: pq.abc.PGconn, names: Sequence[bytes]) -> Exchange:
     for name in names:
         pgconn.send_prepare(name, STATEMENTS[name].encode())
     pgconn.pipeline_sync()
-    return _pipelined(pgconn, len(names), False)
+    return _pipelined(pgconn, len(names))
 
 
-def _pipelined(pgconn: pq.abc.PGconn, count: int, commit_each: bool) -> Exchange:
-    """The results of ``count`` statements sent in pipeline mode, with a Sync after each
-    (``commit_each``) or one at the end; leaves pipeline mode.
+def _pipelined(pgconn: pq.abc.PGconn, count: int) -> Exchange:
+    """The results of ``count`` statements sent in pipeline mode with one Sync at the end;
+    leaves pipeline mode.
 
     psycopg's ``fetch_many`` returns one statement's results (up to the NULL that ends
     them), or a Sync's result alone; ``execute`` flushes the batch first.
@@ -118,10 +113,7 @@ def _pipelined(pgconn: pq.abc.PGconn, count: int, commit_each: bool) -> Exchange
     for _ in range(count):
         results += yield from fetch(pgconn)
         fetch = _fetch_many
-        if commit_each:
-            yield from _sync_result(pgconn)
-    if not commit_each:
-        yield from _sync_result(pgconn)
+    yield from _sync_result(pgconn)
     pgconn.exit_pipeline_mode()
     return results
 
@@ -132,12 +124,19 @@ def _sync_result(pgconn: pq.abc.PGconn) -> PQGen[None]:
         raise psycopg.OperationalError(f"expected a pipeline sync, got {result.status!r}")
 
 
-def _checked(results: list[pq.abc.PGresult]) -> list[pq.abc.PGresult]:
-    """Raise the first statement error; the connection itself is idle and reusable."""
+def _first_error(results: list[pq.abc.PGresult]) -> psycopg.Error | None:
+    """The first statement error of a batch, if any."""
     for result in results:
         if result.status in _ERROR_STATUSES:
-            raise _error(result)
-    return results
+            return _error(result)
+    return None
+
+
+def _rollback(pgconn: pq.abc.PGconn) -> Exchange:
+    """End the failed transaction block a batch left open (a write's ``BEGIN`` whose write
+    failed: the Sync does not end an explicit block), so the connection is idle again."""
+    pgconn.send_query(b"ROLLBACK")
+    return _execute(pgconn)
 
 
 def _error(result: pq.abc.PGresult) -> psycopg.Error:
@@ -178,7 +177,6 @@ async def execute_async(
     statements: Sequence[Statement],
     deadline: float,
     *,
-    commit_each: bool = False,
     named: bool = True,
 ) -> list[pq.abc.PGresult]:
     """Run ``statements`` on ``conn``; ``deadline`` is a ``time.monotonic()`` time (an
@@ -194,11 +192,16 @@ async def execute_async(
         # The waiter polls for at most ``remaining`` (whole milliseconds, rounded down: the
         # deadline stays a deadline), then raises its timeout error.
         results = await waiting.wait_async(
-            _exchange(pgconn, statements, commit_each, named), pgconn.socket,
-            remaining, remaining)
+            _exchange(pgconn, statements, named), pgconn.socket, remaining, remaining)
+        error = _first_error(results)
+        if error is not None and pgconn.transaction_status == _IN_ERROR:
+            remaining = deadline - time.monotonic()
+            await waiting.wait_async(_rollback(pgconn), pgconn.socket, remaining, remaining)
     except (OSError, psycopg.Error) as exc:
         raise _failed(conn, exc) from exc
-    return _checked(results)
+    if error is not None:
+        raise error
+    return results
 
 
 async def prepare_async(conn: psycopg.AsyncConnection[object], names: Sequence[bytes],
@@ -211,7 +214,9 @@ async def prepare_async(conn: psycopg.AsyncConnection[object], names: Sequence[b
             _parse_all(pgconn, names), pgconn.socket, remaining, remaining)
     except (OSError, psycopg.Error) as exc:
         raise _failed(conn, exc) from exc
-    _checked(results)
+    error = _first_error(results)
+    if error is not None:
+        raise error
 
 
 # BEGIN GENERATED SYNC from the async source above by tools/async_to_sync.py: do not edit.
@@ -222,7 +227,6 @@ def execute(
     statements: Sequence[Statement],
     deadline: float,
     *,
-    commit_each: bool = False,
     named: bool = True,
 ) -> list[pq.abc.PGresult]:
     """Run ``statements`` on ``conn``; ``deadline`` is a ``time.monotonic()`` time (an
@@ -238,11 +242,16 @@ def execute(
         # The waiter polls for at most ``remaining`` (whole milliseconds, rounded down: the
         # deadline stays a deadline), then raises its timeout error.
         results = waiting.wait(
-            _exchange(pgconn, statements, commit_each, named), pgconn.socket,
-            remaining, remaining)
+            _exchange(pgconn, statements, named), pgconn.socket, remaining, remaining)
+        error = _first_error(results)
+        if error is not None and pgconn.transaction_status == _IN_ERROR:
+            remaining = deadline - time.monotonic()
+            waiting.wait(_rollback(pgconn), pgconn.socket, remaining, remaining)
     except (OSError, psycopg.Error) as exc:
         raise _failed(conn, exc) from exc
-    return _checked(results)
+    if error is not None:
+        raise error
+    return results
 
 
 def prepare(conn: psycopg.Connection[object], names: Sequence[bytes],
@@ -255,7 +264,9 @@ def prepare(conn: psycopg.Connection[object], names: Sequence[bytes],
             _parse_all(pgconn, names), pgconn.socket, remaining, remaining)
     except (OSError, psycopg.Error) as exc:
         raise _failed(conn, exc) from exc
-    _checked(results)
+    error = _first_error(results)
+    if error is not None:
+        raise error
 
 
 # END GENERATED SYNC

@@ -199,6 +199,34 @@ def test_merge_that_would_exceed_the_size_limit_writes_nothing(store: PropertySt
     assert result.props == {"a": half} and result.version == 1
 
 
+def test_a_write_the_database_refuses_writes_nothing_and_leaves_its_connection_idle(
+        store: PropertyStore, topology: Topology, caplog: pytest.LogCaptureFixture) -> None:
+    """A write is BEGIN, the write, COMMIT and the flush LSN in one batch: when the server
+    refuses the write the block is left aborted, and the store ends it, so the connection
+    goes back idle (kept for the next write, not rolled back by the pool) and the next
+    write on it commits."""
+    shard = topology.shards[0]
+    (user,) = users_on_shard(topology, shard.name, 1, prefix="refused")
+    store.set("acme", user, {"plan": "pro"})
+    with psycopg.connect(shard.primary.dsn, autocommit=True) as admin:
+        admin.execute("ALTER TABLE user_properties ADD CONSTRAINT test_refuses"
+                      " CHECK (NOT props ? 'refuse') NOT VALID")
+        try:
+            with (caplog.at_level("WARNING", logger="psycopg.pool"),
+                  pytest.raises(InvalidInputError, match="refused by the database")):
+                store.set("acme", user, {"refuse": 1})
+            assert not [r for r in caplog.records if "rolling back" in r.getMessage()]
+            _pool, _reach, idle = store._nodes[shard.primary.name]
+            kept = list(idle._kept)
+            assert kept and all(
+                c.pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE for c in kept)
+            token = store.set("acme", user, {"city": "Oslo"})
+        finally:
+            admin.execute("ALTER TABLE user_properties DROP CONSTRAINT test_refuses")
+    result = store.read("acme", user, after=token)
+    assert result.props == {"plan": "pro", "city": "Oslo"} and result.version == 2
+
+
 @pytest.mark.slow
 def test_frozen_replica_costs_a_read_at_most_the_deadline_plus_a_primary_read(
     store: PropertyStore, cluster: LocalCluster, topology: Topology

@@ -100,7 +100,9 @@ class Exec:
     """A request from a program: run ``plan(conn)``'s statements on ``node`` by ``deadline``.
 
     ``plan`` sees the checked-out connection, so the program can pick the fast path when an
-    observation valid for *that* connection already proves the budget.
+    observation valid for *that* connection already proves the budget. It returns the
+    statements and whether they must never be sent twice (a write: when a pooler lost the
+    prepared statements, a later statement of the batch may have run after the write).
     """
 
     node: NodeConfig
@@ -132,7 +134,8 @@ Failure = tuple[int, str, bool]
 Program = Generator[Request, Response, Any]
 
 
-def fixed(statements: Sequence[Statement], commit_each: bool = False
+def fixed(statements: Sequence[Statement], once: bool = False
           ) -> Callable[[ConnState], tuple[Sequence[Statement], bool]]:
-    """A plan that runs ``statements`` whatever the connection."""
-    return lambda conn: (statements, commit_each)
+    """A plan that runs ``statements`` whatever the connection (``once``: a write, see
+    :class:`Exec`)."""
+    return lambda conn: (statements, once)

@@ -240,19 +240,18 @@ class PropertyStore:
                     reach.refresh(conn)
                 if conn.propstore_schema_missing and not prepare(conn):
                     raise psycopg.errors.UndefinedTable(SCHEMA_MISSING)
-                statements, commit_each = op.plan(conn)
+                statements, once = op.plan(conn)
                 try:
                     results = _wire.execute(
-                        conn, statements, op.deadline, commit_each=commit_each,
-                        named=conn.propstore_named)
+                        conn, statements, op.deadline, named=conn.propstore_named)
                 except STATEMENT_LOST as lost:
                     # The pooler moved this connection to another server: no facts about
                     # it hold any more; re-plan (verified in the round trip) and resend
                     # unnamed. Never for a write: a later statement of its batch may have run.
                     reach.lost_statements(conn, lost)
-                    if commit_each:
+                    if once:
                         raise
-                    statements, commit_each = op.plan(conn)
+                    statements, once = op.plan(conn)
                     results = _wire.execute(
                         conn, statements, op.deadline, named=False)
             except (psycopg.Error, _wire.DeadlineExceeded) as exc:

@@ -35,6 +35,8 @@ from propstore.store._program import ConnState, Exec, Response, fixed
 from propstore.timeline import WriteMark, timeline_of_wal_file
 
 RetryingT = TypeVar("RetryingT", Retrying, AsyncRetrying)
+_BEGIN, _COMMIT, _FLUSH_LSN = (Statement(_sql.BEGIN), Statement(_sql.COMMIT),
+                               Statement(_sql.FLUSH_LSN))
 
 
 @dataclass(slots=True)
@@ -82,10 +84,11 @@ class Writes:
         """One attempt at a write on the shard's primary: (new version, where it committed).
 
         The write (which also returns ``pg_current_wal_insert_lsn()`` read in its own
-        transaction) and ``pg_current_wal_flush_lsn()`` with the WAL file name are pipelined
-        with a Sync after each, at no extra round trip: the first LSN is at or before the
-        write's commit record, the second read after the commit was acknowledged (>= the
-        commit record), on the timeline the commit was written on.
+        transaction) in a ``BEGIN``/``COMMIT`` block, then ``pg_current_wal_flush_lsn()``
+        with the WAL file name, are pipelined with one Sync, at no extra round trip: the
+        first LSN is at or before the write's commit record, the second read after the
+        COMMIT had flushed it (>= the end of the commit record), on the timeline the commit
+        was written on (``_sql``, above MERGE).
         ``window`` caps the attempt, so retries never outlast it.
 
         The attempt goes to the primary the monitor observes; with none, to the last one
@@ -105,7 +108,7 @@ class Writes:
         began = time.monotonic()
         deadline = min(began + self.routing.primary_deadline, window.last_deadline)
         name = node.name
-        statements = fixed((statement, Statement(_sql.FLUSH_LSN)), commit_each=True)
+        statements = fixed((_BEGIN, statement, _COMMIT, _FLUSH_LSN), once=True)
         connected = began
 
         def plan(conn: ConnState) -> tuple[Sequence[Statement], bool]:
@@ -122,7 +125,7 @@ class Writes:
             # Writes are the primary's other load: their latency on it is part of its
             # health (from a connection in hand: a wait for one is this store's own queue).
             self.primary_limiters[shard_index].sample(time.monotonic() - connected)
-        write, after = results
+        _begun, write, _committed, after = results
         version = write.get_value(0, 0)
         wal_file = after.get_value(0, 1)
         return None if version is None else int(version), WriteMark(
