@@ -209,3 +209,43 @@ def test_the_source_asks_the_next_endpoint_and_ignores_what_is_not_patroni() -> 
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+def test_the_host_agent_asks_patroni_as_its_stores_would_and_forwards_every_answer() -> None:
+    from propstore.monitor._agent import agent_topology
+    from propstore.monitor._messages import Led, decode, encode
+    from propstore.monitor._place import agent_key, answer_limit
+
+    agent = agent_topology(TOPO)  # what a spawned agent reads from its stdin
+    assert agent.shards[0].patroni_endpoints == TOPO.shards[0].patroni_endpoints
+    assert agent.discovery == TOPO.discovery
+    other = Topology.from_toml(MEMBERS.replace("8009", "8010"), environ={})
+    assert agent_key(other) != agent_key(TOPO)  # another HA source: another agent
+    # interval + (endpoints + 1) x timeout: the longest a store's own discovery waits.
+    assert answer_limit(TOPO, 0) == 2.0 + 3 * 1.0
+    for message in (Led(0, 5.0, replace_asked(_leads("m2"), 5.0)), Led(0, 6.0, None)):
+        assert decode(encode(message)) == message
+
+
+def replace_asked(leadership: Leadership, at: float) -> Leadership:
+    from dataclasses import replace
+
+    return replace(leadership, asked_at=at)
+
+
+def test_a_store_applies_its_agents_answers_unless_its_own_was_asked_later() -> None:
+    from propstore.monitor._messages import Led
+    from propstore.monitor._shared import SharedMonitor
+
+    monitor = SharedMonitor(TOPO)
+    state = monitor.state
+    state.observe(0, 0, primary(1.0, 100))
+    state.observe(0, 1, replica(1.0, 100))
+    assert state.view(0).primary is not None and state.view(0).primary.name == "m1"
+    monitor._lead(Led(0, 2.0, replace_asked(_leads("m2"), 2.0)))
+    assert state.view(0).primary is None  # vetoed at once: m2 leads, m1 is no primary
+    monitor._lead(Led(0, 1.5, replace_asked(_leads("m1"), 1.5)))  # an older answer, replayed
+    assert state.view(0).primary is None and state.view(0).leadership is not None
+    assert state.view(0).leadership.leader == "m2"
+    monitor._lead(Led(0, 3.0, replace_asked(_leads("m1"), 3.0)))
+    assert state.view(0).primary is not None and state.view(0).primary.name == "m1"

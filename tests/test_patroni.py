@@ -4,19 +4,26 @@ replication unless stated), the topology file naming the first leader as primary
 One cluster for the module, the tests in order: switchovers, failovers that lose the writes
 the standbys never received (the diverged ex-leader rejoining), each followed with Patroni's
 REST API as discovery source (``members`` with ``patroni`` endpoints in the file) and
-without one (the file naming the first leader as primary; roles observed in-band); a leader
+without one (the file naming the first leader as primary; roles observed in-band), by a
+store following its host's agent (the default: the agent polls and asks Patroni); a leader
 whose Patroni hangs while its server keeps accepting writes; synchronous mode. Each asserts
 on the data: which acknowledged writes the new leader holds.
 """
 
 from __future__ import annotations
 
+import http.server
 import os
 import random
+import signal
 import threading
 import time
+import urllib.error
+import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,8 +37,11 @@ from propstore import (
     Topology,
     WriteLostError,
 )
+from propstore.monitor._health import agent_status
 from propstore.sandbox._patroni import PatroniCluster, PatroniMember, patroni_available
+from tests._agent_worker import Fleet, Status, agent_dir
 from tests._workload import Workload
+from tests.test_agent import _all_shared, _cli, _end_agents, _monitoring_connections
 from tests.test_store import wait_for
 
 pytestmark = [
@@ -85,6 +95,15 @@ def _observed_leader(patroni: PatroniCluster, store: PropertyStore) -> PatroniMe
     assert name is not None
     wait_for(lambda: _leader_observed(store, name), timeout=30)
     return patroni.member(name)
+
+
+def _followed_the_agent(store: PropertyStore) -> None:
+    """The store's monitoring was its host agent's all along (sharing is the default, with
+    a Patroni source too): the fault was followed on the agent's polls and answers."""
+    monitor = store.monitor
+    source, fallbacks = getattr(monitor, "source", None), getattr(monitor, "fallbacks", None)
+    assert (source, fallbacks) == ("agent", 0), (source, fallbacks,
+                                                 getattr(monitor, "own_reason", None))
 
 
 def _new_leader(patroni: PatroniCluster, old: str) -> str:
@@ -164,6 +183,7 @@ def test_switchover_is_followed_writes_wait_and_no_read_breaks_its_budget(
                 thread.join(30)
             report = load.stop()
         survived = _surviving(store, writes)
+        _followed_the_agent(store)
     lost = [user for user, _, _ in writes.acked if user not in survived]
     print(f"patroni switchover ({'source' if source else 'no source'}): followed in "
           f"{followed:.1f}s; writes {len(writes.acked)} "
@@ -239,6 +259,7 @@ def test_failover_lost_writes_raise_and_the_diverged_ex_leader_never_serves(
         for thread in threads:
             thread.join(60)
         survived = _surviving(store, writes)
+        _followed_the_agent(store)
         lost = [(user, token) for user, _, token in writes.acked if user not in survived]
         detected = {"WriteLostError": 0, "StaleReadError": 0}
         for user, token in lost:
@@ -312,6 +333,7 @@ def test_a_leader_whose_patroni_hangs_is_dropped_when_another_takes_the_lock(
             patroni.start_member(old)
         patroni.wait_streaming(120)
         survived = _surviving(store, writes)
+        _followed_the_agent(store)
         lost = [(user, at, token) for user, at, token in writes.acked if user not in survived]
         detected = 0
         for user, _, token in lost:
@@ -328,6 +350,165 @@ def test_a_leader_whose_patroni_hangs_is_dropped_when_another_takes_the_lock(
     assert still_primary, "the fault must leave the old server accepting writes"
     assert writes.errors == 0 and late == []
     assert detected == len(lost)
+
+
+# ---------------------------------------------------------------- shared monitoring
+#
+# Worker processes on one host and one Patroni topology (tests/_agent_worker.py): their
+# monitoring connections are counted on the servers (pg_stat_activity), their Patroni
+# requests on the endpoints (a counting front before each member's REST API).
+
+
+class _CountingFront:
+    """An HTTP front for one member's REST API that forwards every GET and counts it."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.gets: Counter[str] = Counter()
+        self.lock = threading.Lock()
+        front = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                with front.lock:
+                    front.gets[self.path] += 1
+                try:
+                    with urllib.request.urlopen(front.target + self.path, timeout=5) as answer:
+                        status, body = answer.status, answer.read()
+                except urllib.error.HTTPError as exc:  # Patroni answers 503 on some paths
+                    status, body = exc.code, exc.read()
+                except OSError:
+                    self.send_error(502)
+                    return
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def count(self, path: str = "/cluster") -> int:
+        with self.lock:
+            return self.gets[path]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fronted(patroni: PatroniCluster, tmp_path: Path
+            ) -> Iterator[tuple[Path, list[_CountingFront]]]:
+    """The discovery topology file with each member's endpoint behind a counting front,
+    and a private agent folder for the test's workers."""
+    fronts = [_CountingFront(m.rest_url) for m in patroni.members]
+    path = patroni.write_config(tmp_path / "fronted.toml", discovery=True)
+    text = path.read_text()
+    for member, front in zip(patroni.members, fronts, strict=True):
+        assert text.count(f'"{member.rest_url}"') == 1
+        text = text.replace(f'"{member.rest_url}"', f'"{front.url}"')
+    path.write_text(text)
+    try:
+        with agent_dir(tmp_path / "agents") as folder:
+            yield path, fronts
+        _end_agents(folder)
+    finally:
+        for front in fronts:
+            front.close()
+
+
+def _cluster_asks(fronts: list[_CountingFront], seconds: float) -> float:
+    """``GET /cluster`` per second the members' endpoints received over ``seconds``."""
+    before = sum(f.count() for f in fronts)
+    started = time.monotonic()
+    deadline = started + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+    return (sum(f.count() for f in fronts) - before) / (time.monotonic() - started)
+
+
+def _all_up(statuses: list[Status]) -> bool:
+    return _all_shared(statuses) and all(set(s.states) == {"up"} for s in statuses)
+
+
+def test_processes_on_a_patroni_topology_share_one_monitor_and_its_patroni_asks(
+    patroni: PatroniCluster, fronted: tuple[Path, list[_CountingFront]],
+) -> None:
+    """Three processes: one monitoring connection per server and one process's Patroni
+    asks; a stopped agent makes each ask Patroni itself (its own monitor); a switchover
+    and a killed agent under shared monitoring serve no read outside its budget and lose
+    no acknowledged write."""
+    patroni.wait_streaming(120)
+    config, fronts = fronted
+    topology = Topology.load(config)
+    interval = topology.discovery.interval
+    count = 3
+    users = [f"pshare-{i}" for i in range(6 * count)]
+    with Fleet(config, count, users=lambda i: users[6 * i:6 * i + 6],
+               routing={"write_failover_time": FAILOVER_WINDOW}) as fleet:
+        first = fleet.wait_for(_all_up, 60, "every worker follows one agent, every node up")
+        agent = first[0].agent_pid
+        assert agent is not None
+        connections = _monitoring_connections(topology)
+        shared_asks = _cluster_asks(fronts, 5.0)
+        status = agent_status(topology)
+        assert status is not None and status.pid == agent and status.healthy, status
+        (lead,) = status.leaders
+        assert lead.leader == patroni.leader() and lead.answers >= 5 and lead.misses == 0
+        shown = _cli("agent", "status", "--config", str(config)).stdout
+        assert f"shard0: Patroni names {lead.leader}" in shown, shown
+        lag = _cli("lag", "--config", str(config))
+        assert f"figures from the host agent (pid {agent}" in lag.stdout, lag
+        assert "Patroni's leader asked by the agent too" in lag.stdout, lag
+        # A stopped agent keeps its lock: every store polls, and asks Patroni, itself.
+        os.kill(agent, signal.SIGSTOP)
+        try:
+            fleet.wait_for(lambda st: all(s.source == "own" for s in st), 60,
+                           "every worker polls for itself")
+            own_connections = _monitoring_connections(topology)
+            own_asks = _cluster_asks(fronts, 5.0)
+        finally:
+            os.kill(agent, signal.SIGCONT)
+        fleet.wait_for(lambda st: _all_up(st) and st[0].agent_pid == agent, 60,
+                       "every worker follows the agent again")
+        leader = patroni.leader()
+        new = patroni.switchover()
+        fleet.wait_for(_all_up, 60, "every worker follows the new leader, shared")
+        after_switch = _cluster_asks(fronts, 3.0)
+        os.kill(agent, signal.SIGKILL)
+        again = fleet.wait_for(lambda st: _all_up(st) and st[0].agent_pid != agent, 60,
+                               "every worker follows a new agent")
+        fleet.wait_for(lambda st: all(s.replica_reads > r.replica_reads + 10
+                                      for s, r in zip(st, again, strict=True)), 60,
+                       "every worker reads again")
+        reports = fleet.stop()
+    print(f"patroni shared ({count} processes): monitoring connections "
+          f"{ {n: dict(c) for n, c in connections.items()} }, GET /cluster/s shared "
+          f"{shared_asks:.2f}, each process its own {own_asks:.2f} "
+          f"({ {n: dict(c) for n, c in own_connections.items()} }), after the switchover "
+          f"{leader} -> {new} {after_switch:.2f}; "
+          + "; ".join(r.summary() for r in reports))
+    for node, seen in connections.items():
+        assert seen == Counter({"propstore-agent": 1}), (node, connections)
+    for node, seen in own_connections.items():
+        assert seen["propstore-monitor"] == count, (node, own_connections)
+    # One asker (every discovery.interval), not one per process; each asks once it polls.
+    assert 0 < shared_asks <= 1.5 / interval, shared_asks
+    assert after_switch <= 1.5 / interval + 1 / topology.discovery.fast_interval, after_switch
+    assert own_asks > 1.5 / interval, own_asks
+    for report in reports:
+        # Reads whose budget runs out in the switchover's gap are refused (StaleReadError,
+        # docs/architecture.md, "a failover's gap"); every other one is within budget, and
+        # no write failed or was sent to the demoted leader (its writes would fail).
+        report.check(errors_allowed=True)
+        assert set(report.errors) <= {"read:StaleReadError"}, (report.errors, report.examples)
 
 
 def test_migrate_acts_on_the_observed_primary_not_the_files(patroni: PatroniCluster) -> None:

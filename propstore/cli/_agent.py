@@ -94,7 +94,8 @@ def status_command(ctx: click.Context, state: CliState, as_json: bool, wide: boo
     """Say whether an agent runs for this topology, and how it is.
 
     Its pid, uptime, socket and key; the stores connected to it (pids); per node its state,
-    poll rate, last poll and errors; its memory; the reads the host's stores refused. Exit
+    poll rate, last poll and errors; per shard with Patroni endpoints, the leader Patroni
+    names and when the agent last asked; its memory; the reads the host's stores refused. Exit
     status 0 when an agent runs and polls every node, 1 when none runs or some node has
     not been polled lately, 2 on an error.
     """
@@ -130,6 +131,13 @@ def _print_status(status: AgentStatus, wide: bool) -> None:
                f"{status.stores_total} joined since start, {status.stores_dropped} dropped")
     console = output_console(wide)
     emit(console, node_table(status, wide))
+    for lead in status.leaders:
+        age = lead.last_answer_age_seconds
+        asked = "never asked" if age is None else f"asked {format_duration(age)} ago"
+        click.echo(f"{lead.shard}: Patroni names {lead.leader or 'no running leader'} "
+                   f"({lead.endpoint or 'no endpoint answered'}; {asked}; {lead.answers} "
+                   f"answers, {lead.misses} unanswered; its stores ask Patroni themselves "
+                   f"past {format_duration(lead.late_after_seconds)})")
     from propstore.cli._lag import refusal_cover
 
     click.echo(refusal_cover(status) + ":")

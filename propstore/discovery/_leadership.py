@@ -47,6 +47,11 @@ class Leadership:
     timeline: int | None
     #: The endpoint that answered.
     endpoint: str
+    #: When the request it answers was sent (``time.monotonic()`` seconds; None: not
+    #: timed). The answer says how the cluster was at some moment after it, so its age is
+    #: at most ``now - asked_at``: what a host agent's stores check before trusting it
+    #: (``monitor._shared``).
+    asked_at: float | None = None
 
     def admits(self, node: str) -> bool:
         """Whether ``node`` may be the primary: it is the running leader."""
@@ -64,8 +69,8 @@ class Leadership:
         return f"{self.endpoint}: leader {self.leader or 'none'} ({members})"
 
 
-def parse_cluster(doc: Mapping[str, Any], nodes: Sequence[NodeConfig], endpoint: str
-                  ) -> Leadership:
+def parse_cluster(doc: Mapping[str, Any], nodes: Sequence[NodeConfig], endpoint: str,
+                  asked_at: float | None = None) -> Leadership:
     """A :class:`Leadership` from Patroni's ``/cluster`` document.
 
     Raises ``ValueError`` when the document is not one (so a wrong URL is never read as
@@ -94,7 +99,7 @@ def parse_cluster(doc: Mapping[str, Any], nodes: Sequence[NodeConfig], endpoint:
         # "starting" or "crashed" leaders accept no writes a reader could rely on.
         if member.role == "leader" and member.state == "running" and node is not None:
             leader, timeline = node, member.timeline
-    return Leadership(leader, tuple(members), timeline, endpoint)
+    return Leadership(leader, tuple(members), timeline, endpoint, asked_at)
 
 
 def history_of(timeline: int, entries: Sequence[Any]) -> TimelineHistory:

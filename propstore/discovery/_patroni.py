@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import time
 import urllib.request
 from typing import Any
 
@@ -45,9 +46,10 @@ class PatroniSource:
         caller then relies on its own observation alone)."""
         errors: list[str] = []
         for endpoint in list(self._endpoints):
+            asked_at = time.monotonic()
             try:
                 doc = _fetch_json(endpoint + "/cluster", self.settings.timeout)
-                found = parse_cluster(doc, self.shard.nodes, endpoint)
+                found = parse_cluster(doc, self.shard.nodes, endpoint, asked_at)
             except (OSError, ValueError, http.client.HTTPException) as exc:
                 errors.append(f"{endpoint}: {type(exc).__name__}: {exc}"[:200])
                 continue

@@ -33,9 +33,11 @@ from pathlib import Path
 import structlog
 
 from propstore.config import Topology
+from propstore.discovery import Leadership
 from propstore.monitor._health import (
     TRACE_MEMORY_ENV,
     AgentStatus,
+    LeaderHealth,
     NodeCounter,
     NodeHealth,
     RefusalTally,
@@ -50,11 +52,12 @@ from propstore.monitor._messages import (
     Beat,
     Failed,
     HistoryRead,
+    Led,
     Polled,
     topology_document,
 )
 from propstore.monitor._monitor import LagMonitor, MonitorState
-from propstore.monitor._place import stale_after
+from propstore.monitor._place import answer_limit, stale_after
 from propstore.monitor._state import Observation, ShardView
 from propstore.timeline import TimelineHistory
 
@@ -92,6 +95,8 @@ class PublishingState(MonitorState):
         #: The last poll forwarded per node (None after a failure: the next one goes).
         self._forwarded: list[list[Observation | None]] = [
             [None] * len(s.nodes) for s in topology.shards]
+        #: Per shard: the HA manager's answers (a miss: no endpoint answered).
+        self.answers = [NodeCounter() for _ in topology.shards]
         #: Seconds after which a replica's unchanged poll is forwarded all the same.
         self.refresh = max(0.5, 5 * topology.monitor.interval)
 
@@ -119,6 +124,18 @@ class PublishingState(MonitorState):
         """Record a timeline history and forward it (before the poll that needed it)."""
         super().record_history(shard_index, history)
         self.hub.publish(HistoryRead(shard_index, history))
+
+    def lead(self, shard_index: int, leadership: Leadership | None) -> list[int]:
+        """Record the HA manager's answer (None: none answered) and forward it, every
+        answer, changed or not: a store trusts the agent's leader veto only while its
+        newest answer is recent (``_shared.answer_limit``), and times it by ``asked_at``."""
+        wake = super().lead(shard_index, leadership)
+        at = leadership.asked_at if leadership is not None else None
+        at = self.clock() if at is None else at
+        self.answers[shard_index].attempt(at, None if leadership is not None else
+                                          "no Patroni endpoint answered")
+        self.hub.publish(Led(shard_index, at, leadership))
+        return wake
 
 
 def repeats(obs: Observation, last: Observation) -> bool:
@@ -190,10 +207,23 @@ class Agent:
             interval_seconds=self.topology.monitor.interval,
             late_after_seconds=self.late_after, stores=self.hub.pids,
             stores_total=self.hub.readers_total, stores_dropped=self.hub.dropped,
-            rss_bytes=rss_bytes(), nodes=tuple(nodes),
+            rss_bytes=rss_bytes(), nodes=tuple(nodes), leaders=self._leaders(now),
             refusals=nested(self.hub.tally.totals().items()),
             refusal_reporters=self.hub.tally.reporters, foreground=self.foreground,
             traced_bytes=traced_bytes())
+
+    def _leaders(self, now: float) -> tuple[LeaderHealth, ...]:
+        out = []
+        for s, shard in enumerate(self.topology.shards):
+            if not shard.patroni_endpoints:
+                continue
+            count, led = self.state.answers[s], self.state.view(s).leadership
+            out.append(LeaderHealth(
+                shard.name, None if led is None else led.leader,
+                None if led is None else led.endpoint, count.polls, count.failures,
+                None if count.last_at is None else round(max(0.0, now - count.last_at), 4),
+                answer_limit(self.topology, s)))
+        return tuple(out)
 
     def snapshot(self, timeout: float = 5.0
                  ) -> tuple[AgentStatus, tuple[ShardView, ...], float]:

@@ -142,6 +142,24 @@ class NodeHealth:
 
 
 @dataclass(frozen=True, slots=True)
+class LeaderHealth:
+    """One shard's HA manager (Patroni) as the agent asks it for its stores."""
+
+    shard: str
+    #: The running leader its latest answer names (None: none, or no answer).
+    leader: str | None
+    #: The endpoint that gave the latest answer (None: the latest ask found none).
+    endpoint: str | None
+    answers: int
+    #: Asks no endpoint answered.
+    misses: int
+    #: Seconds since the latest ask was sent (None: none yet).
+    last_answer_age_seconds: float | None
+    #: Age past which the agent's stores stop trusting its answers and ask themselves.
+    late_after_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class AgentStatus:
     """What the host's agent says about itself (``propstore agent status --json``)."""
 
@@ -172,6 +190,8 @@ class AgentStatus:
     #: Bytes the agent's Python objects hold after a collection, when it traces its memory
     #: (``PROPSTORE_AGENT_TRACE_MEMORY=1`` in its environment: tests); None otherwise.
     traced_bytes: int | None = None
+    #: Per shard with Patroni endpoints: who leads, as the agent asks for its stores.
+    leaders: tuple[LeaderHealth, ...] = ()
 
     @property
     def problems(self) -> tuple[str, ...]:
@@ -183,6 +203,13 @@ class AgentStatus:
                 out.append(f"{node.node} never polled")
             elif age > self.late_after_seconds:
                 out.append(f"{node.node} not polled for {age:.1f} s")
+        for lead in self.leaders:
+            age = lead.last_answer_age_seconds
+            if age is None and self.uptime_seconds > lead.late_after_seconds:
+                out.append(f"{lead.shard}: Patroni never asked")
+            elif age is not None and age > lead.late_after_seconds:
+                out.append(f"{lead.shard}: Patroni not asked for {age:.1f} s (its stores "
+                           "ask it themselves)")
         return tuple(out)
 
     @property
@@ -203,9 +230,11 @@ class AgentStatus:
         """Read a status document (``ValueError`` on a malformed one)."""
         try:
             nodes = tuple(NodeHealth(**n) for n in data["nodes"])
-            fields = {k: data[k] for k in cls.__dataclass_fields__ if k not in ("nodes",)}
+            leaders = tuple(LeaderHealth(**n) for n in data.get("leaders", ()))
+            fields = {k: data[k] for k in cls.__dataclass_fields__
+                      if k not in ("nodes", "leaders")}
             fields["stores"] = tuple(int(p) for p in data["stores"])
-            return cls(nodes=nodes, **fields)
+            return cls(nodes=nodes, leaders=leaders, **fields)
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed agent status: {exc}") from None
 
@@ -264,7 +293,9 @@ class FiguresSource:
             return f"figures from this process's own monitor ({self.reason})"
         shared = "" if self.stores is None else (
             f", shared by {self.stores} store{'s' if self.stores != 1 else ''}")
-        return f"figures from the host agent (pid {self.agent_pid}{shared})"
+        leaders = "" if self.status is None or not self.status.leaders else (
+            "; Patroni's leader asked by the agent too")
+        return f"figures from the host agent (pid {self.agent_pid}{shared}{leaders})"
 
     def to_dict(self) -> dict[str, Any]:
         """The ``source`` object of ``lag --json``."""
@@ -297,6 +328,6 @@ def late_after(interval: float, max_backoff: float, poll_timeout: float) -> floa
     return 2 * max(20 * interval, max_backoff + poll_timeout, 1.0)
 
 
-__all__ = ["RATE_WINDOW", "TRACE_MEMORY_ENV", "AgentStatus", "FiguresSource", "NodeCounter",
-           "NodeHealth", "RefusalTally", "agent_status", "encode_status", "figures_source",
-           "late_after", "nested", "rss_bytes", "traced_bytes"]
+__all__ = ["RATE_WINDOW", "TRACE_MEMORY_ENV", "AgentStatus", "FiguresSource", "LeaderHealth",
+           "NodeCounter", "NodeHealth", "RefusalTally", "agent_status", "encode_status",
+           "figures_source", "late_after", "nested", "rss_bytes", "traced_bytes"]

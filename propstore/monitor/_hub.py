@@ -25,6 +25,7 @@ from propstore.monitor._messages import (
     Hello,
     HistoryRead,
     Join,
+    Led,
     Message,
     Polled,
     decode_request,
@@ -65,6 +66,8 @@ class Hub:
                  status: Callable[[], AgentStatus] | None = None, tick: float = 0.0) -> None:
         self._recent: deque[bytes] = deque(maxlen=RECENT_PER_NODE * max(1, nodes))
         self._histories: dict[tuple[int, int], bytes] = {}
+        #: Per shard, the HA manager's latest answer (a joiner gets it before the polls).
+        self._leads: dict[int, bytes] = {}
         #: Connected stores and their pids (``SO_PEERCRED``: the kernel's word, 0 if unknown).
         self._readers: dict[asyncio.StreamWriter, int] = {}
         #: Each reader's send group, and per group its members, the lines not yet sent to
@@ -105,6 +108,8 @@ class Hub:
             mine = sorted(k for k in self._histories if k[0] == message.shard)
             for old in mine[:-16]:  # bounded, like MonitorState's: the newest matter
                 del self._histories[old]
+        elif isinstance(message, Led):
+            self._leads[message.shard] = line
         if not self._readers:
             return
         loop: asyncio.AbstractEventLoop | None = None
@@ -175,7 +180,7 @@ class Hub:
             writer.close()
             return
         first = [encode(Hello(os.getpid(), time.monotonic(), VERSION)),
-                 *self._histories.values(), *self._recent]
+                 *self._histories.values(), *self._leads.values(), *self._recent]
         writer.write(b"".join(first))
         self._join(writer)
         self.readers_total += 1

@@ -3,7 +3,9 @@
 The agent (``_agent``) forwards the *raw* results of its polls — an :class:`Observation`,
 a failed poll, a timeline history read — and each reader applies them to its own
 :class:`~propstore.monitor.MonitorState` with the same code its own monitor would use
-(``MonitorState.observe``/``fail``/``record_history``). So a reader derives its views,
+(``MonitorState.observe``/``fail``/``record_history``), and, for a shard with Patroni
+endpoints, every answer of the HA manager (:class:`Led`, applied with ``MonitorState.lead``
+as the reader's own discovery would). So a reader derives its views,
 bounds and facts from the same polls exactly as if it had sent them itself, and every fact
 keeps the :class:`~propstore.proof.ServerRun` it was observed on: the rule of
 ``proof.covers`` applies unchanged. Times are ``time.monotonic()`` (``CLOCK_MONOTONIC``),
@@ -26,6 +28,7 @@ from typing import Any
 
 from propstore import __version__
 from propstore.config import Topology
+from propstore.discovery import Leadership, MemberState
 from propstore.lsn import LSN
 from propstore.monitor._state import Observation
 from propstore.proof import ServerRun
@@ -33,7 +36,7 @@ from propstore.timeline import TimelineHistory
 
 #: Bump on any change of the messages below (it is part of the agent's key, so readers and
 #: agents of different versions never meet).
-PROTOCOL = 2
+PROTOCOL = 3
 VERSION = f"{__version__}/{PROTOCOL}"
 
 
@@ -80,7 +83,17 @@ class HistoryRead:
     history: TimelineHistory
 
 
-Message = Hello | Beat | Polled | Failed | HistoryRead
+@dataclass(frozen=True, slots=True)
+class Led:
+    """The HA manager's answer for shard ``shard`` (None: no endpoint answered), asked at
+    ``at`` (the agent's clock: the answer's ``asked_at``, or when it found none)."""
+
+    shard: int
+    at: float
+    leadership: Leadership | None
+
+
+Message = Hello | Beat | Polled | Failed | HistoryRead | Led
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +176,7 @@ def timestamp(message: Message) -> float | None:
         return message.now
     if isinstance(message, Polled):
         return message.observation.sent_at
-    if isinstance(message, Failed):
+    if isinstance(message, (Failed, Led)):
         return message.at
     return None
 
@@ -188,6 +201,11 @@ def _to_json(message: Message) -> dict[str, Any]:
         h = message.history
         return {"k": "hist", "s": message.shard, "tl": h.timeline, "ok": h.complete,
                 "anc": [[tli, str(lsn)] for tli, lsn in h.ancestors]}
+    if isinstance(message, Led):
+        led = message.leadership
+        return {"k": "led", "s": message.shard, "at": message.at, "l": None if led is None else {
+            "leader": led.leader, "tl": led.timeline, "ep": led.endpoint, "asked": led.asked_at,
+            "m": [[m.node, m.name, m.role, m.state, m.timeline, m.lag] for m in led.members]}}
     o = message.observation
     run = o.run
     return {
@@ -214,6 +232,8 @@ def _from_json(d: Mapping[str, Any]) -> Message:
         return HistoryRead(int(d["s"]), TimelineHistory(
             int(d["tl"]), tuple((int(t), LSN.parse(str(lsn))) for t, lsn in d["anc"]),
             bool(d["ok"])))
+    if kind == "led":
+        return Led(int(d["s"]), float(d["at"]), None if d["l"] is None else _leadership(d["l"]))
     if kind != "obs":
         raise KeyError(f"kind {kind!r}")
     run = d["run"]
@@ -227,6 +247,19 @@ def _from_json(d: Mapping[str, Any]) -> Message:
         run=None if run is None else _run(str(run)),
         pooler_seen=bool(d["pool"]),
     ))
+
+
+def _leadership(d: Mapping[str, Any]) -> Leadership:
+    def opt_int(value: Any) -> int | None:
+        return None if value is None else int(value)
+
+    members = tuple(
+        MemberState(None if node is None else str(node), str(name), str(role), str(state),
+                    opt_int(tli), opt_int(lag))
+        for node, name, role, state, tli, lag in d["m"])
+    return Leadership(None if d["leader"] is None else str(d["leader"]), members,
+                      opt_int(d["tl"]), str(d["ep"]),
+                      None if d["asked"] is None else float(d["asked"]))
 
 
 # The values below repeat in every poll of a server: one object per distinct value (bounded
@@ -246,14 +279,22 @@ def _settings(text: str) -> tuple[int, ...]:
 
 def topology_document(topology: Topology) -> dict[str, Any]:
     """What the agent needs of a topology, in the form ``Topology.from_dict`` reads: the
-    nodes (DSNs with any password already in them), the monitor settings, the connect
-    timeout. Sent on the agent's stdin, never its command line (``ps`` shows that)."""
-    m = topology.monitor
+    nodes (DSNs with any password already in them, Patroni endpoints), the monitor and
+    discovery settings, the connect timeout. Sent on the agent's stdin, never its command
+    line (``ps`` shows that)."""
+    m, d = topology.monitor, topology.discovery
 
     def node(n: Any) -> dict[str, Any]:
-        tracks = {"pooler_tracks_prepared": True} if n.pooler_tracks_prepared else {}
-        return {"name": n.name, "dsn": n.dsn, "via": n.via, **tracks}
+        extra: dict[str, Any] = {"pooler_tracks_prepared": True} if (
+            n.pooler_tracks_prepared) else {}
+        if n.patroni:
+            extra["patroni"] = n.patroni
+        return {"name": n.name, "dsn": n.dsn, "via": n.via, **extra}
 
+    # Only where an HA manager is asked (no other topology's document, or key, has them).
+    discovery = {"discovery": {"interval": d.interval, "fast_interval": d.fast_interval,
+                               "timeout": d.timeout}} if any(
+        s.patroni_endpoints for s in topology.shards) else {}
     return {
         "bucket_count": topology.bucket_count,
         "monitor": {"interval": m.interval, "poll_timeout": m.poll_timeout,
@@ -261,6 +302,7 @@ def topology_document(topology: Topology) -> dict[str, Any]:
                     "failures_before_down": m.failures_before_down,
                     "max_backoff": m.max_backoff, "sharing": "off"},
         "routing": {"connect_timeout": topology.routing.connect_timeout},
+        **discovery,
         "shards": [
             {"name": s.name, "buckets": [str(b) for b in s.buckets], "primary": node(s.primary),
              "replicas": [node(r) for r in s.replicas]}
@@ -271,6 +313,6 @@ def topology_document(topology: Topology) -> dict[str, Any]:
 
 __all__ = [
     "MAX_COUNTS", "MAX_LABEL", "PROTOCOL", "VERSION", "Ask", "Beat", "Counts", "Failed",
-    "Hello", "HistoryRead", "Join", "Message", "Polled", "Request", "decode",
+    "Hello", "HistoryRead", "Join", "Led", "Message", "Polled", "Request", "decode",
     "decode_request", "encode", "encode_request", "timestamp", "topology_document",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import stat
 import tempfile
@@ -34,6 +35,22 @@ def stale_after(interval: float) -> float:
     at least a heartbeat every ``interval``; twenty of them missing is not a scheduling
     hiccup on a loaded host."""
     return max(2.0, 20 * interval)
+
+
+def answer_limit(topology: Topology, shard_index: int) -> float:
+    """Seconds a store follows its agent's HA manager answers for a shard without a new
+    one: the longest a store's own discovery goes between two asks, ``interval`` plus one
+    timeout per endpoint and one for ``/history`` (infinite: a shard without endpoints).
+
+    Past it the store asks Patroni itself (its own monitor), whose first answer takes at
+    most one timeout per endpoint: so the answer a store's leader veto rests on is never
+    older than the ``interval + (2 x endpoints + 1) x timeout`` its own discovery allows
+    (docs/architecture.md, "Fleets")."""
+    endpoints = len(topology.shards[shard_index].patroni_endpoints)
+    if not endpoints:
+        return math.inf
+    d = topology.discovery
+    return d.interval + (endpoints + 1) * d.timeout
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,4 +110,4 @@ def agent_key(topology: Topology) -> str:
 
 
 __all__ = ["AGENT_DIR_ENV", "AgentPaths", "AgentUnavailable", "agent_dir", "agent_key",
-           "stale_after"]
+           "answer_limit", "stale_after"]

@@ -11,7 +11,11 @@ lock). Soundness never rests on the agent being alive or on time: a late poll is
 fact, and an old fact only proves a larger bound. It rests on the agent's facts being true:
 same poll code, same host clock (checked on every message: a timestamp from the future
 means another clock, and ends sharing for this store), same OS user (the socket lives in a
-``0700`` directory).
+``0700`` directory). For a shard with Patroni endpoints the agent also forwards every
+answer of the HA manager (``Led``), applied with ``MonitorState.lead`` as the store's own
+discovery would; a store whose newest answer from the agent is older than
+:func:`answer_limit` asks Patroni itself (its own monitor), so the leader veto it acts on is
+never older than its own discovery's could be.
 
 Where the agent lives and how it is keyed: ``_place``.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import select
 import time
@@ -37,6 +42,7 @@ from propstore.monitor._messages import (
     Hello,
     HistoryRead,
     Join,
+    Led,
     Polled,
     decode,
     encode_request,
@@ -49,6 +55,7 @@ from propstore.monitor._place import (
     AgentUnavailable,
     agent_dir,
     agent_key,
+    answer_limit,
     stale_after,
 )
 from propstore.monitor._spawn import Spawner
@@ -120,6 +127,14 @@ class SharedMonitor(LagMonitor):
         #: Per primary node: the bytes after the time of the last poll applied (a poll
         #: with the same bytes repeats it, and takes ``MonitorState.observe_again``).
         self._last: list[list[bytes | None]] = [[None] * len(s.nodes) for s in topology.shards]
+        #: Per shard: the ask time of the newest HA manager answer applied (an older one,
+        #: replayed, is skipped), the newest the agent forwarded (or when we joined), and
+        #: how old that may get before the agent's veto is no longer trusted
+        #: (:func:`answer_limit`; infinite for a shard without Patroni endpoints).
+        self._led_floor = [-math.inf] * len(topology.shards)
+        self._answered = [-math.inf] * len(topology.shards)
+        self._answer_limit = [answer_limit(topology, i) for i in range(len(topology.shards))]
+        self._answer_due = math.inf
         self._spawner = Spawner(topology)
         self._fast_until = 0.0
         #: Whether the last failed join found an agent on its way that another store starts.
@@ -132,10 +147,6 @@ class SharedMonitor(LagMonitor):
         try:
             if self.state.clock is not time.monotonic:
                 raise AgentUnavailable("the store's clock is not time.monotonic")
-            if any(shard.patroni_endpoints for shard in self.topology.shards):
-                # The agent forwards polls, not the HA manager's answers (yet): a store
-                # that asks Patroni who leads keeps its own monitor.
-                raise AgentUnavailable("shards with Patroni endpoints are not shared yet")
             paths = AgentPaths.of(self.topology)
         except (AgentUnavailable, OSError) as exc:
             log.warning("monitor_sharing_unavailable", error=str(exc))
@@ -154,14 +165,14 @@ class SharedMonitor(LagMonitor):
             while True:
                 if link is not None:
                     try:
-                        await self._follow(link, polled)
+                        why = await self._follow(link, polled)
                     except AgentUnavailable as exc:
                         log.error("monitor_sharing_stopped", error=str(exc))
                         self.source, self.own_reason = "own", f"sharing stopped: {exc}"
                         await self._poll_all(polled)
                         return
                     self.fallbacks += 1
-                    self.own_reason = "lost the host agent; polls itself until one answers"
+                    self.own_reason = f"{why}; polls itself until an agent answers"
                 link = await self._own_until_joined(paths, polled)
         finally:
             self._spawner.release()
@@ -183,11 +194,15 @@ class SharedMonitor(LagMonitor):
         finally:
             own.cancel()
             await asyncio.gather(own, return_exceptions=True)
-            # Replayed polls older than what our own polls saw are not applied.
+            # Replayed polls (and HA manager answers) older than what our own polls (and
+            # our own discovery) saw are not applied.
             for s, view in enumerate(self.state.views):
                 for n, node in enumerate(view.nodes):
                     if node.last_poll_at is not None:
                         self._floor[s][n] = max(self._floor[s][n], node.last_poll_at)
+                led = view.leadership
+                if led is not None and led.asked_at is not None:
+                    self._led_floor[s] = max(self._led_floor[s], led.asked_at)
 
     # ------------------------------------------------------------ joining
 
@@ -237,30 +252,47 @@ class SharedMonitor(LagMonitor):
 
     # ------------------------------------------------------------ following
 
-    async def _follow(self, link: _Link, polled: Tracker) -> None:
-        """Apply the agent's messages until it is gone or stuck."""
+    async def _follow(self, link: _Link, polled: Tracker) -> str:
+        """Apply the agent's messages until it is gone, stuck or its HA manager answers
+        come late; returns which."""
         for row in self._last:  # our own polls (or another agent's) came in between
             row[:] = [None] * len(row)
         limit = stale_after(self.topology.monitor.interval)
         clock = self.state.clock
+        joined = clock()
+        for s, bound in enumerate(self._answer_limit):
+            if bound < math.inf:  # the agent has until then to forward an answer
+                self._answered[s] = joined
+        self._answer_due = min(a + b for a, b in zip(self._answered, self._answer_limit,
+                                                     strict=True))
         try:
             while True:
                 try:
-                    data = await _next_bytes(link, limit)
+                    data = await _next_bytes(
+                        link, min(limit, max(0.0, self._answer_due - clock())))
                 except OSError as exc:
                     log.warning("monitor_agent_gone", agent_pid=link.hello.pid, error=str(exc))
-                    return
-                if data is None:
+                    return "lost the host agent"
+                if data is None and clock() < self._answer_due:
                     log.warning("monitor_agent_stuck", agent_pid=link.hello.pid,
                                 silent_seconds=limit)
-                    return
-                if not data:
+                    return "the host agent went silent"
+                if data == b"":
                     log.warning("monitor_agent_gone", agent_pid=link.hello.pid)
-                    return
-                *lines, link.rest = (link.rest + data).split(b"\n")
+                    return "lost the host agent"
                 now = clock()
-                for line in lines:
-                    self._apply(line, now, polled)
+                if data:
+                    *lines, link.rest = (link.rest + data).split(b"\n")
+                    for line in lines:
+                        self._apply(line, now, polled)
+                if now > self._answer_due:
+                    # The agent's leader veto is older than our own discovery's could
+                    # ever be: ask Patroni ourselves (docs/architecture.md, "Fleets").
+                    late = [self.topology.shards[s].name for s, (a, b) in enumerate(
+                        zip(self._answered, self._answer_limit, strict=True)) if now > a + b]
+                    log.warning("monitor_agent_discovery_late", agent_pid=link.hello.pid,
+                                shards=late)
+                    return "the host agent's Patroni answers came late"
                 if now >= link.report_at:
                     self._report(link, now)
         finally:
@@ -328,6 +360,9 @@ class SharedMonitor(LagMonitor):
         if isinstance(message, HistoryRead):
             self.state.record_history(message.shard, message.history)
             return
+        if isinstance(message, Led):
+            self._lead(message)
+            return
         assert at is not None
         floor = self._floor[message.shard]
         if at <= floor[message.node]:
@@ -343,6 +378,20 @@ class SharedMonitor(LagMonitor):
             self.state.fail(message.shard, message.node, message.error, message.at)
             self._last[message.shard][message.node] = None
         polled(self._keys[message.shard][message.node])
+
+
+    def _lead(self, message: Led) -> None:
+        """Apply an HA manager answer the agent forwarded, as our own discovery would
+        (``MonitorState.lead``), unless ours was asked later; it restarts the shard's
+        :func:`answer_limit`."""
+        s = message.shard
+        if message.at > self._led_floor[s]:
+            self._led_floor[s] = message.at
+            self.state.lead(s, message.leadership)  # the agent polls whom it names
+        if message.at > self._answered[s]:
+            self._answered[s] = message.at
+            self._answer_due = min(a + b for a, b in zip(self._answered, self._answer_limit,
+                                                         strict=True))
 
 
 async def _next_bytes(link: _Link, limit: float) -> bytes | None:
@@ -388,4 +437,4 @@ def monitor_for(topology: Topology, state: MonitorState | None = None,
 
 
 __all__ = ["AGENT_DIR_ENV", "AgentPaths", "AgentUnavailable", "RefusalSource", "SharedMonitor",
-           "agent_dir", "agent_key", "monitor_for", "stale_after"]
+           "agent_dir", "agent_key", "answer_limit", "monitor_for", "stale_after"]
