@@ -43,6 +43,21 @@ def test_batch_bucket_hash_equals_bucket_of(tenant: str, users: list[str], count
     assert tenant_bucket_of("acme")("user-42") == 3423
 
 
+@given(st.text(min_size=1, max_size=20), st.lists(st.text(min_size=1, max_size=20)),
+       st.integers(min_value=1, max_value=3))
+def test_batch_grouping_puts_every_user_on_the_shard_get_reads(
+        tenant: str, users: list[str], shards: int) -> None:
+    # get_many's one-loop grouping: every user, in order, on the shard of bucket_of.
+    count = 64
+    bounds = [count * i // shards for i in range(shards + 1)]
+    buckets = BucketMap(count, [[BucketRange(bounds[i], bounds[i + 1] - 1)]
+                                for i in range(shards)])
+    expected: dict[int, list[str]] = {}
+    for user in users:
+        expected.setdefault(buckets.shard_index(bucket_of(tenant, user, count)), []).append(user)
+    assert buckets.group(tenant, users) == expected
+
+
 def test_bucket_map_rejects_overlaps_and_gaps() -> None:
     with pytest.raises(ValueError, match="assigned twice"):
         BucketMap(8, [[BucketRange(0, 4)], [BucketRange(4, 7)]])

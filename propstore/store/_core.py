@@ -39,7 +39,7 @@ from propstore.freshness import STRONG, Freshness, Token, coerce_token
 from propstore.monitor import MonitorState
 from propstore.proof import RunFacts
 from propstore.router import DecisionCache, FallbackLimiter, RouteDecision, route
-from propstore.sharding import bucket_of, tenant_bucket_of
+from propstore.sharding import bucket_of
 from propstore.store import _degrade, _statements, _tokens
 from propstore.store._primary import PrimaryReads
 from propstore.store._program import (
@@ -236,12 +236,7 @@ class StoreCore:
     def group(self, tenant: object, user_ids: object) -> tuple[str, dict[int, list[str]]]:
         """Check a batch; group user ids by shard index."""
         tenant_s = check_tenant(tenant)
-        groups: dict[int, list[str]] = {}
-        bucket = tenant_bucket_of(tenant_s, self.topology.bucket_count)
-        owner = self.topology.bucket_map.shard_index
-        for user_id in check_user_ids(user_ids):
-            groups.setdefault(owner(bucket(user_id)), []).append(user_id)
-        return tenant_s, groups
+        return tenant_s, self.topology.bucket_map.group(tenant_s, check_user_ids(user_ids))
 
     def decide(self, shard_index: int, freshness: Freshness) -> RouteDecision:
         """The router's decision for a shard now."""
