@@ -4,6 +4,12 @@ topology file's ``members``/``patroni`` keys, and what an answer does to a shard
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -249,3 +255,87 @@ def test_a_store_applies_its_agents_answers_unless_its_own_was_asked_later() -> 
     assert state.view(0).leadership.leader == "m2"
     monitor._lead(Led(0, 3.0, replace_asked(_leads("m1"), 3.0)))
     assert state.view(0).primary is not None and state.view(0).primary.name == "m1"
+
+
+class _ScriptedAgent:
+    """An agent that answers on a store's agent socket with a hello and heartbeats, and HA
+    manager answers (none answered) while :attr:`answering` is set."""
+
+    def __init__(self, path: Path) -> None:
+        from propstore.monitor._messages import VERSION
+
+        self.version = VERSION
+        self.answering = threading.Event()
+        self.answering.set()
+        self.last_answer = 0.0
+        self.stop = threading.Event()
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(path))
+        self.server.listen(4)
+        self.server.settimeout(0.1)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        from propstore.monitor._messages import Beat, Hello, Led, encode
+
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.recv(1024)  # the store's join
+                conn.sendall(encode(Hello(os.getpid(), time.monotonic(), self.version)))
+                with contextlib.suppress(OSError):
+                    while not self.stop.is_set():
+                        now = time.monotonic()
+                        conn.sendall(encode(Beat(now)))
+                        if self.answering.is_set():
+                            conn.sendall(encode(Led(0, now, None)))
+                            self.last_answer = now
+                        time.sleep(0.2)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.server.close()
+
+
+@pytest.mark.slow
+def test_a_store_asks_patroni_itself_once_its_agents_answers_are_older_than_its_own_would_be(
+    tmp_path: Path,
+) -> None:
+    from propstore.monitor._place import AgentPaths, answer_limit
+    from propstore.monitor._shared import SharedMonitor
+    from tests._agent_worker import agent_dir
+
+    fast = Topology.from_toml(MEMBERS.replace('interval = "2s"',
+                                              'interval = "0.5s"\ntimeout = "0.5s"'),
+                              environ={})
+    limit = answer_limit(fast, 0)
+    assert limit == 0.5 + 3 * 0.5
+    with agent_dir(tmp_path / "agents"):
+        agent = _ScriptedAgent(AgentPaths.of(fast).socket)
+        monitor = SharedMonitor(fast)
+        try:
+            monitor.start()
+            deadline = time.monotonic() + 10
+            while monitor.source != "agent":
+                assert time.monotonic() < deadline, monitor.join_error
+                time.sleep(0.01)
+            time.sleep(3 * limit)  # answers keep coming: the store keeps following
+            assert (monitor.source, monitor.fallbacks) == ("agent", 0), monitor.own_reason
+            agent.answering.clear()
+            deadline = time.monotonic() + 3 * limit
+            while monitor.fallbacks == 0:
+                assert time.monotonic() < deadline, "the store never stopped following"
+                time.sleep(0.01)
+            late = time.monotonic() - agent.last_answer
+        finally:
+            monitor.stop()
+            agent.close()
+    print(f"fell back {late:.2f} s after the agent's last answer (limit {limit:.2f} s)")
+    assert "Patroni answers came late" in monitor.own_reason, monitor.own_reason
+    # Not before the limit (beats kept coming), and at it: within a scheduling delay.
+    assert limit <= late <= limit + 1.0
