@@ -85,6 +85,9 @@ AGENT_METRIC_NAMES = (
     "propstore_agent_uptime_seconds",
     "propstore_agent_healthy",
     "propstore_agent_reads_refused",
+    "propstore_agent_patroni_answers",
+    "propstore_agent_patroni_misses",
+    "propstore_agent_patroni_answer_age_seconds",
 )
 
 
@@ -364,6 +367,24 @@ class _AgentCollector(Collector):
                 for reason, count in reasons.items():
                     refused.add_metric([shard, profile, reason], float(count))
         yield refused
+        answers = CounterMetricFamily(
+            "propstore_agent_patroni_answers",
+            "Patroni GET /cluster answers the agent forwarded to its stores, by shard.",
+            labels=["shard"])
+        misses = CounterMetricFamily(
+            "propstore_agent_patroni_misses",
+            "The agent's asks of a shard's Patroni that no endpoint answered.",
+            labels=["shard"])
+        asked = GaugeMetricFamily(
+            "propstore_agent_patroni_answer_age_seconds",
+            "Seconds since the agent's latest ask of the shard's Patroni was sent (+Inf: "
+            "never); past its limit the stores ask Patroni themselves.", labels=["shard"])
+        for lead in status.leaders:
+            answers.add_metric([lead.shard], float(lead.answers))
+            misses.add_metric([lead.shard], float(lead.misses))
+            asked.add_metric([lead.shard], float("inf") if lead.last_answer_age_seconds is None
+                             else lead.last_answer_age_seconds)
+        yield from (answers, misses, asked)
 
 
 class AgentMetrics:

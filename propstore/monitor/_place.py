@@ -50,7 +50,8 @@ def answer_limit(topology: Topology, shard_index: int) -> float:
     if not endpoints:
         return math.inf
     d = topology.discovery
-    return d.interval + (endpoints + 1) * d.timeout
+    # The loop sleeps fast_interval while unsettled: the longer of the two bounds it.
+    return max(d.interval, d.fast_interval) + (endpoints + 1) * d.timeout
 
 
 @dataclass(frozen=True, slots=True)
