@@ -8,8 +8,9 @@ Beside the table, migration ``0002`` creates two functions the store reads throu
 ``propstore_read(tenant, user_id)`` and ``propstore_read_many(tenant, user_ids)``: a verified
 replica read in one statement (the replay LSN read before the data's snapshot; see
 docs/architecture.md, "One statement, still sound"). SQLAlchemy metadata does not describe
-functions, so they live in that revision only; a schema without them still works (reads are
-then verified with the two-statement pipeline).
+functions, so they live in the revisions only (``0003`` makes ``propstore_read_many``'s
+refusal name itself); a schema without them still works (reads are then verified with the
+two-statement pipeline).
 """
 
 from __future__ import annotations

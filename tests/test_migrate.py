@@ -2,19 +2,22 @@
 resumable, canary; status, plan and the CLI.
 
 Every test gets its own 3 x 1 cluster (about half a second to start) and its own copy of
-``migrations/`` with an extra revision ``0003``, so nothing here touches the session cluster
-or the repository's revisions.
+``migrations/`` with an extra revision (``EXTRA``, revising the repository's head), so nothing
+here touches the session cluster or the repository's revisions, and nothing here needs
+changing when the repository gains a revision.
 """
 
 from __future__ import annotations
 
 import io
+import re
 import shutil
 import textwrap
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import psycopg
 import pytest
 from click.testing import CliRunner, Result
 from rich.console import Console
@@ -29,25 +32,33 @@ from propstore.migrate import (
     MigrationEvent,
     RollingMigration,
     current_revision,
+    downgrade,
     head_revision,
     plan,
     shard_status,
     upgrade,
 )
+from propstore.migrate._alembic import script_directory
 from propstore.sandbox import LocalCluster
 
+#: The repository's revisions, oldest first, and its head.
+REPOSITORY = [r.revision for r in reversed(list(script_directory().walk_revisions()))]
+HEAD = REPOSITORY[-1]
+#: The test's own revision on top of the head.
+EXTRA = "nick"
+
 #: A revision that fails on any shard whose primary has a table named ``fail_here``.
-REVISION_0003 = '''
+REVISION_EXTRA = '''
     """Add user_properties.nickname (fails where table fail_here exists).
 
-    Revision ID: 0003
-    Revises: 0002
+    Revision ID: {extra}
+    Revises: {head}
     """
     import sqlalchemy as sa
     from alembic import op
 
-    revision = "0003"
-    down_revision = "0002"
+    revision = "{extra}"
+    down_revision = "{head}"
     branch_labels = None
     depends_on = None
 
@@ -81,11 +92,12 @@ def topology3(cluster3: LocalCluster) -> Topology:
 
 @pytest.fixture
 def scripts(tmp_path: Path) -> Path:
-    """A throwaway copy of propstore's migrations plus revision 0003."""
+    """A throwaway copy of propstore's migrations plus revision ``EXTRA``."""
     folder = tmp_path / "migrations"
     shutil.copytree(propstore.migrate.script_location(), folder,
                     ignore=shutil.ignore_patterns("__pycache__"))
-    (folder / "versions" / "0003_nickname.py").write_text(textwrap.dedent(REVISION_0003))
+    (folder / "versions" / f"{EXTRA}_nickname.py").write_text(
+        textwrap.dedent(REVISION_EXTRA).format(extra=EXTRA, head=HEAD))
     return folder
 
 
@@ -102,10 +114,10 @@ def revisions(cluster: LocalCluster) -> list[str | None]:
     return [current_revision(shard.primary.dsn) for shard in cluster.shards]
 
 
-def to_0002(cluster: LocalCluster) -> None:
-    """Every shard at 0002 (the repository's head), replicas caught up."""
+def to_head(cluster: LocalCluster) -> None:
+    """Every shard at the repository's head, replicas caught up."""
     for shard in cluster.shards:
-        upgrade(shard.primary.dsn, "0002")
+        upgrade(shard.primary.dsn, HEAD)
     cluster.wait_caught_up()
 
 
@@ -122,18 +134,18 @@ def test_up_brings_every_shard_to_head_and_a_second_up_says_nothing_to_do(
 ) -> None:
     first = cli(cluster3, scripts, "up")
     assert first.exit_code == 0, first.output
-    assert revisions(cluster3) == ["0003"] * 3
-    assert "Every shard is at 0003" in first.output
+    assert revisions(cluster3) == [EXTRA] * 3
+    assert f"Every shard is at {EXTRA}" in first.output
 
     status = cli(cluster3, scripts, "status")
     assert status.exit_code == 0, status.output
     for shard in ("shard0", "shard1", "shard2"):
-        assert f"{shard}: at 0003 (head), primary WAL at " in status.output
+        assert f"{shard}: at {EXTRA} (head), primary WAL at " in status.output
         assert f"{shard}-replica1 up, staleness ≤" in status.output
 
     second = cli(cluster3, scripts, "up")
     assert second.exit_code == 0, second.output
-    assert "Nothing to do: every shard is at 0003" in second.output
+    assert f"Nothing to do: every shard is at {EXTRA}" in second.output
     assert second.output.count("already at target") == 3
 
 
@@ -156,7 +168,7 @@ def test_every_replica_has_replayed_a_shard_before_the_next_one_starts(
 def test_preflight_waits_for_a_paused_replica_and_proceeds_once_replay_resumes(
     cluster3: LocalCluster, topology3: Topology, scripts: Path
 ) -> None:
-    to_0002(cluster3)
+    to_head(cluster3)
     lag_shard1(cluster3)
     waiting = threading.Event()
     seen: list[MigrationEvent] = []
@@ -177,7 +189,7 @@ def test_preflight_waits_for_a_paused_replica_and_proceeds_once_replay_resumes(
                                   script_location=scripts, on_event=on_event).run()
     resumer.join()
     assert report.ok, report
-    assert revisions(cluster3) == ["0003"] * 3
+    assert revisions(cluster3) == [EXTRA] * 3
     kinds = [(e.kind, e.shard) for e in seen]
     assert kinds.index(("shard_done", "shard0")) < kinds.index(("preflight_waiting", "shard1"))
     assert kinds.index(("preflight_waiting", "shard1")) < kinds.index(
@@ -192,14 +204,14 @@ def test_preflight_waits_for_a_paused_replica_and_proceeds_once_replay_resumes(
 def test_short_wait_timeout_stops_with_a_report_and_leaves_later_shards_untouched(
     cluster3: LocalCluster, scripts: Path
 ) -> None:
-    to_0002(cluster3)
+    to_head(cluster3)
     lag_shard1(cluster3)
     result = cli(cluster3, scripts, "up", "--max-lag", "1s", "--wait-timeout", "1s")
     assert result.exit_code == 1, result.output
-    assert revisions(cluster3) == ["0003", "0002", "0002"]
+    assert revisions(cluster3) == [EXTRA, HEAD, HEAD]
     assert "Stopped: shard1 failed at pre-flight" in result.output
     assert "shard1-replica1 paused" in result.output
-    assert "shard0           done: 0002 -> 0003" in result.output
+    assert f"shard0           done: {HEAD} -> {EXTRA}" in result.output
     assert "shard1           failed at pre-flight: gave up after 1.00s" in result.output
     assert "shard2           not started" in result.output
     assert "shard1 pre-flight: waiting:" in result.output  # the countdown lines
@@ -214,14 +226,15 @@ def test_revision_failing_on_shard_2_of_3_leaves_shard_3_untouched_and_a_rerun_c
     assert [r.outcome for r in report.results] == ["done", "failed", "not started"]
     failed = report.result("shard1")
     assert failed.step == "migrate" and "marker table fail_here" in (failed.error or "")
-    # shard1's transaction rolled back as a whole (0001 and 0002 too); shard2 was never touched.
-    assert revisions(cluster3) == ["0003", None, None]
+    # shard1's transaction rolled back as a whole (every revision of the run); shard2 was
+    # never touched.
+    assert revisions(cluster3) == [EXTRA, None, None]
 
     cluster3.shards[1].primary.execute("DROP TABLE fail_here")
     rerun = RollingMigration(topology3, script_location=scripts).run()
     assert rerun.ok
     assert [r.outcome for r in rerun.results] == ["already at target", "done", "done"]
-    assert revisions(cluster3) == ["0003"] * 3
+    assert revisions(cluster3) == [EXTRA] * 3
 
 
 def test_unreachable_primary_fails_its_pre_flight_and_later_shards_are_not_started(
@@ -238,7 +251,7 @@ def test_unreachable_primary_fails_its_pre_flight_and_later_shards_are_not_start
 def test_a_database_at_a_revision_the_scripts_do_not_know_fails_without_waiting(
     cluster3: LocalCluster, topology3: Topology, scripts: Path
 ) -> None:
-    upgrade(cluster3.shards[0].primary.dsn, "0002")
+    upgrade(cluster3.shards[0].primary.dsn, HEAD)
     cluster3.shards[0].primary.execute("UPDATE alembic_version SET version_num = 'f00d'")
     report = RollingMigration(topology3, wait_timeout=30, script_location=scripts).run()
     failed = report.result("shard0")
@@ -253,11 +266,11 @@ def test_canary_1_migrates_exactly_one_shard_and_the_next_run_the_next(
 ) -> None:
     first = cli(cluster3, scripts, "up", "--canary", "1", "--yes")
     assert first.exit_code == 0, first.output
-    assert revisions(cluster3) == ["0003", None, None]
+    assert revisions(cluster3) == [EXTRA, None, None]
     assert "canary: 1 shard(s) migrated" in first.output
     second = cli(cluster3, scripts, "up", "--canary", "1")
     assert second.exit_code == 0, second.output
-    assert revisions(cluster3) == ["0003", "0003", None]
+    assert revisions(cluster3) == [EXTRA, EXTRA, None]
 
 
 def test_shard_option_migrates_only_the_named_shards(
@@ -265,7 +278,7 @@ def test_shard_option_migrates_only_the_named_shards(
 ) -> None:
     result = cli(cluster3, scripts, "up", "--shard", "shard2")
     assert result.exit_code == 0, result.output
-    assert revisions(cluster3) == [None, None, "0003"]
+    assert revisions(cluster3) == [None, None, EXTRA]
     assert "shard0           not selected" in result.output
     unknown = cli(cluster3, scripts, "up", "--shard", "nope")
     assert unknown.exit_code == 2 and "no shard named nope" in unknown.output
@@ -275,36 +288,36 @@ def test_plan_lists_each_shards_revisions_and_offline_sql(
     cluster3: LocalCluster, topology3: Topology, scripts: Path
 ) -> None:
     for shard in cluster3.shards[:1]:
-        upgrade(shard.primary.dsn, "0002")
+        upgrade(shard.primary.dsn, HEAD)
     plans = plan(topology3, script_location=scripts)
     assert [[s.revision for s in p.steps] for p in plans] == [
-        ["0003"], ["0001", "0002", "0003"], ["0001", "0002", "0003"]]
+        [EXTRA], [*REPOSITORY, EXTRA], [*REPOSITORY, EXTRA]]
     result = cli(cluster3, scripts, "plan", "--sql")
     assert result.exit_code == 0, result.output
-    assert "shard0: upgrade 0002 -> 0003" in result.output
+    assert f"shard0: upgrade {HEAD} -> {EXTRA}" in result.output
     assert "ALTER TABLE user_properties ADD COLUMN nickname TEXT" in result.output
     assert result.output.count("CREATE TABLE user_properties") == 2  # shard1, shard2 only
 
 
 def test_down_asks_for_confirmation_unless_yes(cluster3: LocalCluster, scripts: Path) -> None:
     assert cli(cluster3, scripts, "up").exit_code == 0
-    refused = cli(cluster3, scripts, "down", "0002", input="n\n")
+    refused = cli(cluster3, scripts, "down", HEAD, input="n\n")
     assert refused.exit_code == 1 and "Aborted" in refused.output
-    assert revisions(cluster3) == ["0003"] * 3
-    done = cli(cluster3, scripts, "down", "0002", "--yes")
+    assert revisions(cluster3) == [EXTRA] * 3
+    done = cli(cluster3, scripts, "down", HEAD, "--yes")
     assert done.exit_code == 0, done.output
-    assert revisions(cluster3) == ["0002"] * 3
-    again = cli(cluster3, scripts, "down", "0002", "--yes")
+    assert revisions(cluster3) == [HEAD] * 3
+    again = cli(cluster3, scripts, "down", HEAD, "--yes")
     assert "Nothing to do" in again.output
 
 
 def test_status_reports_revisions_and_a_lagging_replica(
     cluster3: LocalCluster, topology3: Topology, scripts: Path
 ) -> None:
-    to_0002(cluster3)
+    to_head(cluster3)
     lag_shard1(cluster3)
     rows = shard_status(topology3, script_location=scripts)
-    assert [(r.current, r.head, r.at_head) for r in rows] == [("0002", "0003", False)] * 3
+    assert [(r.current, r.head, r.at_head) for r in rows] == [(HEAD, EXTRA, False)] * 3
     assert rows[1].primary_lsn is not None
     lagging = rows[1].replicas[0]
     assert lagging.state == "paused" and (lagging.bytes_behind or 0) > 0
@@ -320,7 +333,40 @@ def test_unknown_revision_is_refused_before_any_shard_is_touched(
 
 
 def test_repository_head_is_still_reported_without_a_script_location() -> None:
-    assert head_revision() == "0002"
+    # The head is the newest numbered revision file of the package's migrations.
+    versions = Path(propstore.migrate.script_location()) / "versions"
+    newest = max(m.group(1) for f in versions.glob("*.py")
+                 if (m := re.match(r"(\d{4})_", f.name)))
+    assert head_revision() == newest == HEAD
+
+
+def _batch_function(dsn: str) -> str:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT pg_get_functiondef('propstore_read_many(text, text[])'::regprocedure)"
+        ).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def _batch_refusal(dsn: str) -> str:
+    with psycopg.connect(dsn) as conn:  # a transaction, so the isolation level holds
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        with pytest.raises(psycopg.errors.InvalidTransactionState) as refused:
+            conn.execute("SELECT * FROM propstore_read_many('t', ARRAY['u'])")
+    return str(refused.value)
+
+
+def test_0003_names_the_batch_function_in_its_refusal_and_its_downgrade_restores_0002(
+        cluster_factory: Callable[..., LocalCluster]) -> None:
+    dsn = cluster_factory(shards=1, replicas=0).shards[0].primary.dsn
+    upgrade(dsn, "0002")
+    at_0002 = _batch_function(dsn)
+    assert _batch_refusal(dsn).startswith("propstore_read needs READ COMMITTED")
+    upgrade(dsn, "0003")
+    assert _batch_refusal(dsn).startswith("propstore_read_many needs READ COMMITTED")
+    downgrade(dsn, "0002")
+    assert _batch_function(dsn) == at_0002
 
 
 def test_terminal_display_is_a_live_table_and_piped_output_is_plain_lines() -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, LiteralString
 
 import psycopg
 import pytest
@@ -291,15 +291,21 @@ def test_the_verifying_function_reads_its_data_after_its_lsn_not_on_the_callers_
     assert props == {"v": 2}, f"replay LSN {lsn} (>= the write's {written}) over older data"
 
 
+@pytest.mark.parametrize(("function", "query"), [
+    ("propstore_read", "SELECT * FROM propstore_read('t', 'fn-user')"),
+    ("propstore_read_many", "SELECT * FROM propstore_read_many('t', ARRAY['fn-user'])"),
+])
 def test_the_verifying_function_refuses_a_snapshot_shared_across_statements(
-        fresh: LocalCluster) -> None:
+        fresh: LocalCluster, function: str, query: LiteralString) -> None:
     """Under REPEATABLE READ every statement shares the transaction's first snapshot, so
-    the data could predate the LSN: the function refuses instead of answering."""
+    the data could predate the LSN: each function refuses, naming itself, instead of
+    answering."""
     replica = fresh.shards[0].replicas[0]
     with psycopg.connect(replica.dsn) as conn:
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        with pytest.raises(psycopg.errors.InvalidTransactionState, match="READ COMMITTED"):
-            conn.execute("SELECT * FROM propstore_read('t', 'fn-user')")
+        with pytest.raises(psycopg.errors.InvalidTransactionState,
+                           match=f"^{function} needs READ COMMITTED"):
+            conn.execute(query)
 
 
 def test_without_the_verifying_function_reads_fall_back_to_the_pipeline_and_say_so_once(
