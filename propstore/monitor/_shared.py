@@ -261,8 +261,12 @@ class SharedMonitor(LagMonitor):
         clock = self.state.clock
         joined = clock()
         for s, bound in enumerate(self._answer_limit):
-            if bound < math.inf:  # the agent has until then to forward an answer
-                self._answered[s] = joined
+            if bound < math.inf:
+                # The limit runs from the newest answer we hold (our own discovery's, or an
+                # earlier agent's): joining never makes an answer live longer. Holding none
+                # (no veto), the agent has the limit from now for its first.
+                floor = self._led_floor[s]
+                self._answered[s] = floor if floor > -math.inf else joined
         self._answer_due = min(a + b for a, b in zip(self._answered, self._answer_limit,
                                                      strict=True))
         try:
