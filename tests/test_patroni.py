@@ -561,3 +561,43 @@ def test_synchronous_mode_loses_no_acknowledged_write(patroni: PatroniCluster) -
           f"{len(lost)} lost, {writes.errors} failed, longest write {writes.longest:.1f}s")
     patroni.start_member(patroni.member(leader))
     assert writes.acked and lost == []
+
+
+def test_a_synchronous_failover_under_shared_monitoring_serves_every_process_in_budget(
+    patroni: PatroniCluster, fronted: tuple[Path, list[_CountingFront]],
+) -> None:
+    """Three processes following one agent through the leader's crash (synchronous_mode,
+    so no acknowledged write may be lost): every read of every
+    process is checked against its acknowledged writes, token reads included, and the
+    processes never stop following the agent."""
+    patroni.wait_streaming(120)
+    patroni.set_dynamic(synchronous_mode=True)
+    leader = patroni.leader()
+    assert leader is not None
+    wait_for(lambda: patroni.member(leader).scalar(
+        "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'") == 1, timeout=60)
+    config, _ = fronted
+    names = [n.name for n in Topology.load(config).shards[0].nodes]
+    users = [f"pfail-{i}" for i in range(18)]
+    with Fleet(config, 3, users=lambda i: users[6 * i:6 * i + 6],
+               routing={"write_failover_time": FAILOVER_WINDOW}) as fleet:
+        first = fleet.wait_for(_all_up, 60, "every worker follows one agent, every node up")
+        agent = first[0].agent_pid
+        before = fleet.wait_for(lambda st: all(s.every_budget_checked and s.replica_reads > 20
+                                               for s in st), 60, "every budget checked")
+        patroni.crash_member(patroni.member(leader))
+        new = _new_leader(patroni, leader)
+        fleet.wait_for(lambda st: all(s.states[names.index(new)] == "up"
+                                      and s.replica_reads > b.replica_reads + 20
+                                      for s, b in zip(st, before, strict=True)), 60,
+                       "every worker writes to the new leader and reads replicas again")
+        patroni.start_member(patroni.member(leader))
+        patroni.wait_streaming(120)
+        last = fleet.wait_for(_all_up, 60, "the old leader rejoins as a replica")
+        reports = fleet.stop()
+    print(f"patroni synchronous failover, shared ({leader} -> {new}): "
+          + "; ".join(r.summary() for r in reports))
+    assert all(s.agent_pid == agent and s.fallbacks == 0 for s in last), last
+    for report in reports:
+        report.check(errors_allowed=True)  # reads refused in the gap (StaleReadError) only
+        assert set(report.errors) <= {"read:StaleReadError"}, (report.errors, report.examples)
