@@ -9,13 +9,15 @@ one of this store's connections, which is this process's queue). From the former
 
 * ``recent``: an exponential average of the last few dozen samples (what the primary is
   doing now);
-* ``baseline``: the primary's normal latency. It follows ``recent`` down ten times faster
-  than up (time constant ``baseline_window`` seconds up), and up only from reads that
-  finished with at most ``baseline_in_flight`` reads in flight: a surge's queueing must not
-  become the new normal, while a primary whose normal latency really changed is relearned
-  within a few windows.
+* ``baseline``: the primary's normal latency. It drops at once to any sample below it
+  (Vegas's base latency: the least the primary took is its time without a queue; a first
+  sample, which seeds it, often comes with the surge itself), rises towards ``recent`` with
+  a time constant of ``baseline_window`` seconds, and only from reads that finished with at
+  most ``baseline_in_flight`` reads in flight: a surge's queueing must not become the new
+  normal, while a primary whose normal latency really changed is relearned within a few
+  windows.
 
-The *band* is ``max(tolerance * baseline, latency_floor)``. The primary is **congested**
+The *band* is ``max(tolerance * baseline, latency_floor)``. A **congestion episode** begins
 only when
 
 1. every read for ``standing_time`` seconds was in flight longer than the band (a standing
@@ -36,13 +38,25 @@ once the pool is full, not a load the primary cannot carry.
 
 Until then the limit follows demand: a read that finds the limit full raises it (up to the
 configured ceiling) and is admitted, so **no read is shed while the primary's latency stays
-in its band, or leaves it only briefly**. While congested, each sample cuts the limit by the
-gradient ``band / in-flight latency`` (at most by half per sample, never below
-``min_limit``), as in Netflix's *concurrency-limits* Gradient2 limiter: the limit settles
-where the in-flight load keeps the latency at the top of its band, which is Little's law's
-way of saying "as much as it can serve without queueing". A concurrency limit rather than a
-rate because it needs no capacity figure: a slower primary completes fewer reads per second
-at the same in-flight count, and the limit holds without being told.
+in its band, or leaves it only briefly**. During an episode, each sample moves the limit by
+the gradient of the latency against the band, as in Netflix's *concurrency-limits*
+Gradient2 limiter: while the primary's own latency is above it, a cut by ``band / latency``
+(the in-flight time or the primary's own, the larger cut; at most by half per sample,
+smoothed, never below ``min_limit``), while it is within it, one more read per few
+samples. The limit settles where the load on the primary keeps its latency at the top of
+its band, which is Little's law's way of saying "as much as it can serve without
+queueing", and it can settle below the pool's size: the primary, not only our queue, is
+relieved. The episode lasts, whatever our own queue does, until the limit stopped binding
+(no read shed for ``standing_time``) with the primary's latency back in its band, or until
+the limit held our load at ``min_limit`` for ``standing_time`` with the primary still slow
+(then the slowness is not ours to relieve: a stall of the machine, or another client's
+load; a new episode needs a new standing queue). (Ending
+it at the first read that found no queue of ours, as before, gave the whole demand back
+to the primary at once, and a new episode needed a new ``standing_time`` of queue: at 2x
+the primary's capacity the limit spent most of the time at the demand, 8 of our reads on
+the primary as with no limit at all.) A concurrency limit rather than a rate because it
+needs no capacity figure: a slower primary completes fewer reads per second at the same
+in-flight count, and the limit holds without being told.
 
 Priority reads (strong, and token reads: only the primary can serve them) are always
 admitted; they count in flight, so under pressure it is the budgeted reads that give way to
@@ -159,6 +173,14 @@ class _Latency:
             self.recent = self.baseline = seconds
             return
         self.recent += (seconds - self.recent) * PrimaryLimiter.RECENT_WEIGHT
+        if seconds < self.baseline:
+            # Vegas's base latency: the least the primary took is its latency without a
+            # queue. A first sample (seeding the baseline) often comes when the surge does,
+            # already queued: traced, 7.6 ms against 0.1-0.5 ms quiet answers, a band of
+            # 38 ms and nothing shed at 2x. A baseline too low only brings the band to its
+            # floor.
+            self.baseline = seconds
+            return
         if self.recent > self.baseline and not rise:
             return
         # Down ten times faster than up; not at once, or a quiet moment on a busy machine
@@ -193,6 +215,8 @@ class _Latency:
 _FORGET_AFTER = 2.0
 #: How much wider the writes' normal band is than the reads'.
 _WRITE_BAND = 4.0
+#: During an episode, how much a sample within the band raises the limit (reads in flight).
+_GROWTH = 0.2
 
 
 class PrimaryLimiter:
@@ -203,8 +227,9 @@ class PrimaryLimiter:
     slower than a read, and a change in the mix must not look like congestion).
     """
 
-    __slots__ = ("_clock", "_flights", "_limit", "_lock", "_reads", "_shed", "_warming_until",
-                 "_writes", "in_flight", "settings")
+    __slots__ = ("_at_min_since", "_clock", "_episode", "_flights", "_last_shed", "_limit",
+                 "_lock", "_reads", "_shed", "_warming_until", "_writes", "in_flight",
+                 "settings")
 
     #: Weight of a new sample in ``recent`` (about the last 20 samples count).
     RECENT_WEIGHT = 0.05
@@ -226,6 +251,12 @@ class PrimaryLimiter:
         self._writes = _Latency()
         #: Until when this store is still opening its connections to the primary.
         self._warming_until = -math.inf
+        #: Whether a congestion episode is under way (entered as ``_overloaded`` says, left
+        #: once the limit stopped binding with the primary back in its band).
+        self._episode = False
+        self._last_shed = -math.inf
+        #: Since when the episode's limit has been at ``min_limit`` (None: above it).
+        self._at_min_since: float | None = None
         self._shed: dict[ShedReason, int] = {}
 
     # ------------------------------------------------------------------ admission
@@ -245,6 +276,7 @@ class PrimaryLimiter:
                 return self._declined("fallback_ceiling")
             if s.adaptive and self.in_flight >= self._limit:
                 if self._congested():
+                    self._last_shed = self._clock()
                     return self._declined("primary_overloaded")
                 # Healthy: the limit follows demand (the latency will say if it was too much).
                 self._limit = min(ceiling, float(self.in_flight + 1))
@@ -291,17 +323,17 @@ class PrimaryLimiter:
 
     @property
     def healthy(self) -> bool:
-        """Whether the primary is not congested (no standing queue above its normal band;
-        reads are shed only when it is congested *and* enough of them queue: see
-        ``min_queue``)."""
+        """Whether the primary is not congested (no episode under way, and no standing
+        queue above its normal band; an episode begins only when enough reads queue too:
+        see ``min_queue``)."""
         with self._lock:
-            return not self._overloaded()
+            return not (self._episode or self._overloaded())
 
     def state(self) -> LimiterState:
         """A snapshot for ``propstore route``, the lag report and metrics."""
         with self._lock:
             return LimiterState(self.limit, self.in_flight, self._reads.recent,
-                                self._reads.baseline, not self._overloaded(),
+                                self._reads.baseline, not (self._episode or self._overloaded()),
                                 tuple(sorted(self._shed.items())), self._writes.recent,
                                 self._writes.baseline)
 
@@ -311,18 +343,15 @@ class PrimaryLimiter:
         self._shed[reason] = self._shed.get(reason, 0) + 1
         return reason
 
-    def _excess(self) -> float:
-        s, now = self.settings, self._clock()
-        # The in-flight time against the primary's band: the cut takes our queue down too.
-        flights = self._flights
-        reads = flights.recent / self._reads.band(s.tolerance, s.latency_floor) if (
-            flights.recent is not None and now - flights.at <= _FORGET_AFTER) else 0.0
-        # Writes are a second witness, with a wider band: their fsync makes them noisy (the
-        # disk is shared), and a surge of reads slows them without the primary being in
-        # trouble. Only a primary whose writes slow far beyond that counts as overloaded.
-        writes = self._writes.excess(s.tolerance * _WRITE_BAND, s.latency_floor * _WRITE_BAND,
-                                     now)
-        return max(reads, writes)
+    def _excess(self, now: float) -> float:
+        """The primary's own latency over the top of its band (reads on the primary, and
+        writes with their wider band: a second witness); <= 1 is within it."""
+        s = self.settings
+        # Writes' fsync makes them noisy (the disk is shared), and a surge of reads slows
+        # them without the primary being in trouble: only far beyond their band do they count.
+        return max(self._reads.excess(s.tolerance, s.latency_floor, now),
+                   self._writes.excess(s.tolerance * _WRITE_BAND,
+                                       s.latency_floor * _WRITE_BAND, now))
 
     def _overloaded(self) -> bool:
         """A standing queue above the reads' band while the primary's own latency is above
@@ -340,25 +369,71 @@ class PrimaryLimiter:
                                    now) > 1.0
 
     def _congested(self) -> bool:
+        """Whether budgeted reads beyond the limit are shed now: during a congestion
+        episode. One begins as ``_overloaded`` says and this process has ``min_queue`` reads
+        queued (Vegas); it lasts, whatever our queue does, until the limit stopped binding
+        (no read shed for ``standing_time``) with the primary's own latency back in its
+        band, or the limit held our load at ``min_limit`` for ``standing_time`` with the
+        primary still slow, or the store opens connections again, or the primary goes
+        quiet."""
+        s, now = self.settings, self._clock()
+        if self._episode:
+            if now < self._warming_until or now - self._reads.at > _FORGET_AFTER or (
+                    now - self._last_shed >= s.standing_time and self._excess(now) <= 1.0):
+                self._end_episode()
+            elif self._at_min_since is not None and now - self._at_min_since >= s.standing_time:
+                # The limit has held our load at its least for a standing time and the
+                # primary is still slow: the slowness is not ours to relieve (a stall of
+                # the machine, or another client's load), and shedding more would refuse
+                # reads for nothing. A new episode needs a new standing queue.
+                self._end_episode()
+            return self._episode
         if not self._overloaded():
             return False
         reads, flights = self._reads, self._flights
-        if reads.baseline is None or flights.recent is None:
-            return True  # only the writes say so
-        queued = self.in_flight * (1.0 - reads.baseline / max(flights.recent, 1e-9))
-        return queued >= self.settings.min_queue
+        if reads.baseline is not None and flights.recent is not None:
+            queued = self.in_flight * (1.0 - reads.baseline / max(flights.recent, 1e-9))
+            if queued < s.min_queue:
+                return False
+        self._episode = True  # (without read samples: only the writes say so)
+        return True
+
+    def _end_episode(self) -> None:
+        self._episode, self._at_min_since = False, None
+        self._flights.above_since = None
 
     def _adapt(self) -> None:
+        """During an episode, move the limit by the gradient of the primary's own latency
+        against its band, as Gradient2 does: cut (at most by half, smoothed) while above it,
+        one more read in flight per five samples while within it. The limit settles where
+        the primary's latency is at the top of its band, and our queue beyond the limit is
+        shed rather than held on the primary's connections."""
         s = self.settings
         if not s.adaptive or not self._congested():
             return
-        excess = max(1.0, self._excess())
+        excess = self._excess(self._clock())
+        if excess <= 1.0:
+            # The primary is back in its band: one more read in flight per few samples, as
+            # long as the limit is what holds them.
+            if self.in_flight + 1 >= self._limit:
+                self._limit = min(s.max_concurrency or math.inf, self._limit + _GROWTH)
+            if self._limit > s.min_limit:
+                self._at_min_since = None
+            return
         # Cut from what is really in flight: a limit raised by an earlier burst would
-        # otherwise take many samples to come down to the load causing the latency.
+        # otherwise take many samples to come down to the load causing the latency. By the
+        # time in flight against the band, our own queue included: a queue beyond the
+        # primary's connections is cut too, and once it is gone that time is the primary's.
+        flights = self._flights.recent or 0.0
+        band = self._reads.band(s.tolerance, s.latency_floor)
         limit = min(self._limit, float(max(self.in_flight, s.min_limit)))
-        target = limit * max(0.5, 1.0 / excess)
+        target = limit * max(0.5, min(1.0, band / max(flights, 1e-9), 1.0 / excess))
         # Smoothed like Gradient2's: one slow sample must not halve the limit.
         self._limit = max(float(s.min_limit), limit + (target - limit) * 0.2)
+        if self._limit > s.min_limit:
+            self._at_min_since = None
+        elif self._at_min_since is None:
+            self._at_min_since = self._clock()
 
 
 def _usable(seconds: float) -> bool:

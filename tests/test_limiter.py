@@ -151,7 +151,7 @@ def test_a_short_excursion_above_the_band_sheds_nothing_a_standing_queue_does() 
     assert burst["shed"] == 0 and burst["admitted"] > 0
     run(limiter, clock, demand=4, latency=0.002, seconds=0.5)  # it drained
     # The same latency for longer than standing_time: a standing queue, shed.
-    lasting = run(limiter, clock, demand=40, latency=0.02, seconds=settings.standing_time * 3)
+    lasting = run(limiter, clock, demand=40, latency=0.02, seconds=settings.standing_time * 1.5)
     assert lasting["shed"] > 0
     assert not limiter.healthy
 
@@ -187,5 +187,83 @@ def test_no_read_is_shed_while_the_store_is_still_opening_its_connections() -> N
     assert warming["admitted"] > 0 and warming["shed"] == 0 and limiter.healthy
     # The pool is full and the latency stays: from a standing time after the last opened
     # connection, that is the primary's load, shed.
-    lasting = run(limiter, clock, demand=40, latency=0.02, seconds=settings.standing_time * 3)
+    lasting = run(limiter, clock, demand=40, latency=0.02, seconds=settings.standing_time * 1.5)
     assert lasting["shed"] > 0 and not limiter.healthy
+
+
+def primary_of(limiter: PrimaryLimiter, clock: Clock, *, demand: int, cpu: float,
+               seconds: float, pool: int = 8, priority_share: int = 0) -> dict[str, float]:
+    """A primary that shares its CPU between the reads on it (each needs ``cpu`` seconds of
+    it alone), behind a pool of ``pool`` connections: ``demand`` reads ask each round, those
+    admitted run ``pool`` at a time. Counts outcomes and the reads on the primary at once."""
+    counts = {"admitted": 0, "shed": 0, "priority_shed": 0, "rounds": 0, "on_primary": 0.0}
+    end, n = clock.now + seconds, 0
+    while clock.now < end:
+        admitted = 0
+        for _ in range(demand):
+            n += 1
+            priority = bool(priority_share) and n % priority_share == 0
+            if limiter.admit(priority) is None:
+                admitted += 1
+                counts["admitted"] += 1
+            else:
+                counts["priority_shed" if priority else "shed"] += 1
+        at_once = min(admitted, pool)
+        on_primary = cpu * at_once
+        waves = -(-admitted // pool)
+        for i in range(admitted):
+            clock.now += on_primary * waves / admitted
+            limiter.done(on_primary * (i // pool + 1), on_primary)
+        counts["rounds"] += 1
+        counts["on_primary"] += at_once
+    counts["on_primary"] /= max(1, counts["rounds"])
+    return counts
+
+
+def test_a_baseline_first_learned_under_a_surge_comes_down_to_the_quiet_answers() -> None:
+    clock = Clock()
+    limiter = PrimaryLimiter(LimiterSettings(min_queue=4), clock)
+    # The first fallback reads come with the surge, already slowed by it (traced: 7.6 ms),
+    # then the primary answers some reads at its quiet speed between the queued ones.
+    run(limiter, clock, demand=4, latency=0.0076, seconds=0.2)
+    for _ in range(20):
+        run(limiter, clock, demand=4, latency=0.0003, seconds=0.001)
+        run(limiter, clock, demand=4, latency=0.006, seconds=0.05)
+    state = limiter.state()
+    assert state.baseline is not None and state.baseline < 0.001  # the band: its floor
+    # The band is back at its floor: a standing 8 ms on the primary is an overload.
+    lasting = run(limiter, clock, demand=40, latency=0.008, seconds=3)
+    assert lasting["shed"] > 0 and not limiter.healthy
+
+
+def test_an_overload_is_shed_until_the_primary_is_back_in_its_band_not_until_our_queue_is() -> None:
+    clock = Clock()
+    limiter = PrimaryLimiter(LimiterSettings(min_queue=16, baseline_in_flight=8), clock)
+    primary_of(limiter, clock, demand=1, cpu=0.001, seconds=2)  # normal: 1 ms alone
+    # Twice what the pool carries in band: 8 reads on the primary take 8 ms each (the band
+    # is 5 ms), and 64 callers queue for the pool's 8 connections.
+    primary_of(limiter, clock, demand=64, cpu=0.001, seconds=2, priority_share=32)
+    held = primary_of(limiter, clock, demand=64, cpu=0.001, seconds=3, priority_share=32)
+    # Shedding relieves the primary, not only our queue: fewer of our reads on it at once
+    # than the pool would put there, its latency back near the top of its band.
+    assert held["shed"] > 0 and held["priority_shed"] == 0
+    assert held["on_primary"] <= 6.5
+    assert not limiter.healthy and limiter.limit <= 8
+    # The surge ends: the episode ends once nothing was shed for a standing time, and the
+    # limit follows demand again.
+    primary_of(limiter, clock, demand=4, cpu=0.001, seconds=2)
+    after = primary_of(limiter, clock, demand=40, cpu=0.0001, seconds=1)
+    assert after["shed"] == 0 and limiter.healthy
+
+
+def test_a_primary_slow_whatever_our_load_is_not_shed_at_for_long() -> None:
+    clock = Clock()
+    limiter = PrimaryLimiter(LimiterSettings(min_queue=4), clock)
+    run(limiter, clock, demand=4, latency=0.001, seconds=2)  # normal: 1 ms
+    # A stall of the machine (or another client's load): 20 ms a read however few of ours
+    # are on the primary. An episode cuts the limit to its least; a standing time there
+    # with the primary still slow ends it (shedding ours relieves nothing), and a new one
+    # needs a new standing queue: about half the reads are served, not none.
+    stall = run(limiter, clock, demand=40, latency=0.02, seconds=6)
+    assert stall["shed"] > 0
+    assert stall["admitted"] >= 0.4 * (stall["admitted"] + stall["shed"])
