@@ -141,16 +141,18 @@ def known_lsn(facts: Iterable[Sighting], conn: Connection, runs: RunFacts | None
     best: tuple[LSN, Proof] | None = None
     if conn.propstore_verified_lsn is not None:
         best = (conn.propstore_verified_lsn, "connection")
+    # The rule last: a fact no newer than the best so far changes nothing (a token read
+    # right after a write meets facts all older than the connection's own last check).
     for fact in facts:
-        if fact.in_recovery and fact.lsn is not None and covers(fact, conn) and (
+        if fact.in_recovery and fact.lsn is not None and (
             best is None or fact.lsn > best[0]
-        ):
+        ) and covers(fact, conn):
             best = (fact.lsn, "monitor")
     if runs is not None and conn.propstore_run is not None:
         verified = runs.get(conn.propstore_run)
-        if verified is not None and verified.lsn is not None and covers(verified, conn) and (
+        if verified is not None and verified.lsn is not None and (
             best is None or verified.lsn > best[0]
-        ):
+        ) and covers(verified, conn):
             best = (verified.lsn, "run")
     return best
 

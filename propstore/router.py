@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
+from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -18,6 +19,7 @@ from propstore._durations import format_bound
 from propstore._limiter import LimiterState
 from propstore.degrade import Degrade
 from propstore.freshness import Freshness
+from propstore.lsn import LSN
 from propstore.monitor import NodeView, ShardView
 
 FallbackReason = Literal[
@@ -165,29 +167,39 @@ def route(view: ShardView, freshness: Freshness, at: float, rotation: int = 0) -
 
 
 class DecisionCache:
-    """Decisions of :func:`route` for budgets without a token, reused while provably equal.
+    """Decisions of :func:`route`, reused while provably equal.
 
     A decision depends on the shard view (a new snapshot on every monitor observation), the
     budget and the time, and on the time only through the candidates' bounds, which grow
     with it: rejections stay rejected, and every candidate stays admitted until its bound
     reaches ``max_staleness``. So until then (``valid_until``) ``route`` on the same view
     would return the same candidates and rejections; only the bounds differ, and the store
-    recomputes the bound it reports from the data it read. Token budgets are never cached
-    (each write's token differs). Rotations are kept per entry, so a cached decision costs
-    no allocation. Bounded: at most ``size`` budgets per shard.
+    recomputes the bound it reports from the data it read. Rotations are kept per entry, so
+    a cached decision costs no allocation. Bounded: at most ``size`` budgets per shard.
+
+    A budget that is a token alone (no ``max_staleness``) differs per write, but its decision
+    does not depend on the time, and on the token only through which replicas' LSNs (in the
+    view) reach the token's position on the shard: ``route`` admits a replica iff its LSN is
+    at least that position, and makes every other up replica tentative. So per view the
+    replicas' LSNs are kept sorted, and the decision's parts per number of them below the
+    token's position; a read builds only the decision itself, with its own token and time.
+    Any other budget with a token is routed afresh.
     """
 
-    __slots__ = ("_entries", "size")
+    __slots__ = ("_entries", "_tokens", "size")
 
     def __init__(self, shards: int, size: int = 8) -> None:
         self._entries: list[list[_Slot]] = [[] for _ in range(shards)]
+        self._tokens = [_TokenSlot() for _ in range(shards)]
         self.size = size
 
     def decide(self, view: ShardView, freshness: Freshness, at: float, rotation: int
                ) -> RouteDecision:
         """``route(view, freshness, at, rotation)``, from the cache when it provably holds."""
         if freshness.after is not None:
-            return route(view, freshness, at, rotation)
+            if freshness.max_staleness is not None or freshness.strong:
+                return route(view, freshness, at, rotation)
+            return self._tokens[view.index].decide(view, freshness, at, rotation)
         # Found by identity (budgets repeat as the same object: the store memoises them),
         # in a few slots updated in place: a read that hits allocates nothing.
         slots = self._entries[view.index]
@@ -224,6 +236,51 @@ class _Slot:
         self.decision: RouteDecision | None = None
         #: The decision with its candidates rotated by 0..n-1 (None: fewer than two).
         self.rotations: tuple[RouteDecision, ...] | None = None
+
+
+class _TokenSlot:
+    """A shard's decisions for budgets that are a token alone, on one view (see
+    :class:`DecisionCache`): keyed by how many of the view's replica LSNs lie below the
+    token's position, which fixes the replicas ``route`` admits (those at or past it)."""
+
+    __slots__ = ("lsns", "parts", "view")
+
+    def __init__(self) -> None:
+        self.view: ShardView | None = None
+        #: The LSNs ``route`` compares with a token, of the replicas it does not reject as
+        #: down (``serves_replica_reads``), sorted.
+        self.lsns: list[LSN] = []
+        #: key -> (candidates per rotation, rejected, fallback reason, tentative).
+        self.parts: dict[int, _Parts] = {}
+
+    def decide(self, view: ShardView, freshness: Freshness, at: float, rotation: int
+               ) -> RouteDecision:
+        if self.view is not view:
+            self.view, self.parts = view, {}
+            self.lsns = sorted(
+                node.lsn for index, node in enumerate(view.nodes)
+                if node.lsn is not None and node.serves_replica_reads
+                and not (index == view.primary_index and node.role != "replica")
+            )
+        required = freshness.required_lsn(view.name)
+        key = 0 if required is None else bisect_left(self.lsns, required)
+        parts = self.parts.get(key)
+        if parts is None:
+            decision = route(view, freshness, at)
+            rotations = _rotations(decision)
+            parts = self.parts[key] = (
+                (decision.candidates,) if rotations is None else
+                tuple(r.candidates for r in rotations),
+                decision.rejected, decision.fallback_reason, decision.tentative)
+        candidates, rejected, reason, tentative = parts
+        # Its own budget (the token) and time; only the replicas' bounds are those of the
+        # first read on this view (the store recomputes the bound it reports).
+        return RouteDecision(view, freshness, at, candidates[rotation % len(candidates)],
+                             rejected, reason, tentative)
+
+
+_Parts = tuple[tuple[tuple[Candidate, ...], ...], tuple[Rejection, ...], FallbackReason | None,
+               tuple[Candidate, ...]]
 
 
 def _valid_until(decision: RouteDecision, at: float) -> float:

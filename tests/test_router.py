@@ -77,10 +77,26 @@ def test_a_cached_decision_equals_route_until_a_candidate_could_leave_the_budget
     assert cache.decide(later, budget, 3.0, 0).shard is later
 
 
-def test_token_budgets_are_never_served_from_the_decision_cache() -> None:
+def test_a_cached_token_decision_equals_route_for_every_token_on_the_same_view() -> None:
     from propstore.router import DecisionCache
 
-    cache, view = DecisionCache(1), shard_with_replica(149)
-    budget = Freshness.after_token(Token.of({"a": 150}))
-    assert cache.decide(view, budget, 1.0, 0).candidates == ()
-    assert cache.decide(shard_with_replica(150), budget, 1.0, 0).candidates
+    cache = DecisionCache(1)
+    for view in (shard_with_replica(149), shard_with_replica(150),
+                 shard_with_replica(140, paused=True)):
+        # Tokens each side of the replica's LSN, in an order that reuses every cached key;
+        # one naming only another shard (no position required on this one).
+        for lsn in (150, 149, 100, 151, 150, 10_000, 149):
+            for token in (Token.of({"a": lsn}), Token.of({"b": lsn})):
+                budget = Freshness.after_token(token)
+                cached, fresh = cache.decide(view, budget, 1.0, 0), route(view, budget, 1.0)
+                assert cached.freshness is budget and cached.shard is view  # its own token
+                for part in ("candidates", "tentative", "rejected"):
+                    assert [(type(c).__name__, c.node.name) for c in getattr(cached, part)] == [
+                        (type(c).__name__, c.node.name) for c in getattr(fresh, part)], (
+                        lsn, part)
+                assert [r.reason for r in cached.rejected] == [r.reason for r in fresh.rejected]
+                assert cached.fallback_reason == fresh.fallback_reason, lsn
+    # A budget with a token and a staleness bound is routed afresh (it depends on the time).
+    both = Freshness.after_token(Token.of({"a": 150})) & Freshness.bounded(1.0)
+    assert cache.decide(shard_with_replica(150), both, 1.5, 0).candidates
+    assert cache.decide(shard_with_replica(150), both, 2.5, 0).candidates == ()

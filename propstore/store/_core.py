@@ -112,6 +112,8 @@ class StoreCore:
         self._budgets: dict[tuple[str | None, type, Any], tuple[Freshness, Degrade]] = {}
         self._combined_budgets: dict[Any, tuple[Freshness, Degrade]] = {}
         self._tenants: dict[object, str] = {}
+        #: The routing settings' default degrade policy (a property: built once here).
+        self._policy = topology.routing.policy
         self._bucket_count = topology.bucket_count
         self._shard_of_bucket = topology.bucket_map.shard_index
 
@@ -192,7 +194,7 @@ class StoreCore:
         if name == "after" and type(value) is Token:
             # A token differs per write: its budget is built, not memoised (what
             # freshness() returns for a token alone, without its general steps).
-            return Freshness(after=coerce_token(value, self.shard_names)), self.routing.policy
+            return Freshness(after=coerce_token(value, self.shard_names)), self._policy
         if not several:
             try:
                 found = self._budgets.get((name, type(value), value))
@@ -267,7 +269,7 @@ class StoreCore:
         freshness, policy = self.budget(options)
         data = _statements.get(tenant_s, user_s)
         (props, version), result = yield from self.read_program(
-            shard, freshness, policy, data, _statements.decode_one
+            shard, freshness, policy, data, _statements.decode_one, started
         )
         # The program built this result for this read alone and nothing else holds it yet:
         # filling in the two fields costs a tenth of building another (frozen, 10 fields).
@@ -330,8 +332,14 @@ class StoreCore:
         policy: Degrade,
         data: Statement,
         decode: Callable[[Any], Any],
+        began: float | None = None,
     ) -> Generator[Request, Response, tuple[Any, ReadResult]]:
         """Serve one query on one shard within ``freshness``; returns (decoded rows, result).
+
+        ``began``: when the caller asked (``time.monotonic()``; default now). The replicas'
+        deadline runs from then, so the time spent before the first replica is tried
+        (checks, routing, the connection's checkout) is inside it, not added after it: a
+        read that meets a frozen replica ends at the deadline plus a primary read.
 
         The common case is one straight line: a cached route decision (``DecisionCache``),
         one connection whose facts prove the budget (``proof.known_lsn``), one statement,
@@ -351,14 +359,17 @@ class StoreCore:
                     time.monotonic() < until
                 ):
                     yield Wait(shard_index, until)
+                began = None  # waited for the monitor, not for a replica
             _tokens.check(self.state.view(shard_index), shard, token)
+        deadline = (time.monotonic() if began is None else began) + (
+            self.routing.replica_deadline)
         started = self.clock()
         decision = self.decisions.decide(self.state.view(shard_index), freshness, started,
                                          next(self._rotation))
         failures: list[Failure] = []
         try:
             served = yield from self.replicas.read(shard_index, decision, data, decode,
-                                                   failures, started)
+                                                   failures, started, deadline)
             if isinstance(served, tuple):
                 return served
             return (yield from _degrade.fallback(self, shard_index, decision, served, policy,

@@ -31,6 +31,9 @@ from propstore.store._pool import (
     setup_deadline,
 )
 
+#: A read of no user (tenant and user id empty: never valid input, so no row).
+_WARM_UP = (_wire.Statement(_sql.GET, (b"", b"")),)
+
 # SYNC DOCSTRING
 """The blocking side of the node pools: ``NodeConnection``, ``prepare`` and ``sync_pool``
 (what they share with the asyncio side is ``_pool``)."""
@@ -90,6 +93,12 @@ async def prepare_async(conn: AsyncNodeConnection, routing: RoutingSettings | No
     except psycopg.errors.UndefinedTable:
         conn.propstore_schema_missing = True
         return False
+    # GET run once, on no user: a backend's first execution of a statement on the table
+    # loads the catalog entries its plan needs (the index, its operators, statistics), a
+    # millisecond or more measured on a fresh primary backend against 0.1-0.5 ms after it.
+    # Paid here, in the pool's worker, not by the connection's first read: often a read
+    # falling back to the primary after a frozen replica's deadline.
+    await _wire.execute_async(conn, _WARM_UP, deadline)
     try:
         await _wire.prepare_async(conn, _sql.FUNCTION_STATEMENTS, deadline)
         conn.propstore_one_statement = True

@@ -30,6 +30,9 @@ from propstore.store._pool import (
     setup_deadline,
 )
 
+#: A read of no user (tenant and user id empty: never valid input, so no row).
+_WARM_UP = (_wire.Statement(_sql.GET, (b"", b"")),)
+
 
 class NodeConnection(psycopg.Connection[Any]):
     """A pooled connection plus what the fast path relies on (see ``proof``)."""
@@ -85,6 +88,12 @@ def prepare(conn: NodeConnection, routing: RoutingSettings | None = None
     except psycopg.errors.UndefinedTable:
         conn.propstore_schema_missing = True
         return False
+    # GET run once, on no user: a backend's first execution of a statement on the table
+    # loads the catalog entries its plan needs (the index, its operators, statistics), a
+    # millisecond or more measured on a fresh primary backend against 0.1-0.5 ms after it.
+    # Paid here, in the pool's worker, not by the connection's first read: often a read
+    # falling back to the primary after a frozen replica's deadline.
+    _wire.execute(conn, _WARM_UP, deadline)
     try:
         _wire.prepare(conn, _sql.FUNCTION_STATEMENTS, deadline)
         conn.propstore_one_statement = True

@@ -28,6 +28,8 @@ class ConnState(Connection, Protocol):
 
     #: The verified read is one statement (migration 0002's function), not the pipeline.
     propstore_one_statement: bool
+    #: Statements are prepared on it by name (else sent unnamed, with their Sync).
+    propstore_named: bool
 
 
 @dataclass(frozen=True, slots=True, init=False)

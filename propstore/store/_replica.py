@@ -17,6 +17,7 @@ import psycopg.errors
 import structlog
 from psycopg_pool import PoolTimeout
 
+from propstore import _sql
 from propstore._wire import DeadlineExceeded, Statement
 from propstore.config import RoutingSettings
 from propstore.lsn import LSN
@@ -31,6 +32,17 @@ log = structlog.get_logger("propstore.store")
 #: Seconds a node without the verifying function is read with the pipeline before the
 #: function is tried again.
 FUNCTION_RECHECK = 60.0
+#: Data statements verified by the pipeline rather than migration 0002's function on a
+#: connection whose statements are prepared by name: there both forms are Bind/Execute
+#: only, and the function costs the server more (its PL/pgSQL statements, each with its own
+#: executor start and snapshot). Measured on a replica on loopback, four forms interleaved
+#: in one run, 1,200-3,000 reads each, four runs at load 4-7: server backend CPU per read
+#: (``/proc/<pid>/schedstat``) 74-148 us for ``propstore_read`` against 61-117 us for
+#: ``REPLAY_LSN`` + ``GET`` pipelined (plain ``GET``: 37-81); medians 0.128-0.195 ms
+#: against 0.109-0.168 ms, the gap widest right after a write (the token read's case).
+#: Unnamed statements (behind a transaction pooler) keep the function: the pipeline's LSN
+#: statement is parsed and planned there on every read (docs/architecture.md).
+PIPELINED_WHEN_NAMED = frozenset({_sql.GET})
 
 
 class ReplicaReads:
@@ -54,9 +66,13 @@ class ReplicaReads:
         decode: Callable[..., Any],
         failures: list[Failure],
         started: float,
+        deadline: float | None = None,
     ) -> Generator[Exec, Response, tuple[Any, ReadResult] | FallbackReason]:
         """Try the decision's replicas in turn; (rows, result) from the first that proves
-        the budget, else why none did (failures are appended to ``failures``)."""
+        the budget, else why none did (failures are appended to ``failures``).
+
+        ``deadline`` (``time.monotonic()``) ends the attempts; default: the replica deadline
+        from now."""
         reason = decision.fallback_reason
         candidates = decision.candidates or decision.tentative
         if not candidates:
@@ -65,9 +81,11 @@ class ReplicaReads:
         freshness = decision.freshness
         shard = decision.shard.name
         verified_form = one_statement(data)
+        pipelined_when_named = data.name in PIPELINED_WHEN_NAMED
         history = decision.shard.history
         runs = self.runs
-        deadline = time.monotonic() + self.routing.replica_deadline
+        if deadline is None:
+            deadline = time.monotonic() + self.routing.replica_deadline
         for cand in candidates:
             if time.monotonic() >= deadline:
                 reason = "replica_timeout"
@@ -94,7 +112,8 @@ class ReplicaReads:
                 # is read after it (docs/architecture.md, "One statement, still sound").
                 sent = time.monotonic()
                 chosen.append(sent)
-                if conn.propstore_one_statement and verified_form is not None and (
+                if conn.propstore_one_statement and verified_form is not None and not (
+                    pipelined_when_named and conn.propstore_named) and (
                     not self.pipeline_until or self.pipeline_until.get(node.name, 0.0) <= sent
                 ):
                     return (verified_form,), False
