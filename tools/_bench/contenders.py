@@ -158,6 +158,7 @@ class LibpqNode:
                           prepare=False)
         self.conn.execute(f"PREPARE {_MERGE.decode()} AS {_MERGE_SQL}", prepare=False)
         self.pgconn = self.conn.pgconn
+        self._batch_prepared = False
 
     def _exec(self, name: bytes, params: Sequence[bytes]) -> pq.abc.PGresult:
         result = self.pgconn.exec_prepared(name, params)
@@ -217,6 +218,44 @@ class LibpqNode:
             return None
         value = result.get_value(0, 0)
         return None if value is None else int(value)
+
+    def merge_with_position(self, tenant: str, user: str, bucket: int,
+                            props: Mapping[str, Any], max_bytes: int = 1 << 20) -> str:
+        """propstore's whole write batch sent raw, blocking in libpq: ``BEGIN``, its merge
+        (which returns the insert LSN), ``COMMIT`` and the flush LSN with the WAL file name,
+        one Sync. What a token costs the protocol alone (a position read after the
+        commit), without propstore's Python; reported beside the floor, never the floor.
+        Returns the flush LSN."""
+        pgconn = self.pgconn
+        if not self._batch_prepared:
+            for name in (_sql.BEGIN, _sql.COMMIT, _sql.MERGE, _sql.FLUSH_LSN):
+                pgconn.prepare(name, _sql.TEXT[name])  # protocol level: SQL PREPARE refuses BEGIN
+            self._batch_prepared = True
+        pgconn.enter_pipeline_mode()
+        pgconn.send_query_prepared(_sql.BEGIN, ())
+        pgconn.send_query_prepared(_sql.MERGE, (
+            tenant.encode(), user.encode(), str(bucket).encode(),
+            json.dumps(dict(props), separators=(",", ":")).encode(), str(max_bytes).encode()))
+        pgconn.send_query_prepared(_sql.COMMIT, ())
+        pgconn.send_query_prepared(_sql.FLUSH_LSN, ())
+        pgconn.pipeline_sync()
+        results = []
+        for _ in range(4):
+            result = pgconn.get_result()
+            while pgconn.get_result() is not None:  # each statement's results end in a NULL
+                pass
+            results.append(result)
+        sync = pgconn.get_result()
+        pgconn.exit_pipeline_mode()
+        for result in results:
+            if result is None or result.status not in (pq.ExecStatus.COMMAND_OK,
+                                                       pq.ExecStatus.TUPLES_OK):
+                message = b"" if result is None else result.error_message or b""
+                raise psycopg.DatabaseError(f"write batch: {message.decode('utf-8', 'replace')}")
+        assert sync is not None and sync.status == pq.ExecStatus.PIPELINE_SYNC
+        value = results[3].get_value(0, 0)
+        assert value is not None
+        return value.decode()
 
     def close(self) -> None:
         """Close the connection."""
