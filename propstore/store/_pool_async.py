@@ -98,7 +98,13 @@ async def prepare_async(conn: AsyncNodeConnection, routing: RoutingSettings | No
     # millisecond or more measured on a fresh primary backend against 0.1-0.5 ms after it.
     # Paid here, in the pool's worker, not by the connection's first read: often a read
     # falling back to the primary after a frozen replica's deadline.
-    await _wire.execute_async(conn, _WARM_UP, deadline)
+    try:
+        await _wire.execute_async(conn, _WARM_UP, deadline)
+    except psycopg.DatabaseError:
+        # Only a warm-up: a statement the server refuses (no SELECT privilege, say) leaves
+        # the connection usable, and the reads report that error as they did without it.
+        if conn.closed:
+            raise
     try:
         await _wire.prepare_async(conn, _sql.FUNCTION_STATEMENTS, deadline)
         conn.propstore_one_statement = True
