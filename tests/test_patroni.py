@@ -449,6 +449,8 @@ def test_processes_on_a_patroni_topology_share_one_monitor_and_its_patroni_asks(
     config, fronts = fronted
     topology = Topology.load(config)
     interval = topology.discovery.interval
+    # The previous tests' agents (other topology files, so other keys) end once idle.
+    wait_for(lambda: not any(_monitoring_connections(topology).values()), timeout=30)
     count = 3
     users = [f"pshare-{i}" for i in range(6 * count)]
     with Fleet(config, count, users=lambda i: users[6 * i:6 * i + 6],

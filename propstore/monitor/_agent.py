@@ -128,7 +128,7 @@ class PublishingState(MonitorState):
     def lead(self, shard_index: int, leadership: Leadership | None) -> list[int]:
         """Record the HA manager's answer (None: none answered) and forward it, every
         answer, changed or not: a store trusts the agent's leader veto only while its
-        newest answer is recent (``_shared.answer_limit``), and times it by ``asked_at``."""
+        newest answer is recent (``_place.answer_limit``), and times it by ``asked_at``."""
         wake = super().lead(shard_index, leadership)
         at = leadership.asked_at if leadership is not None else None
         at = self.clock() if at is None else at
