@@ -41,7 +41,14 @@ from propstore.monitor._health import agent_status
 from propstore.sandbox._patroni import PatroniCluster, PatroniMember, patroni_available
 from tests._agent_worker import Fleet, Status, agent_dir
 from tests._workload import Workload
-from tests.test_agent import _all_shared, _cli, _end_agents, _monitoring_connections
+from tests.claims import FLEET_QUERY_RATIO
+from tests.test_agent import (
+    _all_shared,
+    _cli,
+    _end_agents,
+    _monitoring_connections,
+    _poll_rates,
+)
 from tests.test_store import wait_for
 
 pytestmark = [
@@ -459,6 +466,7 @@ def test_processes_on_a_patroni_topology_share_one_monitor_and_its_patroni_asks(
         agent = first[0].agent_pid
         assert agent is not None
         connections = _monitoring_connections(topology)
+        polls = _poll_rates(topology, 3.0)
         shared_asks = _cluster_asks(fronts, 5.0)
         status = agent_status(topology)
         assert status is not None and status.pid == agent and status.healthy, status
@@ -475,6 +483,7 @@ def test_processes_on_a_patroni_topology_share_one_monitor_and_its_patroni_asks(
             fleet.wait_for(lambda st: all(s.source == "own" for s in st), 60,
                            "every worker polls for itself")
             own_connections = _monitoring_connections(topology)
+            own_polls = _poll_rates(topology, 3.0)
             own_asks = _cluster_asks(fronts, 5.0)
         finally:
             os.kill(agent, signal.SIGCONT)
@@ -492,13 +501,17 @@ def test_processes_on_a_patroni_topology_share_one_monitor_and_its_patroni_asks(
                        "every worker reads again")
         reports = fleet.stop()
     print(f"patroni shared ({count} processes): monitoring connections "
-          f"{ {n: dict(c) for n, c in connections.items()} }, GET /cluster/s shared "
+          f"{ {n: dict(c) for n, c in connections.items()} }, monitoring queries/s "
+          f"{ {n: round(r, 1) for n, r in polls.items()} } (each its own "
+          f"{ {n: round(r, 1) for n, r in own_polls.items()} }), GET /cluster/s shared "
           f"{shared_asks:.2f}, each process its own {own_asks:.2f} "
           f"({ {n: dict(c) for n, c in own_connections.items()} }), after the switchover "
           f"{leader} -> {new} {after_switch:.2f}; "
           + "; ".join(r.summary() for r in reports))
     for node, seen in connections.items():
         assert seen == Counter({"propstore-agent": 1}), (node, connections)
+    for node, rate in polls.items():  # one monitor's polls, counted on the server
+        assert 0 < rate <= FLEET_QUERY_RATIO / topology.monitor.interval, (node, polls)
     for node, seen in own_connections.items():
         assert seen["propstore-monitor"] == count, (node, own_connections)
     # One asker (every discovery.interval), not one per process; each asks once it polls.
