@@ -81,7 +81,6 @@ class ReplicaReads:
         freshness = decision.freshness
         shard = decision.shard.name
         verified_form = one_statement(data)
-        pipelined_when_named = data.name in PIPELINED_WHEN_NAMED
         history = decision.shard.history
         runs = self.runs
         if deadline is None:
@@ -113,7 +112,7 @@ class ReplicaReads:
                 sent = time.monotonic()
                 chosen.append(sent)
                 if conn.propstore_one_statement and verified_form is not None and not (
-                    pipelined_when_named and conn.propstore_named) and (
+                    conn.propstore_named and data.name in PIPELINED_WHEN_NAMED) and (
                     not self.pipeline_until or self.pipeline_until.get(node.name, 0.0) <= sent
                 ):
                     return (verified_form,), False

@@ -226,7 +226,7 @@ class PropertyStore:
         primary (measured: the fallback's primary round trip 1.5-4.5 ms with the replacement
         starting beside it, 0.5 ms without, load 3-5)."""
         abandoned: list[tuple[ConnectionPool[NodeConnection],
-                              NodeConnection]] = []
+                              NodeConnection]] | None = None
         try:
             try:
                 op: Request = next(program)
@@ -267,7 +267,7 @@ class PropertyStore:
                 except (psycopg.Error, _wire.DeadlineExceeded) as exc:
                     if conn is not None:
                         if conn.closed:
-                            abandoned.append((pool, conn))
+                            abandoned = [*(abandoned or ()), (pool, conn)]
                         else:
                             self._checkin(pool, idle, conn)
                     try:
@@ -284,8 +284,9 @@ class PropertyStore:
                     if back is not None:
                         pool.putconn(back)
         finally:
-            for dead_pool, dead in abandoned:
-                dead_pool.putconn(dead)
+            if abandoned is not None:
+                for dead_pool, dead in abandoned:
+                    dead_pool.putconn(dead)
 
     @staticmethod
     def _checkout(pool: ConnectionPool[NodeConnection],
