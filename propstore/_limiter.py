@@ -50,7 +50,7 @@ relieved. The episode lasts, whatever our own queue does, until the limit stoppe
 (no read shed for ``standing_time``) with the primary's latency back in its band, or until
 the limit held our load at ``min_limit`` for ``standing_time`` with the primary still slow
 (then the slowness is not ours to relieve: a stall of the machine, or another client's
-load; a new episode needs a new standing queue). (Ending
+load; no new episode begins until the primary's latency was back in its band). (Ending
 it at the first read that found no queue of ours, as before, gave the whole demand back
 to the primary at once, and a new episode needed a new ``standing_time`` of queue: at 2x
 the primary's capacity the limit spent most of the time at the demand, 8 of our reads on
@@ -228,8 +228,8 @@ class PrimaryLimiter:
     """
 
     __slots__ = ("_at_min_since", "_clock", "_episode", "_flights", "_last_shed", "_limit",
-                 "_lock", "_reads", "_shed", "_warming_until", "_writes", "in_flight",
-                 "settings")
+                 "_lock", "_not_ours", "_reads", "_shed", "_warming_until", "_writes",
+                 "in_flight", "settings")
 
     #: Weight of a new sample in ``recent`` (about the last 20 samples count).
     RECENT_WEIGHT = 0.05
@@ -257,6 +257,9 @@ class PrimaryLimiter:
         self._last_shed = -math.inf
         #: Since when the episode's limit has been at ``min_limit`` (None: above it).
         self._at_min_since: float | None = None
+        #: An episode ended with the primary slow whatever our load: no new one until its
+        #: latency has been back in its band.
+        self._not_ours = False
         self._shed: dict[ShedReason, int] = {}
 
     # ------------------------------------------------------------------ admission
@@ -385,9 +388,14 @@ class PrimaryLimiter:
                 # The limit has held our load at its least for a standing time and the
                 # primary is still slow: the slowness is not ours to relieve (a stall of
                 # the machine, or another client's load), and shedding more would refuse
-                # reads for nothing. A new episode needs a new standing queue.
+                # reads for nothing. No new episode until the primary was back in its band.
                 self._end_episode()
+                self._not_ours = True
             return self._episode
+        if self._not_ours:
+            if self._excess(now) > 1.0:
+                return False
+            self._not_ours = False
         if not self._overloaded():
             return False
         reads, flights = self._reads, self._flights
