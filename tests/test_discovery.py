@@ -339,3 +339,14 @@ def test_a_store_asks_patroni_itself_once_its_agents_answers_are_older_than_its_
     assert "Patroni answers came late" in monitor.own_reason, monitor.own_reason
     # Not before the limit (beats kept coming), and at it: within a scheduling delay.
     assert limit <= late <= limit + 1.0
+
+
+def test_a_store_without_patroni_endpoints_has_no_answer_deadline() -> None:
+    from propstore.monitor._shared import SharedMonitor
+
+    plain = Topology.from_toml(MEMBERS.replace(', patroni = "http://127.0.0.1:8008"', "")
+                               .replace(', patroni = "http://127.0.0.1:8009/"', ""), environ={})
+    assert not plain.shards[0].patroni_endpoints
+    # inf, never NaN (-inf + inf): a NaN deadline made every wait for the agent's bytes
+    # zero, a busy loop that never took a stopped agent for stuck.
+    assert SharedMonitor(plain)._next_answer_due() == float("inf")

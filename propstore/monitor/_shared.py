@@ -267,8 +267,7 @@ class SharedMonitor(LagMonitor):
                 # (no veto), the agent has the limit from now for its first.
                 floor = self._led_floor[s]
                 self._answered[s] = floor if floor > -math.inf else joined
-        self._answer_due = min(a + b for a, b in zip(self._answered, self._answer_limit,
-                                                     strict=True))
+        self._answer_due = self._next_answer_due()
         try:
             while True:
                 try:
@@ -293,7 +292,8 @@ class SharedMonitor(LagMonitor):
                     # The agent's leader veto is older than our own discovery's could
                     # ever be: ask Patroni ourselves (docs/architecture.md, "Fleets").
                     late = [self.topology.shards[s].name for s, (a, b) in enumerate(
-                        zip(self._answered, self._answer_limit, strict=True)) if now > a + b]
+                        zip(self._answered, self._answer_limit, strict=True))
+                        if b < math.inf and now > a + b]
                     log.warning("monitor_agent_discovery_late", agent_pid=link.hello.pid,
                                 shards=late)
                     return "the host agent's Patroni answers came late"
@@ -394,8 +394,13 @@ class SharedMonitor(LagMonitor):
             self.state.lead(s, message.leadership)  # the agent polls whom it names
         if message.at > self._answered[s]:
             self._answered[s] = message.at
-            self._answer_due = min(a + b for a, b in zip(self._answered, self._answer_limit,
-                                                         strict=True))
+            self._answer_due = self._next_answer_due()
+
+    def _next_answer_due(self) -> float:
+        """When the first shard's agent answer becomes too old (inf: no Patroni shard;
+        never NaN, which would make every wait zero)."""
+        return min((a + b for a, b in zip(self._answered, self._answer_limit, strict=True)
+                    if b < math.inf), default=math.inf)
 
 
 async def _next_bytes(link: _Link, limit: float) -> bytes | None:
