@@ -350,3 +350,31 @@ def test_a_store_without_patroni_endpoints_has_no_answer_deadline() -> None:
     # inf, never NaN (-inf + inf): a NaN deadline made every wait for the agent's bytes
     # zero, a busy loop that never took a stopped agent for stuck.
     assert SharedMonitor(plain)._next_answer_due() == float("inf")
+
+
+def test_a_store_following_an_idle_agent_sleeps_between_its_messages(tmp_path: Path) -> None:
+    """Without Patroni endpoints too: the wait for the agent's bytes is never zero (a NaN
+    answer deadline made it a busy loop: 241 ms of CPU per second at load 50, vs 2)."""
+    from propstore.monitor._place import AgentPaths
+    from propstore.monitor._shared import SharedMonitor
+    from tests._agent_worker import agent_dir
+
+    plain = Topology.from_toml(MEMBERS.replace(', patroni = "http://127.0.0.1:8008"', "")
+                               .replace(', patroni = "http://127.0.0.1:8009/"', ""), environ={})
+    with agent_dir(tmp_path / "agents"):
+        agent = _ScriptedAgent(AgentPaths.of(plain).socket)
+        agent.answering.clear()  # beats only, every 0.2 s
+        monitor = SharedMonitor(plain)
+        try:
+            monitor.start()
+            deadline = time.monotonic() + 10
+            while monitor.source != "agent":
+                assert time.monotonic() < deadline, monitor.join_error
+                time.sleep(0.01)
+            cpu, wall = time.process_time(), time.monotonic()
+            time.sleep(2.0)
+            per_second = (time.process_time() - cpu) / (time.monotonic() - wall)
+        finally:
+            monitor.stop()
+            agent.close()
+    assert monitor.source == "agent" and per_second < 0.05, per_second
