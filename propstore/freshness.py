@@ -212,12 +212,19 @@ class Freshness:
     after: Token | None = None
     strong: bool = False
     label: str = field(default="", compare=False)
+    #: Seconds within which the monitor's facts are worth having for this read (how often
+    #: a host agent need send them, ``MonitorState.demand``): the budget, 0 with a token
+    #: (the replicas' newest LSNs decide it), ``inf`` for a strong read (no facts needed).
+    monitor_budget: float = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.max_staleness is not None and (
             not math.isfinite(self.max_staleness) or self.max_staleness < 0
         ):
             raise InvalidInputError("max_staleness", "must be a finite, non-negative duration")
+        budget = math.inf if self.strong else 0.0 if (
+            self.after is not None or self.max_staleness is None) else self.max_staleness
+        object.__setattr__(self, "monitor_budget", budget)
 
     @classmethod
     def bounded(cls, max_staleness: float | timedelta | str, label: str = "") -> Freshness:

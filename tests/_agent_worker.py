@@ -39,6 +39,25 @@ class Status:
     #: Why its last attempt to join an agent failed, and why it polls for itself.
     join_error: str = ""
     own_reason: str = ""
+    #: Times its store woke to its agent's bytes, the pace it asked for (seconds between
+    #: two sends), and the CPU seconds its monitor thread used so far (``/proc``).
+    wakes: int = 0
+    pace: float | None = None
+    monitor_cpu: float = 0.0
+
+
+def _monitor_cpu() -> float:
+    """CPU seconds (user + system) of this process's monitor thread, from ``/proc``."""
+    import os
+    import threading
+    from pathlib import Path
+
+    for thread in threading.enumerate():
+        if thread.name == "propstore-monitor" and thread.native_id is not None:
+            stat = Path(f"/proc/self/task/{thread.native_id}/stat").read_text()
+            fields = stat.rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
 
 
 def _status(store: PropertyStore, load: Any) -> Status:
@@ -53,6 +72,7 @@ def _status(store: PropertyStore, load: Any) -> Status:
         tuple(n.state for v in store.shard_views() for n in v.nodes),
         report is not None and all(report.checked[b] for b in load.budgets),
         getattr(monitor, "join_error", ""), getattr(monitor, "own_reason", ""),
+        getattr(monitor, "wakes", 0), getattr(monitor, "pace", None), _monitor_cpu(),
     )
 
 

@@ -9,6 +9,7 @@ import dataclasses
 import gc
 import itertools
 import json
+import math
 import os
 import signal
 import socket
@@ -29,7 +30,8 @@ from propstore.lsn import LSN
 from propstore.metrics import AGENT_METRIC_NAMES
 from propstore.monitor import LagMonitor, MonitorState, Observation
 from propstore.monitor._agent import repeats
-from propstore.monitor._health import TRACE_MEMORY_ENV, AgentStatus, agent_status
+from propstore.monitor._health import TRACE_MEMORY_ENV, AgentStatus, RefusalTally, agent_status
+from propstore.monitor._hub import Hub, pace_for, paces
 from propstore.monitor._messages import (
     VERSION,
     Ask,
@@ -40,6 +42,7 @@ from propstore.monitor._messages import (
     HistoryRead,
     Join,
     Message,
+    Pace,
     Polled,
     decode,
     decode_request,
@@ -288,6 +291,47 @@ def test_a_store_starved_past_the_silence_limit_keeps_following_its_agent(
     assert _all_shared(after), after
     assert [s.fallbacks for s in after] == [0, 0], after
     assert after[0].agent_pid == before[0].agent_pid
+
+
+#: CPU a store that follows its host's agent but does not read may spend following it,
+#: seconds per second, measured on its monitor thread (``/proc``): 10-11 ms/s when every
+#: store was sent every tick; 1-2 ms/s at a load average of 13 once sent at its pace.
+IDLE_FOLLOWER_CPU = 0.005
+#: Seconds over which the stores' wake-ups and CPU are counted.
+PACE_WINDOW_SECONDS = 10.0
+
+
+@pytest.mark.slow
+def test_a_store_that_does_not_read_wakes_to_its_agent_at_the_slowest_pace_for_little_cpu(
+    topology: Topology, cluster_config: Path, agents: Path,
+) -> None:
+    """Each store is sent its agent's facts as often as its reads need: one reading with
+    a 100 ms budget at the fastest pace, one that does not read at the slowest (four
+    sends within the silence that would make it poll for itself), its follower's CPU
+    counted by the kernel."""
+    fast, slow = paces(topology.monitor.interval)[0], paces(topology.monitor.interval)[-1]
+    with Fleet(cluster_config, 3, users=lambda i: _users(topology, i) if i == 0 else []
+               ) as fleet:
+        before = fleet.wait_for(
+            lambda st: _all_shared(st) and st[0].replica_reads > 0 and (
+                [s.pace for s in st] == [fast, slow, slow]), 60,
+            "the reading worker at the fastest pace, the others at the slowest")
+        t0 = time.monotonic()
+        time.sleep(PACE_WINDOW_SECONDS)  # the measurement window
+        after = fleet.statuses()
+        elapsed = time.monotonic() - t0
+        fleet.stop()
+    wakes = [(a.wakes - b.wakes) / elapsed for a, b in zip(after, before, strict=True)]
+    cpu = [(a.monitor_cpu - b.monitor_cpu) / elapsed for a, b in zip(after, before, strict=True)]
+    print(f"wake-ups/s {[round(w, 1) for w in wakes]}, follower CPU ms/s "
+          f"{[round(c * 1000, 1) for c in cpu]} (reading, idle, idle; load "
+          f"{os.getloadavg()[0]:.1f})")
+    assert _all_shared(after) and [s.pace for s in after] == [fast, slow, slow], after
+    for rate in wakes[1:]:
+        assert rate <= 1.25 / slow, wakes  # one send per tick of its pace
+    assert wakes[0] > 3 * max(wakes[1:]), wakes
+    for used in cpu[1:]:
+        assert used <= IDLE_FOLLOWER_CPU, cpu
 
 
 def _users(topology: Topology, worker: int, count: int = 6) -> list[str]:
@@ -610,10 +654,18 @@ def test_a_primarys_repeated_poll_gives_the_state_a_full_observation_gives() -> 
         full.observe(0, 0, dataclasses.replace(primary, sent_at=at))
         assert cheap.observe_again(0, 0, at)
         assert cheap.views == full.views and cheap.polls == full.polls
-    assert not cheap.observe_again(0, 1, 11.0)  # a replica: the full path
+    for at in (10.4, 10.9):  # a replica's repeat, while its shard has its up primary
+        full.observe(0, 1, dataclasses.replace(replica, sent_at=at))
+        assert cheap.observe_again(0, 1, at)
+        assert cheap.views == full.views and cheap.polls == full.polls
     full.fail(0, 0, "poll timed out", 11.0)
     cheap.fail(0, 0, "poll timed out", 11.0)
     assert not cheap.observe_again(0, 0, 11.1)  # after a failure: the full path
+    for state in (full, cheap):
+        for n in range(3):  # the primary down: a replica's poll may choose another
+            state.fail(0, 0, "poll timed out", 11.2 + n)
+    assert cheap.view(0).primary is None
+    assert not cheap.observe_again(0, 1, 11.5)
     assert cheap.views == full.views
     line = encode(Polled(0, 0, primary))
     assert line.startswith(b'{"k":"obs","s":0,"n":0,"at":10.0,"rec":false,')  # what _repeat reads
@@ -627,3 +679,144 @@ def test_agent_forwards_a_replicas_poll_that_repeats_the_last_only_after_refresh
     for changed in (dict(lsn=LSN(401)), dict(replay_paused=True), dict(run=None),
                     dict(receiver_streaming=False), dict(in_recovery=False)):
         assert not repeats(dataclasses.replace(later, **changed), replica), changed  # type: ignore[arg-type]
+
+
+def test_a_store_at_a_slower_pace_gets_every_fact_or_a_later_repeat_in_fewer_sends(
+    tmp_path: Path,
+) -> None:
+    """Over the agent's real socket: a store that asked for the slowest pace is sent
+    nothing but the agent's own lines (a subset of true facts); each failure and history,
+    and each poll or a later one that says the same but its LSNs (for an unchanged
+    replica: one that says the same), the newest sample of the primary among them; a
+    timeline history before the polls after it; each node's polls in order; in a fifth of
+    the fast store's sends or fewer. Its primary samples are the primary's own, and end at
+    the fast store's newest."""
+    interval = 0.1
+    slow = paces(interval)[-1]
+    assert pace_for(math.inf, interval) == slow and pace_for(0.0, interval) == paces(interval)[0]
+    assert pace_for(1.0, interval) == 0.2
+    run = ServerRun(7, "127.0.0.1", 6001, "x")
+    replica_run = ServerRun(7, "127.0.0.1", 6002, "y")
+    published: list[Message] = []
+
+    async def scenario() -> tuple[list[list[bytes]], list[int]]:
+        hub = Hub(2, RefusalTally(["a"]), interval=interval)
+        path = str(tmp_path / "agent.sock")
+        server = await asyncio.start_unix_server(hub.serve, path=path)
+        clients = [await asyncio.open_unix_connection(path) for _ in range(2)]
+        for i, (_, writer) in enumerate(clients):
+            writer.write(encode_request(Join()) + (encode_request(Pace(slow)) if i else b""))
+        got: list[list[bytes]] = [[], []]
+        sends = [0, 0]
+
+        async def receive(i: int) -> None:
+            reader = clients[i][0]
+            rest = b""
+            while data := await reader.read(1 << 16):
+                sends[i] += 1
+                *lines, rest = (rest + data).split(b"\n")
+                got[i].extend(lines)
+
+        receivers = [asyncio.create_task(receive(i)) for i in range(2)]
+        await asyncio.sleep(0.3)  # joined, paced
+        sends[:] = [0, 0]
+        t0, lsn = time.monotonic(), 100
+        for step in range(40):
+            at = time.monotonic()
+            if step in (10, 25):
+                lsn += 50  # writes: a new sample, never folded into the last
+            if step == 20:
+                message: Message = HistoryRead(0, TimelineHistory(2, ((1, LSN(120)),)))
+                published.append(message)
+                hub.publish(message)
+            primary = Polled(0, 0, Observation(at, False, LSN(lsn), None, False, False, 7,
+                                               None, 1, run))
+            replica = Polled(0, 1, Observation(at, True, LSN(lsn - (step % 7 == 0) * 10),
+                                               LSN(lsn), False, True, 7, None, 1, replica_run))
+            for message in (primary, replica):
+                published.append(message)
+                hub.publish(message)
+            if step == 30:
+                failed = Failed(0, 1, time.monotonic(), "poll timed out")
+                published.append(failed)
+                hub.publish(failed)
+            await asyncio.sleep(interval)
+        elapsed = time.monotonic() - t0
+        await asyncio.sleep(slow * 1.5)  # the last sends
+        for _, writer in clients:
+            writer.close()
+        await asyncio.gather(*receivers, return_exceptions=True)
+        server.close()
+        assert elapsed < 8, elapsed
+        return got, sends
+
+    (fast, slow_lines), sends = asyncio.run(scenario())
+    own = {encode(m).rstrip(b"\n") for m in published}
+
+    by_line = {encode(m).rstrip(b"\n"): m for m in published}
+
+    def facts(lines: list[bytes]) -> list[Message]:
+        """The published messages themselves, in the order received (a line sent twice,
+        to a store that changed pace, counts once)."""
+        seen = [by_line[line] for line in lines if line in by_line]
+        return [m for i, m in enumerate(seen) if m not in seen[:i]]
+
+    for lines in (fast, slow_lines):
+        others = [m for m in map(decode, filter(None, lines)) if not isinstance(m, Hello | Beat)]
+        assert {encode(m).rstrip(b"\n") for m in others} <= own  # nothing but true facts
+    fast_facts, slow_facts = facts(fast), facts(slow_lines)
+    for received in (fast_facts, slow_facts):
+        for message in published:  # each one, or a later poll that repeats it
+            if not isinstance(message, Polled):
+                assert message in received, message
+                continue
+            at = message.observation.sent_at
+            assert any(isinstance(r, Polled) and r.node == message.node and (
+                (repeats_all(r, message, lsns=True) and (
+                    message.observation.in_recovery or r.observation.sent_at >= at))
+                or (repeats_all(r, message, lsns=False) and r.observation.sent_at > at))
+                for r in received), message
+        primaries = [m for m in published if isinstance(m, Polled) and m.node == 0]
+        assert primaries[-1] in received  # the newest sample goes
+        for node in (0, 1):  # each node's polls in their order
+            times = [m.observation.sent_at for m in received
+                     if isinstance(m, Polled) and m.node == node]
+            assert times == sorted(times)
+        history = next(m for m in published if isinstance(m, HistoryRead))
+        after = {id(m) for m in published[published.index(history):]}
+        place = received.index(history)
+        assert all(i > place for i, m in enumerate(received) if id(m) in after and m is not history)
+    assert len(slow_facts) < len(fast_facts) / 2, (len(slow_facts), len(fast_facts))
+    print(f"sends: fast {sends[0]}, slow {sends[1]}; facts: fast {len(fast_facts)}, "
+          f"slow {len(slow_facts)} of {len(published)}")
+    assert sends[1] * 5 <= sends[0], sends
+    states = []
+    topology = Topology.from_toml(TOPOLOGY.replace(
+        'user=postgres"', 'user=postgres"\nreplicas = ["host=127.0.0.1 port=6002 '
+        'dbname=propstore user=postgres"]'), environ={})
+    for received in (fast_facts, slow_facts):
+        state = MonitorState(topology)
+        for m in received:
+            if isinstance(m, Polled):
+                state.observe(m.shard, m.node, m.observation)
+            elif isinstance(m, Failed):
+                state.fail(m.shard, m.node, m.error, m.at)
+            elif isinstance(m, HistoryRead):
+                state.record_history(m.shard, m.history)
+        states.append(state.view(0))
+    samples = [{*zip(v.history.times, v.history.lsns, strict=True)} for v in states]
+    polled = {(m.observation.sent_at, m.observation.lsn) for m in published
+              if isinstance(m, Polled) and m.node == 0}
+    assert samples[1] <= polled and samples[0] <= polled  # only the primary's own samples
+    assert states[0].history.times[-1] == states[1].history.times[-1]  # the newest of all
+    assert states[0].nodes[1].lsn == states[1].nodes[1].lsn
+
+
+def repeats_all(new: Polled, old: Polled, *, lsns: bool) -> bool:
+    """Whether poll ``new`` says what ``old`` said but its time (and its LSNs, unless
+    ``lsns``)."""
+    def but(m: Polled) -> Observation:
+        o = m.observation
+        return dataclasses.replace(o, sent_at=0, lsn=o.lsn if lsns else None,
+                                   receive_lsn=o.receive_lsn if lsns else None)
+    return but(new) == but(old)

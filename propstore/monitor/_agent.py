@@ -46,7 +46,7 @@ from propstore.monitor._health import (
     rss_bytes,
     traced_bytes,
 )
-from propstore.monitor._hub import READ_LIMIT, Hub, send_tick
+from propstore.monitor._hub import READ_LIMIT, Hub, refresh_after
 from propstore.monitor._messages import (
     VERSION,
     Beat,
@@ -98,7 +98,7 @@ class PublishingState(MonitorState):
         #: Per shard: the HA manager's answers (a miss: no endpoint answered).
         self.answers = [NodeCounter() for _ in topology.shards]
         #: Seconds after which a replica's unchanged poll is forwarded all the same.
-        self.refresh = max(0.5, 5 * topology.monitor.interval)
+        self.refresh = refresh_after(topology.monitor.interval)
 
     def observe(self, shard_index: int, node_index: int, obs: Observation) -> None:
         """Record a poll and forward it, unless it is a replica's that only repeats the
@@ -177,7 +177,7 @@ class Agent:
         self.foreground = foreground
         nodes = sum(len(s.nodes) for s in topology.shards)
         self.hub = Hub(nodes, RefusalTally(s.name for s in topology.shards), self.status,
-                       tick=send_tick(topology.monitor.interval))
+                       interval=topology.monitor.interval)
         self.state = PublishingState(topology, self.hub)
         self.monitor = AgentMonitor(topology, self.state)
         self.started = time.monotonic()

@@ -15,13 +15,16 @@ key names it, see ``_shared.agent_key``).
 One message per line, JSON (stdlib; small and never executed, unlike pickle). A client's
 first line says what it wants: :class:`Join` (a store: the stream follows) or :class:`Ask`
 (``propstore agent status``: one status document, then the agent closes). A store then
-sends only :class:`Counts`, its refusal counters, when they change.
+sends only :class:`Counts`, its refusal counters, when they change, and :class:`Pace`,
+how often it wants the agent's facts (``_hub``: fast while it reads with tight budgets,
+slow while it does not read).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +39,7 @@ from propstore.timeline import TimelineHistory
 
 #: Bump on any change of the messages below (it is part of the agent's key, so readers and
 #: agents of different versions never meet).
-PROTOCOL = 3
+PROTOCOL = 4
 VERSION = f"{__version__}/{PROTOCOL}"
 
 
@@ -51,7 +54,7 @@ class Hello:
 
 @dataclass(frozen=True, slots=True)
 class Beat:
-    """The agent is alive and its loop runs (sent every monitor interval)."""
+    """The agent is alive and its loop runs (a send to a store with nothing newer)."""
 
     now: float
 
@@ -119,7 +122,16 @@ class Counts:
     refusals: tuple[tuple[str, str, str, int], ...]
 
 
-Request = Join | Ask | Counts
+@dataclass(frozen=True, slots=True)
+class Pace:
+    """A store's wish: send me your facts every ``seconds`` (the agent rounds it down to
+    one of its paces, ``_hub.paces``). Only liveness depends on it: a fact sent later is an
+    older fact, whose bound is larger, never wrong."""
+
+    seconds: float
+
+
+Request = Join | Ask | Counts | Pace
 
 
 def encode(message: Message) -> bytes:
@@ -142,6 +154,8 @@ def encode_request(request: Request) -> bytes:
         data: dict[str, Any] = {"k": "join"}
     elif isinstance(request, Ask):
         data = {"k": "ask"}
+    elif isinstance(request, Pace):
+        data = {"k": "pace", "t": request.seconds}
     else:
         data = {"k": "counts", "r": [list(c) for c in request.refusals[:MAX_COUNTS]]}
     return (json.dumps(data, separators=(",", ":")) + "\n").encode()
@@ -158,6 +172,11 @@ def decode_request(line: bytes) -> Request:
             return Join()
         if kind == "ask":
             return Ask()
+        if kind == "pace":
+            seconds = float(data["t"])
+            if not (math.isfinite(seconds) and seconds > 0):
+                raise ValueError(f"pace {seconds!r}")
+            return Pace(seconds)
         if kind != "counts":
             raise KeyError(f"kind {kind!r}")
         counts = []
@@ -313,6 +332,6 @@ def topology_document(topology: Topology) -> dict[str, Any]:
 
 __all__ = [
     "MAX_COUNTS", "MAX_LABEL", "PROTOCOL", "VERSION", "Ask", "Beat", "Counts", "Failed",
-    "Hello", "HistoryRead", "Join", "Led", "Message", "Polled", "Request", "decode",
+    "Hello", "HistoryRead", "Join", "Led", "Message", "Pace", "Polled", "Request", "decode",
     "decode_request", "encode", "encode_request", "timestamp", "topology_document",
 ]

@@ -30,6 +30,7 @@ from propstore.config import Profile, Topology
 from propstore.discovery import Leadership, PatroniSource
 from propstore.lsn import LSN
 from propstore.monitor._state import (
+    Demand,
     NodeView,
     Observation,
     ShardView,
@@ -66,6 +67,8 @@ class MonitorState:
         #: Called with the shard index after each change of a shard's view (under the
         #: state's lock: keep them short and never take this state's lock in them).
         self.listeners: list[Callable[[int], None]] = []
+        #: What the store's reads ask of the monitor (how fresh its facts must arrive).
+        self.demand = Demand()
 
     @property
     def views(self) -> tuple[ShardView, ...]:
@@ -86,10 +89,11 @@ class MonitorState:
             self._publish(old, new)
 
     def observe_again(self, shard_index: int, node_index: int, sent_at: float) -> bool:
-        """Record a poll of a shard's up primary that repeated its last one (same values,
-        sent at ``sent_at``): the same state as :meth:`observe` would give, cheaper (the
-        host agent's stores get one such poll per shard and interval). False, and nothing
-        recorded, when the node is not the shard's up primary."""
+        """Record a poll that repeated the node's last one (same values, sent at
+        ``sent_at``): the same state as :meth:`observe` would give, cheaper (the host
+        agent's stores get such polls of every primary at each of its sends, and of each
+        replica now and then). False, and nothing recorded, when the cheap path does not
+        apply (``_state.apply_repeat``)."""
         with self._lock:
             old = self._views[shard_index]
             new = apply_repeat(old, node_index, sent_at, self.topology.monitor.history_size)

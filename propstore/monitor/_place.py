@@ -32,8 +32,8 @@ class AgentUnavailable(Exception):
 
 def stale_after(interval: float) -> float:
     """Seconds of silence after which a reader takes its agent for stuck: the agent sends
-    at least a heartbeat every ``interval``; twenty of them missing is not a scheduling
-    hiccup on a loaded host."""
+    to each reader at least a heartbeat every tick of its pace, a quarter of this at the
+    slowest (``_hub.paces``); four of them missing is not a scheduling hiccup."""
     return max(2.0, 20 * interval)
 
 

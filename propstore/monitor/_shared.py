@@ -35,6 +35,7 @@ from typing import Protocol
 import structlog
 
 from propstore.config import Topology
+from propstore.monitor._hub import pace_for, paces
 from propstore.monitor._messages import (
     VERSION,
     Beat,
@@ -43,6 +44,7 @@ from propstore.monitor._messages import (
     HistoryRead,
     Join,
     Led,
+    Pace,
     Polled,
     decode,
     encode_request,
@@ -71,6 +73,9 @@ JOIN_WAIT = 2.0
 REJOIN_EVERY = 1.0
 #: Seconds between a store's reports of its refusal counters to the agent (when changed).
 REPORT_EVERY = 1.0
+#: Seconds of reads whose tightest budget decides the pace a store asks of its agent: it
+#: asks for a faster one as soon as a read needs it, a slower one after a window without.
+PACE_WINDOW = 1.0
 
 
 class RefusalSource(Protocol):
@@ -96,6 +101,10 @@ class _Link:
     #: The refusal counters last sent, and when the next report is due.
     reported: tuple[tuple[str, str, str, int], ...] = ()
     report_at: float = 0.0
+    #: The pace asked of the agent (it starts every store at its fastest), and when the
+    #: window of reads that decides the next one ends.
+    pace: float = 0.0
+    pace_at: float = 0.0
 
 
 class SharedMonitor(LagMonitor):
@@ -118,14 +127,18 @@ class SharedMonitor(LagMonitor):
         self.joins = 0
         #: Why the last attempt to join an agent failed ("" when it joined).
         self.join_error = ""
+        #: Times this store woke to the agent's bytes, and the pace it asked for last
+        #: (seconds between two sends; None before it followed an agent).
+        self.wakes = 0
+        self.pace: float | None = None
         #: Per shard and node: the newest poll time applied (replays older than it are
         #: skipped), and the node's key for the first-round tracker (made once: nothing is
         #: allocated per message but the message).
         self._floor = [[-1.0] * len(s.nodes) for s in topology.shards]
         self._keys = [[(i, n) for n in range(len(s.nodes))]
                       for i, s in enumerate(topology.shards)]
-        #: Per primary node: the bytes after the time of the last poll applied (a poll
-        #: with the same bytes repeats it, and takes ``MonitorState.observe_again``).
+        #: Per node: the bytes after the time of the last poll applied (a poll with the
+        #: same bytes repeats it, and takes ``MonitorState.observe_again``).
         self._last: list[list[bytes | None]] = [[None] * len(s.nodes) for s in topology.shards]
         #: Per shard: the ask time of the newest HA manager answer applied (an older one,
         #: replayed, is skipped), the newest the agent forwarded (or when we joined), and
@@ -285,9 +298,11 @@ class SharedMonitor(LagMonitor):
                     return "lost the host agent"
                 now = clock()
                 if data:
+                    self.wakes += 1
                     *lines, link.rest = (link.rest + data).split(b"\n")
                     for line in lines:
                         self._apply(line, now, polled)
+                    self._ask_pace(link, now)
                 if now > self._answer_due:
                     # The agent's leader veto is older than our own discovery's could
                     # ever be: ask Patroni ourselves (docs/architecture.md, "Fleets").
@@ -306,6 +321,25 @@ class SharedMonitor(LagMonitor):
                 self._report(link, clock())
             link.writer.close()
 
+    def _ask_pace(self, link: _Link, now: float) -> None:
+        """Ask the agent for the pace the store's reads need: faster at once when a read's
+        budget needs it, slower once a window's reads (or none) allow it."""
+        demand = self.state.demand
+        interval = self.topology.monitor.interval
+        if not link.pace:
+            link.pace, link.pace_at = paces(interval)[0], now + PACE_WINDOW
+            self.pace = link.pace
+        if now >= link.pace_at:
+            want = pace_for(demand.take(), interval)
+            link.pace_at = now + PACE_WINDOW
+        else:
+            want = pace_for(demand.tightest, interval)
+            if want >= link.pace:
+                return
+        if want != link.pace and not link.writer.is_closing():
+            link.writer.write(encode_request(Pace(want)))
+            link.pace = self.pace = want
+
     def _report(self, link: _Link, now: float) -> None:
         """Send the store's refusal counters to the agent when they changed."""
         link.report_at = now + REPORT_EVERY
@@ -318,8 +352,9 @@ class SharedMonitor(LagMonitor):
             link.reported = counts
 
     def _repeat(self, line: bytes, now: float, polled: Tracker) -> bool:
-        """Apply a primary's poll that repeats the last one applied for its node (the same
-        bytes after its time) through the cheap path; False when it is not one."""
+        """Apply a poll that repeats the last one applied for its node (the same bytes
+        after its time) through the cheap path; False when it is not one (or the path
+        does not apply: ``MonitorState.observe_again``)."""
         if not line.startswith(_OBS):
             return False
         at_pos = line.find(b',"at":')
@@ -374,10 +409,9 @@ class SharedMonitor(LagMonitor):
         floor[message.node] = at
         if isinstance(message, Polled):
             self.state.observe(message.shard, message.node, message.observation)
-            if not message.observation.in_recovery:
-                # What a repeat of this poll looks like after its time (``_repeat``).
-                cut = line.find(b',"rec":')
-                self._last[message.shard][message.node] = line[cut:] if cut > 0 else None
+            # What a repeat of this poll looks like after its time (``_repeat``).
+            cut = line.find(b',"rec":')
+            self._last[message.shard][message.node] = line[cut:] if cut > 0 else None
         else:
             self.state.fail(message.shard, message.node, message.error, message.at)
             self._last[message.shard][message.node] = None

@@ -255,6 +255,26 @@ class ShardView:
         return max(0, primary_lsn - node.lsn)
 
 
+class Demand:
+    """The tightest budget (seconds) the store's reads asked for since the monitor last
+    took it (``Freshness.monitor_budget``, lowered by each read in ``read_program``):
+    ``math.inf`` when none read, 0 for a read with a token (the replicas' newest LSNs
+    decide it). A store that follows its host's agent asks it for facts only as often
+    as this needs (``_hub.pace_for``). Written by the reading threads, taken by the
+    monitor's; a note lost to a race slows one window's pace, and only liveness depends
+    on the pace: a fact delivered later is an older fact, whose bound is larger."""
+
+    __slots__ = ("tightest",)
+
+    def __init__(self) -> None:
+        self.tightest = math.inf
+
+    def take(self) -> float:
+        """The tightest budget since the last take (and start over)."""
+        tightest, self.tightest = self.tightest, math.inf
+        return tightest
+
+
 def initial_views(shards: tuple[ShardConfig, ...], now: float) -> tuple[ShardView, ...]:
     """Views before the first poll: every node unknown, configured primary assumed."""
     return tuple(
@@ -306,22 +326,34 @@ def apply_observation(
 
 def apply_repeat(view: ShardView, node_index: int, at: float, history_size: int
                  ) -> ShardView | None:
-    """The shard after a poll of its up primary that repeated the node's last poll at a
-    later time ``at``: exactly what :func:`apply_observation` gives for that poll, without
-    recomputing what equal values cannot change (the primary, the states, the timelines).
-    None when the node is not the shard's up primary (use :func:`apply_observation`)."""
+    """The shard after a poll that repeated the node's last poll (same run, LSNs, flags,
+    settings) at a later time ``at``: exactly what :func:`apply_observation` gives for that
+    poll, without recomputing what equal values cannot change (the primary, the states,
+    the timelines). For the shard's up primary: a later sample of the same LSN and a later
+    sighting; for a replica while the shard has its up primary: a later sighting. None
+    otherwise (use :func:`apply_observation`): a node with failures or an unanswered poll
+    (the observation clears them), no primary (the poll may choose one)."""
     node = view.nodes[node_index]
-    if view.primary_index != node_index or view.primary is not node or node.lsn is None or (
-        node.observed_at is None or at <= node.observed_at or node.failures
-        or node.unanswered_since is not None  # the observation clears it: take the long way
+    if node.lsn is None or node.observed_at is None or at <= node.observed_at or (
+        node.failures or node.unanswered_since is not None
     ):
         return None
+    primary = view.primary
+    if node.role == "primary":
+        if view.primary_index != node_index or primary is not node:
+            return None
+        history = view.history.record(at, node.lsn, history_size)
+    elif node.role != "replica" or primary is None:
+        return None
+    else:
+        # The primary stays (sticky while up), and the replica's state is a function of
+        # values that did not change: nothing but the times moves.
+        history = view.history
     sightings = node.sightings if node.run is None else add_sighting(
-        node.sightings, Sighting(node.run, at, False, node.lsn))
+        node.sightings, Sighting(node.run, at, node.role == "replica", node.lsn))
     nodes = list(view.nodes)
     nodes[node_index] = replace(node, observed_at=at, last_poll_at=at, sightings=sightings)
-    return replace(view, nodes=tuple(nodes),
-                   history=view.history.record(at, node.lsn, history_size))
+    return replace(view, nodes=tuple(nodes), history=history)
 
 
 def apply_leadership(view: ShardView, leadership: Leadership | None, at: float,

@@ -363,6 +363,9 @@ class StoreCore:
             _tokens.check(self.state.view(shard_index), shard, token)
         deadline = (time.monotonic() if began is None else began) + (
             self.routing.replica_deadline)
+        # How fresh the monitor's facts must arrive (a host agent sends them that often).
+        if freshness.monitor_budget < self.state.demand.tightest:
+            self.state.demand.tightest = freshness.monitor_budget
         started = self.clock()
         decision = self.decisions.decide(self.state.view(shard_index), freshness, started,
                                          next(self._rotation))
