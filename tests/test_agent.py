@@ -49,7 +49,7 @@ from propstore.monitor._messages import (
     encode,
     encode_request,
 )
-from propstore.monitor._shared import AgentPaths, stale_after
+from propstore.monitor._shared import HELLO_WAIT, AgentPaths, SharedMonitor, stale_after
 from propstore.proof import ServerRun
 from propstore.sandbox import LocalCluster
 from propstore.timeline import TimelineHistory
@@ -332,6 +332,43 @@ def test_a_store_that_does_not_read_wakes_to_its_agent_at_the_slowest_pace_for_l
     assert wakes[0] > 3 * max(wakes[1:]), wakes
     for used in cpu[1:]:
         assert used <= IDLE_FOLLOWER_CPU, cpu
+
+
+@pytest.mark.slow
+def test_a_store_starved_while_it_joins_joins_the_agent_that_answered(
+    topology: Topology, cluster_config: Path, agents: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A store that gets no CPU between asking to join and its wait for the hello running
+    out wakes to the hello and its expired timer at once: the agent answered, the store
+    ran late, and it joins (taking that for no agent, a starved store of a 32-process
+    chaos run would poll for itself and try again, each time as late, and never join)."""
+    opened = asyncio.open_unix_connection
+
+    async def then_starved(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        streams = await opened(path)
+        # The fault: once the store has asked to join and waits for the hello, this process
+        # runs nothing until 0.2 s past the wait (the hello arrives meanwhile).
+        asyncio.get_running_loop().call_soon(time.sleep, HELLO_WAIT + 0.2)
+        return streams
+
+    with Fleet(cluster_config, 1) as fleet:
+        fleet.wait_for(_all_shared, 30, "the worker follows an agent")
+        paths = AgentPaths.of(topology)
+
+        async def starved_join() -> tuple[bool, str, float]:
+            monitor = SharedMonitor(topology)
+            started = time.monotonic()
+            link = await monitor._dial(paths)
+            if link is not None:
+                link.writer.close()
+            return link is not None, monitor.join_error, time.monotonic() - started
+
+        monkeypatch.setattr(asyncio, "open_unix_connection", then_starved)
+        joined, error, took = asyncio.run(starved_join())
+        monkeypatch.undo()
+        fleet.stop()
+    assert took >= HELLO_WAIT  # the wait did run out while the process was starved
+    assert joined, error
 
 
 def _users(topology: Topology, worker: int, count: int = 6) -> list[str]:

@@ -71,6 +71,10 @@ Tracker = Callable[[tuple[int, int]], None]
 JOIN_WAIT = 2.0
 #: Mean seconds between attempts to join an agent otherwise, while polling for itself.
 REJOIN_EVERY = 1.0
+#: Seconds a store waits for an agent's hello when it joins, and how many times it waits
+#: again while the hello's bytes are on its socket (``_hello``).
+HELLO_WAIT = 1.0
+HELLO_RETRIES = 5
 #: Seconds between a store's reports of its refusal counters to the agent (when changed).
 REPORT_EVERY = 1.0
 #: Seconds of reads whose tightest budget decides the pace a store asks of its agent: it
@@ -238,14 +242,14 @@ class SharedMonitor(LagMonitor):
     async def _dial(self, paths: AgentPaths) -> _Link | None:
         sent = self.state.clock()
         try:
-            async with asyncio.timeout(1.0):
+            async with asyncio.timeout(HELLO_WAIT):
                 reader, writer = await asyncio.open_unix_connection(str(paths.socket))
-                try:
-                    writer.write(encode_request(Join()))
-                    line = await reader.readline()
-                except BaseException:
-                    writer.close()
-                    raise
+            try:
+                writer.write(encode_request(Join()))
+                line = await _hello(reader, writer)
+            except BaseException:
+                writer.close()
+                raise
         except (OSError, TimeoutError) as exc:
             self.join_error = f"{type(exc).__name__}: {exc} ({paths.socket}, attempt at {sent:.3f})"
             return None
@@ -435,6 +439,24 @@ class SharedMonitor(LagMonitor):
         never NaN, which would make every wait zero)."""
         return min((a + b for a, b in zip(self._answered, self._answer_limit, strict=True)
                     if b < math.inf), default=math.inf)
+
+
+async def _hello(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    """The agent's first line, waited for :data:`HELLO_WAIT` seconds (TimeoutError after)
+    — unless its bytes wait for us when the time is up: a store starved past the wait
+    (32 processes at a load of 50) wakes to the agent's hello and its own expired timer at
+    once, and it is the store that ran late. Taking that for no agent, it polled for
+    itself and tried again, each time as late: it never joined."""
+    for _ in range(HELLO_RETRIES):
+        try:
+            async with asyncio.timeout(HELLO_WAIT):
+                return await reader.readline()
+        except TimeoutError:
+            if not _readable(writer):
+                break
+    # A line already buffered is returned without waiting, before this timer can fire.
+    async with asyncio.timeout(0):
+        return await reader.readline()
 
 
 async def _next_bytes(link: _Link, limit: float) -> bytes | None:
