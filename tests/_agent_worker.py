@@ -44,6 +44,14 @@ class Status:
     wakes: int = 0
     pace: float | None = None
     monitor_cpu: float = 0.0
+    #: Join attempts failed since it last followed an agent.
+    join_failures: int = 0
+    #: The worker's monotonic clock when it answered (join errors are timed by it).
+    at: float = 0.0
+    #: Seconds its monitor's event loop took to run a callback (None: not within 1 s).
+    loop_lag: float | None = None
+    #: Polls its monitor state recorded (its own or the agent's).
+    polls: int = 0
 
 
 def _monitor_cpu() -> float:
@@ -60,6 +68,19 @@ def _monitor_cpu() -> float:
     return 0.0
 
 
+def _loop_lag(store: PropertyStore) -> float | None:
+    """How long the store's monitor loop takes to run a callback (None: not within 1 s)."""
+    import threading
+
+    loop = getattr(store.monitor, "_loop", None)
+    if loop is None or loop.is_closed():
+        return None
+    ran = threading.Event()
+    t0 = time.monotonic()
+    loop.call_soon_threadsafe(ran.set)
+    return time.monotonic() - t0 if ran.wait(1.0) else None
+
+
 def _status(store: PropertyStore, load: Any) -> Status:
     import os
 
@@ -73,6 +94,8 @@ def _status(store: PropertyStore, load: Any) -> Status:
         report is not None and all(report.checked[b] for b in load.budgets),
         getattr(monitor, "join_error", ""), getattr(monitor, "own_reason", ""),
         getattr(monitor, "wakes", 0), getattr(monitor, "pace", None), _monitor_cpu(),
+        getattr(monitor, "join_failures", 0), time.monotonic(), _loop_lag(store),
+        monitor.state.polls,
     )
 
 
@@ -93,9 +116,15 @@ def _refuse(store: PropertyStore, user: str, count: int) -> int:
 def run(config: str, sharing: str, users: Sequence[str], readers: int,
         routing: dict[str, Any], pipe: Connection) -> None:
     """The worker's body (see the module doc)."""
+    import faulthandler
+    import signal
+
     from tests import _breakage
     from tests._workload import Workload
 
+    # Every thread's stack on SIGUSR1 (a worker that does not get where the test waits for
+    # it says where it is: Fleet.wait_for asks at its deadline).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     _breakage.apply_from_environment()
     topology = Topology.load(config)
     topology = dataclasses.replace(
@@ -174,8 +203,26 @@ class Fleet:
             if condition(statuses):
                 return statuses
             if time.monotonic() > deadline:
-                raise AssertionError(f"{what} within {timeout} s: {statuses}")
+                self._dump_stacks(statuses)
+                raise AssertionError(f"{what} within {timeout} s:\n{describe(statuses)}")
             time.sleep(0.1)
+
+    def _dump_stacks(self, statuses: Sequence[Status]) -> None:
+        """Have the workers off the most common (source, agent) (or, all alike, the first
+        two) print their threads' stacks on their stderr (``faulthandler``), and wait until
+        they are written."""
+        import os
+        import signal
+        from collections import Counter
+
+        groups = Counter((s.source, s.agent_pid) for s in statuses)
+        (common, _), = groups.most_common(1)
+        for i, s in enumerate(statuses):
+            # All alike: the first two speak for them.
+            if (s.source, s.agent_pid) != common or (len(groups) == 1 and i < 2):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(s.pid, signal.SIGUSR1)
+        self.statuses()  # answered after the dump: the stacks are written
 
     def stop(self, timeout: float = 60.0) -> list[Any]:
         """Stop the workers; their workload reports (None for workers without one)."""
@@ -196,6 +243,29 @@ class Fleet:
             raise AssertionError(
                 f"worker {index} died (exit code {self.processes[index].exitcode})"
             ) from None
+
+
+def describe(statuses: Sequence[Status]) -> str:
+    """The workers' statuses, one line each, those off the most common (source, agent)
+    first: which workers do not follow the fleet's agent, and why (their last join error
+    and the reason they poll for themselves)."""
+    from collections import Counter
+
+    groups = Counter((s.source, s.agent_pid) for s in statuses)
+    (common, _), = groups.most_common(1) or [((None, None), 0)]
+    lines = [f"{len(statuses)} workers by (source, agent pid): {dict(groups)}"]
+    order = sorted(range(len(statuses)),
+                   key=lambda i: ((statuses[i].source, statuses[i].agent_pid) == common, i))
+    for i in order:
+        s = statuses[i]
+        lines.append(
+            f"  worker {i} pid {s.pid}: {s.source} agent={s.agent_pid} joins={s.joins} "
+            f"fallbacks={s.fallbacks} at={s.at:.3f} loop_lag={s.loop_lag} "
+            f"polls={s.polls} reads={s.reads} replica={s.replica_reads} "
+            f"states={','.join(s.states)} budgets_checked={s.every_budget_checked} "
+            f"failed_joins={s.join_failures} join_error={s.join_error!r} "
+            f"own_reason={s.own_reason!r}")
+    return "\n".join(lines)
 
 
 @contextlib.contextmanager

@@ -62,6 +62,13 @@ from tests.conftest import users_on_shard
 #: agent's buffers in flight move it by about 10 KB either way).
 FLAT_AGENT_BYTES = 32 * 1024
 
+#: Stores started at once on a host with no agent (``PROPSTORE_START_PROCESSES``; the
+#: chaos bar's 32 passed at load 30-65, 48 too), and the seconds they have to all follow
+#: one agent, counted from their start (their interpreters start first: a few seconds of
+#: CPU each on two shared cores; the chaos test gives its first wait as long).
+START_PROCESSES = 16
+START_DEADLINE = 60.0
+
 TOPOLOGY = """
 [[shards]]
 name = "a"
@@ -133,6 +140,20 @@ def _poll_rates(topology: Topology, seconds: float) -> dict[str, float]:
     return {name: len(starts) / elapsed for name, starts in seen.items()}
 
 
+def _settled_connections(topology: Topology, timeout: float = 30.0
+                         ) -> dict[str, Counter[str]]:
+    """The monitoring connections per node once every store's own monitor closed (a store
+    that polled for itself until it joined closes its connections as it joins)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = _monitoring_connections(topology)
+        if all(c == Counter({"propstore-agent": 1}) for c in found.values()) or (
+            time.monotonic() > deadline
+        ):
+            return found
+        time.sleep(0.2)
+
+
 def _all_shared(statuses: list[Status]) -> bool:
     pids = {s.agent_pid for s in statuses}
     return all(s.source == "agent" for s in statuses) and len(pids) == 1
@@ -188,6 +209,25 @@ def test_processes_on_one_topology_share_one_monitor_on_every_server(
     for node, rate in rates.items():
         assert rate <= FLEET_QUERY_RATIO / interval, (node, rates)
         assert rate > 0, (node, rates)  # the agent did poll (seen on the server)
+
+
+@pytest.mark.slow
+def test_a_fleet_starting_at_once_with_no_agent_ends_up_following_one(
+    topology: Topology, cluster_config: Path, agents: Path,
+) -> None:
+    """Many stores starting together on a host with no agent running (a fleet deployed at
+    once, each reading and writing from its start): one agent is spawned, every store
+    follows it within the deadline, and every server has one propstore-agent connection
+    and no store polling for itself."""
+    count = int(os.environ.get("PROPSTORE_START_PROCESSES", START_PROCESSES))
+    with Fleet(cluster_config, count, users=lambda i: _users(topology, i, 4)) as fleet:
+        statuses = fleet.wait_for(_all_shared, START_DEADLINE,
+                                  f"every one of {count} workers follows one agent")
+        connections = _settled_connections(topology)
+        fleet.stop()
+    assert _all_shared(statuses)
+    for node, seen in connections.items():
+        assert seen == Counter({"propstore-agent": 1}), (node, connections)
 
 
 @pytest.mark.slow
@@ -449,7 +489,8 @@ def test_chaos_of_many_processes_serves_no_read_outside_its_budget(
           f"{sum(r.writes for r in reports)} writes, "
           f"{sum(r.violations for r in reports)} outside their budget, "
           f"{sum(r.error_count for r in reports)} errors, "
-          f"worst read {max(r.worst_read for r in reports) * 1000:.0f} ms")
+          f"worst read {max(r.worst_read for r in reports) * 1000:.0f} ms, "
+          f"load {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
     for report in reports:
         report.check()
 

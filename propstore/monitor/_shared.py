@@ -129,8 +129,10 @@ class SharedMonitor(LagMonitor):
         #: How often this store fell back to its own polls, and joined an agent.
         self.fallbacks = 0
         self.joins = 0
-        #: Why the last attempt to join an agent failed ("" when it joined).
+        #: Why the last attempt to join an agent failed ("" when it joined), and how many
+        #: attempts failed since this store last followed one.
         self.join_error = ""
+        self.join_failures = 0
         #: Times this store woke to the agent's bytes, and the pace it asked for last
         #: (seconds between two sends; None before it followed an agent).
         self.wakes = 0
@@ -228,12 +230,14 @@ class SharedMonitor(LagMonitor):
         lock and no other store is starting one) and return None."""
         link = await self._dial(paths)
         if link is None:
+            self.join_failures += 1
             spawned = self._spawner.spawn(paths)
             if spawned == "spawned":
                 self._fast_until = time.monotonic() + JOIN_WAIT
             self._coming = spawned == "coming"
             return None
         self.joins += 1
+        self.join_failures = 0
         self._spawner.joined()
         self.source, self.agent_pid = "agent", link.hello.pid
         log.info("monitor_sharing_joined", agent_pid=link.hello.pid, socket=str(paths.socket))
