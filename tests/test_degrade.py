@@ -526,7 +526,13 @@ def test_refusals_are_counted_per_profile_and_reason_in_lag_and_route(
                                       "--profile", "workflow"])
     assert route.exit_code == 0, route.output
     assert "  reads refused by this process: none" in route.stdout
-    lag = CliRunner().invoke(main, ["--config", topology.source, "lag", "--json"])
+    # lag's one-shot store shows the host's totals once it follows the agent: it waits 2 s
+    # (JOIN_WAIT) for one on its way, and an agent spawned at a load of 30-55 took up to
+    # 5 s to answer (it failed 2/10 so). A store following the agent meanwhile keeps it
+    # from ending idle.
+    with PropertyStore(topology) as keeper:
+        wait_for(lambda: getattr(keeper.monitor, "source", "") == "agent", timeout=30)
+        lag = CliRunner().invoke(main, ["--config", topology.source, "lag", "--json"])
     document = json.loads(lag.stdout)
     # Sharing (the default): lag shows the host's totals, reported by every store that
     # shares the agent, this test's too (tests/test_agent.py checks them); every shard listed.
