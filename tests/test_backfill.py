@@ -234,16 +234,16 @@ def test_backfill_refuses_a_sqlalchemy_connection_inside_a_transaction(
 REVISION_BACKFILL = '''
     """Add user_properties.score and backfill it from bucket, lag-guarded.
 
-    Revision ID: 0003
-    Revises: 0002
+    Revision ID: score
+    Revises: HEAD
     """
     import sqlalchemy as sa
     from alembic import op
 
     from propstore.migrate import LagGuard, backfill
 
-    revision = "0003"
-    down_revision = "0002"
+    revision = "score"
+    down_revision = "HEAD"
     branch_labels = None
     depends_on = None
 
@@ -268,9 +268,13 @@ def test_backfill_inside_a_revision_finds_the_shards_replicas_through_alembic(
     scripts = tmp_path / "migrations"
     shutil.copytree(propstore.migrate.script_location(), scripts,
                     ignore=shutil.ignore_patterns("__pycache__"))
-    (scripts / "versions" / "0003_score.py").write_text(textwrap.dedent(REVISION_BACKFILL))
+    # On top of the repository's head, whatever it is (HEAD in the text is replaced).
+    head = propstore.migrate.head_revision()
+    assert head is not None
+    (scripts / "versions" / "score.py").write_text(
+        textwrap.dedent(REVISION_BACKFILL).replace("HEAD", head))
     primary = shard.shards[0].primary
-    upgrade(primary.dsn, "0002")
+    upgrade(primary.dsn, head)
     primary.execute(
         "INSERT INTO user_properties (tenant_id, user_id, bucket) "
         "SELECT 't', 'u' || g, g % 4096 FROM generate_series(1, 5000) g")
