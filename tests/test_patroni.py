@@ -482,7 +482,11 @@ def test_processes_on_a_patroni_topology_share_one_monitor_and_its_patroni_asks(
         try:
             fleet.wait_for(lambda st: all(s.source == "own" for s in st), 60,
                            "every worker polls for itself")
-            own_connections = _monitoring_connections(topology)
+            # Reporting "own" comes before each own monitor's connections are all open.
+            own_connections = wait_for(
+                lambda: (found := _monitoring_connections(topology)) and all(
+                    c["propstore-monitor"] == count for c in found.values()) and found,
+                timeout=30)
             own_polls = _poll_rates(topology, 3.0)
             own_asks = _cluster_asks(fronts, 5.0)
         finally:
