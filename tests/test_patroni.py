@@ -551,13 +551,20 @@ def test_migrate_acts_on_the_observed_primary_not_the_files(patroni: PatroniClus
         assert report.ok and report.results[0].outcome == "already at target", report
 
 
-def test_synchronous_mode_loses_no_acknowledged_write(patroni: PatroniCluster) -> None:
+def _synchronous_leader(patroni: PatroniCluster) -> str:
+    """Turn on Patroni's synchronous_mode and wait for the leader's synchronous standby;
+    the leader's name."""
     patroni.wait_streaming(120)
     patroni.set_dynamic(synchronous_mode=True)
     leader = patroni.leader()
     assert leader is not None
     wait_for(lambda: patroni.member(leader).scalar(
         "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'") == 1, timeout=60)
+    return leader
+
+
+def test_synchronous_mode_loses_no_acknowledged_write(patroni: PatroniCluster) -> None:
+    leader = _synchronous_leader(patroni)
     with PropertyStore(_topology(patroni, source=True)) as store:
         wait_for(lambda: _leader_observed(store, leader), timeout=30)
         stop = threading.Event()
@@ -589,12 +596,7 @@ def test_a_synchronous_failover_under_shared_monitoring_serves_every_process_in_
     so no acknowledged write may be lost): every read of every
     process is checked against its acknowledged writes, token reads included, and the
     processes never stop following the agent."""
-    patroni.wait_streaming(120)
-    patroni.set_dynamic(synchronous_mode=True)
-    leader = patroni.leader()
-    assert leader is not None
-    wait_for(lambda: patroni.member(leader).scalar(
-        "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'") == 1, timeout=60)
+    leader = _synchronous_leader(patroni)
     config, _ = fronted
     names = [n.name for n in Topology.load(config).shards[0].nodes]
     users = [f"pfail-{i}" for i in range(18)]
