@@ -18,6 +18,7 @@ from propstore import ConfigError, Topology
 from propstore.discovery import Leadership, history_of, parse_cluster
 from propstore.lsn import LSN
 from propstore.monitor import Observation
+from propstore.monitor._shared import SharedMonitor
 from propstore.monitor._state import apply_leadership, apply_observation, initial_views
 
 MEMBERS = """
@@ -241,7 +242,6 @@ def replace_asked(leadership: Leadership, at: float) -> Leadership:
 
 def test_a_store_applies_its_agents_answers_unless_its_own_was_asked_later() -> None:
     from propstore.monitor._messages import Led
-    from propstore.monitor._shared import SharedMonitor
 
     monitor = SharedMonitor(TOPO)
     state = monitor.state
@@ -302,12 +302,25 @@ class _ScriptedAgent:
         self.server.close()
 
 
+def _without_patroni() -> Topology:
+    """:data:`MEMBERS` with no Patroni endpoints."""
+    return Topology.from_toml(MEMBERS.replace(', patroni = "http://127.0.0.1:8008"', "")
+                              .replace(', patroni = "http://127.0.0.1:8009/"', ""), environ={})
+
+
+def _await_following(monitor: SharedMonitor, seconds: float = 10.0) -> None:
+    """Until ``monitor`` follows an agent (its join error if it does not in ``seconds``)."""
+    deadline = time.monotonic() + seconds
+    while monitor.source != "agent":
+        assert time.monotonic() < deadline, monitor.join_error
+        time.sleep(0.01)
+
+
 @pytest.mark.slow
 def test_a_store_asks_patroni_itself_once_its_agents_answers_are_older_than_its_own_would_be(
     tmp_path: Path,
 ) -> None:
     from propstore.monitor._place import AgentPaths, answer_limit
-    from propstore.monitor._shared import SharedMonitor
     from tests._agent_worker import agent_dir
 
     fast = Topology.from_toml(MEMBERS.replace('interval = "2s"',
@@ -320,10 +333,7 @@ def test_a_store_asks_patroni_itself_once_its_agents_answers_are_older_than_its_
         monitor = SharedMonitor(fast)
         try:
             monitor.start()
-            deadline = time.monotonic() + 10
-            while monitor.source != "agent":
-                assert time.monotonic() < deadline, monitor.join_error
-                time.sleep(0.01)
+            _await_following(monitor)
             time.sleep(3 * limit)  # answers keep coming: the store keeps following
             assert (monitor.source, monitor.fallbacks) == ("agent", 0), monitor.own_reason
             agent.answering.clear()
@@ -342,10 +352,8 @@ def test_a_store_asks_patroni_itself_once_its_agents_answers_are_older_than_its_
 
 
 def test_a_store_without_patroni_endpoints_has_no_answer_deadline() -> None:
-    from propstore.monitor._shared import SharedMonitor
 
-    plain = Topology.from_toml(MEMBERS.replace(', patroni = "http://127.0.0.1:8008"', "")
-                               .replace(', patroni = "http://127.0.0.1:8009/"', ""), environ={})
+    plain = _without_patroni()
     assert not plain.shards[0].patroni_endpoints
     # inf, never NaN (-inf + inf): a NaN deadline made every wait for the agent's bytes
     # zero, a busy loop that never took a stopped agent for stuck.
@@ -356,21 +364,16 @@ def test_a_store_following_an_idle_agent_sleeps_between_its_messages(tmp_path: P
     """Without Patroni endpoints too: the wait for the agent's bytes is never zero (a NaN
     answer deadline made it a busy loop: 241 ms of CPU per second at load 50, vs 2)."""
     from propstore.monitor._place import AgentPaths
-    from propstore.monitor._shared import SharedMonitor
     from tests._agent_worker import agent_dir
 
-    plain = Topology.from_toml(MEMBERS.replace(', patroni = "http://127.0.0.1:8008"', "")
-                               .replace(', patroni = "http://127.0.0.1:8009/"', ""), environ={})
+    plain = _without_patroni()
     with agent_dir(tmp_path / "agents"):
         agent = _ScriptedAgent(AgentPaths.of(plain).socket)
         agent.answering.clear()  # beats only, every 0.2 s
         monitor = SharedMonitor(plain)
         try:
             monitor.start()
-            deadline = time.monotonic() + 10
-            while monitor.source != "agent":
-                assert time.monotonic() < deadline, monitor.join_error
-                time.sleep(0.01)
+            _await_following(monitor)
             cpu, wall = time.process_time(), time.monotonic()
             time.sleep(2.0)
             per_second = (time.process_time() - cpu) / (time.monotonic() - wall)
