@@ -4,6 +4,7 @@ share one lag monitor, and every read stays proven within its budget."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import gc
@@ -15,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -54,7 +56,13 @@ from propstore.proof import ServerRun
 from propstore.sandbox import LocalCluster
 from propstore.timeline import TimelineHistory
 from tests._agent_worker import Fleet, Status, agent_dir
-from tests.claims import CHAOS_PROCESSES, FLEET_QUERY_RATIO, SHARE_PROCESSES
+from tests.claims import (
+    CHAOS_PROCESSES,
+    FLEET_QUERY_RATIO,
+    HERD_OWN_MONITORS,
+    HERD_PROCESSES,
+    SHARE_PROCESSES,
+)
 from tests.conftest import users_on_shard
 
 #: Growth of the agent's traced memory that counts as flat over 1,000 stores and 500 polls
@@ -444,6 +452,70 @@ def test_killed_agent_readers_fall_back_then_share_again_with_no_read_outside_bu
         reports = fleet.stop()
     for node, seen in connections.items():
         assert seen == Counter({"propstore-agent": 1}), (node, connections)
+    for report in reports:
+        report.check(errors_allowed=False)
+
+
+@pytest.mark.slow
+def test_a_herd_that_lost_its_agent_waits_for_the_replacement_instead_of_each_polling_every_server(
+    topology: Topology, cluster_config: Path, agents: Path,
+) -> None:
+    """A killed agent's stores do not each open a monitoring connection to every server at
+    once (a host's 200 workers would be 200 more connections on every server, past
+    PostgreSQL's default ``max_connections`` of 100: the fleet's own reads refused). The
+    store that starts the replacement polls for itself meanwhile; the others wait for it.
+    Counted on the servers, sampled from the kill until every store follows the new agent;
+    every read meanwhile is checked on the data."""
+    with Fleet(cluster_config, HERD_PROCESSES, users=lambda i: _users(topology, i, 4)) as fleet:
+        first = fleet.wait_for(_all_shared, 60, "every worker follows one agent")
+        old = first[0].agent_pid
+        assert old is not None
+        settled = _settled_connections(topology)
+        assert all(c == Counter({"propstore-agent": 1}) for c in settled.values()), settled
+        peak: Counter[str] = Counter()
+        done = threading.Event()
+
+        def sample() -> int:
+            conns = {node.name: psycopg.connect(node.dsn, autocommit=True)
+                     for shard in topology.shards for node in shard.nodes}
+            rounds = 0
+            try:
+                while not done.is_set():
+                    for name, conn in conns.items():
+                        row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE "
+                                           "application_name = 'propstore-monitor'").fetchone()
+                        peak[name] = max(peak[name], int(row[0]) if row else 0)
+                    rounds += 1
+            finally:
+                for conn in conns.values():
+                    conn.close()
+            return rounds
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            sampler = pool.submit(sample)
+            try:
+                killed = time.monotonic()
+                os.kill(old, signal.SIGKILL)
+                fleet.wait_for(lambda st: all(s.fallbacks >= 1 for s in st), 60,
+                               "every worker notices the agent is gone")
+                again = fleet.wait_for(lambda st: _all_shared(st) and st[0].agent_pid != old,
+                                       60, "every worker follows a new agent")
+                recovered = time.monotonic() - killed
+                settled = _settled_connections(topology)
+            finally:
+                done.set()
+            rounds = sampler.result(30)  # a sampler that died fails the test here
+        fleet.wait_for(lambda st: all(s.reads > r.reads + 5 and s.every_budget_checked
+                                      for s, r in zip(st, again, strict=True)), 60,
+                       "every worker reads on, every budget checked")
+        reports = fleet.stop()
+    print(f"{HERD_PROCESSES} processes lost their agent: peak own-monitor connections per "
+          f"server {dict(peak)} over {rounds} samples; all followed the new agent "
+          f"{recovered:.1f} s after the kill; load "
+          f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
+    assert rounds > 0
+    assert max(peak.values()) <= HERD_OWN_MONITORS, peak
+    assert all(c == Counter({"propstore-agent": 1}) for c in settled.values()), settled
     for report in reports:
         report.check(errors_allowed=False)
 

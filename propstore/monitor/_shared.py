@@ -80,6 +80,8 @@ REPORT_EVERY = 1.0
 #: Seconds of reads whose tightest budget decides the pace a store asks of its agent: it
 #: asks for a faster one as soon as a read needs it, a slower one after a window without.
 PACE_WINDOW = 1.0
+#: Why a store stops following an agent whose socket closed (the agent ended).
+LOST = "lost the host agent"
 
 
 class RefusalSource(Protocol):
@@ -172,14 +174,7 @@ class SharedMonitor(LagMonitor):
             self.source, self.own_reason = "own", f"sharing unavailable: {exc}"
             await self._poll_all(polled)
             return
-        self._fast_until = time.monotonic() + JOIN_WAIT
-        link = await self._join(paths)
-        while link is None and self._coming and time.monotonic() < self._fast_until:
-            # Another store is starting the agent (a fleet's processes start at once):
-            # wait for it rather than poll every node as well (64 stores x 12 nodes were
-            # 768 connects in the first second); the store that spawned it polls meanwhile.
-            await asyncio.sleep(0.05)
-            link = await self._join(paths)
+        link = await self._join_herd(paths)
         try:
             while True:
                 if link is not None:
@@ -191,10 +186,35 @@ class SharedMonitor(LagMonitor):
                         await self._poll_all(polled)
                         return
                     self.fallbacks += 1
+                    if why == LOST:
+                        # It ended, and its lock with it: one store of the herd starts the
+                        # replacement at once. The rest wait for that one rather than each
+                        # open a connection to every server (a host's 200 workers would be
+                        # 200 more on each, past a default max_connections of 100).
+                        self.source, self.agent_pid = "starting", None
+                        self.own_reason = f"{why}; waits for the replacement"
+                        link = await self._join_herd(paths)
+                        if link is not None:
+                            continue
+                    # A stuck agent holds its lock: no replacement can start, so waiting
+                    # would only add to the silence already waited out.
                     self.own_reason = f"{why}; polls itself until an agent answers"
                 link = await self._own_until_joined(paths, polled)
         finally:
             self._spawner.release()
+
+    async def _join_herd(self, paths: AgentPaths) -> _Link | None:
+        """A link to the agent, waiting up to :data:`JOIN_WAIT` while another store of the
+        herd starts one (a fleet's processes start at once, or lost their agent at once);
+        None at once when this store starts it, or none is coming (it polls for itself)."""
+        self._fast_until = time.monotonic() + JOIN_WAIT
+        link = await self._join(paths)
+        while link is None and self._coming and time.monotonic() < self._fast_until:
+            # Rather than poll every node as well (64 stores x 12 nodes were 768 connects
+            # in the first second); the store that spawned it polls meanwhile.
+            await asyncio.sleep(0.05)
+            link = await self._join(paths)
+        return link
 
     async def _own_until_joined(self, paths: AgentPaths, polled: Tracker) -> _Link:
         """Poll for ourselves until an agent answers; returns its link."""
@@ -296,14 +316,14 @@ class SharedMonitor(LagMonitor):
                         link, min(limit, max(0.0, self._answer_due - clock())))
                 except OSError as exc:
                     log.warning("monitor_agent_gone", agent_pid=link.hello.pid, error=str(exc))
-                    return "lost the host agent"
+                    return LOST
                 if data is None and clock() < self._answer_due:
                     log.warning("monitor_agent_stuck", agent_pid=link.hello.pid,
                                 silent_seconds=limit)
                     return "the host agent went silent"
                 if data == b"":
                     log.warning("monitor_agent_gone", agent_pid=link.hello.pid)
-                    return "lost the host agent"
+                    return LOST
                 now = clock()
                 if data:
                     self.wakes += 1

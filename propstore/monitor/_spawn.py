@@ -46,10 +46,15 @@ class Spawner:
         self._next_spawn = 0.0
         #: The spawn lock, held from spawning an agent until it answers (or ends).
         self._spawn_fd: int | None = None
+        #: Whether the agent this store spawned answered: its end later (killed, say) is
+        #: not a failure to start, and backs nothing off.
+        self._answered = False
 
     def joined(self) -> None:
         """The store joined an agent: spawning is no longer backed off, the lock is free."""
         self._failures = 0
+        # One agent holds the lock: while ours runs, it is the one that answered.
+        self._answered = self._agent_proc is not None and self._agent_proc.poll() is None
         self.release()
 
     def release(self) -> None:
@@ -61,16 +66,22 @@ class Spawner:
     def spawn(self, paths: AgentPaths) -> Spawned:
         """Start an agent unless one holds its lock, another store is starting one, or
         ours is still starting (see :data:`Spawned`)."""
-        if self._agent_proc is not None:
-            if self._agent_proc.poll() is None:
+        proc = self._agent_proc
+        if proc is not None and proc.poll() is None:
+            if not self._answered:
                 return "none"  # ours is still starting (or stuck: then we poll ourselves)
-            if self._agent_proc.returncode != 0:
+            # Ours answered and runs (stuck, say): its lock, below, makes it "coming".
+        elif proc is not None:
+            if self._answered:
+                # It ran and ended (killed, say): not a failure to start, so nothing backs
+                # off this store's start of the replacement (a herd's first to ask).
+                log.info("monitor_agent_ended", pid=proc.pid, exit_code=proc.returncode)
+            elif proc.returncode != 0:
                 self._failures += 1
                 self._next_spawn = time.monotonic() + min(60.0, 2.0 ** self._failures)
-                log.warning("monitor_agent_failed", pid=self._agent_proc.pid,
-                            exit_code=self._agent_proc.returncode,
+                log.warning("monitor_agent_failed", pid=proc.pid, exit_code=proc.returncode,
                             log=str(paths.log.with_suffix(".err")))
-            self._agent_proc = None
+            self._agent_proc, self._answered = None, False
             self.release()
         if time.monotonic() < self._next_spawn:
             return "none"
