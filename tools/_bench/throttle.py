@@ -40,10 +40,25 @@ def _descendants(root: int) -> list[int]:
     return found
 
 
+def _group() -> Path:
+    return CGROUP_CPU / f"propstore-bench-{os.getpid()}"
+
+
+def throttle_stat() -> tuple[int, int] | None:
+    """``(periods, throttled periods)`` of the group :func:`throttled` holds now (None
+    outside it): a period in which the server used up its quota was a throttled one, so a
+    server that is the bottleneck is throttled in nearly every period."""
+    try:
+        fields = dict(line.split() for line in (_group() / "cpu.stat").read_text().splitlines())
+        return int(fields["nr_periods"]), int(fields["nr_throttled"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 @contextmanager
 def throttled(postmaster: int | None, cpu_fraction: float) -> Iterator[bool]:
     """Hold the server under ``postmaster`` to ``cpu_fraction`` of one CPU while inside."""
-    group = CGROUP_CPU / f"propstore-bench-{os.getpid()}"
+    group = _group()
     if postmaster is None or not CGROUP_CPU.is_dir():
         yield False
         return
