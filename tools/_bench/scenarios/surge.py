@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import psycopg
 from propstore import (
     Degrade,
     Profile,
@@ -319,6 +320,7 @@ class Capacity:
     client_cpu: float
     client_cpu_busy: float | None
     throttled: float | None
+    table: str = ""
 
     def bound(self) -> str:
         """``primary`` when the primary's quota ran out in at least 90 % of its periods,
@@ -333,7 +335,20 @@ class Capacity:
         busy = "n/a" if self.client_cpu_busy is None else f"{self.client_cpu_busy:.0%}"
         return (f"{self.rate:.0f} arrivals/s; primary's quota used up in {throttled} of its "
                 f"periods, client {self.client_cpu:.2f} CPU (its CPU {busy} busy): "
-                f"bound by {self.bound()}")
+                f"bound by {self.bound()}; {self.table}")
+
+
+def _table_state(dsn: str) -> str:
+    """The primary's user_properties: dead row versions, autovacuums so far, and the
+    background work of the server meanwhile (autovacuum workers running), which shares
+    the primary's CPU quota."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT n_live_tup, n_dead_tup, autovacuum_count, (SELECT count(*) FROM "
+            "pg_stat_activity WHERE backend_type = 'autovacuum worker') FROM "
+            "pg_stat_user_tables WHERE relname = 'user_properties'").fetchone()
+    return ("table n/a" if row is None else
+            f"live {row[0]}, dead {row[1]}, autovacuums {row[2]}, workers now {row[3]}")
 
 
 def _cpu_ticks(cpu: int) -> tuple[int, int] | None:
@@ -368,6 +383,7 @@ def _closed_loop(topology: Topology, env: BenchEnv, replicas: list[object], user
                     time.monotonic(), *arrivals[next(loops.counter) % len(arrivals)]))
                 # From a second in: the threads and the pool have started.
                 time.sleep(1.0)
+                before = _table_state(env.primary_dsn(0))
                 served0, elapsed0, cpu0 = mix.served, loops.elapsed, time.process_time()
                 quota0, ticks0 = throttle_stat(), _cpu_ticks(affinity.CLIENT_CPU)
                 time.sleep(seconds)
@@ -382,7 +398,9 @@ def _closed_loop(topology: Topology, env: BenchEnv, replicas: list[object], user
                     affinity.available()
                     and os.sched_getaffinity(0) == {affinity.CLIENT_CPU}):
                 busy = (ticks[0] - ticks0[0]) / (ticks[1] - ticks0[1])
-            capacity = Capacity((served - served0) / span, (cpu - cpu0) / span, busy, throttled)
+            capacity = Capacity((served - served0) / span, (cpu - cpu0) / span, busy, throttled,
+                                f"user_properties before: {before}; after: "
+                                f"{_table_state(env.primary_dsn(0))}")
         finally:
             for replica in replicas:
                 replica.resume_replay()  # type: ignore[attr-defined]
@@ -431,8 +449,10 @@ def _run(label: str, topology: Topology, env: BenchEnv, replicas: list[object], 
             mix.start = start = time.monotonic()
             quota0 = throttle_stat()
             loops.repeat(WORKERS, lambda _i: _serve_next(work, mix))
+            ours = _InFlight(store, topology.shards[0].name)
             _generate(work, mix.outcomes, users, rate, start, window)
             quota = throttle_stat()
+            in_flight = ours.stop()
             for _ in range(WORKERS):
                 work.put(None)  # after the backlog: every arrival queued is served
             loops.finish()
@@ -440,12 +460,38 @@ def _run(label: str, topology: Topology, env: BenchEnv, replicas: list[object], 
             replica.resume_replay()  # type: ignore[attr-defined]
         limiter = store.fallback_states()[topology.shards[0].name]
         shed = ", ".join(f"{reason} {count}" for reason, count in limiter.shed) or "none"
-        state = f"{limiter}; shed: {shed}"
+        state = (f"{limiter}; shed: {shed}; our fallback reads in flight over the window "
+                 f"(from admission: this store's pool queue included): {in_flight:.1f} on "
+                 "average")
         if quota0 is not None and quota is not None and quota[0] > quota0[0]:
             state += (f"; over the window the primary used its quota up in "
                       f"{(quota[1] - quota0[1]) / (quota[0] - quota0[0]):.0%} of its periods")
     wait_caught_up(env.topology)
     return mix.outcomes, mix.on_primary, probe.latencies, state
+
+
+class _InFlight:
+    """The store's fallback reads in flight to a shard's primary (its limiter's count: from
+    admission, so those waiting for one of the pool's connections too; priority reads
+    included), sampled every 5 ms from a thread until :meth:`stop`."""
+
+    def __init__(self, store: PropertyStore, shard: str) -> None:
+        self._store, self._shard = store, shard
+        self._samples: list[int] = []
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="surge-in-flight",
+                                        daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stopped.wait(0.005):
+            self._samples.append(self._store.fallback_states()[self._shard].in_flight)
+
+    def stop(self) -> float:
+        """Stop sampling; the average."""
+        self._stopped.set()
+        self._thread.join()
+        return sum(self._samples) / max(1, len(self._samples))
 
 
 def _serve_next(work: queue.Queue[tuple[float, str, str] | None], mix: _Mix) -> None:
