@@ -205,3 +205,15 @@ def test_fleet_quantile_intervals_cover_the_true_quantile_and_widen_with_few_sam
     assert covered >= 180  # a 95 % interval: about 190 of 200
     assert fleet.quantile_interval(sorted(rng.random() for _ in range(30)), 0.99)[1] == (
         float("inf"))
+
+
+def test_fleet_reports_keep_the_reads_of_the_window_only() -> None:
+    """Latency and replica share count the reads that began inside the reading window, not
+    the first ones after the start signal (every process woken in the same instant)."""
+    clients = importlib.import_module("_bench.scenarios._fleet_clients")
+    report = clients.ClientReport(1, [0.009, 0.001, 0.002, 0.003], 3, 0, "", {"x": 1},
+                                  [9.5, 10.0, 10.5, 12.5], [True, False, True, True])
+    kept = report.within(10.0, 12.0)
+    assert kept.latencies == [0.001, 0.002] and kept.starts == [10.0, 10.5]
+    assert kept.replica_reads == 1 and kept.on_replica == [False, True]
+    assert kept.fallbacks == {"x": 1}  # the reasons stay those of every read

@@ -9,6 +9,7 @@ fork start method), so no inherited finalizer touches the parent's connections.
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import os
@@ -24,6 +25,7 @@ from propstore import PropertyStore, Topology
 from _bench import affinity
 from _bench.env import TENANT
 from _bench.scenarios._fleet_servers import PGPOOL_READ, READER_NAME
+from _bench.scenarios._fleet_trace import ReadTracer, trace_dir
 
 _CTX = multiprocessing.get_context("fork")
 #: Every CPU: the fleet, its servers and Pgpool run where the scheduler puts them (the
@@ -35,7 +37,8 @@ READ_BUDGET = 1.0
 
 @dataclass
 class ClientReport:
-    """One process's reads over the reading window."""
+    """One process's reads from the start signal to the stop (errors and ``fallbacks``
+    count all of them; :meth:`within` keeps the reads of a window)."""
 
     pid: int
     latencies: list[float]
@@ -44,6 +47,18 @@ class ClientReport:
     first_error: str = ""
     #: Why reads went to the primary (``ReadResult.fallback_reason``), by reason.
     fallbacks: dict[str, int] = field(default_factory=dict)
+    #: Per read (as ``latencies``): when it began (``time.monotonic``), and whether a
+    #: replica served it.
+    starts: list[float] = field(default_factory=list)
+    on_replica: list[bool] = field(default_factory=list)
+
+    def within(self, begin: float, end: float) -> ClientReport:
+        """The reads that began between ``begin`` and ``end`` (monotonic)."""
+        kept = [i for i, at in enumerate(self.starts) if begin <= at <= end]
+        return ClientReport(self.pid, [self.latencies[i] for i in kept],
+                            sum(self.on_replica[i] for i in kept), self.errors,
+                            self.first_error, self.fallbacks, [self.starts[i] for i in kept],
+                            [self.on_replica[i] for i in kept])
 
 
 @dataclass
@@ -71,14 +86,25 @@ class Fleet:
         return [p.pid for p in self.processes if p.pid is not None]
 
     def start(self, timeout: float) -> None:
-        """Fork the processes and wait until each has opened its store (or connections)."""
-        for index in range(self.count):
-            ready = _CTX.Event()
-            proc = _CTX.Process(target=_client, name=f"fleet-{self.mode}-{index}", args=(
-                self, index, ready, self._go, self._stop, self._out), daemon=True)
-            proc.start()
-            self.processes.append(proc)
-            self._ready.append(ready)
+        """Fork the processes and wait until each has opened its store (or connections).
+
+        The bench's own heap (the cluster, the loaded users, alembic and everything else it
+        imported) is frozen across the forks (``gc.freeze``, as Python's docs advise for
+        fork without exec): a child's first full collection otherwise walked it all and
+        wrote to every page of it, copying each (120-190 ms of CPU in one child, one of the
+        two cores, while 63 other processes waited to read), which no worker of a real
+        fleet pays."""
+        gc.freeze()
+        try:
+            for index in range(self.count):
+                ready = _CTX.Event()
+                proc = _CTX.Process(target=_client, name=f"fleet-{self.mode}-{index}", args=(
+                    self, index, ready, self._go, self._stop, self._out), daemon=True)
+                proc.start()
+                self.processes.append(proc)
+                self._ready.append(ready)
+        finally:
+            gc.unfreeze()
         deadline = time.monotonic() + timeout
         for ready, proc in zip(self._ready, self.processes, strict=True):
             if not ready.wait(max(0.1, deadline - time.monotonic())):
@@ -117,6 +143,7 @@ def _client(fleet: Fleet, index: int, ready: Any, go: Any, stop: Any, out: Any) 
     if hasattr(os, "sched_setaffinity"):  # the bench process is pinned; a fleet is not
         os.sched_setaffinity(0, EVERYWHERE)
     rng = random.Random(index)
+    tracer: ReadTracer | None = None
     if fleet.mode == "pgpool":
         topology = Topology.from_dict(fleet.topology)
         conns = [psycopg.connect(dsn, autocommit=True, application_name=READER_NAME)
@@ -139,19 +166,27 @@ def _client(fleet: Fleet, index: int, ready: Any, go: Any, stop: Any, out: Any) 
             return None if result.from_replica else str(result.fallback_reason)
 
         close = store.close
+        if trace_dir(fleet.mode, fleet.count) is not None:
+            tracer = ReadTracer(store)
     try:
         ready.set()
         go.wait()
-        out.put(_read_loop(read, fleet.users, fleet.rate, rng, stop))
+        report = _read_loop(read, fleet.users, fleet.rate, rng, stop, tracer)
+        folder = trace_dir(fleet.mode, fleet.count)
+        if tracer is not None and folder is not None:
+            tracer.write(folder, index)
+        out.put(report)
     finally:
         close()
 
 
-def _read_loop(read: Any, users: list[str], rate: float, rng: random.Random, stop: Any
-               ) -> ClientReport:
+def _read_loop(read: Any, users: list[str], rate: float, rng: random.Random, stop: Any,
+               tracer: ReadTracer | None = None) -> ClientReport:
     """Open loop: a read every ``1/rate`` s from a random phase, until ``stop``; ``read``
     returns None for a replica read, else why the primary served it."""
     latencies: list[float] = []
+    starts: list[float] = []
+    on_replica: list[bool] = []
     fallbacks: dict[str, int] = {}
     replica = errors = 0
     first = ""
@@ -162,16 +197,25 @@ def _read_loop(read: Any, users: list[str], rate: float, rng: random.Random, sto
             stop.wait(wait)
             continue
         due += 1 / rate
+        user = users[rng.randrange(len(users))]
+        if tracer is not None:
+            tracer.before()
+        began = time.monotonic()
         started = time.perf_counter()
         try:
-            fallback = read(users[rng.randrange(len(users))])
+            fallback = read(user)
         except Exception as exc:  # every error is reported, none ends the run
             errors += 1
             first = first or f"{type(exc).__name__}: {exc}"[:200]
             continue
         latencies.append(time.perf_counter() - started)
+        starts.append(began)
+        on_replica.append(fallback is None)
+        if tracer is not None:
+            tracer.after(began, latencies[-1])
         if fallback is None:
             replica += 1
         else:
             fallbacks[fallback] = fallbacks.get(fallback, 0) + 1
-    return ClientReport(os.getpid(), latencies, replica, errors, first, fallbacks)
+    return ClientReport(os.getpid(), latencies, replica, errors, first, fallbacks, starts,
+                        on_replica)
