@@ -60,6 +60,11 @@ class Token:
     _lsns: dict[str, LSN] = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
+        if len(self.marks) == 1:  # a write's own token (every write builds one)
+            ((name, mark),) = self.marks
+            object.__setattr__(self, "_by_shard", {name: (mark,)})
+            object.__setattr__(self, "_lsns", {name: mark.lsn})
+            return
         by_shard: dict[str, tuple[WriteMark, ...]] = {}
         for name, mark in self.marks:
             by_shard[name] = (*by_shard.get(name, ()), mark)

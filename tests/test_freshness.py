@@ -9,6 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from propstore import LSN, STRONG, Freshness, InvalidInputError, InvalidTokenError, Token
+from propstore.lsn import from_column
+from propstore.timeline import WriteMark
 
 shard_names = st.from_regex(r"[A-Za-z0-9_-]{1,20}", fullmatch=True)
 lsns = st.integers(min_value=0, max_value=2**64 - 1)
@@ -48,6 +50,23 @@ def test_token_naming_an_unknown_shard_is_refused() -> None:
 def test_lsn_prints_and_parses_like_postgresql() -> None:
     assert str(LSN.parse("16/B374D848")) == "16/B374D848"
     assert LSN.parse("0/10") - LSN.parse("0/0") == 16
+
+
+@given(lsns)
+def test_a_server_printed_lsn_column_reads_as_lsn_parse_reads_it(position: int) -> None:
+    # from_column (a read's and a write's hot path) skips parse's checks: same value, same type.
+    printed = str(LSN(position)).encode()
+    assert type(from_column(printed)) is LSN
+    assert from_column(printed) == LSN.parse(printed) == position
+
+
+def test_a_write_token_of_one_mark_knows_its_shard_as_a_merged_one_does() -> None:
+    mark = WriteMark(3, LSN(200), LSN(150))
+    single, merged = Token((("s", mark),)), Token.from_marks([("s", mark), ("s", mark)])
+    assert single == merged
+    assert single.marks_for("s") == merged.marks_for("s") == (mark,)
+    assert single.lsn_for("s") == merged.lsn_for("s") == 200
+    assert single.shards == ("s",) and single.lsn_for("t") is None
 
 
 def test_budget_admits_only_proven_fresh_replicas() -> None:

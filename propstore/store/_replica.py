@@ -20,7 +20,7 @@ from psycopg_pool import PoolTimeout
 from propstore import _sql
 from propstore._wire import DeadlineExceeded, Statement
 from propstore.config import RoutingSettings
-from propstore.lsn import LSN
+from propstore.lsn import LSN, from_column
 from propstore.monitor import MonitorState, NodeView, ShardView
 from propstore.proof import Proof, RunFacts, known_lsn, remember
 from propstore.router import FallbackReason, RouteDecision
@@ -158,7 +158,7 @@ class ReplicaReads:
                 if lsn_value is None:  # not in recovery any more (promoted): prove nothing
                     reason = "replica_stale"
                     continue
-                lsn, proof = _lsn(lsn_value), "pipeline"
+                lsn, proof = from_column(lsn_value), "pipeline"
                 if len(results) == 1:  # one statement: LSN, timeline, then the data
                     rows, column = results[0], VERIFIED_DATA_COLUMN
                 else:
@@ -236,13 +236,6 @@ class ReplicaReads:
 
 
 _READ_COMMITTED = b"read committed"
-
-
-def _lsn(raw: bytes) -> LSN:
-    """A ``pg_lsn`` column's text (``hi/lo`` in hex, as the server prints it) as an LSN:
-    ``LSN.parse`` without its checks for text from elsewhere (a third of the bytecodes)."""
-    high, _, low = raw.partition(b"/")
-    return LSN((int(high, 16) << 32) | int(low, 16))
 
 
 def _on_history(view: ShardView, result: Any, lsn: LSN) -> bool:

@@ -18,6 +18,8 @@ REPLAY_LSN = Statement(_sql.REPLAY_LSN)
 IS_PRIMARY = Statement(_sql.IS_PRIMARY)
 #: Where the data columns of a :func:`one_statement` read's row start.
 VERIFIED_DATA_COLUMN = _sql.VERIFIED_DATA_COLUMN
+#: The upserts' size limit parameter (a constant: encoded once).
+_MAX_DOCUMENT_BYTES = str(MAX_DOCUMENT_BYTES).encode()
 _JSON = json.JSONDecoder()
 # What the decoder itself scans with (typeshed does not declare the attribute).
 _SCAN: Callable[[str, int], tuple[Any, int]] = _JSON.scan_once  # type: ignore[attr-defined]
@@ -47,7 +49,7 @@ def write(kind: str, tenant: str, user_id: str, bucket: int, argument: object) -
         return Statement(
             _sql.REPLACE if kind == "replace" else _sql.MERGE,
             (tenant.encode(), user_id.encode(), str(bucket).encode(), encode_props(argument),
-             str(MAX_DOCUMENT_BYTES).encode()),
+             _MAX_DOCUMENT_BYTES),
         )
     if kind == "unset":
         return Statement(_sql.UNSET, (tenant.encode(), user_id.encode(),

@@ -22,7 +22,7 @@ from propstore._limiter import PrimaryLimiter
 from propstore._wire import DeadlineExceeded, Statement
 from propstore.config import RoutingSettings
 from propstore.errors import InvalidInputError, PropStoreError, ShardUnavailableError
-from propstore.lsn import LSN
+from propstore.lsn import from_column
 from propstore.monitor import MonitorState
 from propstore.store._primary import (
     PrimaryGone,
@@ -128,9 +128,11 @@ class Writes:
         _begun, write, _committed, after = results
         version = write.get_value(0, 0)
         wal_file = after.get_value(0, 1)
+        # Both positions are pg_lsn columns as the server prints them (never NULL: the
+        # functions always answer on a primary), parsed without LSN.parse's checks.
         return None if version is None else int(version), WriteMark(
             timeline_of_wal_file(wal_file.decode()) if wal_file else None,
-            LSN.parse(after.get_value(0, 0)), LSN.parse(write.get_value(0, 1)),
+            from_column(after.get_value(0, 0)), from_column(write.get_value(0, 1)),
         )
 
     def exhausted(self, shard_index: int, window: WriteWindow) -> bool:
