@@ -37,7 +37,8 @@ def test_bucket_is_always_in_range(count: int, user: str) -> None:
 @given(st.text(min_size=1, max_size=20), st.lists(st.text(min_size=1, max_size=20)),
        st.integers(min_value=1, max_value=100_000))
 def test_batch_bucket_hash_equals_bucket_of(tenant: str, users: list[str], count: int) -> None:
-    # get_many groups users with the batch form: it must place every user where get does.
+    # Stores place users with the tenant form (get, set and get_many): it must place every
+    # user where bucket_of (the data's placement, forever) does.
     bucket = tenant_bucket_of(tenant, count)
     assert [bucket(user) for user in users] == [bucket_of(tenant, user, count) for user in users]
     assert tenant_bucket_of("acme")("user-42") == 3423
