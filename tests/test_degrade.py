@@ -526,10 +526,9 @@ def test_refusals_are_counted_per_profile_and_reason_in_lag_and_route(
                                       "--profile", "workflow"])
     assert route.exit_code == 0, route.output
     assert "  reads refused by this process: none" in route.stdout
-    # lag's one-shot store shows the host's totals once it follows the agent: it waits 2 s
-    # (JOIN_WAIT) for one on its way, and an agent spawned at a load of 30-55 took up to
-    # 5 s to answer (it failed 2/10 so). A store following the agent meanwhile keeps it
-    # from ending idle.
+    # lag's one-shot store shows the host's totals once it follows the agent, which a
+    # store following it meanwhile keeps from ending idle (an agent spawned at a load of
+    # 30-55 took up to 5 s to answer).
     with PropertyStore(topology) as keeper:
         wait_for(lambda: getattr(keeper.monitor, "source", "") == "agent", timeout=30)
         lag = CliRunner().invoke(main, ["--config", topology.source, "lag", "--json"])

@@ -30,7 +30,7 @@ import select
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import structlog
 
@@ -69,6 +69,11 @@ Tracker = Callable[[tuple[int, int]], None]
 #: Seconds after a store starts, or spawns an agent, during which it tries to join every
 #: 50 ms (it polls for itself meanwhile, so a first store starts as fast as an unshared one).
 JOIN_WAIT = 2.0
+#: Seconds a store waits, without polling for itself, while another store of its herd is
+#: starting the agent (it holds the spawn lock until its agent answers, and polls for
+#: itself meanwhile). An agent spawned at a load of 30-55 took up to 5 s to answer; the
+#: herd's own polls would be a connection per store on every server.
+START_WAIT = 10.0
 #: Mean seconds between attempts to join an agent otherwise, while polling for itself.
 REJOIN_EVERY = 1.0
 #: Seconds a store waits for an agent's hello when it joins, and how many times it waits
@@ -158,8 +163,9 @@ class SharedMonitor(LagMonitor):
         self._answer_due = math.inf
         self._spawner = Spawner(topology)
         self._fast_until = 0.0
-        #: Whether the last failed join found an agent on its way that another store starts.
-        self._coming = False
+        #: What the last failed join found on its way: an agent another store is starting,
+        #: or one holding its lock without answering (None: neither; this store polls).
+        self._on_way: Literal["starting", "running"] | None = None
 
     async def run(self) -> None:
         """Follow the host's agent (own polls while there is none) until cancelled."""
@@ -204,12 +210,17 @@ class SharedMonitor(LagMonitor):
             self._spawner.release()
 
     async def _join_herd(self, paths: AgentPaths) -> _Link | None:
-        """A link to the agent, waiting up to :data:`JOIN_WAIT` while another store of the
-        herd starts one (a fleet's processes start at once, or lost their agent at once);
-        None at once when this store starts it, or none is coming (it polls for itself)."""
-        self._fast_until = time.monotonic() + JOIN_WAIT
+        """A link to the agent, waiting while another store of the herd starts one (a
+        fleet's processes start at once, or lost their agent at once): up to
+        :data:`START_WAIT` while that store is starting it, :data:`JOIN_WAIT` while an agent
+        holds its lock without answering. None at once when this store starts it, or none
+        is on its way (it polls for itself)."""
+        began = time.monotonic()
+        self._fast_until = began + JOIN_WAIT
         link = await self._join(paths)
-        while link is None and self._coming and time.monotonic() < self._fast_until:
+        while link is None and self._on_way is not None and time.monotonic() < began + (
+            START_WAIT if self._on_way == "starting" else JOIN_WAIT
+        ):
             # Rather than poll every node as well (64 stores x 12 nodes were 768 connects
             # in the first second); the store that spawned it polls meanwhile.
             await asyncio.sleep(0.05)
@@ -254,7 +265,8 @@ class SharedMonitor(LagMonitor):
             spawned = self._spawner.spawn(paths)
             if spawned == "spawned":
                 self._fast_until = time.monotonic() + JOIN_WAIT
-            self._coming = spawned == "coming"
+            self._on_way = ("starting" if spawned == "starting"
+                            else "running" if spawned == "running" else None)
             return None
         self.joins += 1
         self.join_failures = 0

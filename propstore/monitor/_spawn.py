@@ -28,10 +28,11 @@ from propstore.monitor._place import AgentPaths
 
 log = structlog.get_logger("propstore.monitor")
 
-#: What :meth:`Spawner.spawn` did: started an agent; found one on its way that this store
-#: does not start (another store starts it, or it holds its lock and does not answer yet);
-#: or neither (ours is still starting, or spawning is backed off or failed).
-Spawned = Literal["spawned", "coming", "none"]
+#: What :meth:`Spawner.spawn` did: started an agent; found another store starting one (it
+#: holds the spawn lock until its agent answers); found an agent holding its lock that did
+#: not answer (starting without a store's spawn, or stuck); or none of these (ours is still
+#: starting, or spawning is backed off or failed).
+Spawned = Literal["spawned", "starting", "running", "none"]
 
 
 class Spawner:
@@ -70,7 +71,7 @@ class Spawner:
         if proc is not None and proc.poll() is None:
             if not self._answered:
                 return "none"  # ours is still starting (or stuck: then we poll ourselves)
-            # Ours answered and runs (stuck, say): its lock, below, makes it "coming".
+            # Ours answered and runs (stuck, say): its lock, below, makes it "running".
         elif proc is not None:
             if self._answered:
                 # It ran and ended (killed, say): not a failure to start, so nothing backs
@@ -90,13 +91,13 @@ class Spawner:
             fcntl.flock(spawn_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(spawn_fd)
-            return "coming"  # another store is starting one
+            return "starting"  # another store is starting one
         lock_fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(spawn_fd)
-            return "coming"  # an agent runs (starting, or stuck: then we poll ourselves)
+            return "running"  # an agent runs (starting, or stuck: then we poll ourselves)
         finally:
             os.close(lock_fd)
         try:
