@@ -82,10 +82,10 @@ FLEET_QUERY_RATIO = 2.0
 #: Worker processes of the chaos run in every ``pytest`` (paused replay, an apply delay, a
 #: stuck and then a killed agent); ``PROPSTORE_CHAOS_PROCESSES=32`` runs the issue's size.
 CHAOS_PROCESSES = 8
-#: Worker processes whose agent is killed in the herd test, and the most own-monitor
-#: (``propstore-monitor``) connections any server may count meanwhile: the store that
-#: starts the replacement polls for itself, the rest wait for it (up to 2 s: on a host so
-#: loaded that the replacement takes longer, they poll for themselves).
+#: Worker processes whose agent is killed (or stopped, and then ended by its stores) in the
+#: herd test, and the most own-monitor (``propstore-monitor``) connections any server may
+#: count meanwhile: the store that starts the replacement polls for itself, the rest wait
+#: for it (up to 10 s while it starts it).
 HERD_PROCESSES = 8
 HERD_OWN_MONITORS = 1
 
@@ -223,7 +223,7 @@ CLAIMS: tuple[Claim, ...] = (
          "outside_budget",),
     ),
     Claim(
-        f"{HERD_PROCESSES} processes' agent SIGKILLed",
+        f"{HERD_PROCESSES} processes' agent SIGKILLed, or SIGSTOPped (its stores end it)",
         f"own-monitor connections on any server meanwhile: at most {HERD_OWN_MONITORS} (the "
         "store starting the replacement polls; the rest wait for it, not one connection "
         "per process); 0 errors, 0 budget violations",
@@ -232,7 +232,7 @@ CLAIMS: tuple[Claim, ...] = (
     ),
     Claim(
         f"{CHAOS_PROCESSES} processes: paused replay, an apply delay, the agent stopped "
-        "(SIGSTOP) then killed",
+        "(SIGSTOP: its stores end it), its replacement killed",
         "0 errors, 0 budget violations in every process, every budget checked; all share "
         "one agent again after (32 processes: `PROPSTORE_CHAOS_PROCESSES=32`)",
         ("test_agent.py::test_chaos_of_many_processes_serves_no_read_outside_its_budget",),

@@ -148,6 +148,15 @@ def _poll_rates(topology: Topology, seconds: float) -> dict[str, float]:
     return {name: len(starts) / elapsed for name, starts in seen.items()}
 
 
+def _ended(pid: int) -> bool:
+    """Whether process ``pid`` ended (gone, or a zombie its parent has not reaped yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
 def _settled_connections(topology: Topology, timeout: float = 30.0
                          ) -> dict[str, Counter[str]]:
     """The monitoring connections per node once every store's own monitor closed (a store
@@ -457,15 +466,18 @@ def test_killed_agent_readers_fall_back_then_share_again_with_no_read_outside_bu
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stuck"])
 def test_a_herd_that_lost_its_agent_waits_for_the_replacement_instead_of_each_polling_every_server(
-    topology: Topology, cluster_config: Path, agents: Path,
+    topology: Topology, cluster_config: Path, agents: Path, fault: signal.Signals,
 ) -> None:
     """A killed agent's stores do not each open a monitoring connection to every server at
     once (a host's 200 workers would be 200 more connections on every server, past
     PostgreSQL's default ``max_connections`` of 100: the fleet's own reads refused). The
     store that starts the replacement polls for itself meanwhile; the others wait for it.
-    Counted on the servers, sampled from the kill until every store follows the new agent;
-    every read meanwhile is checked on the data."""
+    A stuck (stopped) agent holds its lock, so no replacement could start: its stores end
+    it once it is silent and answers no new join, and then do the same. Counted on the
+    servers, sampled from the fault until every store follows the new agent; every read
+    meanwhile is checked on the data."""
     with Fleet(cluster_config, HERD_PROCESSES, users=lambda i: _users(topology, i, 4)) as fleet:
         first = fleet.wait_for(_all_shared, 60, "every worker follows one agent")
         old = first[0].agent_pid
@@ -495,22 +507,27 @@ def test_a_herd_that_lost_its_agent_waits_for_the_replacement_instead_of_each_po
             sampler = pool.submit(sample)
             try:
                 killed = time.monotonic()
-                os.kill(old, signal.SIGKILL)
+                os.kill(old, fault)
                 fleet.wait_for(lambda st: all(s.fallbacks >= 1 for s in st), 60,
                                "every worker notices the agent is gone")
                 again = fleet.wait_for(lambda st: _all_shared(st) and st[0].agent_pid != old,
                                        60, "every worker follows a new agent")
                 recovered = time.monotonic() - killed
                 settled = _settled_connections(topology)
+                if fault == signal.SIGSTOP:  # ended by its stores, not by this test
+                    assert _ended(old), f"the stuck agent {old} still runs"
             finally:
                 done.set()
+                if fault == signal.SIGSTOP:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(old, signal.SIGCONT)
             rounds = sampler.result(30)  # a sampler that died fails the test here
         fleet.wait_for(lambda st: all(s.reads > r.reads + 5 and s.every_budget_checked
                                       for s, r in zip(st, again, strict=True)), 60,
                        "every worker reads on, every budget checked")
         reports = fleet.stop()
-    print(f"{HERD_PROCESSES} processes lost their agent: peak own-monitor connections per "
-          f"server {dict(peak)} over {rounds} samples; all followed the new agent "
+    print(f"{HERD_PROCESSES} processes lost their agent ({fault.name}): peak own-monitor "
+          f"connections per server {dict(peak)} over {rounds} samples; all followed the new agent "
           f"{recovered:.1f} s after the kill; load "
           f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
     assert rounds > 0
@@ -524,8 +541,9 @@ def test_a_herd_that_lost_its_agent_waits_for_the_replacement_instead_of_each_po
 def test_chaos_of_many_processes_serves_no_read_outside_its_budget(
     topology: Topology, cluster: LocalCluster, cluster_config: Path, agents: Path,
 ) -> None:
-    """Paused replay, an apply delay, a stopped agent, a killed agent: every read of every
-    process stays within its budget, and the processes end up sharing one agent again."""
+    """Paused replay, an apply delay, a stopped agent (its stores end it), a killed agent:
+    every read of every process stays within its budget, and the processes end up sharing
+    one agent again."""
     count = int(os.environ.get("PROPSTORE_CHAOS_PROCESSES", CHAOS_PROCESSES))
     paused = cluster.shards[0].replicas[0]
     delayed = cluster.shards[-1].replicas[-1]
@@ -541,10 +559,14 @@ def test_chaos_of_many_processes_serves_no_read_outside_its_budget(
         try:
             fleet.wait_for(lambda st: all(s.fallbacks >= 1 for s in st), 60,
                            "every worker takes the stopped agent for stuck")
+            resumed = fleet.wait_for(
+                lambda st: _all_shared(st) and st[0].agent_pid not in (None, agent), 60,
+                "every worker follows the stuck agent's replacement")
         finally:
-            os.kill(agent, signal.SIGCONT)
-        fleet.wait_for(lambda st: _all_shared(st) and st[0].agent_pid == agent, 60,
-                       "every worker follows the resumed agent")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(agent, signal.SIGCONT)
+        agent = resumed[0].agent_pid
+        assert agent is not None
         os.kill(agent, signal.SIGKILL)
         fleet.wait_for(lambda st: all(s.fallbacks >= 2 for s in st), 60,
                        "every worker notices the agent is gone")

@@ -12,6 +12,7 @@ on the data: which acknowledged writes the new leader holds.
 
 from __future__ import annotations
 
+import fcntl
 import http.server
 import os
 import random
@@ -38,6 +39,7 @@ from propstore import (
     WriteLostError,
 )
 from propstore.monitor._health import agent_status
+from propstore.monitor._place import AgentPaths
 from propstore.sandbox._patroni import PatroniCluster, PatroniMember, patroni_available
 from tests._agent_worker import Fleet, Status, agent_dir
 from tests._workload import Workload
@@ -449,7 +451,8 @@ def test_processes_on_a_patroni_topology_share_one_monitor_and_its_patroni_asks(
     patroni: PatroniCluster, fronted: tuple[Path, list[_CountingFront]],
 ) -> None:
     """Three processes: one monitoring connection per server and one process's Patroni
-    asks; a stopped agent makes each ask Patroni itself (its own monitor); a switchover
+    asks; an agent that cannot be replaced makes each ask Patroni itself (its own
+    monitor); a switchover
     and a killed agent under shared monitoring serve no read outside its budget and lose
     no acknowledged write."""
     patroni.wait_streaming(120)
@@ -477,9 +480,13 @@ def test_processes_on_a_patroni_topology_share_one_monitor_and_its_patroni_asks(
         lag = _cli("lag", "--config", str(config))
         assert f"figures from the host agent (pid {agent}" in lag.stdout, lag
         assert "Patroni's leader asked by the agent too" in lag.stdout, lag
-        # A stopped agent keeps its lock: every store polls, and asks Patroni, itself.
-        os.kill(agent, signal.SIGSTOP)
+        # An agent that cannot be replaced (its spawn lock held, as by a store whose agent
+        # never answers): once the herd's wait for it is over, every store polls, and asks
+        # Patroni, itself.
+        spawn_lock = os.open(AgentPaths.of(topology).spawn_lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
+            fcntl.flock(spawn_lock, fcntl.LOCK_EX)
+            os.kill(agent, signal.SIGKILL)
             fleet.wait_for(lambda st: all(s.source == "own" for s in st), 60,
                            "every worker polls for itself")
             # Reporting "own" comes before each own monitor's connections are all open.
@@ -490,9 +497,12 @@ def test_processes_on_a_patroni_topology_share_one_monitor_and_its_patroni_asks(
             own_polls = _poll_rates(topology, 3.0)
             own_asks = _cluster_asks(fronts, 5.0)
         finally:
-            os.kill(agent, signal.SIGCONT)
-        fleet.wait_for(lambda st: _all_up(st) and st[0].agent_pid == agent, 60,
-                       "every worker follows the agent again")
+            os.close(spawn_lock)
+        replaced = fleet.wait_for(
+            lambda st: _all_up(st) and st[0].agent_pid not in (None, agent), 60,
+            "every worker follows a new agent")
+        agent = replaced[0].agent_pid
+        assert agent is not None
         leader = patroni.leader()
         new = patroni.switchover()
         fleet.wait_for(_all_up, 60, "every worker follows the new leader, shared")

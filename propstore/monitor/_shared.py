@@ -25,8 +25,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import random
 import select
+import signal
+import socket
+import struct
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -87,6 +91,8 @@ REPORT_EVERY = 1.0
 PACE_WINDOW = 1.0
 #: Why a store stops following an agent whose socket closed (the agent ended).
 LOST = "lost the host agent"
+#: Why a store stops following an agent that sent nothing for ``stale_after`` seconds.
+SILENT = "the host agent went silent"
 
 
 class RefusalSource(Protocol):
@@ -116,6 +122,13 @@ class _Link:
     #: window of reads that decides the next one ends.
     pace: float = 0.0
     pace_at: float = 0.0
+    #: A pidfd of the agent (:func:`_pin`), to end it if it gets stuck; None: not pinned.
+    pidfd: int | None = None
+
+    def unpin(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
 
 
 class SharedMonitor(LagMonitor):
@@ -184,14 +197,26 @@ class SharedMonitor(LagMonitor):
         try:
             while True:
                 if link is not None:
+                    followed = link
                     try:
-                        why = await self._follow(link, polled)
+                        why = await self._follow(followed, polled)
+                        self.fallbacks += 1
+                        if why == SILENT:
+                            # A stuck agent holds its lock, so no replacement can start and
+                            # its herd would each poll every server. Unless it answers a
+                            # new join (our link alone was wedged), end it: then it is lost.
+                            link = await self._join(paths)
+                            if link is not None:
+                                continue
+                            if _end_stuck(followed):
+                                why = LOST
                     except AgentUnavailable as exc:
                         log.error("monitor_sharing_stopped", error=str(exc))
                         self.source, self.own_reason = "own", f"sharing stopped: {exc}"
                         await self._poll_all(polled)
                         return
-                    self.fallbacks += 1
+                    finally:
+                        followed.unpin()
                     if why == LOST:
                         # It ended, and its lock with it: one store of the herd starts the
                         # replacement at once. The rest wait for that one rather than each
@@ -202,8 +227,9 @@ class SharedMonitor(LagMonitor):
                         link = await self._join_herd(paths)
                         if link is not None:
                             continue
-                    # A stuck agent holds its lock: no replacement can start, so waiting
-                    # would only add to the silence already waited out.
+                    # An agent not ended (not pinned, or its Patroni answers came late)
+                    # holds its lock: no replacement can start, so waiting would only add
+                    # to the silence already waited out.
                     self.own_reason = f"{why}; polls itself until an agent answers"
                 link = await self._own_until_joined(paths, polled)
         finally:
@@ -301,7 +327,7 @@ class SharedMonitor(LagMonitor):
             self.join_error = "bad hello"
             log.warning("monitor_agent_refused", reason="bad hello", sent_at=sent)
             return None
-        return _Link(reader, writer, hello)
+        return _Link(reader, writer, hello, pidfd=_pin(writer, hello.pid))
 
     # ------------------------------------------------------------ following
 
@@ -332,7 +358,7 @@ class SharedMonitor(LagMonitor):
                 if data is None and clock() < self._answer_due:
                     log.warning("monitor_agent_stuck", agent_pid=link.hello.pid,
                                 silent_seconds=limit)
-                    return "the host agent went silent"
+                    return SILENT
                 if data == b"":
                     log.warning("monitor_agent_gone", agent_pid=link.hello.pid)
                     return LOST
@@ -515,6 +541,38 @@ async def _next_bytes(link: _Link, limit: float) -> bytes | None:
             return await reader.read(1 << 16)
     except TimeoutError:
         return None
+
+
+def _pin(writer: asyncio.StreamWriter, pid: int) -> int | None:
+    """A pidfd of the agent that sent ``pid`` in its hello, if the socket's peer is that
+    process (its credentials, taken by the kernel at connect); None where there is no
+    pidfd (not Linux 5.3+) or the peer is another process. A pidfd names one process for
+    good: a pid can be reused once its process is gone, so a pid alone could end another."""
+    sock = writer.get_extra_info("socket")
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        peer = struct.unpack("3i", creds)[0]
+        return os.pidfd_open(pid) if peer == pid else None
+    except (OSError, AttributeError, ValueError):
+        return None
+
+
+def _end_stuck(link: _Link) -> bool:
+    """End the stuck agent of ``link`` (SIGKILL through its pidfd: a stopped process dies
+    too); whether it is ended (or was gone already). The kernel then drops its lock and one
+    store of the herd starts a replacement. One that cannot die at once (in an
+    uninterruptible wait) keeps its lock a while longer; its stores poll for themselves."""
+    if link.pidfd is None:
+        return False
+    try:
+        signal.pidfd_send_signal(link.pidfd, signal.SIGKILL)
+    except ProcessLookupError:  # it ended already: its lock is free, or about to be
+        return True
+    except OSError as exc:  # e.g. EPERM: an agent of another user, not ours to end
+        log.warning("monitor_agent_end_failed", agent_pid=link.hello.pid, error=str(exc))
+        return False
+    log.warning("monitor_agent_ended_stuck", agent_pid=link.hello.pid)
+    return True
 
 
 def _readable(writer: asyncio.StreamWriter) -> bool:
