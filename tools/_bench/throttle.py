@@ -1,11 +1,29 @@
-"""An injected slow primary: a PostgreSQL server (postmaster, its backends and every backend
-forked later) held to a fraction of one CPU with a cgroup v1 CPU quota.
+"""An injected slow primary: a PostgreSQL server whose every read costs it real CPU, on a
+CPU of its own.
 
 On a shared 2-core machine the Python client, not the primary, is otherwise the first thing
-to run out of CPU, and a benchmark of how the primary is protected would measure the
-client. With the primary held to a small quota it is the bottleneck by construction, and
-its capacity is measured as such. Linux only, as root; :func:`throttled` yields False (and
-changes nothing) where the cgroup cannot be made.
+to run out of CPU (a primary-key read costs the server some 30 us), and a benchmark of how
+the primary is protected would measure the client. So the primary is given one CPU alone
+(its postmaster and every backend, those forked later too: the other servers move off it)
+and its database told to plan no index scans: each read of a user then scans the table
+(~10,000 rows), a fixed piece of CPU work per read, and the primary is the bottleneck by
+construction. It is a slow server, not a paused one: its backends share their CPU as a
+real primary's do (the run queue, CFS), so a read waits behind the reads in flight with it,
+and a limit on those is what bounds its latency.
+
+Two earlier models measured the model, not the policy:
+
+* A cgroup CPU quota (15 % of a CPU: 1.5 ms per 10 ms period; a quota cannot be under 1 ms)
+  stalled every backend for the rest of a period whose quota ran out, ~8.5 ms, whenever a
+  10 ms window held more than the average's work: every probe's p99 was ~10 ms at half the
+  capacity already (14x the healthy one), whatever the reads in flight.
+* A real-time burner taking 85 % of the primary's CPU in ~0.5 ms spins starved the
+  kernel's own work on that CPU and the server's background processes with it: the
+  healthy p99 rose to 7-12 ms, and the capacity measured before each load drifted 3.4x.
+
+Writes still use the primary key (an ``ON CONFLICT`` arbiter is not a planned scan).
+Linux only for the pinning; :func:`slowed` yields False (and changes nothing) where the
+server cannot be pinned or its database altered.
 """
 
 from __future__ import annotations
@@ -15,10 +33,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
-#: A short period: the quota is enforced every 10 ms, so a throttled backend stalls for at
-#: most a few ms, not for most of the default 100 ms period.
-PERIOD_US = 10_000
+import psycopg
+from psycopg import sql
+
+#: What the primary's database is told while slowed (put back after).
+_PLANNER = ("enable_indexscan", "enable_indexonlyscan", "enable_bitmapscan")
 
 
 def _descendants(root: int) -> list[int]:
@@ -40,46 +59,52 @@ def _descendants(root: int) -> list[int]:
     return found
 
 
-def _group() -> Path:
-    return CGROUP_CPU / f"propstore-bench-{os.getpid()}"
+_state: dict[str, int] = {}
 
 
-def throttle_stat() -> tuple[int, int] | None:
-    """``(periods, throttled periods)`` of the group :func:`throttled` holds now (None
-    outside it): a period in which the server used up its quota was a throttled one, so a
-    server that is the bottleneck is throttled in nearly every period."""
-    try:
-        fields = dict(line.split() for line in (_group() / "cpu.stat").read_text().splitlines())
-        return int(fields["nr_periods"]), int(fields["nr_throttled"])
-    except (OSError, KeyError, ValueError):
+def server_cpu_seconds() -> float | None:
+    """CPU seconds the live processes of the server :func:`slowed` holds have run so far
+    (the scheduler's own count, ``/proc/PID/schedstat``); None outside it. Its share of its
+    CPU over a window is the difference over the window's length: near 1 when the server
+    is the bottleneck."""
+    postmaster = _state.get("postmaster")
+    if postmaster is None:
         return None
+    ns = 0
+    for pid in _descendants(postmaster):
+        try:
+            ns += int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return ns / 1e9
+
+
+def _planner(dsn: str, scan_only: bool) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT current_database()").fetchone()
+        assert row is not None
+        db = sql.Identifier(row[0])
+        for name in _PLANNER:
+            conn.execute(sql.SQL("ALTER DATABASE {} SET {} = off" if scan_only else
+                                 "ALTER DATABASE {} RESET {}").format(db, sql.Identifier(name)))
 
 
 @contextmanager
-def throttled(postmaster: int | None, cpu_fraction: float) -> Iterator[bool]:
-    """Hold the server under ``postmaster`` to ``cpu_fraction`` of one CPU while inside."""
-    group = _group()
-    if postmaster is None or not CGROUP_CPU.is_dir():
+def slowed(postmaster: int | None, cpu: int, dsn: str) -> Iterator[bool]:
+    """Hold the server under ``postmaster`` (database at ``dsn``) to CPU ``cpu``, its reads
+    scanning the table, while inside; sessions opened inside see it."""
+    if postmaster is None or not hasattr(os, "sched_setaffinity"):
         yield False
         return
-    try:
-        group.mkdir()
-        (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
-        (group / "cpu.cfs_quota_us").write_text(str(max(1000, int(PERIOD_US * cpu_fraction))))
-        for pid in _descendants(postmaster):  # the postmaster's children follow it
-            try:
-                (group / "cgroup.procs").write_text(str(pid))
-            except OSError:
-                continue
-    except OSError:
-        yield False
-        return
+    for pid in _descendants(postmaster):  # backends forked later inherit the CPU
+        try:
+            os.sched_setaffinity(pid, {cpu})
+        except OSError:
+            continue
+    _planner(dsn, scan_only=True)
+    _state["postmaster"] = postmaster
     try:
         yield True
     finally:
-        for line in (group / "cgroup.procs").read_text().split():
-            try:
-                (CGROUP_CPU / "cgroup.procs").write_text(line)
-            except OSError:
-                continue
-        group.rmdir()
+        _state.clear()
+        _planner(dsn, scan_only=False)
