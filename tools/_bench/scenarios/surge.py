@@ -32,6 +32,7 @@ import queue
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -104,6 +105,8 @@ class Outcome:
     wrong: int = 0
     dropped: int = 0
     latency: list[float] = field(default_factory=list)
+    #: What the errors were: exception class and the start of its message, counted.
+    kinds: Counter[str] = field(default_factory=Counter)
 
     def row(self) -> dict[str, str]:
         values = sorted(self.latency)
@@ -194,6 +197,9 @@ def _surge(env: BenchEnv, options: Options, probe_cpus: set[int] | None) -> Scen
                 window, options, probe_cpus)
             for cls, outcome in outcomes.items():
                 result.facts[f"{name} @ {load:g}x: {cls}"] = outcome.row()
+                if outcome.kinds:
+                    result.facts[f"{name} @ {load:g}x: {cls}: errors"] = "; ".join(
+                        f"{count} x {kind}" for kind, count in outcome.kinds.most_common(3))
             primary_p99[(name, load)] = quantile(sorted(on_primary.values), 0.99)
             probe_p99[(name, load)] = quantile(sorted(probe), 0.99)
             result.facts[f"{name} @ {load:g}x: probe p50 / p99"] = (
@@ -312,9 +318,10 @@ class _Mix:
                 out.refused += 1
                 out.latency.append(time.monotonic() - due)
             return
-        except PropStoreError:
+        except PropStoreError as exc:
             with self._tally:
                 out.errors += 1
+                out.kinds[f"{type(exc).__name__}: {str(exc)[:80]}"] += 1
             return
         done = time.monotonic()
         with self._tally:
