@@ -321,7 +321,7 @@ class _Mix:
         except PropStoreError as exc:
             with self._tally:
                 out.errors += 1
-                out.kinds[f"{type(exc).__name__}: {str(exc)[:80]}"] += 1
+                out.kinds[f"{type(exc).__name__}: {str(exc)[:240]}"] += 1
             return
         done = time.monotonic()
         with self._tally:
