@@ -22,9 +22,9 @@ import psycopg
 import structlog
 from psycopg import pq
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
-from tenacity.wait import wait_exponential_jitter
 
 from propstore import _sql
+from propstore._jitter import wait_jittered
 from propstore._wire import DeadlineExceeded, Statement, execute_async
 from propstore.config import Profile, Topology
 from propstore.discovery import Leadership, PatroniSource
@@ -342,7 +342,7 @@ class LagMonitor:
             retry=retry_if_exception_type((psycopg.Error, OSError)),
             # Jitter of one interval spreads the reconnects (tenacity's default is 1 s, which
             # kept a restarted node unobserved for up to a second after it answered).
-            wait=wait_exponential_jitter(multiplier=settings.interval, max=settings.max_backoff,
+            wait=wait_jittered(multiplier=settings.interval, max=settings.max_backoff,
                                          jitter=settings.interval),
             before_sleep=failed_attempt,
             reraise=True,

@@ -29,11 +29,11 @@ from tenacity import (
     Retrying,
     retry_if_exception,
     stop_after_delay,
-    wait_exponential_jitter,
 )
 
 from propstore import _sql, _wire, proof
 from propstore._connections import ConnectionBudget
+from propstore._jitter import wait_jittered
 from propstore.config import NodeConfig, RoutingSettings
 from propstore.store._program import Exec
 
@@ -68,7 +68,7 @@ def connecting(kind: type[RetryingT], reach: NodeReach | None = None) -> Retryin
     ``AsyncRetrying``): refusals are tried again for :data:`CONNECT_PATIENCE`; another
     rejection is noted on ``reach`` (:attr:`NodeReach.rejected`)."""
     return kind(stop=stop_after_delay(CONNECT_PATIENCE),
-                wait=wait_exponential_jitter(multiplier=0.05, max=0.1, jitter=0.05),
+                wait=wait_jittered(multiplier=0.05, max=0.1, jitter=0.05),
                 retry=retry_if_exception(partial(_retried, reach)), reraise=True)
 
 

@@ -22,7 +22,7 @@ jittered backoff, whichever comes first, and then tries, in order:
    the attempt waits for a connection (the pool reconnecting), it gives up as soon as a
    replica proves the read or the monitor sees the primary down, and the loop goes on.
 
-The policy is tenacity's (a stop at the deadline, ``wait_exponential_jitter``,
+The policy is tenacity's (a stop at the deadline, its jittered exponential wait,
 ``retry_if_exception``); its ``sleep`` only records the pause, which the program yields.
 Why a read may be retried at all, and why a replica that replayed the primary's shutdown
 checkpoint is not taken as proof, is in ``docs/architecture.md``.
@@ -38,8 +38,9 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 import structlog
 from psycopg_pool import PoolTimeout
-from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponential_jitter
+from tenacity import RetryCallState, Retrying, retry_if_exception
 
+from propstore._jitter import wait_jittered
 from propstore._limiter import ShedReason
 from propstore._wire import DeadlineExceeded, Statement
 from propstore.errors import ShardUnavailableError
@@ -57,7 +58,7 @@ log = structlog.get_logger("propstore.store")
 TRANSIENT_SQLSTATES = frozenset({"57P01", "57P02", "57P03"})
 #: Pauses between attempts: short, because the monitor's observations wake the read first
 #: (every node of the shard is polled each ``monitor.interval``).
-_BACKOFF = wait_exponential_jitter(multiplier=0.04, max=0.1, jitter=0.02)
+_BACKOFF = wait_jittered(multiplier=0.04, max=0.1, jitter=0.02)
 _FIRST_PAUSE = 0.02
 
 

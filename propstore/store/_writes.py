@@ -14,10 +14,10 @@ from tenacity import (
     RetryCallState,
     Retrying,
     retry_if_exception,
-    wait_exponential_jitter,
 )
 
 from propstore import _sql
+from propstore._jitter import wait_jittered
 from propstore._limiter import PrimaryLimiter
 from propstore._wire import DeadlineExceeded, Statement
 from propstore.config import RoutingSettings
@@ -153,7 +153,7 @@ class Writes:
         while the error is retryable and :meth:`exhausted` says go on; while no primary is
         observed, short waits (an attempt then costs no I/O), so the write reaches a new
         primary within ~20 ms of the monitor observing it."""
-        backoff = wait_exponential_jitter(multiplier=0.05, max=0.5)
+        backoff = wait_jittered(multiplier=0.05, max=0.5)
 
         def wait(state: RetryCallState) -> float:
             if self.state.view(shard_index).primary is None:
