@@ -343,7 +343,7 @@ class LagMonitor:
             # Jitter of one interval spreads the reconnects (tenacity's default is 1 s, which
             # kept a restarted node unobserved for up to a second after it answered).
             wait=wait_jittered(multiplier=settings.interval, max=settings.max_backoff,
-                                         jitter=settings.interval),
+                               jitter=settings.interval),
             before_sleep=failed_attempt,
             reraise=True,
         )

@@ -80,6 +80,21 @@ def pin_servers(root_pids: Iterable[int], cpus: set[int]) -> int:
     return pinned
 
 
+def all_cpus() -> set[int]:
+    """Every CPU this process could use when it started (where unpinned processes run)."""
+    return set(_ALL_CPUS)
+
+
+def descendants(root: int) -> list[int]:
+    """``root`` and every process below it, now."""
+    children, found, todo = _children(), [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
+
+
 def _children() -> dict[int, list[int]]:
     """Parent pid -> child pids, from ``/proc/<pid>/stat``."""
     found: dict[int, list[int]] = {}

@@ -36,27 +36,10 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+from _bench import affinity
+
 #: What the primary's database is told while slowed (put back after).
 _PLANNER = ("enable_indexscan", "enable_indexonlyscan", "enable_bitmapscan")
-
-
-def _descendants(root: int) -> list[int]:
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        parents.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo += parents.get(pid, [])
-    return found
 
 
 _state: dict[str, int] = {}
@@ -71,7 +54,7 @@ def server_cpu_seconds() -> float | None:
     if postmaster is None:
         return None
     ns = 0
-    for pid in _descendants(postmaster):
+    for pid in affinity.descendants(postmaster):
         try:
             ns += int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
         except (OSError, ValueError, IndexError):
@@ -96,11 +79,7 @@ def slowed(postmaster: int | None, cpu: int, dsn: str) -> Iterator[bool]:
     if postmaster is None or not hasattr(os, "sched_setaffinity"):
         yield False
         return
-    for pid in _descendants(postmaster):  # backends forked later inherit the CPU
-        try:
-            os.sched_setaffinity(pid, {cpu})
-        except OSError:
-            continue
+    affinity.pin_servers([postmaster], {cpu})  # backends forked later inherit the CPU
     _planner(dsn, scan_only=True)
     _state["postmaster"] = postmaster
     try:

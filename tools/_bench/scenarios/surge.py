@@ -130,15 +130,17 @@ def surge(env: BenchEnv, options: Options) -> ScenarioResult:
     others = [pid for node in (env.cluster.nodes if env.cluster else [])
               if node.name != primary.name and (pid := node.pid) is not None]
     rest = (affinity.server_cpus() | {affinity.CLIENT_CPU}) - {cpu}
-    if affinity.available() and rest:
+    moved = affinity.available() and bool(rest)
+    if moved:
         affinity.pin_servers(others, rest)
     try:
         with slowed(primary.pid, cpu, env.primary_dsn(0)) as slow, \
                 _no_autovacuum(env.primary_dsn(0)):
-            result = _surge(env, options, rest if affinity.available() else None)
+            result = _surge(env, options, rest if moved else None)
     finally:
-        if env.cluster is not None and options.pin and affinity.available():
-            pin_cluster(env.cluster)
+        if env.cluster is not None and affinity.available():
+            # Back where the run placed them: the servers' CPUs, or anywhere (``--no-pin``).
+            pin_cluster(env.cluster, None if options.pin else affinity.all_cpus())
     result.notes.append(
         f"shard 0's primary alone on CPU {cpu}, each of its reads a scan of the table (its "
         "database plans no index scans, `_bench.throttle`) so that it, not the Python client "
@@ -344,28 +346,28 @@ class Capacity:
         rate: arrivals of the mix served per second.
         client_cpu: this process's CPU seconds per second meanwhile (pinned: at most 1).
         client_cpu_busy: how busy the client's CPU was (every process on it; None unpinned).
-        throttled: how much of its CPU the primary used (None: not slowed);
+        primary_busy: how much of its CPU the primary used (None: not slowed);
             nearly all when the primary is the bottleneck.
     """
 
     rate: float
     client_cpu: float
     client_cpu_busy: float | None
-    throttled: float | None
+    primary_busy: float | None
     table: str = ""
 
     def bound(self) -> str:
         """``primary`` when the primary used at least 90 % of its CPU,
         else ``client`` when the client's CPU was at least 90 % busy, else ``neither``."""
-        if self.throttled is not None and self.throttled >= 0.9:
+        if self.primary_busy is not None and self.primary_busy >= 0.9:
             return "primary"
         busy = self.client_cpu_busy if self.client_cpu_busy is not None else self.client_cpu
         return "client" if busy >= 0.9 else "neither"
 
     def __str__(self) -> str:
-        throttled = "n/a" if self.throttled is None else f"{self.throttled:.0%}"
+        primary = "n/a" if self.primary_busy is None else f"{self.primary_busy:.0%}"
         busy = "n/a" if self.client_cpu_busy is None else f"{self.client_cpu_busy:.0%}"
-        return (f"{self.rate:.0f} arrivals/s; primary used {throttled} of its CPU, "
+        return (f"{self.rate:.0f} arrivals/s; primary used {primary} of its CPU, "
                 f"client {self.client_cpu:.2f} CPU (its CPU {busy} busy): "
                 f"bound by {self.bound()}; {self.table}")
 
@@ -462,13 +464,13 @@ def _closed_loop(topology: Topology, env: BenchEnv, replicas: list[object], user
                 served, elapsed, cpu = mix.served, loops.elapsed, time.process_time()
                 busy1, ticks = _server_busy(), _cpu_ticks(affinity.CLIENT_CPU)
             span = elapsed - elapsed0
-            throttled = _used(busy0, busy1)
+            primary_busy = _used(busy0, busy1)
             busy = None
             if ticks0 is not None and ticks is not None and ticks[1] > ticks0[1] and (
                     affinity.available()
                     and os.sched_getaffinity(0) == {affinity.CLIENT_CPU}):
                 busy = (ticks[0] - ticks0[0]) / (ticks[1] - ticks0[1])
-            capacity = Capacity((served - served0) / span, (cpu - cpu0) / span, busy, throttled,
+            capacity = Capacity((served - served0) / span, (cpu - cpu0) / span, busy, primary_busy,
                                 f"user_properties before: {before}; after: "
                                 f"{_table_state(env.primary_dsn(0))}")
         finally:
