@@ -5,11 +5,11 @@ On a shared 2-core machine the Python client, not the primary, is otherwise the 
 to run out of CPU (a primary-key read costs the server some 30 us), and a benchmark of how
 the primary is protected would measure the client. So the primary is given one CPU alone
 (its postmaster and every backend, those forked later too: the other servers move off it)
-and its database told to plan no index scans: each read of a user then scans the table
-(~10,000 rows), a fixed piece of CPU work per read, and the primary is the bottleneck by
-construction. It is a slow server, not a paused one: its backends share their CPU as a
-real primary's do (the run queue, CFS), so a read waits behind the reads in flight with it,
-and a limit on those is what bounds its latency.
+and its configuration told to plan no index scans (its own, not the replicas'): each read
+of a user then scans the table (~10,000 rows), a fixed piece of CPU work per read, and the
+primary is the bottleneck by construction. It is a slow server, not a paused one: its
+backends share their CPU as a real primary's do (the run queue, CFS), so a read waits
+behind the reads in flight with it, and a limit on those is what bounds its latency.
 
 Two earlier models measured the model, not the policy:
 
@@ -23,7 +23,7 @@ Two earlier models measured the model, not the policy:
 
 Writes still use the primary key (an ``ON CONFLICT`` arbiter is not a planned scan).
 Linux only for the pinning; :func:`slowed` yields False (and changes nothing) where the
-server cannot be pinned or its database altered.
+server cannot be pinned or its configuration altered.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from psycopg import sql
 
 from _bench import affinity
 
-#: What the primary's database is told while slowed (put back after).
+#: What the primary's configuration is told while slowed (put back after).
 _PLANNER = ("enable_indexscan", "enable_indexonlyscan", "enable_bitmapscan")
 
 
@@ -63,13 +63,15 @@ def server_cpu_seconds() -> float | None:
 
 
 def _planner(dsn: str, scan_only: bool) -> None:
+    # The server's own configuration (postgresql.auto.conf), not ALTER DATABASE: a
+    # database's settings are a catalog row, which replicates, and every replica then
+    # scanned the table too (checked: `SHOW enable_indexscan` on a replica said off), on
+    # the CPU the client shares with them; its reads are what the surge sheds to.
     with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute("SELECT current_database()").fetchone()
-        assert row is not None
-        db = sql.Identifier(row[0])
         for name in _PLANNER:
-            conn.execute(sql.SQL("ALTER DATABASE {} SET {} = off" if scan_only else
-                                 "ALTER DATABASE {} RESET {}").format(db, sql.Identifier(name)))
+            conn.execute(sql.SQL("ALTER SYSTEM SET {} = off" if scan_only else
+                                 "ALTER SYSTEM RESET {}").format(sql.Identifier(name)))
+        conn.execute("SELECT pg_reload_conf()")
 
 
 @contextmanager

@@ -143,8 +143,9 @@ def surge(env: BenchEnv, options: Options) -> ScenarioResult:
             pin_cluster(env.cluster, None if options.pin else affinity.all_cpus())
     result.notes.append(
         f"shard 0's primary alone on CPU {cpu}, each of its reads a scan of the table (its "
-        "database plans no index scans, `_bench.throttle`) so that it, not the Python client "
-        "on this shared 2-core machine, is what the surge overloads" if slow else
+        "configuration, not its replicas', plans no index scans: `_bench.throttle`) so that "
+        "it, not the Python client on this shared 2-core machine, is what the surge "
+        "overloads" if slow else
         "primary not slowed (no CPU pinning here): the client may be the bottleneck")
     return result
 
