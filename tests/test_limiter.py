@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tracemalloc
 
-from propstore._limiter import LimiterSettings, PrimaryLimiter
+from propstore._limiter import LimiterSettings, PrimaryLimiter, Turn
 
 
 class Clock:
@@ -113,6 +113,70 @@ def test_the_configured_ceiling_caps_budgeted_reads_but_not_priority_reads() -> 
     assert limiter.limit == 3
 
 
+def test_reads_beyond_the_limit_queue_for_their_turn_first_come_first_served() -> None:
+    clock = Clock()
+    granted: list[Turn] = []
+    limiter = PrimaryLimiter(LimiterSettings(adaptive=False, max_concurrency=2), clock,
+                             granted.append)
+    assert [limiter.admit(False) for _ in range(2)] == [None, None]
+    first, second, third = Turn(), Turn(), Turn()
+    assert [limiter.queue(t) for t in (first, second, third)] == ["fallback_ceiling"] * 3
+    assert limiter.state().queued == 3 and limiter.state().shed == ()  # queued, not shed
+    # A read arriving now does not overtake them; a priority read is admitted as ever.
+    assert limiter.admit(False) == "fallback_ceiling"
+    assert limiter.admit(True) is None and limiter.in_flight == 3
+    limiter.done(0.001)
+    assert granted == []  # 2 in flight: still no room
+    limiter.done(0.001)
+    assert granted == [first] and first.granted and limiter.in_flight == 2
+    limiter.leave(second)  # gave up waiting (or a replica served it): out of the queue
+    limiter.done(0.001)
+    assert granted == [first, third] and not second.granted
+    assert limiter.take(first) and limiter.take(third)
+    # A turn granted but not used hands its place on.
+    late = Turn()
+    assert limiter.queue(late) == "fallback_ceiling"
+    limiter.done(0.001)
+    assert late.granted
+    limiter.leave(late)
+    assert limiter.in_flight == 1 and limiter.state().queued == 0
+    # One that got no turn is counted as shed once its wait is over.
+    never = Turn()
+    assert limiter.admit(False) is None and limiter.queue(never) == "fallback_ceiling"
+    assert not limiter.take(never)
+    limiter.declined("fallback_ceiling")
+    assert dict(limiter.state().shed) == {"fallback_ceiling": 2}
+    assert limiter.state().queued == 0
+
+
+def test_a_burst_that_its_turns_absorb_ends_the_episode_and_is_never_shed() -> None:
+    clock = Clock()
+    granted: list[Turn] = []
+    limiter = PrimaryLimiter(LimiterSettings(min_queue=16, baseline_in_flight=8), clock,
+                             granted.append)
+    primary_of(limiter, clock, demand=1, cpu=0.001, seconds=2)
+    primary_of(limiter, clock, demand=64, cpu=0.001, seconds=2)  # an overload: an episode
+    assert not limiter.healthy
+    # Bursts beyond the limit (12 reads every 5 ms, the limit at most 8), queued and granted
+    # as reads end, in band (1 ms each): nothing more is shed, and once that lasted a
+    # standing time the episode ends and the limit follows demand again.
+    assert limiter.limit <= 8
+    shed_before = sum(count for _, count in limiter.state().shed)
+    queued, end = 0, clock.now + 2.0
+    while clock.now < end:
+        burst = [Turn() for _ in range(12)]
+        waiting = [turn for turn in burst if limiter.queue(turn) is not None]
+        queued += len(waiting)
+        while limiter.in_flight:
+            clock.now += 0.001 / max(1, limiter.in_flight)
+            limiter.done(0.001)
+        assert all(turn.granted and limiter.take(turn) for turn in waiting)
+        clock.now += 0.005
+    assert queued > 0 and len(granted) == queued
+    assert sum(count for _, count in limiter.state().shed) == shed_before
+    assert limiter.healthy and limiter.state().queued == 0
+
+
 def test_priority_reads_are_admitted_whatever_the_budgeted_load() -> None:
     clock = Clock()
     limiter = PrimaryLimiter(LimiterSettings(max_concurrency=8), clock)
@@ -131,6 +195,12 @@ def test_limiter_memory_does_not_grow_with_traffic() -> None:
         before = tracemalloc.take_snapshot()
         counts = run(limiter, clock, demand=50, latency=0.004, seconds=2, priority_share=3)
         counts2 = run(limiter, clock, demand=50, latency=0.001, seconds=1)
+        for _ in range(5000):  # turns queued, granted or left: none stays behind
+            turn = Turn()
+            if limiter.queue(turn) is not None:
+                limiter.leave(turn)
+            else:
+                limiter.done(0.001)
         after = tracemalloc.take_snapshot()
     finally:
         tracemalloc.stop()
@@ -241,7 +311,7 @@ def test_an_overload_is_shed_until_the_primary_is_back_in_its_band_not_until_our
     limiter = PrimaryLimiter(LimiterSettings(min_queue=16, baseline_in_flight=8), clock)
     primary_of(limiter, clock, demand=1, cpu=0.001, seconds=2)  # normal: 1 ms alone
     # Twice what the pool carries in band: 8 reads on the primary take 8 ms each (the band
-    # is 5 ms), and 64 callers queue for the pool's 8 connections.
+    # is 5 ms: 5x the normal 1 ms), and 64 callers queue for the pool's 8 connections.
     primary_of(limiter, clock, demand=64, cpu=0.001, seconds=2, priority_share=32)
     held = primary_of(limiter, clock, demand=64, cpu=0.001, seconds=3, priority_share=32)
     # Shedding relieves the primary, not only our queue: fewer of our reads on it at once
@@ -254,6 +324,18 @@ def test_an_overload_is_shed_until_the_primary_is_back_in_its_band_not_until_our
     primary_of(limiter, clock, demand=4, cpu=0.001, seconds=2)
     after = primary_of(limiter, clock, demand=40, cpu=0.0001, seconds=1)
     assert after["shed"] == 0 and limiter.healthy
+
+
+def test_an_overload_held_at_the_pools_latency_is_shed() -> None:
+    clock = Clock()
+    limiter = PrimaryLimiter(LimiterSettings(min_queue=16, baseline_in_flight=8), clock)
+    primary_of(limiter, clock, demand=1, cpu=0.0006, seconds=2)  # normal: 0.6 ms alone
+    # 64 callers on a pool of 8: the primary's reads take 8 x 0.6 = 4.8 ms, never more (the
+    # pool caps what it sees), 8x normal. A 5 ms floor on the band kept this "healthy".
+    primary_of(limiter, clock, demand=64, cpu=0.0006, seconds=2)
+    held = primary_of(limiter, clock, demand=64, cpu=0.0006, seconds=3)
+    assert held["shed"] > 0 and held["on_primary"] <= 5.0
+    assert not limiter.healthy
 
 
 def test_a_primary_slow_whatever_our_load_is_not_shed_at_for_long() -> None:

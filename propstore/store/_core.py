@@ -88,10 +88,12 @@ class StoreCore:
         # Sized by the pools the connection budget actually gives (not pool_max_size).
         pools = topology.connections.pool_max_size
         limiter = dataclasses.replace(topology.routing, pool_max_size=pools).limiter
-        self.primary_limiters = [PrimaryLimiter(limiter, clock) for _ in topology.shards]
-        #: Wakes reads waiting under a ``Degrade.wait`` policy (monitor news, primary room).
+        #: Wakes reads waiting under a ``Degrade.wait`` policy (monitor news) and reads
+        #: queued for room on a primary (their turn granted).
         self.changes = _degrade.Changes(len(topology.shards))
         self.state.listeners.append(self.changes.notify)
+        self.primary_limiters = [PrimaryLimiter(limiter, clock, self.changes.granted)
+                                 for _ in topology.shards]
         self.shard_names = tuple(s.name for s in topology.shards)
         self.stats = ReadStats()
         self._rotation = itertools.count()

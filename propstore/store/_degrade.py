@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import psycopg
 
 from propstore import _sql
-from propstore._limiter import ShedReason
+from propstore._limiter import ShedReason, Turn
 from propstore._wire import DeadlineExceeded, Statement
 from propstore.degrade import Degrade, ServeStaleStep, WaitStep
 from propstore.errors import ShardUnavailableError, StaleReadError
@@ -89,10 +89,31 @@ def fallback(
     # is not retried: any other reader is better served by trying it (a primary is seen down
     # after errors or 2 s of silence, and may be back before the monitor sees it).
     serve_stale_first = bool(policy.steps) and isinstance(policy.steps[0], ServeStaleStep)
+    wait_first = bool(policy.steps) and isinstance(policy.steps[0], WaitStep)
     retry = priority or not serve_stale_first
     down = observed_down(core, shard_index) if not retry else None
-    shed: RefusalReason | None = "primary_unavailable" if down else admit(core, shard_index,
-                                                                           priority)
+    limiter = core.primary_limiters[shard_index]
+    # A budgeted read that finds no room queues for its turn (``_limiter``): for the
+    # limiter's queue time, or, if its policy waits first, for that wait. Not under a rate
+    # ceiling, which refuses by the second, not by the reads in flight.
+    queueing = not priority and not core.routing.primary_fallback_rate
+    turn: Turn | None = None
+    shed: RefusalReason | None
+    if down:
+        shed = "primary_unavailable"
+    elif not queueing:
+        shed = admit(core, shard_index, priority)
+    else:
+        turn = Turn()
+        shed = limiter.queue(turn)
+        if shed is None or not wait_first:
+            if shed is not None:
+                if (yield from _await_turn(core, shard_index, turn,
+                                           time.monotonic() + limiter.settings.queue_time)):
+                    shed = None
+                else:
+                    limiter.declined(shed)
+            turn = None
     if shed is None:
         try:
             return (yield from primary_read(core, shard_index, freshness, data, decode, reason,
@@ -107,11 +128,19 @@ def fallback(
     tried = [f"replicas ({reason})", f"primary ({_SHED_TEXT[shed]}{why})"]
     for step in policy.steps:
         if isinstance(step, WaitStep):
+            # The first wait keeps the place queued above; a later one queues anew.
+            first, turn = turn, None
+            queued = first
+            if queued is None and queueing and shed != "primary_unavailable":
+                queued = Turn()
+                limiter.queue(queued)
             waited = yield from _wait(core, shard_index, freshness, step.max_wait, data, decode,
-                                      started, failures, reason)
+                                      started, failures, reason, queued)
             if waited is not None:
                 core.stats.record_wait(core.shard_names[shard_index], profile_of(freshness))
                 return waited
+            if first is not None and shed != "primary_unavailable":
+                limiter.declined(shed)  # queued from the start, and no turn came
             tried.append(f"{step}: no replica came within budget, the primary had no room")
         else:
             # Shed by the limiter, the read gets the replica deadline, as any replica read
@@ -141,29 +170,62 @@ def fallback(
 def _wait(
     core: StoreCore, shard_index: int, freshness: Freshness, max_wait: float,
     data: Statement, decode: Callable[[Any], Any], started: float,
-    failures: list[Failure], reason: FallbackReason,
+    failures: list[Failure], reason: FallbackReason, turn: Turn | None,
 ) -> Generator[Request, Response, tuple[Any, ReadResult] | None]:
     """Up to ``max_wait`` seconds for a replica proven within the budget (the monitor's
-    next observations) or room on the primary; the read holds no connection meanwhile."""
+    next observations) or room on the primary: ``turn``, queued for it (or granted
+    already; None: no queue, the primary's room is rechecked at each observation). The read
+    holds no connection meanwhile."""
     until = time.monotonic() + max_wait
-    while time.monotonic() < until:
-        yield Wait(shard_index, until)
-        decision = core.decide(shard_index, freshness)
-        if decision.candidates or decision.tentative:
-            # The bound stays measured from the read's start: the budget is about the
-            # writes acknowledged before the caller asked, not before it was answered.
-            served = yield from core.replicas.read(shard_index, decision, data, decode,
-                                                   failures, started)
-            if isinstance(served, tuple):
-                return served
-        if observed_down(core, shard_index) is None and admit(core, shard_index,
-                                                              False) is None:
-            # A primary that failed (restarting, failing over) is tried again once the
-            # monitor sees it up, within the same max_wait.
-            with contextlib.suppress(ShardUnavailableError):
-                return (yield from on_primary(core, shard_index, data, decode, reason,
-                                              time.monotonic() + core.routing.primary_deadline))
-    return None
+    limiter = core.primary_limiters[shard_index]
+    try:
+        while True:
+            if turn is not None and turn.granted and observed_down(core, shard_index):
+                # Seen down since it queued: tried again once seen up, as below.
+                limiter.leave(turn)
+                turn = None
+            if turn is not None and turn.granted:
+                turn = None  # in flight now: the read's end (``done``) gives the place on
+                with contextlib.suppress(ShardUnavailableError):
+                    return (yield from on_primary(core, shard_index, data, decode, reason,
+                                                  time.monotonic() + core.routing.primary_deadline))
+            if time.monotonic() >= until:
+                return None
+            yield Wait(shard_index, until, turn)
+            decision = core.decide(shard_index, freshness)
+            if decision.candidates or decision.tentative:
+                # The bound stays measured from the read's start: the budget is about the
+                # writes acknowledged before the caller asked, not before it was answered.
+                served = yield from core.replicas.read(shard_index, decision, data, decode,
+                                                       failures, started)
+                if isinstance(served, tuple):
+                    return served
+            if turn is None and observed_down(core, shard_index) is None and admit(
+                    core, shard_index, False) is None:
+                # A primary that failed (restarting, failing over) is tried again once the
+                # monitor sees it up, within the same max_wait.
+                with contextlib.suppress(ShardUnavailableError):
+                    return (yield from on_primary(core, shard_index, data, decode, reason,
+                                                  time.monotonic() + core.routing.primary_deadline))
+    finally:
+        if turn is not None:
+            limiter.leave(turn)  # out of the queue, or its place handed on if granted
+
+
+def _await_turn(core: StoreCore, shard_index: int, turn: Turn, until: float
+                ) -> Generator[Request, Response, bool]:
+    """Wait until ``turn`` (queued) is granted, or ``until``: whether it was (the read is
+    then in flight; if not, it left the queue)."""
+    limiter = core.primary_limiters[shard_index]
+    taken = False
+    try:
+        while not turn.granted and time.monotonic() < until:
+            yield Wait(shard_index, until, turn)
+        taken = limiter.take(turn)
+        return taken
+    finally:
+        if not taken:
+            limiter.leave(turn)  # closed while waiting: its place, granted or not, goes on
 
 
 def _serve_stale(
@@ -217,20 +279,22 @@ def _primary_state(core: StoreCore, shard_index: int, shed: RefusalReason) -> st
 
 
 class Changes:
-    """Wakes reads waiting on a shard under :meth:`Degrade.wait`: the monitor calls
-    :meth:`notify` after each observation of one of the shard's nodes (a few per poll
-    interval), when a waiting read rechecks both the replicas and the primary's room.
+    """Wakes reads waiting on a shard: under :meth:`Degrade.wait`, at each observation of
+    one of the shard's nodes (the monitor calls :meth:`notify`, a few times per poll
+    interval), when a waiting read rechecks both the replicas and the primary's room; and
+    a read queued for room on the primary once its turn is granted (:meth:`granted`, from
+    the thread whose read ended: that read only, not every waiter).
 
-    Sync waiters block on a condition; async ones await a future resolved through their
-    own loop (the monitor may run in another thread). Holds one entry per read waiting now,
+    Each waiter blocks on its own event (sync) or future (async, resolved through its own
+    loop: the monitor may run in another thread). Holds one entry per read waiting now,
     nothing per read that ever waited.
     """
 
     def __init__(self, shards: int) -> None:
-        self._cond = threading.Condition()
-        self._generation = [0] * shards
+        self._lock = threading.Lock()
         #: Reads waiting per shard, read without the lock as a cheap "anyone?" hint.
         self._waiting = [0] * shards
+        self._events: list[set[threading.Event]] = [set() for _ in range(shards)]
         self._futures: list[set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]] = [
             set() for _ in range(shards)
         ]
@@ -239,32 +303,56 @@ class Changes:
         """Something changed on the shard: wake its waiters."""
         if not self._waiting[shard_index]:
             return
-        with self._cond:
-            self._generation[shard_index] += 1
-            self._cond.notify_all()
+        with self._lock:
+            for event in self._events[shard_index]:
+                event.set()
             for loop, future in self._futures[shard_index]:
                 loop.call_soon_threadsafe(_resolve, future)
 
+    def granted(self, turn: Turn) -> None:
+        """``turn`` was granted: wake the read that holds it (if it is blocked now; if not,
+        it sees ``turn.granted`` before it blocks again)."""
+        with self._lock:
+            wake = turn.wake
+        if wake is not None:
+            wake()
+
     def wait(self, request: Wait) -> None:
-        """Block until the shard changes or ``request.until`` (monotonic)."""
-        shard = request.shard_index
-        with self._cond:
-            generation = self._generation[shard]
+        """Block until the shard changes, the request's turn is granted, or
+        ``request.until`` (monotonic)."""
+        shard, turn = request.shard_index, request.turn
+        event = threading.Event()
+        with self._lock:
+            # A turn granted before this registered is seen here (the grant's flag is set
+            # before ``granted`` takes this lock); one granted after finds the wake.
+            if turn is not None:
+                if turn.granted:
+                    return
+                turn.wake = event.set
+            self._events[shard].add(event)
             self._waiting[shard] += 1
-            try:
-                # A change between the program's check and here is caught by the next one:
-                # the monitor observes every node each interval.
-                self._cond.wait_for(lambda: self._generation[shard] != generation,
-                                    timeout=max(0.0, request.until - time.monotonic()))
-            finally:
+        try:
+            # A change between the program's check and here is caught by the next one:
+            # the monitor observes every node each interval.
+            event.wait(timeout=max(0.0, request.until - time.monotonic()))
+        finally:
+            with self._lock:
+                self._events[shard].discard(event)
                 self._waiting[shard] -= 1
+                if turn is not None:
+                    turn.wake = None
 
     async def wait_async(self, request: Wait) -> None:
         """:meth:`wait` for asyncio."""
-        shard = request.shard_index
+        shard, turn = request.shard_index, request.turn
         loop = asyncio.get_running_loop()
         entry = (loop, loop.create_future())
-        with self._cond:
+        with self._lock:
+            if turn is not None:
+                if turn.granted:
+                    return
+                future = entry[1]
+                turn.wake = lambda: _resolve_soon(loop, future)
             self._futures[shard].add(entry)
             self._waiting[shard] += 1
         try:
@@ -272,9 +360,15 @@ class Changes:
                 async with asyncio.timeout(max(0.0, request.until - time.monotonic())):
                     await entry[1]
         finally:
-            with self._cond:
+            with self._lock:
                 self._futures[shard].discard(entry)
                 self._waiting[shard] -= 1
+                if turn is not None:
+                    turn.wake = None
+
+
+def _resolve_soon(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> None:
+    loop.call_soon_threadsafe(_resolve, future)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

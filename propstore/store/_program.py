@@ -13,6 +13,7 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from propstore._limiter import Turn
 from propstore._wire import Statement
 from propstore.config import NodeConfig
 from propstore.lsn import LSN
@@ -118,11 +119,13 @@ class Exec:
 @dataclass(frozen=True, slots=True)
 class Wait:
     """A request from a program: resume me at the monitor's next observation of the shard,
-    or at ``until`` (monotonic) at the latest. The driver holds no connection while
-    waiting and sends back ``(None, [])``."""
+    when ``turn`` (a place queued for room on the primary) is granted, or at ``until``
+    (monotonic) at the latest. The driver holds no connection while waiting and sends back
+    ``(None, [])``."""
 
     shard_index: int
     until: float
+    turn: Turn | None = None
 
 
 #: What a program may yield.

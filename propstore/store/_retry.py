@@ -133,9 +133,9 @@ def on_primary(
             spent = time.monotonic() - began  # slow or refusing: that is health
         raise
     finally:
-        # No wake-up for waiting reads here: a read ends hundreds of times a second under
-        # a surge, and waking every waiter each time is a thundering herd. Waiters recheck
-        # the primary's room at each monitor observation of the shard instead.
+        # The end hands this read's place to the oldest read queued for one (``done``
+        # grants its turn and wakes that read alone): a read ends hundreds of times a
+        # second under a surge, and waking every waiter each time would be a herd.
         core.primary_limiters[shard_index].done(spent, on_server, opened)
     return decode(rows), ReadResult(None, None, core.shard_names[shard_index], node, False,
                                     None, 0.0, reason, "primary")
