@@ -69,6 +69,7 @@ METRIC_NAMES = (
     "propstore_reads_waited",
     "propstore_primary_fallback_limit",
     "propstore_primary_fallback_in_flight",
+    "propstore_primary_fallback_queued",
     "propstore_primary_latency_seconds",
 )
 
@@ -162,6 +163,11 @@ def _degrade_metrics(stats: ReadStats, states: Mapping[str, LimiterState]) -> It
         "propstore_primary_fallback_in_flight", "Fallback reads on the shard's primary now.",
         labels=["shard"],
     )
+    queued = GaugeMetricFamily(
+        "propstore_primary_fallback_queued",
+        "Budgeted fallback reads queued for their turn on the shard's primary now.",
+        labels=["shard"],
+    )
     latency = GaugeMetricFamily(
         "propstore_primary_latency_seconds",
         "The primary's smoothed fallback read latency: recent, and normal (the baseline).",
@@ -170,10 +176,11 @@ def _degrade_metrics(stats: ReadStats, states: Mapping[str, LimiterState]) -> It
     for shard, state in states.items():
         limit.add_metric([shard], state.limit)
         in_flight.add_metric([shard], float(state.in_flight))
+        queued.add_metric([shard], float(state.queued))
         if state.recent is not None and state.baseline is not None:
             latency.add_metric([shard, "recent"], state.recent)
             latency.add_metric([shard, "normal"], state.baseline)
-    yield from (refused, waited, limit, in_flight, latency)
+    yield from (refused, waited, limit, in_flight, queued, latency)
 
 
 def _node_metrics(report: LagReport) -> Iterator[Metric]:
