@@ -365,8 +365,9 @@ def wanted(root: Path = ROOT) -> list[tuple[str, str, str, str]]:
 #: Hand-kept sync/async pairs (async qualified name: why it cannot be generated). Any other
 #: async definition whose sync name is also defined by hand fails ``--check``.
 HAND_KEPT: dict[str, str] = {
-    "Changes.wait_async": "store/_degrade.py: the sync side blocks on a threading.Condition, "
-                          "the async side on a loop future the notifier resolves thread-safely",
+    "Changes.wait_async": "store/_degrade.py: the sync side blocks on a threading.Event of "
+                          "its own, the async side on a loop future the notifier (or the "
+                          "read that granted its turn) resolves thread-safely",
 }
 
 
