@@ -106,14 +106,14 @@ def fallback(
     else:
         turn = Turn()
         shed = limiter.queue(turn)
+        if shed is not None and not wait_first:
+            if (yield from _await_turn(core, shard_index, turn,
+                                       time.monotonic() + limiter.settings.queue_time)):
+                shed = None
+            else:
+                limiter.declined(shed)
         if shed is None or not wait_first:
-            if shed is not None:
-                if (yield from _await_turn(core, shard_index, turn,
-                                           time.monotonic() + limiter.settings.queue_time)):
-                    shed = None
-                else:
-                    limiter.declined(shed)
-            turn = None
+            turn = None  # only a read that waits first keeps its place, for that wait
     if shed is None:
         try:
             return (yield from primary_read(core, shard_index, freshness, data, decode, reason,
@@ -292,8 +292,6 @@ class Changes:
 
     def __init__(self, shards: int) -> None:
         self._lock = threading.Lock()
-        #: Reads waiting per shard, read without the lock as a cheap "anyone?" hint.
-        self._waiting = [0] * shards
         self._events: list[set[threading.Event]] = [set() for _ in range(shards)]
         self._futures: list[set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]] = [
             set() for _ in range(shards)
@@ -301,8 +299,8 @@ class Changes:
 
     def notify(self, shard_index: int) -> None:
         """Something changed on the shard: wake its waiters."""
-        if not self._waiting[shard_index]:
-            return
+        if not (self._events[shard_index] or self._futures[shard_index]):
+            return  # read without the lock: a cheap "anyone?" (a waiter misses one at most)
         with self._lock:
             for event in self._events[shard_index]:
                 event.set()
@@ -330,7 +328,6 @@ class Changes:
                     return
                 turn.wake = event.set
             self._events[shard].add(event)
-            self._waiting[shard] += 1
         try:
             # A change between the program's check and here is caught by the next one:
             # the monitor observes every node each interval.
@@ -338,7 +335,6 @@ class Changes:
         finally:
             with self._lock:
                 self._events[shard].discard(event)
-                self._waiting[shard] -= 1
                 if turn is not None:
                     turn.wake = None
 
@@ -354,7 +350,6 @@ class Changes:
                 future = entry[1]
                 turn.wake = lambda: _resolve_soon(loop, future)
             self._futures[shard].add(entry)
-            self._waiting[shard] += 1
         try:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, request.until - time.monotonic())):
@@ -362,7 +357,6 @@ class Changes:
         finally:
             with self._lock:
                 self._futures[shard].discard(entry)
-                self._waiting[shard] -= 1
                 if turn is not None:
                     turn.wake = None
 
