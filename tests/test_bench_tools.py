@@ -16,7 +16,7 @@ TOOLS = Path(__file__).resolve().parent.parent / "tools"
 sys.path.insert(0, str(TOOLS))
 
 import readme_tables  # noqa: E402
-from _bench import document, render  # noqa: E402
+from _bench import document, probe, render  # noqa: E402
 from _bench.results import Bar, ScenarioResult, reported  # noqa: E402
 from _bench.timing import Rotation, due  # noqa: E402
 
@@ -217,3 +217,15 @@ def test_fleet_reports_keep_the_reads_of_the_window_only() -> None:
     assert kept.latencies == [0.001, 0.002] and kept.starts == [10.0, 10.5]
     assert kept.replica_reads == 1 and kept.on_replica == [False, True]
     assert kept.fallbacks == {"x": 1}  # the reasons stay those of every read
+
+
+def test_the_probes_tail_says_where_its_slowest_reads_waited() -> None:
+    # 100 reads: 99 of 1 ms, one of 10 ms of which 8 ms its backend waited for the
+    # primary's CPU and 1 ms the probe for its own.
+    latencies = [0.001] * 99 + [0.010]
+    primary, own = [0.0] * 99 + [0.008], [0.0] * 99 + [0.001]
+    assert probe.tail(latencies, primary, own) == (
+        "1 reads of >= 10.0 ms, 10.0 ms on average, of which 8.0 ms their backend waited "
+        "for the primary's CPU and 1.0 ms the probe waited for its own")
+    assert probe.tail(latencies, [], []).endswith("(where their time went: not counted here)")
+    assert probe.tail([], [], []) == "no reads"

@@ -183,12 +183,13 @@ def _surge(env: BenchEnv, options: Options, probe_cpus: set[int] | None) -> Scen
         capacity = capacities[load] = _closed_loop(no_cap, env, replicas, users, measure)
         healthy, probed = _healthy(base, env, users, capacity.rate, measure, probe_cpus)
         healthy_p99[load] = quantile(sorted(healthy.values), 0.99)
-        probe_healthy[load] = quantile(sorted(probed), 0.99)
+        probe_healthy[load] = quantile(sorted(probed.latencies), 0.99)
         result.facts[f"before {load:g}x: primary capacity (the mix on the primary alone, "
                      "closed loop)"] = str(capacity)
         result.facts[f"before {load:g}x: primary healthy p99 (strong reads at 0.25x / "
                      "probe meanwhile)"] = (
             f"{_ms(healthy_p99[load])} / {_ms(probe_healthy[load])}")
+        result.facts[f"before {load:g}x: probe's slowest 1 %, healthy"] = probed.tail()
         # Policies take turns at each load, so a busy spell of the machine hits them alike.
         runs = [*POLICIES.items(), *([FLOOR] if load == max(LOADS) else [])]
         for name, changes in runs:
@@ -204,11 +205,13 @@ def _surge(env: BenchEnv, options: Options, probe_cpus: set[int] | None) -> Scen
                     result.facts[f"{name} @ {load:g}x: {cls}: errors"] = "; ".join(
                         f"{count} x {kind}" for kind, count in outcome.kinds.most_common(3))
             primary_p99[(name, load)] = quantile(sorted(on_primary.values), 0.99)
-            probe_p99[(name, load)] = quantile(sorted(probe), 0.99)
+            probe_p99[(name, load)] = quantile(sorted(probe.latencies), 0.99)
             result.facts[f"{name} @ {load:g}x: probe p50 / p99"] = (
-                f"{_ms(quantile(sorted(probe), 0.5))} / {_ms(probe_p99[(name, load)])} "
+                f"{_ms(quantile(sorted(probe.latencies), 0.5))} / "
+                f"{_ms(probe_p99[(name, load)])} "
                 f"({probe_p99[(name, load)] / probe_healthy[load]:.2f}x the healthy p99 "
                 "measured before this load)")
+            result.facts[f"{name} @ {load:g}x: probe's slowest 1 %"] = probe.tail()
             result.facts[f"{name} @ {load:g}x: limiter at the end"] = limiter
             refused[(name, load)] = {c: o.refused + o.errors + o.wrong
                                      for c, o in outcomes.items()}
@@ -482,7 +485,7 @@ def _closed_loop(topology: Topology, env: BenchEnv, replicas: list[object], user
 
 
 def _healthy(topology: Topology, env: BenchEnv, users: list[str], capacity: float,
-             seconds: float, probe_cpus: set[int] | None) -> tuple[Series, list[float]]:
+             seconds: float, probe_cpus: set[int] | None) -> tuple[Series, LatencyProbe]:
     """A series of strong reads paced at a quarter of ``capacity`` (the primary's healthy
     latency) and the probe's latencies meanwhile."""
     healthy = Series("strong reads, healthy, 0.25x")
@@ -498,12 +501,12 @@ def _healthy(topology: Topology, env: BenchEnv, users: list[str], capacity: floa
                 began = time.monotonic()
                 store.read(env.tenant, user, consistency="strong")
                 healthy.add(time.monotonic() - began, int(began - start), began - start)
-    return healthy, probe.latencies
+    return healthy, probe
 
 
 def _run(label: str, topology: Topology, env: BenchEnv, replicas: list[object], users: list[str],
          rate: float, window: float, options: Options, probe_cpus: set[int] | None
-         ) -> tuple[dict[str, Outcome], Series, list[float], str]:
+         ) -> tuple[dict[str, Outcome], Series, LatencyProbe, str]:
     """One policy at one offered rate: the outcomes per class, the latencies of the reads
     the primary served and the probe's."""
     tenant = env.tenant
@@ -540,7 +543,7 @@ def _run(label: str, topology: Topology, env: BenchEnv, replicas: list[object], 
         if (used := _used(busy0, busy1)) is not None:
             state += f"; over the window the primary used {used:.0%} of its CPU"
     wait_caught_up(env.topology)
-    return mix.outcomes, mix.on_primary, probe.latencies, state
+    return mix.outcomes, mix.on_primary, probe, state
 
 
 class _InFlight:
