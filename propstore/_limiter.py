@@ -47,10 +47,14 @@ samples. The limit settles where the load on the primary keeps its latency at th
 its band, which is Little's law's way of saying "as much as it can serve without
 queueing", and it can settle below the pool's size: the primary, not only our queue, is
 relieved. The episode lasts, whatever our own queue does, until the limit stopped binding
-(no read shed for ``standing_time``) with the primary's latency back in its band, or until
-the limit held our load at ``min_limit`` for ``standing_time`` with the primary still slow
-(then the slowness is not ours to relieve: a stall of the machine, or another client's
-load; no new episode begins until the primary's latency was back in its band). (Ending
+(no read shed, or queued for its turn, for ``standing_time``) with the primary's latency
+back in its band, or until the limit held our load at ``min_limit`` for ``standing_time``
+with the primary still slow (then the slowness is not ours to relieve: a stall of the
+machine, or another client's load; no new episode begins until the primary's latency was
+back in its band). A queued read is the limit binding as much as a shed one: counting
+only sheds, an episode at 2x the primary's capacity ended within 50 ms of each start (the
+cut brought the primary back into its band, and the reads beyond the limit queued, none
+shed), and the whole demand went back to the primary, second after second. (Ending
 it at the first read that found no queue of ours, as before, gave the whole demand back
 to the primary at once, and a new episode needed a new ``standing_time`` of queue: at 2x
 the primary's capacity the limit spent most of the time at the demand, 8 of our reads on
@@ -263,7 +267,7 @@ class PrimaryLimiter:
     slower than a read, and a change in the mix must not look like congestion).
     """
 
-    __slots__ = ("_at_min_since", "_clock", "_episode", "_flights", "_last_shed", "_limit",
+    __slots__ = ("_at_min_since", "_clock", "_episode", "_flights", "_last_bound", "_limit",
                  "_lock", "_not_ours", "_on_grant", "_reads", "_shed", "_turns",
                  "_warming_until", "_writes", "in_flight", "settings")
 
@@ -294,7 +298,8 @@ class PrimaryLimiter:
         #: Whether a congestion episode is under way (entered as ``_overloaded`` says, left
         #: once the limit stopped binding with the primary back in its band).
         self._episode = False
-        self._last_shed = -math.inf
+        #: When a budgeted read last found the limit full (shed, or queued for its turn).
+        self._last_bound = -math.inf
         #: Since when the episode's limit has been at ``min_limit`` (None: above it).
         self._at_min_since: float | None = None
         #: An episode ended with the primary slow whatever our load: no new one until its
@@ -338,6 +343,7 @@ class PrimaryLimiter:
                 turn.granted = True
             else:
                 self._turns.append(turn)
+                self._bound(reason)
         self._notify(woken)
         return reason
 
@@ -427,9 +433,13 @@ class PrimaryLimiter:
     # ------------------------------------------------------------------ arithmetic
 
     def _count_shed(self, reason: ShedReason) -> None:
-        if reason == "primary_overloaded":
-            self._last_shed = self._clock()
+        self._bound(reason)
         self._shed[reason] = self._shed.get(reason, 0) + 1
+
+    def _bound(self, reason: ShedReason) -> None:
+        """A budgeted read found the adaptive limit full: it binds (the episode goes on)."""
+        if reason == "primary_overloaded":
+            self._last_bound = self._clock()
 
     def _room(self) -> ShedReason | None:
         """Why a budgeted read may not start now, or None (the limit then follows demand
@@ -492,14 +502,14 @@ class PrimaryLimiter:
         """Whether budgeted reads beyond the limit are shed now: during a congestion
         episode. One begins as ``_overloaded`` says and this process has ``min_queue`` reads
         queued (Vegas); it lasts, whatever our queue does, until the limit stopped binding
-        (no read shed for ``standing_time``) with the primary's own latency back in its
-        band, or the limit held our load at ``min_limit`` for ``standing_time`` with the
+        (no read shed or queued for ``standing_time``) with the primary's own latency back
+        in its band, or the limit held our load at ``min_limit`` for ``standing_time`` with the
         primary still slow, or the store opens connections again, or the primary goes
         quiet."""
         s, now = self.settings, self._clock()
         if self._episode:
             if now < self._warming_until or now - self._reads.at > _FORGET_AFTER or (
-                    now - self._last_shed >= s.standing_time and self._excess(now) <= 1.0):
+                    now - self._last_bound >= s.standing_time and self._excess(now) <= 1.0):
                 self._end_episode()
             elif self._at_min_since is not None and now - self._at_min_since >= s.standing_time:
                 # The limit has held our load at its least for a standing time and the
