@@ -503,8 +503,8 @@ class PrimaryLimiter:
         episode. One begins as ``_overloaded`` says and this process has ``min_queue`` reads
         queued (Vegas); it lasts, whatever our queue does, until the limit stopped binding
         (no read shed or queued for ``standing_time``) with the primary's own latency back
-        in its band, or the limit held our load at ``min_limit`` for ``standing_time`` with the
-        primary still slow, or the store opens connections again, or the primary goes
+        in its band, or the limit held our load at ``min_limit`` for ``standing_time`` with
+        the primary still slow, or the store opens connections again, or the primary goes
         quiet."""
         s, now = self.settings, self._clock()
         if self._episode:
