@@ -347,6 +347,18 @@ class PrimaryLimiter:
         self._notify(woken)
         return reason
 
+    def expected_wait(self) -> float:
+        """Seconds a budgeted read queueing now would wait for its turn: 0 with room;
+        else the turns ahead of it and its own, one per read ending, reads ending at the
+        rate of those in flight over their time in flight (Little's law)."""
+        with self._lock:
+            if not self._turns and self._room() is None:
+                return 0.0
+            flight = self._flights.recent
+            if flight is None:
+                return 0.0
+            return (len(self._turns) + 1) * flight / max(1, self.in_flight)
+
     def take(self, turn: Turn) -> bool:
         """Whether ``turn`` was granted (the read is in flight: :meth:`done` follows); if
         not, it leaves the queue."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import tracemalloc
 
+import pytest
+
 from propstore._limiter import LimiterSettings, PrimaryLimiter, Turn
 
 
@@ -440,3 +442,23 @@ def test_an_episode_holds_while_reads_queue_for_their_turn_though_none_is_shed()
     assert held["on_primary"] <= 5.5  # the band's top: 5 reads sharing the CPU
     assert limiter.state().shed == ()
     assert gone["served"] > 1000 and gone["healthy"]
+
+
+def test_the_expected_wait_for_a_turn_counts_the_turns_ahead() -> None:
+    clock = Clock()
+    limiter = PrimaryLimiter(LimiterSettings(adaptive=False, max_concurrency=2), clock)
+    assert limiter.expected_wait() == 0.0  # room
+    # Two reads in flight, each 4 ms from admission to its end: one ends every 2 ms.
+    for _ in range(2):
+        assert limiter.admit(False) is None
+    for _ in range(200):
+        limiter.done(0.004)
+        assert limiter.admit(False) is None
+    assert limiter.expected_wait() == pytest.approx(0.002)  # full: the next read's turn
+    turns = [Turn() for _ in range(9)]
+    for turn in turns:
+        assert limiter.queue(turn) == "fallback_ceiling"
+    assert limiter.expected_wait() == pytest.approx(0.020)  # nine ahead, then its own
+    for turn in turns:
+        limiter.leave(turn)
+    assert limiter.expected_wait() == pytest.approx(0.002)

@@ -101,7 +101,11 @@ def fallback(
     shed: RefusalReason | None
     if down:
         shed = "primary_unavailable"
-    elif not queueing:
+    elif not queueing or (
+            serve_stale_first and limiter.expected_wait() > limiter.settings.queue_time):
+        # A serve-stale read that would not get its turn within its queue time gets its
+        # stale answer now, not after that wait (a read that would be refused instead
+        # still takes its chance in the queue).
         shed = admit(core, shard_index, priority)
     else:
         turn = Turn()
