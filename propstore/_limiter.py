@@ -351,8 +351,13 @@ class PrimaryLimiter:
         """Seconds a budgeted read queueing now would wait for its turn: 0 with room;
         else the turns ahead of it and its own, one per read ending, reads ending at the
         rate of those in flight over their time in flight (Little's law)."""
+        s = self.settings
         with self._lock:
-            if not self._turns and self._room() is None:
+            # Full as ``_room`` would find it, without its raising the limit to the demand
+            # (this is a question, not an admission).
+            full = self.in_flight >= (s.max_concurrency or math.inf) or (
+                s.adaptive and self._episode and self.in_flight >= self._limit)
+            if not self._turns and not full:
                 return 0.0
             flight = self._flights.recent
             if flight is None:
