@@ -227,5 +227,7 @@ def test_the_probes_tail_says_where_its_slowest_reads_waited() -> None:
     assert probe.tail(latencies, primary, own) == (
         "1 reads of >= 10.0 ms, 10.0 ms on average, of which 8.0 ms their backend waited "
         "for the primary's CPU and 1.0 ms the probe waited for its own")
+    assert probe.tail(latencies, primary, own, times=[i / 50 for i in range(100)]).startswith(
+        "1 reads of >= 10.0 ms at 2.0 s into the run, 10.0 ms on average")
     assert probe.tail(latencies, [], []).endswith("(where their time went: not counted here)")
     assert probe.tail([], [], []) == "no reads"

@@ -298,7 +298,8 @@ class AsyncPropertyStore:
                     statements, once = op.plan(conn)
                     try:
                         results = await _wire.execute_async(
-                            conn, statements, op.deadline, named=conn.propstore_named)
+                            conn, statements, op.deadline, named=conn.propstore_named,
+                            arrival=op.arrival)
                     except STATEMENT_LOST as lost:
                         # The pooler moved this connection to another server: no facts about
                         # it hold any more; re-plan (verified in the round trip) and resend
@@ -308,7 +309,7 @@ class AsyncPropertyStore:
                             raise
                         statements, once = op.plan(conn)
                         results = await _wire.execute_async(
-                            conn, statements, op.deadline, named=False)
+                            conn, statements, op.deadline, named=False, arrival=op.arrival)
                 except (psycopg.Error, _wire.DeadlineExceeded) as exc:
                     if conn is not None:
                         if conn.closed:

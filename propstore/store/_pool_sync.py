@@ -122,6 +122,7 @@ def sync_pool(node: NodeConfig, routing: RoutingSettings, reach: NodeReach | Non
             conn, IDENTITY, setup_deadline(routing), named=False)
         known.learned(conn, tuple(row.get_value(0, c) for c in range(5)))
         every_attribute(conn)
+        _wire.stamp_arrivals(conn)
         try:
             prepare(conn, routing)
         except STATEMENT_LOST as lost:  # a pooler moved it between its Parses: unnamed

@@ -10,17 +10,33 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 
-from propstore._wire import DeadlineExceeded, Statement
+from propstore._wire import Arrival, DeadlineExceeded, Statement
 from propstore.config import RoutingSettings
 from propstore.errors import ShardUnavailableError
 from propstore.monitor import MonitorState, NodeView, ShardView
 from propstore.proof import primary_proven
 from propstore.store._program import ConnState, Exec, Response
 from propstore.store._statements import IS_PRIMARY
+
+
+class PrimaryAnswer(NamedTuple):
+    """A primary read's rows and how it went."""
+
+    rows: Any
+    #: The node that answered.
+    node: str
+    #: ``time.monotonic()`` when a connection was in hand: the read's wait for one of this
+    #: store's connections ends there.
+    connected: float
+    #: From sending the statements to the answer's arrival at this host (the primary's own
+    #: latency); None where the kernel does not say (``_wire.Arrival``).
+    on_server: float | None
+    #: When that connection opened.
+    opened: float
 
 
 class PrimaryGone(DeadlineExceeded):
@@ -38,12 +54,9 @@ class PrimaryReads:
 
     def read(self, shard_index: int, data: Statement, deadline: float,
              valid: Callable[[], bool] | None = None,
-             ) -> Generator[Exec, Response, tuple[Any, str, float, float]]:
+             ) -> Generator[Exec, Response, PrimaryAnswer]:
         """Run ``data`` on the shard's primary by ``deadline`` (while waiting for a
-        connection, giving up once ``valid`` says so): (rows, the node's name, the
-        ``time.monotonic()`` at which a connection was in hand: the read's time on the
-        primary starts there, its wait for one of this store's connections ends there; and
-        when that connection opened).
+        connection, giving up once ``valid`` says so).
 
         Raises :class:`~propstore.ShardUnavailableError` when it does not answer or is no
         longer a primary; its ``__cause__`` is the driver's error, or a :class:`PrimaryGone`
@@ -59,6 +72,7 @@ class PrimaryReads:
             raise ShardUnavailableError(view.name, seen) from PrimaryGone(seen)
 
         connected = opened = 0.0
+        arrival = Arrival()
 
         def plan(conn: ConnState) -> tuple[Sequence[Statement], bool]:
             nonlocal connected, opened
@@ -70,7 +84,7 @@ class PrimaryReads:
             return (IS_PRIMARY, data), False
 
         try:
-            _conn, results = yield Exec(node.config, deadline, plan, valid)
+            _conn, results = yield Exec(node.config, deadline, plan, valid, arrival)
         except (DeadlineExceeded, psycopg.Error) as exc:
             observed = self.state.view(shard_index)
             seen = "" if observed.primary is not None else (
@@ -85,8 +99,8 @@ class PrimaryReads:
                 demoted = (f"{node.name} is no longer a primary (failover in progress; "
                            f"observed: {observed_roles(self.state.view(shard_index))})")
                 raise ShardUnavailableError(view.name, demoted) from PrimaryGone(demoted)
-            return results[1], node.name, connected, opened
-        return results[0], node.name, connected, opened
+            return PrimaryAnswer(results[1], node.name, connected, arrival.seconds, opened)
+        return PrimaryAnswer(results[0], node.name, connected, arrival.seconds, opened)
 
 
 def primary_node(view: ShardView) -> NodeView:

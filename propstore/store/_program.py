@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from propstore._limiter import Turn
-from propstore._wire import Statement
+from propstore._wire import Arrival, Statement
 from propstore.config import NodeConfig
 from propstore.lsn import LSN
 from propstore.proof import Connection, Proof
@@ -114,6 +114,9 @@ class Exec:
     #: While waiting for a connection, the driver gives up (raising ``PrimaryGone``) as
     #: soon as this says the node is no longer worth waiting for.
     valid: Callable[[], bool] | None = None
+    #: Where the driver notes when the statements went out and their answer came in (the
+    #: primary's latency for its limiter, without this process's wait to run).
+    arrival: Arrival | None = None
 
 
 @dataclass(frozen=True, slots=True)

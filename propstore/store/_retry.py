@@ -115,8 +115,10 @@ def on_primary(
     """One admitted attempt on the primary; its duration is the limiter's measure of health
     (a failure that says nothing about the primary's speed releases it without a sample).
 
-    Two durations: in flight (from here) and on the primary (from a connection in hand). The
-    wait for one of this store's connections between them is this process's own queue (its
+    Two durations: in flight (from here) and on the primary (from sending its statements to
+    the answer's arrival, as the kernel stamped it; from a connection in hand to the answer
+    where the socket carries no stamps). The wait for one of this store's connections before
+    the latter is this process's own queue (its
     pool still opening connections after a quiet spell, or more reads in flight than
     connections), not the primary's latency; and so is the time after a connection of ours
     to the primary opened, while the pool is still opening more (docs/degrade.md)."""
@@ -124,10 +126,12 @@ def on_primary(
     spent = on_server = math.inf
     opened = -math.inf
     try:
-        rows, node, connected, opened = yield from core.primary.read(shard_index, data,
-                                                                     deadline, valid)
+        rows, node, connected, stamped, opened = yield from core.primary.read(
+            shard_index, data, deadline, valid)
         spent = time.monotonic() - began
-        on_server = spent - (connected - began)
+        # The kernel's word for when the answer came, where it has one: the client's own
+        # clock holds its thread's wait to run (a busy interpreter's lock) as well.
+        on_server = spent - (connected - began) if stamped is None else stamped
     except ShardUnavailableError as exc:
         if not transient(exc):
             spent = time.monotonic() - began  # slow or refusing: that is health

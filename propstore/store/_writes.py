@@ -19,7 +19,7 @@ from tenacity import (
 from propstore import _sql
 from propstore._jitter import wait_jittered
 from propstore._limiter import PrimaryLimiter
-from propstore._wire import DeadlineExceeded, Statement
+from propstore._wire import Arrival, DeadlineExceeded, Statement
 from propstore.config import RoutingSettings
 from propstore.errors import InvalidInputError, PropStoreError, ShardUnavailableError
 from propstore.lsn import from_column
@@ -110,6 +110,7 @@ class Writes:
         name = node.name
         statements = fixed((_BEGIN, statement, _COMMIT, _FLUSH_LSN), once=True)
         connected = began
+        arrival = Arrival()
 
         def plan(conn: ConnState) -> tuple[Sequence[Statement], bool]:
             nonlocal connected
@@ -120,11 +121,15 @@ class Writes:
             _conn, results = yield Exec(
                 node.config, deadline, plan,
                 valid=lambda: still_primary(self.state.view(shard_index), name),
+                arrival=arrival,
             )
         finally:
             # Writes are the primary's other load: their latency on it is part of its
-            # health (from a connection in hand: a wait for one is this store's own queue).
-            self.primary_limiters[shard_index].sample(time.monotonic() - connected)
+            # health (as the kernel stamped the answer's arrival; else from a connection in
+            # hand: a wait for one is this store's own queue).
+            stamped = arrival.seconds
+            self.primary_limiters[shard_index].sample(
+                time.monotonic() - connected if stamped is None else stamped)
         _begun, write, _committed, after = results
         version = write.get_value(0, 0)
         wal_file = after.get_value(0, 1)

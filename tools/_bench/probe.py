@@ -51,7 +51,7 @@ def waited(path):
     except (OSError, ValueError, IndexError):
         return None
 
-out, primary_waits, own_waits = [], [], []
+out, primary_waits, own_waits, times = [], [], [], []
 with psycopg.connect(dsn, autocommit=True) as conn:
     conn.execute(query, (tenant, users[0]), prepare=True)
     backend = f"/proc/{conn.info.backend_pid}/schedstat"
@@ -66,12 +66,13 @@ with psycopg.connect(dsn, autocommit=True) as conn:
         began = time.monotonic()
         conn.execute(query, (tenant, users[i % len(users)]), prepare=True).fetchall()
         out.append(time.monotonic() - began)
+        times.append(began - start)
         theirs1, ours1 = waited(backend), waited(own)
         if None not in (theirs0, theirs1, ours0, ours1):
             primary_waits.append((theirs1 - theirs0) / 1e9)
             own_waits.append((ours1 - ours0) / 1e9)
         i += 1
-sys.stdout.write(json.dumps([out, primary_waits, own_waits]) + "\n")
+sys.stdout.write(json.dumps([out, primary_waits, own_waits, times]) + "\n")
 """
 
 
@@ -90,6 +91,8 @@ class LatencyProbe:
         #: how long the probe waited for its own.
         self.primary_waits: list[float] = []
         self.own_waits: list[float] = []
+        #: When each read began, seconds after the probe's first.
+        self.times: list[float] = []
         self._proc = subprocess.Popen(
             [sys.executable, "-c", _PROBE, dsn, tenant, json.dumps(users[:64]), str(rate),
              str(seconds), json.dumps(sorted(cpus or ())), str(nice)],
@@ -109,24 +112,32 @@ class LatencyProbe:
             self._proc.wait()
             return
         out, _ = self._proc.communicate(timeout=120)
-        self.latencies, self.primary_waits, self.own_waits = json.loads(
+        self.latencies, self.primary_waits, self.own_waits, self.times = json.loads(
             out.strip().splitlines()[-1])
 
     def tail(self, q: float = 0.99) -> str:
         """Where the time of the reads at or above the ``q`` quantile went, on average."""
-        return tail(self.latencies, self.primary_waits, self.own_waits, q)
+        return tail(self.latencies, self.primary_waits, self.own_waits, q, self.times)
+
+    def after(self, seconds: float) -> list[float]:
+        """The latencies of the reads that began ``seconds`` or more into the probe's run."""
+        return [lat for lat, at in zip(self.latencies, self.times, strict=True)
+                if at >= seconds]
 
 
 def tail(latencies: list[float], primary_waits: list[float], own_waits: list[float],
-         q: float = 0.99) -> str:
+         q: float = 0.99, times: list[float] | None = None) -> str:
     """The reads at or above the ``q`` quantile of ``latencies``: how many, their mean, and
     of it, how long their backends waited for the primary's CPU and the probe for its own
-    (``primary_waits``/``own_waits``, in the order of ``latencies``; empty: not counted)."""
+    (``primary_waits``/``own_waits``, in the order of ``latencies``; empty: not counted),
+    and when they began (``times``: seconds into the run, in the same order)."""
     if not latencies:
         return "no reads"
     cut = sorted(latencies)[min(len(latencies) - 1, int(q * len(latencies)))]
     slow = [i for i, lat in enumerate(latencies) if lat >= cut]
     text = f"{len(slow)} reads of >= {cut * 1000:.1f} ms"
+    if times and len(times) == len(latencies):
+        text += " at " + ", ".join(f"{times[i]:.1f}" for i in slow[:12]) + " s into the run"
     if not len(primary_waits) == len(own_waits) == len(latencies):
         return text + " (where their time went: not counted here)"
 
