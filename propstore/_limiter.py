@@ -3,9 +3,11 @@ the primary's measured latency. Pure arithmetic over an injectable clock; no I/O
 
 The store already times every read that falls back to the primary and every write; those
 durations are the limiter's only input (no probe queries). Each fallback read gives two:
-its time *on the primary* (from a connection in hand to the answer: the primary's own
-latency, its queue included) and its time *in flight* (from admission: also the wait for
-one of this store's connections, which is this process's queue). From the former come
+its time *on the primary* (from sending its statements to its answer's arrival at this
+host, as the kernel stamped it: the primary's own latency, its queue included, without the
+wait of the reader's thread to run once the answer came; ``_wire.Arrival``) and its time
+*in flight* (from admission: also the wait for one of this store's connections, which is
+this process's queue). From the former come
 
 * ``recent``: an exponential average of the last few dozen samples (what the primary is
   doing now);
@@ -28,13 +30,14 @@ only when
    flight than connections) is this process's backlog: the primary never sees more than
    the pool, and shedding would relieve nothing but refuse reads it answers at its normal
    speed;
-3. this process has ``min_queue`` reads queued by Vegas's estimate;
+3. this process has ``min_queue`` reads queued by Vegas's estimate.
 
-and never while this store is still opening its connections to the primary (one opened
-within ``standing_time``): at a surge's start the pool opens them one at a time, and the
-queue meanwhile, with the primary's work of starting those sessions (a backend's fork and
-authentication, and the store's statements prepared, on each), is a warm-up that drains
-once the pool is full, not a load the primary cannot carry.
+A store still opening its connections to the primary is no exception (it was, until the
+primary's latency came from the kernel's stamp): a cold pool's queue is in the reads' time
+in flight, not on the primary, so condition 2 keeps it out; and a surge that meets a cold
+pool (a replica gone stale sends its readers to a primary whose pool was idle) is the
+incident the limiter exists for. Waiting a standing time after the pool's last connection
+opened left the primary unprotected for the surge's first 1-2 s in the surge benchmark.
 
 Until then the limit follows demand: a read that finds the limit full raises it (up to the
 configured ceiling) and is admitted, so **no read is shed while the primary's latency stays
@@ -126,7 +129,11 @@ class LimiterSettings:
     latency_floor: float = 0.002
     min_queue: int = 8
     baseline_window: float = 60.0
-    standing_time: float = 1.0
+    # 0.2 s, not the 1 s it was: with the primary's latency from the kernel's stamp, a
+    # standing queue with the primary itself slow (and two pools' worth of ours queued) is
+    # not this process's noise, and a surge is unprotected until the limit engages: in the
+    # surge benchmark the probe's slowest reads at 2x came in that time, at 1 s and 0.5 s.
+    standing_time: float = 0.2
     baseline_in_flight: int = 8
     min_limit: int = 2
     initial_limit: int = 16
@@ -268,8 +275,8 @@ class PrimaryLimiter:
     """
 
     __slots__ = ("_at_min_since", "_clock", "_episode", "_flights", "_last_bound", "_limit",
-                 "_lock", "_not_ours", "_on_grant", "_reads", "_shed", "_turns",
-                 "_warming_until", "_writes", "in_flight", "settings")
+                 "_lock", "_not_ours", "_on_grant", "_reads", "_shed", "_turns", "_writes",
+                 "in_flight", "settings")
 
     #: Weight of a new sample in ``recent`` (about the last 20 samples count).
     RECENT_WEIGHT = 0.05
@@ -293,8 +300,6 @@ class PrimaryLimiter:
         #: standing queue, Vegas's estimate of it, the gradient).
         self._flights = _Latency()
         self._writes = _Latency()
-        #: Until when this store is still opening its connections to the primary.
-        self._warming_until = -math.inf
         #: Whether a congestion episode is under way (entered as ``_overloaded`` says, left
         #: once the limit stopped binding with the primary back in its band).
         self._episode = False
@@ -391,15 +396,11 @@ class PrimaryLimiter:
         with self._lock:
             self._count_shed(reason)
 
-    def done(self, seconds: float, on_primary: float | None = None,
-             opened_at: float | None = None) -> None:
+    def done(self, seconds: float, on_primary: float | None = None) -> None:
         """A read admitted by :meth:`admit` finished ``seconds`` after it, of which it spent
-        ``on_primary`` with a connection in hand (None: all of them), on a connection
-        opened at ``opened_at`` (the clock's time; None: unknown)."""
+        ``on_primary`` on the way and on the primary (None: all of them)."""
         s = self.settings
         with self._lock:
-            if opened_at is not None and not math.isinf(opened_at):
-                self._warming_until = max(self._warming_until, opened_at + s.standing_time)
             queued_behind = self.in_flight > s.baseline_in_flight
             self.in_flight = max(0, self.in_flight - 1)
             if _usable(seconds):
@@ -502,13 +503,8 @@ class PrimaryLimiter:
 
     def _overloaded(self) -> bool:
         """A standing queue above the reads' band while the primary's own latency is above
-        it too, or writes far beyond theirs; never while this store is still opening its
-        connections to the primary (a connection opened within ``standing_time``): a cold
-        pool's queue, and the primary's work of starting those sessions, are the store's
-        own warm-up, which the next second drains."""
+        it too, or writes far beyond theirs."""
         s, now = self.settings, self._clock()
-        if now < self._warming_until:
-            return False
         if self._flights.standing(s.standing_time, now) and (
                 self._reads.excess(s.tolerance, s.latency_floor, now) > 1.0):
             return True
@@ -521,11 +517,10 @@ class PrimaryLimiter:
         queued (Vegas); it lasts, whatever our queue does, until the limit stopped binding
         (no read shed or queued for ``standing_time``) with the primary's own latency back
         in its band, or the limit held our load at ``min_limit`` for ``standing_time`` with
-        the primary still slow, or the store opens connections again, or the primary goes
-        quiet."""
+        the primary still slow, or the primary goes quiet."""
         s, now = self.settings, self._clock()
         if self._episode:
-            if now < self._warming_until or now - self._reads.at > _FORGET_AFTER or (
+            if now - self._reads.at > _FORGET_AFTER or (
                     now - self._last_bound >= s.standing_time and self._excess(now) <= 1.0):
                 self._end_episode()
             elif self._at_min_since is not None and now - self._at_min_since >= s.standing_time:

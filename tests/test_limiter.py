@@ -20,12 +20,11 @@ class Clock:
 
 
 def run(limiter: PrimaryLimiter, clock: Clock, *, demand: int, latency: float,
-        seconds: float, priority_share: int = 0, on_primary: float | None = None,
-        opening: bool = False) -> dict[str, int]:
+        seconds: float, priority_share: int = 0, on_primary: float | None = None
+        ) -> dict[str, int]:
     """Keep ``demand`` reads in flight for ``seconds`` of driven time, each taking
-    ``latency`` (``on_primary`` of it with a connection in hand: default all of it; each on
-    a connection opened just before it when ``opening``); every ``priority_share``-th read
-    is a priority read. Counts outcomes."""
+    ``latency`` (``on_primary`` of it on the primary: default all of it); every
+    ``priority_share``-th read is a priority read. Counts outcomes."""
     counts = {"admitted": 0, "shed": 0, "priority_shed": 0, "priority": 0}
     end = clock.now + seconds
     n = 0
@@ -40,10 +39,9 @@ def run(limiter: PrimaryLimiter, clock: Clock, *, demand: int, latency: float,
                 counts["priority" if priority else "admitted"] += 1
             else:
                 counts["priority_shed" if priority else "shed"] += 1
-        opened = clock.now if opening else None
         clock.now += latency
         for _ in admitted:
-            limiter.done(latency, on_primary, opened)
+            limiter.done(latency, on_primary)
     return counts
 
 
@@ -245,22 +243,6 @@ def test_a_queue_for_the_stores_own_connections_is_not_the_primarys_congestion()
     slow = run(limiter, clock, demand=40, latency=0.02, on_primary=0.02,
                seconds=settings.standing_time * 3)
     assert slow["shed"] > 0 and not limiter.healthy
-
-
-def test_no_read_is_shed_while_the_store_is_still_opening_its_connections() -> None:
-    clock = Clock()
-    settings = LimiterSettings(min_queue=4)
-    limiter = PrimaryLimiter(settings, clock)
-    run(limiter, clock, demand=2, latency=0.001, seconds=2)  # normal: 1 ms
-    # A surge meets a cold pool: for 3 standing times every read is slow, on the primary
-    # too (it starts the sessions), and each on a connection that just opened.
-    warming = run(limiter, clock, demand=40, latency=0.02, seconds=settings.standing_time * 3,
-                  opening=True)
-    assert warming["admitted"] > 0 and warming["shed"] == 0 and limiter.healthy
-    # The pool is full and the latency stays: from a standing time after the last opened
-    # connection, that is the primary's load, shed.
-    lasting = run(limiter, clock, demand=40, latency=0.02, seconds=settings.standing_time * 1.5)
-    assert lasting["shed"] > 0 and not limiter.healthy
 
 
 def primary_of(limiter: PrimaryLimiter, clock: Clock, *, demand: int, cpu: float,

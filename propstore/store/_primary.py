@@ -35,8 +35,6 @@ class PrimaryAnswer(NamedTuple):
     #: From sending the statements to the answer's arrival at this host (the primary's own
     #: latency); None where the kernel does not say (``_wire.Arrival``).
     on_server: float | None
-    #: When that connection opened.
-    opened: float
 
 
 class PrimaryGone(DeadlineExceeded):
@@ -71,12 +69,12 @@ class PrimaryReads:
             seen = f"no primary observed ({observed_roles(view)})"
             raise ShardUnavailableError(view.name, seen) from PrimaryGone(seen)
 
-        connected = opened = 0.0
+        connected = 0.0
         arrival = Arrival()
 
         def plan(conn: ConnState) -> tuple[Sequence[Statement], bool]:
-            nonlocal connected, opened
-            connected, opened = time.monotonic(), conn.propstore_opened_at
+            nonlocal connected
+            connected = time.monotonic()
             # A poll that saw this connection's server run as a primary after it opened
             # proves it (demotion needs a restart, which ends it); otherwise check in-line.
             if primary_proven(node.sightings, conn):
@@ -99,8 +97,8 @@ class PrimaryReads:
                 demoted = (f"{node.name} is no longer a primary (failover in progress; "
                            f"observed: {observed_roles(self.state.view(shard_index))})")
                 raise ShardUnavailableError(view.name, demoted) from PrimaryGone(demoted)
-            return PrimaryAnswer(results[1], node.name, connected, arrival.seconds, opened)
-        return PrimaryAnswer(results[0], node.name, connected, arrival.seconds, opened)
+            return PrimaryAnswer(results[1], node.name, connected, arrival.seconds)
+        return PrimaryAnswer(results[0], node.name, connected, arrival.seconds)
 
 
 def primary_node(view: ShardView) -> NodeView:

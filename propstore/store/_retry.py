@@ -117,16 +117,14 @@ def on_primary(
 
     Two durations: in flight (from here) and on the primary (from sending its statements to
     the answer's arrival, as the kernel stamped it; from a connection in hand to the answer
-    where the socket carries no stamps). The wait for one of this store's connections before
-    the latter is this process's own queue (its
-    pool still opening connections after a quiet spell, or more reads in flight than
-    connections), not the primary's latency; and so is the time after a connection of ours
-    to the primary opened, while the pool is still opening more (docs/degrade.md)."""
+    where the socket carries no stamps). The wait for one of this store's connections, in
+    the former only, is this process's own queue (its pool still opening connections after
+    a quiet spell, or more reads in flight than connections), not the primary's latency
+    (docs/degrade.md)."""
     began = time.monotonic()
     spent = on_server = math.inf
-    opened = -math.inf
     try:
-        rows, node, connected, stamped, opened = yield from core.primary.read(
+        rows, node, connected, stamped = yield from core.primary.read(
             shard_index, data, deadline, valid)
         spent = time.monotonic() - began
         # The kernel's word for when the answer came, where it has one: the client's own
@@ -140,7 +138,7 @@ def on_primary(
         # The end hands this read's place to the oldest read queued for one (``done``
         # grants its turn and wakes that read alone): a read ends hundreds of times a
         # second under a surge, and waking every waiter each time would be a herd.
-        core.primary_limiters[shard_index].done(spent, on_server, opened)
+        core.primary_limiters[shard_index].done(spent, on_server)
     return decode(rows), ReadResult(None, None, core.shard_names[shard_index], node, False,
                                     None, 0.0, reason, "primary")
 
