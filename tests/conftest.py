@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 import pytest
+import structlog
 
 from propstore import PropertyStore, Topology
 from propstore.sandbox import LocalCluster
@@ -12,6 +14,14 @@ from tests import _breakage
 
 #: Deliberately broken properties for this run (``PROPSTORE_TEST_BREAK``; normally none).
 BROKEN = _breakage.apply_from_environment()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Library events go to the process's real stderr (fd 2, captured per test by pytest),
+    never to ``sys.stdout`` as it is at each call, structlog's default: a background
+    thread's event (a store's monitor joining its agent) during a ``CliRunner`` invocation
+    otherwise landed in the command's captured stdout and broke its JSON (seen in CI)."""
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.__stderr__))
 
 
 def pytest_report_header() -> str | None:
