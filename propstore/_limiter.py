@@ -51,7 +51,7 @@ its band, which is Little's law's way of saying "as much as it can serve without
 queueing", and it can settle below the pool's size: the primary, not only our queue, is
 relieved. The episode lasts, whatever our own queue does, until the limit stopped binding
 (no read shed, or queued for its turn, for ``standing_time``) with the primary's latency
-back in its band, or until the limit held our load at ``min_limit`` for ``standing_time``
+back in its band, or until the limit held our load at ``min_limit`` for ``stall_time``
 with the primary still slow (then the slowness is not ours to relieve: a stall of the
 machine, or another client's load; no new episode begins until the primary's latency was
 back in its band). A queued read is the limit binding as much as a shed one: counting
@@ -114,6 +114,9 @@ class LimiterSettings:
         baseline_in_flight: only reads finishing with at most this many in flight (no
             queue of ours in their latency) may raise the baseline.
         min_limit: the adaptive limit never falls below this many reads in flight.
+        stall_time: an episode whose limit has held this process's load at ``min_limit``
+            this long with the primary still slow ends: that slowness is not this
+            process's to relieve (a stall of the machine, another client's load).
         initial_limit: the limit before any demand raised it.
         queue_time: how long a budgeted read that found no room waits for its turn before
             it is declined (its degrade policy's own wait comes after, in the same queue).
@@ -136,6 +139,11 @@ class LimiterSettings:
     standing_time: float = 0.2
     baseline_in_flight: int = 8
     min_limit: int = 2
+    # Longer than the standing time: at the least limit, the primary still has to drain
+    # what was admitted before the cut, and the reads only it can serve. At 0.2 s (the
+    # standing time) a surge at 2x ended its episode as "not ours" within the window and
+    # the limit went back to 64 (the surge benchmark, s14).
+    stall_time: float = 1.0
     initial_limit: int = 16
     # A burst on a primary in its band drains within a few of its reads: the surge
     # benchmark's reads with no limit at 0.9x its capacity had a p99 of 24-29 ms.
@@ -516,15 +524,15 @@ class PrimaryLimiter:
         episode. One begins as ``_overloaded`` says and this process has ``min_queue`` reads
         queued (Vegas); it lasts, whatever our queue does, until the limit stopped binding
         (no read shed or queued for ``standing_time``) with the primary's own latency back
-        in its band, or the limit held our load at ``min_limit`` for ``standing_time`` with
+        in its band, or the limit held our load at ``min_limit`` for ``stall_time`` with
         the primary still slow, or the primary goes quiet."""
         s, now = self.settings, self._clock()
         if self._episode:
             if now - self._reads.at > _FORGET_AFTER or (
                     now - self._last_bound >= s.standing_time and self._excess(now) <= 1.0):
                 self._end_episode()
-            elif self._at_min_since is not None and now - self._at_min_since >= s.standing_time:
-                # The limit has held our load at its least for a standing time and the
+            elif self._at_min_since is not None and now - self._at_min_since >= s.stall_time:
+                # The limit has held our load at its least for a stall time and the
                 # primary is still slow: the slowness is not ours to relieve (a stall of
                 # the machine, or another client's load), and shedding more would refuse
                 # reads for nothing. No new episode until the primary was back in its band.

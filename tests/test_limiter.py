@@ -340,6 +340,28 @@ def test_a_primary_slow_whatever_our_load_is_not_shed_at_for_long() -> None:
 
 
 
+def test_an_episode_at_its_least_limit_outlasts_a_standing_time_of_the_primary_draining(
+) -> None:
+    clock = Clock()
+    settings = LimiterSettings(min_queue=4)
+    assert settings.stall_time > 2 * settings.standing_time
+    limiter = PrimaryLimiter(settings, clock)
+    run(limiter, clock, demand=4, latency=0.001, seconds=2)  # normal: 1 ms
+    # An overload: the limit comes down to its least, and the primary is still slow there
+    # for a while (it drains what was admitted before the cut, and reads only it serves).
+    run(limiter, clock, demand=40, latency=0.02, seconds=settings.standing_time * 2)
+    assert limiter.limit == settings.min_limit and not limiter.healthy
+    # Held there for most of a stall time: still the overload's episode, still shedding.
+    held = run(limiter, clock, demand=40, latency=0.02, seconds=settings.stall_time * 0.7)
+    assert held["shed"] > 0 and not limiter.healthy
+    late = run(limiter, clock, demand=40, latency=0.02, seconds=settings.standing_time / 2)
+    assert late["shed"] > 0 and late["admitted"] > 0
+    # Past the stall time the slowness is not ours: no more shedding.
+    run(limiter, clock, demand=40, latency=0.02, seconds=settings.stall_time)
+    after = run(limiter, clock, demand=40, latency=0.02, seconds=settings.stall_time)
+    assert after["shed"] == 0 and after["admitted"] > 0
+
+
 def queued_primary(limiter: PrimaryLimiter, clock: Clock, *, phases: list[tuple[int, float]],
                    cpu: float, wait: float, pool: int = 8) -> list[dict[str, float]]:
     """Readers that each keep one budgeted read going the store's way: ``queue`` for a turn,
