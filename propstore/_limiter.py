@@ -441,6 +441,13 @@ class PrimaryLimiter:
         return self._limit
 
     @property
+    def serving_fallbacks(self) -> bool:
+        """Whether reads are on this primary past its replicas now, or ended lately (within
+        the time a latency figure says something about it): then what the writes' latency
+        says matters, and a write pays for the kernel's stamp of its answer."""
+        return self.in_flight > 0 or self._clock() - self._reads.at <= _FORGET_AFTER
+
+    @property
     def healthy(self) -> bool:
         """Whether the primary is not congested (no episode under way, and no standing
         queue above its normal band; an episode begins only when enough reads queue too:

@@ -129,12 +129,15 @@ def _borrowed(fd: int) -> Iterator[socket.socket]:
 
 def _arrived(fd: int) -> float | None:
     """When the first unread byte on ``fd`` reached this host (monotonic), if stamped."""
+    # As _borrowed, inline: its context manager was a fifth of this function's ~10 us.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd)
     try:
-        with _borrowed(fd) as sock:
-            _data, ancillary, _flags, _address = sock.recvmsg(
-                1, _STAMP_SPACE, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        _data, ancillary, _flags, _address = sock.recvmsg(
+            1, _STAMP_SPACE, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except OSError:
         return None
+    finally:
+        sock.detach()
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(data) >= _STAMP.size:
             seconds, nanoseconds = _STAMP.unpack_from(data)

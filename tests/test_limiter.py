@@ -466,3 +466,17 @@ def test_the_expected_wait_for_a_turn_counts_the_turns_ahead() -> None:
     for turn in turns:
         limiter.leave(turn)
     assert limiter.expected_wait() == pytest.approx(0.002)
+
+
+def test_writes_pay_for_the_stamp_only_while_reads_fall_back_to_the_primary() -> None:
+    clock = Clock()
+    limiter = PrimaryLimiter(LimiterSettings(), clock)
+    assert not limiter.serving_fallbacks  # no read has fallen back yet
+    assert limiter.admit(False) is None
+    assert limiter.serving_fallbacks  # one in flight
+    clock.now += 0.001
+    limiter.done(0.001)
+    clock.now += 1.0
+    assert limiter.serving_fallbacks  # one ended lately: the writes are its witness
+    clock.now += 5.0
+    assert not limiter.serving_fallbacks  # quiet: nothing the writes' latency would decide
