@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-import threading
 import time
 from collections.abc import Iterator
 
@@ -20,6 +19,7 @@ import pytest
 
 from propstore import _sql, _wire
 from propstore.sandbox import LocalCluster
+from propstore.sandbox._load import LoadThreads
 
 #: What the server takes (pg_sleep) and how long the busy thread keeps the lock at a time.
 SERVER_SECONDS = 0.05
@@ -36,30 +36,22 @@ def sleeping(monkeypatch: pytest.MonkeyPatch) -> None:
 @contextlib.contextmanager
 def busy_interpreter() -> Iterator[list[int]]:
     """Another thread running Python inside the block, taking the interpreter lock for
-    ``SWITCH_INTERVAL`` whenever it gets it; yields its loop count (it must have run). The
-    test checks after the block: a failing assert's report under that lock takes minutes."""
+    ``SWITCH_INTERVAL`` whenever it gets it; yields its loop count (it must have run; a
+    thread that died fails the test). The test checks after the block: a failing assert's
+    report under that lock takes minutes."""
     spins = [0]
-    stop = threading.Event()
-    died: list[BaseException] = []
 
-    def spin() -> None:
-        try:
-            while not stop.is_set():
-                spins[0] += 1
-        except BaseException as exc:  # pragma: no cover - a dead spinner fails the test
-            died.append(exc)
+    def spin(_index: int) -> None:
+        spins[0] += 1
 
     before = sys.getswitchinterval()
     sys.setswitchinterval(SWITCH_INTERVAL)
-    thread = threading.Thread(target=spin, daemon=True)
-    thread.start()
     try:
-        yield spins
+        with LoadThreads("busy-interpreter") as busy:
+            busy.repeat(1, spin)
+            yield spins
     finally:
-        stop.set()
-        thread.join(timeout=10)
         sys.setswitchinterval(before)
-    assert not thread.is_alive() and not died
 
 
 def check(arrival: _wire.Arrival, wall: float, spins: list[int]) -> None:
